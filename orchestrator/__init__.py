@@ -1,0 +1,1 @@
+"""The sweep driver: Ray cluster attach, Optuna search, Parquet results, the `mdsweep` CLI."""
