@@ -1,0 +1,95 @@
+"""Attention layouts (`causal`, `prefix`) as masks for each attention backend.
+
+`prefix` lets BOS and the image tokens attend to each other in both directions,
+as the official Moondream2 code does; text stays causal. Because the prefix comes
+first, "prefix" is simply "causal, or the key lies inside the prefix".
+
+Memory is the point of this module. The batches the trainer builds are padded on
+the right, and a right-padded key is only ever seen by padded queries (whose loss
+is ignored), so no per-sample padding mask is needed:
+- `sdpa`: `causal` passes no mask at all (the kernel's own causal path); `prefix`
+  passes one boolean `[1, 1, S, S]` mask broadcast over the batch.
+- `flex`: a FlexAttention `BlockMask`, built from a mask function, never dense.
+- `eager-4d`: the naive baseline, an explicit float `[batch, 1, S, S]` additive
+  mask with eager attention. Kept only so benchmarks can show what it costs.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+
+AttentionMode = Literal["causal", "prefix"]
+AttentionBackend = Literal["sdpa", "flex", "eager-4d"]
+ATTENTION_MODES: tuple[str, ...] = ("causal", "prefix")
+ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "flex", "eager-4d")
+
+# the transformers attention implementation each backend runs on
+TRANSFORMERS_IMPLEMENTATION = {"sdpa": "sdpa", "flex": "flex_attention", "eager-4d": "eager"}
+
+
+def allowed(mode: AttentionMode, q_idx: torch.Tensor, kv_idx: torch.Tensor, prefix_len: int) -> torch.Tensor:
+    """Whether query position `q_idx` may attend to key position `kv_idx` (broadcasting)."""
+    causal = kv_idx <= q_idx
+    if mode == "causal":
+        return causal
+    return causal | (kv_idx < prefix_len)
+
+
+def dense_allowed(mode: AttentionMode, seq_len: int, prefix_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean `[S, S]` matrix of `allowed`; True where attention is permitted."""
+    idx = torch.arange(seq_len, device=device)
+    return allowed(mode, idx[:, None], idx[None, :], prefix_len)
+
+
+def build_mask(
+    mode: AttentionMode,
+    backend: AttentionBackend,
+    *,
+    batch_size: int,
+    seq_len: int,
+    prefix_len: int,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    key_padding: Optional[torch.Tensor] = None,
+):
+    """The `attention_mask` argument for the text decoder's forward pass.
+
+    `key_padding` (bool `[batch, S]`, True for real tokens) is only needed when
+    padding is not at the right end; the eager-4d baseline always folds it in, as
+    the naive approach did.
+    """
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"unknown attention mode {mode!r}; choose from {ATTENTION_MODES}")
+    if backend == "sdpa":
+        if mode == "causal" and key_padding is None:
+            return None
+        mask = dense_allowed(mode, seq_len, prefix_len, device)[None, None]
+        if key_padding is not None:
+            mask = mask & key_padding[:, None, None, :].to(device)
+        return mask
+    if backend == "flex":
+        return _block_mask(mode, batch_size, seq_len, prefix_len, device, key_padding)
+    if backend == "eager-4d":
+        keep = dense_allowed(mode, seq_len, prefix_len, device)[None, None].expand(batch_size, 1, seq_len, seq_len)
+        if key_padding is not None:
+            keep = keep & key_padding[:, None, None, :].to(device)
+        mask = torch.zeros(batch_size, 1, seq_len, seq_len, dtype=dtype, device=device)
+        return mask.masked_fill(~keep, torch.finfo(dtype).min)
+    raise ValueError(f"unknown attention backend {backend!r}; choose from {ATTENTION_BACKENDS}")
+
+
+def _block_mask(mode, batch_size, seq_len, prefix_len, device, key_padding):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if key_padding is None:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return allowed(mode, q_idx, kv_idx, prefix_len)
+        batch = None
+    else:
+        valid = key_padding.to(device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return allowed(mode, q_idx, kv_idx, prefix_len) & valid[b, kv_idx]
+        batch = batch_size
+    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
