@@ -23,7 +23,8 @@ class JobConfig:
     # data: a Parquet file/dir, an image folder, or a JSONL/CSV manifest
     train_data: str = ""
     val_data: Optional[str] = None
-    val_fraction: float = 0.1  # used when val_data is None: a seeded split of train_data
+    val_fraction: float = 0.1  # used when val_data is None: a split of train_data by split_seed
+    split_seed: int = 0  # fixed apart from `seed`, so replicate seeds share one validation set
     text_column: Optional[str] = None
     image_column: Optional[str] = None
     on_bad_sample: Literal["error", "skip"] = "error"

@@ -68,9 +68,9 @@ class MoondreamModel(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         for tower in (self.vision, self.text):
             if enabled:
-                tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                tower.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             else:
-                tower.gradient_checkpointing_disable()
+                tower.activation_checkpointing_disable()
 
     # -- image side ----------------------------------------------------------------
 
@@ -135,9 +135,12 @@ class MoondreamModel(nn.Module):
         labels: torch.Tensor,
         mode: AttentionMode,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean cross-entropy over labelled text tokens (answer + EOS; others are -100).
+        """Summed cross-entropy over labelled text tokens (answer + EOS; others are -100).
 
-        Returns (loss, correct token count, labelled token count). `text_ids` must be
+        A sum, not a mean: the caller divides by the labelled tokens of the whole
+        accumulated batch, so grad_accum × small batches give the gradient of one
+        large batch even when answers differ in length.
+        Returns (loss sum, correct token count, labelled token count). `text_ids` must be
         right-padded; the logit at position p predicts the token at p + 1, so the
         last image token predicts the first text token.
         """
@@ -145,7 +148,7 @@ class MoondreamModel(nn.Module):
         logits = self.text_logits(image_embeddings, text_ids, mode, logits_to_keep=text_ids.shape[1] + 1)
         logits = logits[:, :-1].float()
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                           ignore_index=-100)
+                                           ignore_index=-100, reduction="sum")
         labelled = labels != -100
         correct = ((logits.argmax(-1) == labels) & labelled).sum()
         return loss, correct, labelled.sum()

@@ -1,0 +1,50 @@
+"""Validation: greedy answers, exact match with its interval, character error rate."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from trainer.attention import AttentionMode
+from trainer.batching import EncodedSample, collate
+from trainer.generate import greedy_decode
+from trainer.job_config import Prediction
+from trainer.metrics import character_error_rate, wilson_interval
+from trainer.model import MoondreamModel
+from trainer.tokenizer import Tokenizer
+
+
+def evaluate(model: MoondreamModel, samples: Sequence[EncodedSample], tokenizer: Tokenizer, mode: AttentionMode, *,
+             batch_size: int, max_new_tokens: int, device: torch.device,
+             autocast_dtype: torch.dtype | None) -> tuple[dict[str, float], list[Prediction]]:
+    """Metrics (`val_*`) and one `Prediction` per sample; exact match compares stripped strings."""
+    was_training = model.training
+    model.eval()
+    predictions: list[Prediction] = []
+    ordered = sorted(samples, key=lambda s: len(s.prompt_ids))  # equal prompt lengths per batch
+    for start in range(0, len(ordered), batch_size):
+        chunk = ordered[start: start + batch_size]
+        groups: dict[int, list[EncodedSample]] = {}
+        for s in chunk:
+            groups.setdefault(len(s.prompt_ids), []).append(s)
+        for group in groups.values():
+            batch = collate(group, tokenizer.eos_id).to(device)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                answers = greedy_decode(model, batch, mode, eos_id=tokenizer.eos_id, max_new_tokens=max_new_tokens)
+            for s, ids in zip(group, answers):
+                text = tokenizer.decode(ids).strip()
+                target = s.target.strip()
+                predictions.append(Prediction(s.sample_id, target, text, text == target,
+                                              character_error_rate(text, target)))
+    model.train(was_training)
+    n = len(predictions)
+    correct = sum(p.correct for p in predictions)
+    low, high = wilson_interval(correct, n)
+    metrics = {
+        "val_exact_match": correct / n if n else 0.0,
+        "val_exact_match_low": low,
+        "val_exact_match_high": high,
+        "val_cer": sum(p.cer for p in predictions) / n if n else 0.0,
+        "val_n": n,
+    }
+    return metrics, predictions

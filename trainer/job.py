@@ -1,0 +1,263 @@
+"""One fine-tuning job: data → model → train (fp16/bf16/fp32, accumulation, checkpointing) → evaluate.
+
+`run_job` is the interface the sweep uses. It reports through callbacks and
+returns an outcome instead of raising for the failures a sweep must survive: a
+CUDA out-of-memory (`oom`) and a loss that stays non-finite (`diverged`).
+Anything else (a bug, bad input) raises.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from trainer.batching import Batch, EncodedSample, collate, encode_samples
+from trainer.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint, trainable_state
+from trainer.data import load_samples, split_samples
+from trainer.evaluate import evaluate
+from trainer.faults import Fault
+from trainer.job_config import JobConfig, JobResult, Prediction
+from trainer.loading import LoadedModel, load_model
+from trainer.memory import apply_gpu_cap, peak_bytes, reset_peak
+from trainer.schedule import warmup_cosine
+
+Reporter = Callable[[dict[str, Any], Optional[Path]], None]
+StepCallback = Callable[[dict[str, Any]], None]
+
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+
+
+class Diverged(Exception):
+    """The loss stayed non-finite for `diverge_patience` consecutive steps."""
+
+
+@dataclass
+class Progress:
+    """Counters that a checkpoint must carry for a resumed job to continue exactly."""
+
+    step: int = 0  # optimizer steps completed
+    micro_batches: int = 0  # micro-batches consumed since the start (fixes the data position)
+    nonfinite_streak: int = 0
+    scaler_skipped_steps: int = 0
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JobData:
+    train: list[EncodedSample]
+    val: list[EncodedSample]
+    skipped_samples: int
+
+
+def resolve_device(requested: Optional[str]) -> torch.device:
+    return torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def resolve_precision(requested: Optional[str], device: torch.device) -> str:
+    precision = requested or ("fp16" if device.type == "cuda" else "fp32")
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; choose from {sorted(AUTOCAST_DTYPES)}")
+    return precision
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_data(config: JobConfig, loaded: LoadedModel) -> JobData:
+    """Load, validate, split and encode the datasets once; every epoch reuses the encoding."""
+    from trainer.tokenizer import get_template
+
+    read = dict(text_column=config.text_column, image_column=config.image_column,
+                on_bad_sample=config.on_bad_sample)
+    train_set = load_samples(config.train_data, **read)
+    skipped = train_set.skipped
+    if config.val_data:
+        val_set = load_samples(config.val_data, **read)
+        train_samples, val_samples = train_set.samples, val_set.samples
+        skipped += val_set.skipped
+    else:
+        train_samples, val_samples = split_samples(train_set.samples, config.val_fraction, config.split_seed)
+    if config.max_val_samples is not None:
+        val_samples = val_samples[: config.max_val_samples]
+    template = get_template(config.prompt_template)
+    vision = loaded.model.config.vision
+
+    def encode(samples):
+        return encode_samples(samples, vision, loaded.tokenizer, template, config.question)
+
+    return JobData(encode(train_samples), encode(val_samples), skipped)
+
+
+def micro_batches(data: list[EncodedSample], batch_size: int, seed: int, start: int, pad_id: int) -> Iterator[Batch]:
+    """Endless stream of batches: a fresh seeded permutation per epoch, resumable at any position."""
+    per_epoch = math.ceil(len(data) / batch_size)
+    index = start
+    while True:
+        epoch, position = divmod(index, per_epoch)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        chunk = order[position * batch_size: (position + 1) * batch_size].tolist()
+        yield collate([data[i] for i in chunk], pad_id)
+        index += 1
+
+
+def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_dir: Optional[Path] = None,
+            resume_from: Optional[Path] = None, on_step: Optional[StepCallback] = None) -> JobResult:
+    """Run one job to its outcome; see the module docstring for what raises and what returns."""
+    started = time.time()
+    fault = Fault.parse(config.fault)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    autocast_dtype = AUTOCAST_DTYPES[precision]
+    if config.grad_accum < 1 or config.batch_size < 1:
+        raise ValueError(f"grad_accum ({config.grad_accum}) and batch_size ({config.batch_size}) must be ≥ 1")
+
+    seed_everything(config.seed)
+    loaded = load_model(config.model, revision=config.revision, attention_backend=config.attention_backend)
+    model = loaded.model
+    model.set_train_scope(config.train_scope)
+    model.set_gradient_checkpointing(config.gradient_checkpointing)
+    model.to(device).train()
+    data = prepare_data(config, loaded)
+    pad_id = loaded.tokenizer.eos_id
+
+    batches_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.grad_accum))
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    eval_every = config.eval_every or steps_per_epoch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, round(config.warmup_ratio * total_steps)))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    progress = Progress()
+    resumed = resume_from is not None
+    if resumed:
+        state = load_checkpoint(resume_from)
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        progress = Progress(**state["progress"])
+        restore_rng(state["rng"])
+
+    cap = apply_gpu_cap(config.max_gpu_memory, device)
+    reset_peak(device)
+    stream = micro_batches(data.train, config.batch_size, config.seed, progress.micro_batches, pad_id)
+    window: list[dict[str, float]] = []
+    predictions: list[Prediction] = []
+    final: dict[str, Any] = {}
+
+    def result(outcome: str, error: Optional[str] = None) -> JobResult:
+        return JobResult(outcome=outcome, step=progress.step, final_metrics=final,
+                         best_metrics=progress.best_metrics, peak_memory_bytes=peak_bytes(device), error=error,
+                         predictions=predictions, wall_time_s=time.time() - started)
+
+    try:
+        while progress.step < total_steps:
+            step = progress.step + 1
+            if fault:
+                fault.before_step(step, resumed)
+            t0 = time.perf_counter()
+            group = [next(stream) for _ in range(config.grad_accum)]
+            progress.micro_batches += len(group)
+            labelled = sum(int((b.labels != -100).sum()) for b in group)
+            loss_total, correct = 0.0, 0
+            for batch in group:
+                batch = batch.to(device)
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    loss_sum, n_correct, _ = model.answer_loss(batch.crops, batch.tilings, batch.text_ids,
+                                                               batch.labels, config.attention)
+                loss = loss_sum / labelled
+                if fault and fault.poisons_loss(step):
+                    loss = loss * float("nan")
+                scaler.scale(loss).backward()
+                loss_total += float(loss.detach())
+                correct += int(n_correct)
+            grad_norm, skipped = optimizer_step(optimizer, scaler, params, config.max_grad_norm,
+                                                finite_loss=math.isfinite(loss_total))
+            scheduler.step()
+            progress.step = step
+            progress.scaler_skipped_steps += skipped
+            progress.nonfinite_streak = 0 if math.isfinite(loss_total) else progress.nonfinite_streak + 1
+            if progress.nonfinite_streak >= config.diverge_patience:
+                raise Diverged(f"loss non-finite for {progress.nonfinite_streak} consecutive steps")
+            seconds = time.perf_counter() - t0
+            n_samples = sum(len(b.samples) for b in group)
+            metrics = {
+                "step": step, "epoch": progress.micro_batches / batches_per_epoch, "train_loss": loss_total,
+                "token_accuracy": correct / max(labelled, 1), "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm, "scaler_skipped_steps": progress.scaler_skipped_steps,
+                "samples_per_s": n_samples / seconds, "tokens_per_s": sum(b.n_tokens for b in group) / seconds,
+                "peak_memory_bytes": peak_bytes(device),
+            }
+            window.append(metrics)
+            if on_step:
+                on_step(metrics)
+            if step % eval_every == 0 or step == total_steps:
+                val_metrics, predictions = evaluate(
+                    model, data.val, loaded.tokenizer, config.attention, batch_size=config.batch_size,
+                    max_new_tokens=config.max_new_tokens, device=device, autocast_dtype=autocast_dtype)
+                final = report_metrics(window, val_metrics, data.skipped_samples, time.time() - started, device)
+                window = []
+                if not progress.best_metrics or final["val_exact_match"] > progress.best_metrics["val_exact_match"]:
+                    progress.best_metrics = dict(final)
+                if checkpoint_dir is not None:
+                    save_checkpoint(Path(checkpoint_dir), {
+                        "model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                        "progress": asdict(progress), "rng": rng_state(), "config": config.to_dict()})
+                if on_report:
+                    on_report(dict(final), Path(checkpoint_dir) if checkpoint_dir is not None else None)
+    except torch.OutOfMemoryError as exc:
+        message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+        cap_note = f" (cap {cap} bytes)" if cap else ""
+        return result("oom", f"out of memory at step {progress.step + 1}{cap_note}: {message}")
+    except Diverged as exc:
+        return result("diverged", str(exc))
+    return result("ok")
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[torch.nn.Parameter],
+                   max_grad_norm: float, *, finite_loss: bool) -> tuple[float, int]:
+    """Unscale, clip and step; returns (grad norm, 1 if the step was skipped else 0).
+
+    A non-finite loss skips the update outright; under fp16 the loss scaler also
+    skips steps whose gradients overflowed, and lowers its scale.
+    """
+    if not finite_loss:
+        optimizer.zero_grad(set_to_none=True)
+        if scaler.is_enabled():
+            scaler.update(scaler.get_scale() / 2)
+        return float("nan"), 1
+    scaler.unscale_(optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    scale_before = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    skipped = int(scale_before is not None and scaler.get_scale() < scale_before)
+    return grad_norm, skipped
+
+
+def report_metrics(window: list[dict[str, float]], val_metrics: dict[str, float], skipped_samples: int,
+                   elapsed_s: float, device: torch.device) -> dict[str, Any]:
+    """One report: training metrics averaged over the steps since the last one, plus validation."""
+    last = window[-1]
+    mean = lambda key: sum(m[key] for m in window) / len(window)  # noqa: E731
+    return {
+        "step": last["step"], "epoch": last["epoch"], "train_loss": mean("train_loss"),
+        "token_accuracy": mean("token_accuracy"), "lr": last["lr"], "grad_norm": last["grad_norm"],
+        "scaler_skipped_steps": last["scaler_skipped_steps"], "samples_per_s": mean("samples_per_s"),
+        "tokens_per_s": mean("tokens_per_s"), "peak_memory_bytes": peak_bytes(device),
+        **val_metrics, "skipped_samples": skipped_samples, "elapsed_s": elapsed_s,
+    }
