@@ -68,7 +68,7 @@ class MoondreamModel(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         for tower in (self.vision, self.text):
             if enabled:
-                tower.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 tower.activation_checkpointing_disable()
 
