@@ -12,7 +12,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("orchestrator.cli_data",)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,135 @@
+"""`mdsweep data ...`: make and check datasets.
+
+- `mdsweep data synth --n 6000 --out captchas.parquet`: seeded synthetic captchas
+  (Parquet, Hugging Face layout: `image` {bytes, path} + `solution`).
+- `mdsweep data check PATH`: load a dataset the way a trial would and summarise it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    data = subparsers.add_parser(
+        "data",
+        help="make synthetic captcha datasets and check datasets",
+        description="Make synthetic captcha datasets and check datasets before a sweep.",
+    )
+    commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+
+    synth = commands.add_parser(
+        "synth",
+        help="generate seeded captchas into a Parquet file",
+        description=(
+            "Generate captchas with the `captcha` package, fully determined by --seed, into one "
+            "Parquet file in the Hugging Face layout (columns: image {bytes, path}, solution). "
+            "Defaults mimic a common public set: 200x50 images of 6 digits."
+        ),
+    )
+    synth.add_argument("--n", type=int, default=1000, help="number of captchas to generate (default: %(default)s)")
+    synth.add_argument("--out", required=True, metavar="FILE.parquet",
+                       help="output Parquet file (written to a temporary name, then renamed)")
+    synth.add_argument("--length", type=int, default=6, help="characters per captcha (default: %(default)s)")
+    synth.add_argument("--alphabet", default="0123456789", help="characters to draw labels from (default: %(default)s)")
+    synth.add_argument("--width", type=int, default=200, help="image width in pixels (default: %(default)s)")
+    synth.add_argument("--height", type=int, default=50, help="image height in pixels (default: %(default)s)")
+    synth.add_argument("--fonts", nargs="+", metavar="TTF", default=None,
+                       help="TrueType font files to draw with (default: the captcha package's bundled font)")
+    synth.add_argument("--seed", type=int, default=0,
+                       help="random seed; the same seed and options give byte-identical output (default: %(default)s)")
+    synth.add_argument("--workers", type=int, default=1,
+                       help="processes to render with; output is identical for any value (default: %(default)s)")
+    synth.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    synth.set_defaults(func=_synth)
+
+    check = commands.add_parser(
+        "check",
+        help="load a dataset as a trial would and summarise it",
+        description=(
+            "Load a dataset (Parquet file or folder, image folder named by labels, or a .jsonl/.csv "
+            "manifest), decode every image, and print what was found. Exits 1 if it cannot be used."
+        ),
+    )
+    check.add_argument("path", help="dataset path")
+    check.add_argument("--text-column", default=None,
+                       help="text column (default: the first of solution, text, label)")
+    check.add_argument("--image-column", default=None,
+                       help="image column (default: image, else the first struct/binary column)")
+    check.add_argument("--split", default=None, help="split to load from a Parquet folder holding several")
+    check.add_argument("--skip-bad", action="store_true",
+                       help="skip and count bad rows (corrupt image, empty label) instead of failing")
+    check.set_defaults(func=_check)
+
+
+class _Progress:
+    """Progress lines on stderr, at most one a second, for runs that take a while."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.start = time.monotonic()
+        self.last = self.start
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 1.0 and done < total):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (total - done) / rate if rate > 0 else 0.0
+        print(f"synth: {done}/{total} ({100 * done // total}%), {rate:.0f}/s, about {eta:.0f}s left",
+              file=sys.stderr, flush=True)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from trainer.synth import synthesize
+
+    progress = _Progress(args.n, enabled=not args.quiet and args.n >= 500)
+    started = time.monotonic()
+    try:
+        out = synthesize(
+            args.n, args.out, length=args.length, alphabet=args.alphabet, width=args.width,
+            height=args.height, fonts=args.fonts, seed=args.seed, workers=args.workers,
+            progress=progress,
+        )
+    except ValueError as exc:
+        print(f"mdsweep data synth: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"mdsweep data synth: error: cannot write {args.out}: {exc}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"synth: wrote {args.n} captchas in {time.monotonic() - started:.1f}s", file=sys.stderr)
+    print(out)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from trainer.data import DataError, load_samples
+
+    try:
+        loaded = load_samples(
+            args.path, text_column=args.text_column, image_column=args.image_column,
+            on_bad_sample="skip" if args.skip_bad else "error", split=args.split,
+        )
+    except DataError as exc:
+        print(f"mdsweep data check: error: {exc}", file=sys.stderr)
+        return 1
+    samples = loaded.samples
+    lengths = Counter(len(s.text) for s in samples)
+    chars = sorted(set("".join(s.text for s in samples)))
+    first = samples[0].image
+    print(f"source:   {loaded.source}")
+    print(f"samples:  {len(samples)}")
+    print(f"skipped:  {loaded.skipped}")
+    for reason in loaded.skipped_reasons:
+        print(f"  - {reason}")
+    print(f"lengths:  " + ", ".join(f"{k}: {v}" for k, v in sorted(lengths.items())))
+    print(f"charset:  {''.join(chars)!r} ({len(chars)} characters)")
+    print(f"first:    {samples[0].sample_id} -> {samples[0].text!r}, {first.size[0]}x{first.size[1]}")
+    return 0
