@@ -1,0 +1,20 @@
+"""Shared test helpers: tiny models and synthetic captcha data made on the fly."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REFERENCE_DIR = FIXTURES / "moondream2-tiny"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def captcha_parquet(tmp_path_factory) -> Path:
+    """96 four-digit captchas, enough for a short job with a validation split."""
+    from trainer.synth import synthesize
+
+    return synthesize(96, tmp_path_factory.mktemp("captchas") / "train.parquet", length=4, seed=0)
