@@ -12,7 +12,7 @@ from trainer.config import CONFIG_FILE, PRESETS, MoondreamConfig
 from trainer.model import MoondreamModel
 from trainer.tokenizer import Tokenizer, load_tokenizer
 from trainer.weights import HUB_ID, WEIGHTS_FILE, CheckpointError, fetch_from_hub, load_official_weights, \
-    save_official_weights
+    read_safetensors, save_official_weights
 
 
 @dataclass
@@ -39,12 +39,16 @@ def load_model(spec: str, *, revision: Optional[str] = None,
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} (expected an official Moondream2 2025 checkpoint)")
+    tensors = read_safetensors(weights)
     config_path = directory / CONFIG_FILE
     config = (MoondreamConfig.from_dict(json.loads(config_path.read_text())) if config_path.is_file()
               else PRESETS["moondream2"])
-    tokenizer = load_tokenizer(config.tokenizer, directory)
+    try:
+        tokenizer = load_tokenizer(config.tokenizer, directory)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{directory}: {exc}") from None
     model = MoondreamModel(config, bos_id=tokenizer.bos_id, attention_backend=attention_backend)
-    load_official_weights(model, weights)
+    load_official_weights(model, weights, tensors)
     return LoadedModel(model, tokenizer, directory)
 
 

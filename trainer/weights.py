@@ -140,9 +140,9 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
-def load_official_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load an official-layout safetensors file into `model` (a `MoondreamModel`)."""
-    converted = official_to_ours(read_safetensors(path), model.config, str(path))
+def load_official_weights(model: torch.nn.Module, path: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Load an official-layout safetensors file (or its already-read `tensors`) into a `MoondreamModel`."""
+    converted = official_to_ours(tensors if tensors is not None else read_safetensors(path), model.config, str(path))
     current = model.state_dict()
     for key, tensor in converted.items():
         current[key].copy_(tensor.to(current[key].dtype))

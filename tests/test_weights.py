@@ -1,0 +1,117 @@
+"""Official-layout checkpoints: exact round trips and clear errors for bad files."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import REFERENCE_DIR
+from trainer.config import PRESETS
+from trainer.loading import load_model, save_model
+from trainer.weights import WEIGHTS_FILE, CheckpointError, key_mappings, load_official_weights, official_to_ours
+
+REFERENCE_WEIGHTS = REFERENCE_DIR / "moondream2_tiny_ref.safetensors"
+
+
+def _saved_tiny(tmp_path):
+    torch.manual_seed(3)
+    loaded = load_model("tiny")
+    save_model(loaded, tmp_path / "model")
+    return loaded, tmp_path / "model"
+
+
+def test_save_then_load_is_exact(tmp_path):
+    original, directory = _saved_tiny(tmp_path)
+    reloaded = load_model(str(directory))
+    before, after = original.model.state_dict(), reloaded.model.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+
+
+def test_saved_file_uses_the_official_layout(tmp_path):
+    _, directory = _saved_tiny(tmp_path)
+    saved = load_file(directory / WEIGHTS_FILE)
+    assert "model.text.blocks.0.attn.qkv.weight" in saved
+    assert saved["model.vision.patch_emb.weight"].ndim == 2
+    assert saved["model.vision.pos_emb"].shape[0] == 1
+    assert set(saved) == {m.official for m in key_mappings(PRESETS["tiny"])}
+
+
+def test_reference_weights_round_trip_to_identical_tensors(tmp_path):
+    from trainer.config import MoondreamConfig
+    from trainer.model import MoondreamModel
+    from trainer.weights import save_official_weights
+    import json
+
+    spec = json.loads((REFERENCE_DIR / "moondream2_tiny_ref.json").read_text())
+    model = MoondreamModel(MoondreamConfig.from_dict(spec), bos_id=0)
+    load_official_weights(model, REFERENCE_WEIGHTS)
+    save_official_weights(model, tmp_path / "out.safetensors")
+    original = {k: v for k, v in load_file(REFERENCE_WEIGHTS).items() if k.startswith("model.")}
+    written = load_file(tmp_path / "out.safetensors")
+    assert original.keys() == written.keys()
+    for key in original:
+        assert torch.equal(original[key], written[key]), key
+
+
+def _broken(tmp_path, edit):
+    _, directory = _saved_tiny(tmp_path)
+    tensors = load_file(directory / WEIGHTS_FILE)
+    edit(tensors)
+    save_file(tensors, directory / WEIGHTS_FILE)
+    return directory
+
+
+def test_missing_key_is_named(tmp_path):
+    directory = _broken(tmp_path, lambda t: t.pop("model.text.blocks.1.mlp.fc2.bias"))
+    with pytest.raises(CheckpointError, match=r"missing key 'model.text.blocks.1.mlp.fc2.bias'"):
+        load_model(str(directory))
+
+
+def test_wrong_shape_is_named(tmp_path):
+    def edit(t):
+        t["model.text.wte"] = torch.zeros(5, 3)
+    directory = _broken(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=r"'model.text.wte' has shape \(5, 3\)"):
+        load_model(str(directory))
+
+
+def test_unexpected_key_is_named(tmp_path):
+    def edit(t):
+        t["model.text.blocks.9.ln.weight"] = torch.zeros(3)
+    directory = _broken(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=r"unexpected key 'model.text.blocks.9.ln.weight'"):
+        load_model(str(directory))
+
+
+def test_region_head_is_ignored_with_a_note(tmp_path):
+    def edit(t):
+        t["model.region.coord_encoder.weight"] = torch.zeros(4, 4)
+    directory = _broken(tmp_path, edit)
+    with pytest.warns(UserWarning, match="region-head"):
+        load_model(str(directory))
+
+
+def test_corrupt_file_and_missing_weights_are_clear(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_model(str(tmp_path / "empty"))
+    (tmp_path / "empty" / WEIGHTS_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_model(str(tmp_path / "empty"))
+    with pytest.raises(CheckpointError, match="neither a preset"):
+        load_model(str(tmp_path / "nowhere" / "x y"))
+
+
+def test_unreachable_hub_gives_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError, match="(?s)could not fetch vikhyatk/moondream2@2025-01-09.*local directory"):
+        load_model("vikhyatk/moondream2", revision="2025-01-09")
+
+
+def test_official_conversion_rejects_mismatched_config():
+    tensors = load_file(REFERENCE_WEIGHTS)
+    with pytest.raises(CheckpointError, match="reference"):
+        official_to_ours(tensors, PRESETS["tiny"], "reference")
