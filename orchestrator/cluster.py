@@ -1,0 +1,186 @@
+"""Attach to a Ray cluster, or start an embedded one.
+
+Address forms: `auto` (a head started with `ray start --head` on this machine),
+`host:port` (the head's GCS port, 6379 by default), `ray://host:port` (Ray
+Client; Ray documents it as unreliable for Tune: for a remote cluster prefer
+`ray job submit -- mdsweep run --address auto ...`, which runs the driver on the
+cluster). No address and no RAY_ADDRESS: an embedded Ray on this machine.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from orchestrator.resources import NodeInfo, nodes_from_ray
+
+DEFAULT_GCS_PORT = 6379
+DEFAULT_CLIENT_PORT = 10001
+CLOUD_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "az://", "hdfs://", "r2://")
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot be reached or used; the message names the flag."""
+
+
+def resolve_address(flag_value: Optional[str]) -> tuple[Optional[str], str]:
+    """(address, where it came from): the flag, then RAY_ADDRESS, else None (embedded)."""
+    if flag_value:
+        return flag_value.strip(), "--address"
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env:
+        return env, "RAY_ADDRESS"
+    return None, "embedded"
+
+
+def split_host_port(address: str) -> tuple[str, int, bool]:
+    """'ray://h:p' -> (h, p, True); 'h:p' -> (h, p, False); 'h' -> (h, default port)."""
+    client = address.startswith("ray://")
+    rest = address[len("ray://"):] if client else address
+    rest = rest.split("/", 1)[0]
+    if rest.startswith("["):  # [ipv6]:port
+        host, _, port = rest[1:].partition("]")
+        port = port.lstrip(":")
+    elif rest.count(":") == 1:
+        host, port = rest.split(":")
+    else:
+        host, port = rest, ""
+    if not host:
+        raise ValueError(f"no host in address {address!r}")
+    try:
+        port_n = int(port) if port else (DEFAULT_CLIENT_PORT if client else DEFAULT_GCS_PORT)
+    except ValueError:
+        raise ValueError(f"bad port {port!r} in address {address!r}") from None
+    return host, port_n, client
+
+
+def check_reachable(address: str, source: str = "--address", timeout_s: float = 5.0) -> None:
+    """Fail fast (seconds, not Ray's long reconnect loop) when nothing listens there."""
+    if address == "auto" or address.startswith("local"):
+        return  # ray.init answers at once when no local head is running
+    try:
+        host, port, _ = split_host_port(address)
+    except ValueError as e:
+        raise ClusterError(f"{source}: {e}; use auto, host:port or ray://host:port") from None
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ClusterError(
+            f"{source}: cannot reach a Ray head at {host}:{port} ({e.strerror or e}). Is the cluster "
+            "running (`ray status`)? Start one with `ray start --head`, or leave out --address "
+            "(and RAY_ADDRESS) to run an embedded Ray on this machine.") from None
+
+
+def _project_root() -> str:
+    return str(Path(__file__).resolve().parent.parent)
+
+
+@dataclass
+class ClusterHandle:
+    address: Optional[str]
+    source: str  # --address, RAY_ADDRESS, embedded, or existing
+    owned: bool  # True when this process started or connected Ray and must shut it down
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def embedded(self) -> bool:
+        return self.source == "embedded"
+
+    @property
+    def client(self) -> bool:
+        return bool(self.address and self.address.startswith("ray://"))
+
+    def nodes(self) -> list[NodeInfo]:
+        import ray
+
+        return nodes_from_ray(ray.nodes())
+
+    def shutdown(self) -> None:
+        import ray
+
+        if self.owned and ray.is_initialized():
+            ray.shutdown()
+
+    def __enter__(self) -> "ClusterHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+def connect(
+    address: Optional[str] = None,
+    *,
+    num_cpus: Optional[int] = None,
+    num_gpus: Optional[int] = None,
+    log_to_driver: bool = False,
+    reuse_existing: bool = True,
+) -> ClusterHandle:
+    """Attach (address / RAY_ADDRESS) or start an embedded Ray; returns a handle to shut down.
+
+    `num_cpus`/`num_gpus` size an embedded instance (logical resources) and are
+    rejected when attaching, since an existing cluster's resources are its own.
+    """
+    import ray
+
+    if reuse_existing and ray.is_initialized():
+        return ClusterHandle(address=None, source="existing", owned=False)
+
+    resolved, source = resolve_address(address)
+    # The driver's modules must be importable by every worker. Ray adds the driver's
+    # working directory; add this source tree explicitly so that running from another
+    # directory works too (multi-node clusters need the package installed on each node).
+    pythonpath = os.pathsep.join(p for p in (_project_root(), os.environ.get("PYTHONPATH", "")) if p)
+    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
+    notes: list[str] = []
+    if resolved is None:
+        kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=log_to_driver,
+                                      runtime_env=runtime_env)
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
+        if num_gpus is not None:
+            kwargs["num_gpus"] = num_gpus
+        # ray.init(address=None) would still read RAY_ADDRESS; it is unset here by construction.
+        ray.init(**kwargs)
+        return ClusterHandle(address=None, source="embedded", owned=True)
+
+    if num_cpus is not None or num_gpus is not None:
+        raise ClusterError(f"--num-cpus/--num-gpus size an embedded Ray only; {source} attaches to "
+                           "an existing cluster, whose resources are its own")
+    check_reachable(resolved, source)
+    if resolved.startswith("ray://"):
+        notes.append("Ray Client (ray://) is documented as unreliable for Ray Tune; for a remote "
+                     "cluster prefer `ray job submit -- mdsweep run --address auto ...`")
+    try:
+        ray.init(address=resolved, log_to_driver=log_to_driver, runtime_env=runtime_env)
+    except ConnectionError as e:
+        raise ClusterError(f"{source} {resolved}: {e}") from None
+    except Exception as e:  # e.g. a port that is open but is not a Ray head
+        raise ClusterError(f"{source} {resolved}: could not attach to Ray ({type(e).__name__}: {e})") from None
+    return ClusterHandle(address=resolved, source=source, owned=True, notes=notes)
+
+
+def is_remote_storage(storage: str) -> bool:
+    return storage.startswith(CLOUD_SCHEMES)
+
+
+def storage_notes(storage: str, nodes: list[NodeInfo]) -> list[str]:
+    """Warn when a local storage path is used on a multi-node cluster."""
+    if is_remote_storage(storage) or len(nodes) <= 1:
+        return []
+    hosts = {n.address for n in nodes}
+    if len(hosts) <= 1:
+        return []  # several Ray nodes on one machine share its filesystem
+    return [
+        f"--storage {storage} is a local path but the cluster has {len(hosts)} machines: it must be a "
+        "shared filesystem (e.g. NFS) mounted at the same path on every node, or a cloud URI "
+        "(s3://..., gs://...); otherwise checkpoints of trials on other nodes cannot be saved or resumed"
+    ]
+
+
+def warn(msg: str) -> None:
+    print(f"mdsweep: warning: {msg}", file=sys.stderr)

@@ -1,0 +1,118 @@
+"""A compact live progress table, printed by the driver while the sweep runs."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, Optional, TextIO
+
+from orchestrator.search import split_suggestion
+from orchestrator.trainable import KIND_KEY
+
+
+def _tune_callback_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        return f"{v:.3g}"
+    return "-" if v is None else str(v)
+
+
+class ProgressTable(_tune_callback_base()):
+    """Prints one line per trial every `interval_s` seconds, and on every state change."""
+
+    def __init__(self, metric: str, searched: list[str], interval_s: float = 15.0, total: Optional[int] = None,
+                 stream: Optional[TextIO] = None):
+        self.metric = metric
+        self.searched = list(searched)
+        self.interval_s = interval_s
+        self.total = total
+        self._stream = stream
+        self._last_print = 0.0
+        self._state: dict[str, dict[str, Any]] = {}
+        self._dirty = False
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_stream"] = None
+        state["_state"] = {}
+        return state
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream or sys.stdout
+
+    def _entry(self, trial: Any) -> dict[str, Any]:
+        e = self._state.get(trial.trial_id)
+        if e is None:
+            params, _ = split_suggestion(dict(trial.config))
+            e = {"params": params, "status": "pending", "step": None, "value": None, "best": None}
+            self._state[trial.trial_id] = e
+        return e
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._entry(trial)["status"] = "running"
+        self._dirty = True
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        e = self._entry(trial)
+        e["step"] = result.get("step", e["step"])
+        v = result.get(self.metric)
+        if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+            e["value"] = v
+        if result.get(KIND_KEY) == "final":
+            e["status"] = result.get("outcome", "done")
+            self._dirty = True
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        e = self._entry(trial)
+        if e["status"] == "running":
+            e["status"] = "stopped"
+        self._dirty = True
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._entry(trial)["status"] = "error"
+        self._dirty = True
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._entry(trial)["status"] = "retrying"
+        self._dirty = True
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.interval_s <= 0:
+            return
+        now = time.time()
+        if now - self._last_print < self.interval_s and not (self._dirty and now - self._last_print > 2):
+            return
+        self._last_print = now
+        self._dirty = False
+        self.print_table()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self.interval_s > 0:
+            self.print_table()
+
+    def print_table(self) -> None:
+        if not self._state:
+            return
+        counts: dict[str, int] = {}
+        for e in self._state.values():
+            counts[e["status"]] = counts.get(e["status"], 0) + 1
+        head = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        total = f" of {self.total}" if self.total else ""
+        lines = [f"[{time.strftime('%H:%M:%S')}] trials{total}: {head}"]
+        cols = ["trial", "status", *self.searched, "step", self.metric]
+        rows = []
+        for tid, e in sorted(self._state.items()):
+            rows.append([tid, e["status"], *(_short(e["params"].get(p)) for p in self.searched), _short(e["step"]),
+                         _short(e["value"])])
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+        lines.extend("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows)
+        print("\n".join(lines), file=self.stream, flush=True)

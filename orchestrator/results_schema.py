@@ -1,0 +1,261 @@
+"""Versioned Arrow schemas of the Parquet results dataset.
+
+The dataset is plain Parquet in hive partitions, one folder per table and one
+partition per sweep:
+
+    RESULTS/trials/sweep=NAME/<trial_id>.parquet       one row per trial
+    RESULTS/steps/sweep=NAME/<trial_id>.parquet        one row per report (evaluation)
+    RESULTS/predictions/sweep=NAME/<trial_id>.parquet  one row per validation sample
+    RESULTS/sweeps/sweep=NAME/sweep.parquet            one row: how the sweep was run
+
+The partition column `sweep` lives in the folder name only (never inside the
+files), so every hive-aware reader (pyarrow, pandas, polars, DuckDB) adds it
+exactly once. Every file carries a `schema_version` column and the same number in
+its file metadata (`mdsweep.schema_version`); `SCHEMA_VERSION` changes whenever a
+column is removed, renamed or retyped (adding a column keeps readers working).
+
+The trials table has one typed column per `JobConfig` field (the hyperparameters,
+searched or fixed), so filters read naturally: `attention == 'prefix' and lr < 1e-4`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from typing import Any, Optional
+
+import pyarrow as pa
+
+from trainer.job_config import JobConfig
+
+SCHEMA_VERSION = 1
+METADATA_KEY = b"mdsweep.schema_version"
+
+TABLES = ("trials", "steps", "predictions", "sweeps")
+
+# Sweep names become hive partition values and folder names: keep them plain, and
+# starting with a letter so that no reader infers a number or a date from them.
+SWEEP_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
+
+# What the job reports at each evaluation (the contract in trainer/job.py), with types.
+METRIC_TYPES: dict[str, pa.DataType] = {
+    "step": pa.int64(),
+    "epoch": pa.float64(),
+    "train_loss": pa.float64(),
+    "token_accuracy": pa.float64(),
+    "lr": pa.float64(),
+    "grad_norm": pa.float64(),
+    "scaler_skipped_steps": pa.int64(),
+    "samples_per_s": pa.float64(),
+    "tokens_per_s": pa.float64(),
+    "peak_memory_bytes": pa.int64(),
+    "val_exact_match": pa.float64(),
+    "val_exact_match_low": pa.float64(),
+    "val_exact_match_high": pa.float64(),
+    "val_cer": pa.float64(),
+    "val_n": pa.int64(),
+    "skipped_samples": pa.int64(),
+    "elapsed_s": pa.float64(),
+}
+METRICS: tuple[str, ...] = tuple(METRIC_TYPES)
+
+# Trial `outcome` values: the job's own outcomes plus two the sweep adds.
+TRIAL_OUTCOMES = ("running", "ok", "oom", "diverged", "error", "stopped")
+
+UTC_TS = pa.timestamp("us", tz="UTC")
+
+
+def validate_sweep_name(name: str, flag: str = "--name") -> str:
+    if not SWEEP_NAME_RE.match(name or ""):
+        raise ValueError(
+            f"{flag}: sweep name {name!r} must start with a letter and contain only "
+            "letters, digits, '_', '-' or '.' (at most 128 characters); it becomes a "
+            "folder name and a hive partition value"
+        )
+    return name
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0], True
+    return tp, False
+
+
+def job_field_types() -> dict[str, tuple[Any, bool]]:
+    """JobConfig field name -> (base type, optional). Literal[...] is kept as is."""
+    hints = typing.get_type_hints(JobConfig)
+    return {f.name: _unwrap_optional(hints[f.name]) for f in dataclasses.fields(JobConfig)}
+
+
+def arrow_type_for(tp: Any) -> pa.DataType:
+    if typing.get_origin(tp) is typing.Literal:
+        values = typing.get_args(tp)
+        kinds = {type(v) for v in values}
+        tp = kinds.pop() if len(kinds) == 1 else str
+    if tp is bool:
+        return pa.bool_()
+    if tp is int:
+        return pa.int64()
+    if tp is float:
+        return pa.float64()
+    return pa.string()  # str, and anything richer is stored as its JSON text
+
+
+def job_config_fields() -> list[pa.Field]:
+    return [pa.field(name, arrow_type_for(tp)) for name, (tp, _opt) in job_field_types().items()]
+
+
+def _metadata() -> dict[bytes, bytes]:
+    return {METADATA_KEY: str(SCHEMA_VERSION).encode()}
+
+
+def trials_schema() -> pa.Schema:
+    fields = [
+        pa.field("schema_version", pa.int32(), nullable=False),
+        pa.field("trial_id", pa.string(), nullable=False),
+        pa.field("group_id", pa.int64()),  # the Optuna trial number: replicates/crossed runs share it
+        pa.field("member", pa.int64()),  # index of this run within its group
+        pa.field("status", pa.string()),  # Ray Tune status: pending, running, terminated, error
+        pa.field("outcome", pa.string()),  # running, ok, oom, diverged, error, stopped
+        pa.field("error", pa.string()),
+        pa.field("searched", pa.list_(pa.string())),  # which config columns the search chose
+        pa.field("params_json", pa.string()),  # every suggested parameter, auxiliary ones too
+        *job_config_fields(),
+        pa.field("objective_metric", pa.string()),
+        pa.field("objective_mode", pa.string()),
+        pa.field("objective", pa.float64()),  # the value Optuna was told (final evaluation)
+        *[pa.field(f"best_{m}", t) for m, t in METRIC_TYPES.items()],
+        *[pa.field(f"final_{m}", t) for m, t in METRIC_TYPES.items()],
+        pa.field("steps_completed", pa.int64()),
+        pa.field("n_reports", pa.int64()),
+        pa.field("peak_memory_bytes", pa.int64()),
+        pa.field("job_wall_time_s", pa.float64()),
+        pa.field("wall_time_s", pa.float64()),
+        pa.field("node_id", pa.string()),
+        pa.field("node_ip", pa.string()),
+        pa.field("hostname", pa.string()),
+        pa.field("gpu_ids", pa.string()),
+        pa.field("num_failures", pa.int64()),  # retries after a worker/node failure
+        pa.field("attempts", pa.int64()),  # starts: first run, retries and sweep resumes
+        pa.field("restored_from_step", pa.int64()),  # step of the checkpoint the latest start resumed
+        pa.field("checkpoint_path", pa.string()),
+        pa.field("start_time", UTC_TS),
+        pa.field("end_time", UTC_TS),
+    ]
+    return pa.schema(fields, metadata=_metadata())
+
+
+def steps_schema() -> pa.Schema:
+    fields = [
+        pa.field("schema_version", pa.int32(), nullable=False),
+        pa.field("trial_id", pa.string(), nullable=False),
+        *[pa.field(m, t, nullable=(m != "step")) for m, t in METRIC_TYPES.items()],
+        pa.field("training_iteration", pa.int64()),
+        pa.field("report_time", UTC_TS),
+    ]
+    return pa.schema(fields, metadata=_metadata())
+
+
+def predictions_schema() -> pa.Schema:
+    fields = [
+        pa.field("schema_version", pa.int32(), nullable=False),
+        pa.field("trial_id", pa.string(), nullable=False),
+        pa.field("step", pa.int64()),
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("target", pa.string()),
+        pa.field("prediction", pa.string()),
+        pa.field("correct", pa.bool_()),
+        pa.field("cer", pa.float64()),
+    ]
+    return pa.schema(fields, metadata=_metadata())
+
+
+def sweeps_schema() -> pa.Schema:
+    fields = [
+        pa.field("schema_version", pa.int32(), nullable=False),
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("status", pa.string()),  # running, finished, interrupted, failed
+        pa.field("created_at", UTC_TS),
+        pa.field("updated_at", UTC_TS),
+        pa.field("experiment_path", pa.string()),
+        pa.field("space", pa.string()),
+        pa.field("metric", pa.string()),
+        pa.field("mode", pa.string()),
+        pa.field("num_samples", pa.int64()),
+        pa.field("replicates", pa.int64()),
+        pa.field("cross_json", pa.string()),
+        pa.field("fixed_json", pa.string()),  # the fixed JobConfig settings, same for every trial
+        pa.field("resources_json", pa.string()),
+        pa.field("argv", pa.string()),
+    ]
+    return pa.schema(fields, metadata=_metadata())
+
+
+SCHEMAS = {
+    "trials": trials_schema,
+    "steps": steps_schema,
+    "predictions": predictions_schema,
+    "sweeps": sweeps_schema,
+}
+
+
+def schema_for(table: str) -> pa.Schema:
+    try:
+        return SCHEMAS[table]()
+    except KeyError:
+        raise ValueError(f"unknown table {table!r}; tables: {', '.join(TABLES)}") from None
+
+
+def coerce_value(value: Any, dtype: pa.DataType) -> Any:
+    """Best-effort conversion of a Python value to something `dtype` accepts (else None)."""
+    import json
+    import math
+
+    if value is None:
+        return None
+    try:
+        if pa.types.is_boolean(dtype):
+            return bool(value)
+        if pa.types.is_integer(dtype):
+            if isinstance(value, float) and not math.isfinite(value):
+                return None
+            return int(value)
+        if pa.types.is_floating(dtype):
+            return float(value)
+        if pa.types.is_string(dtype):
+            if isinstance(value, str):
+                return value
+            return json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
+        if pa.types.is_list(dtype):
+            return [str(v) for v in value]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return value
+
+
+def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Build a table with exactly `schema`'s columns; missing keys become nulls."""
+    columns = {}
+    for f in schema:
+        if f.name == "schema_version":
+            columns[f.name] = pa.array([SCHEMA_VERSION] * len(rows), type=f.type)
+            continue
+        values = [coerce_value(r.get(f.name), f.type) for r in rows]
+        columns[f.name] = pa.array(values, type=f.type)
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def schema_markdown() -> str:
+    """The schema as markdown tables (for the README)."""
+    out = []
+    for name in TABLES:
+        out.append(f"#### `{name}`\n\n| column | type |\n|---|---|")
+        for f in schema_for(name):
+            out.append(f"| `{f.name}` | {f.type} |")
+        out.append("")
+    return "\n".join(out)
+

@@ -1,0 +1,303 @@
+"""A Ray Tune callback that writes the Parquet results dataset as the sweep goes.
+
+Every write replaces one whole per-trial file atomically (a temporary file in
+the same folder, then `os.replace`), so a reader never sees a torn file, and
+rows are keyed so that a retried trial or a resumed sweep rewrites rather than
+appends: `trials` by trial id, `steps` by (trial id, step), `predictions` by
+(trial id, sample id). On start-up the sink reads back what an earlier run of
+the same sweep wrote (start time, attempts, steps), which is what makes a
+resume lose and duplicate nothing.
+
+Files are named after the trial id, so the folder never holds two files for one
+trial; temporary files start with '.', which pyarrow, pandas, polars and DuckDB
+globs (`*.parquet`) all skip.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from orchestrator.results_schema import (
+    METADATA_KEY,
+    METRICS,
+    SCHEMA_VERSION,
+    job_field_types,
+    rows_to_table,
+    schema_for,
+    validate_sweep_name,
+)
+from orchestrator.search import GROUP_KEY, MEMBER_KEY, normalize_value, split_suggestion
+from orchestrator.trainable import KIND_KEY, PREDICTIONS_KEY
+
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def partition_dir(root: Path | str, table: str, sweep: str) -> Path:
+    return Path(root) / table / f"sweep={sweep}"
+
+
+def write_atomic(table: pa.Table, path: Path) -> None:
+    """Write `table` to `path` so that readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_partition(root: Path | str, table: str, sweep: str) -> list[dict[str, Any]]:
+    d = partition_dir(root, table, sweep)
+    rows: list[dict[str, Any]] = []
+    if not d.is_dir():
+        return rows
+    for f in sorted(d.glob("*.parquet")):
+        try:
+            rows.extend(pq.read_table(f).to_pylist())
+        except Exception:
+            continue
+    return rows
+
+
+def write_sweep_row(root: Path | str, sweep: str, row: dict[str, Any]) -> None:
+    """The one-row `sweeps` table: how the sweep was run and where it stands."""
+    existing = read_partition(root, "sweeps", sweep)
+    merged = dict(existing[0]) if existing else {}
+    merged.update({k: v for k, v in row.items() if v is not None})
+    merged["name"] = sweep
+    merged.setdefault("created_at", _now())
+    merged["updated_at"] = _now()
+    write_atomic(rows_to_table([merged], schema_for("sweeps")), partition_dir(root, "sweeps", sweep) / "sweep.parquet")
+
+
+def _tune_callback_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+class ParquetSink(_tune_callback_base()):
+    """Keeps the trials, steps and predictions tables of one sweep up to date."""
+
+    def __init__(self, results_dir: str, sweep: str, fixed: dict[str, Any], searched: list[str], metric: str,
+                 mode: str, max_gpu_memory: Optional[str] = None):
+        self.results_dir = str(results_dir)
+        self.sweep = validate_sweep_name(sweep)
+        self.fixed = dict(fixed)
+        self.searched = list(searched)
+        self.metric = metric
+        self.mode = mode
+        self.max_gpu_memory = max_gpu_memory
+        self._trials: dict[str, dict[str, Any]] = {}
+        self._steps: dict[str, dict[int, dict[str, Any]]] = {}
+        self._loaded = False
+        self.write_errors = 0
+
+    # --- persistence -------------------------------------------------------
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_trials"], state["_steps"], state["_loaded"] = {}, {}, False
+        return state
+
+    def _load(self) -> None:
+        """Read back what earlier runs of this sweep wrote (resume, or a second driver)."""
+        if self._loaded:
+            return
+        self._loaded = True
+        for row in read_partition(self.results_dir, "trials", self.sweep):
+            self._trials[row["trial_id"]] = row
+        for row in read_partition(self.results_dir, "steps", self.sweep):
+            if row.get("step") is not None:
+                self._steps.setdefault(row["trial_id"], {})[int(row["step"])] = row
+
+    def _path(self, table: str, trial_id: str) -> Path:
+        return partition_dir(self.results_dir, table, self.sweep) / f"{trial_id}.parquet"
+
+    def _write(self, table: str, trial_id: str, rows: list[dict[str, Any]]) -> None:
+        try:
+            write_atomic(rows_to_table(rows, schema_for(table)), self._path(table, trial_id))
+        except OSError as e:  # a full disk must not kill the sweep; say so once per table
+            self.write_errors += 1
+            if self.write_errors <= 3:
+                print(f"mdsweep: warning: could not write {table} for {trial_id}: {e}")
+
+    # --- rows --------------------------------------------------------------
+    def _trial_row(self, trial: Any) -> dict[str, Any]:
+        row = self._trials.get(trial.trial_id)
+        if row is None:
+            params, meta = split_suggestion(dict(trial.config))
+            row = {"trial_id": trial.trial_id, "outcome": "running", "attempts": 0, "num_failures": 0}
+            types_ = job_field_types()
+            config = dict(self.fixed)
+            config.update({k: normalize_value(k, v) for k, v in params.items() if k in types_})
+            if self.max_gpu_memory and config.get("max_gpu_memory") is None:
+                config["max_gpu_memory"] = self.max_gpu_memory
+            from trainer.job_config import JobConfig
+
+            full = {**JobConfig().to_dict(), **config}
+            row.update({k: full.get(k) for k in types_})
+            row["searched"] = sorted(k for k in params if k in types_)
+            row["params_json"] = json.dumps({k: v for k, v in trial.config.items() if not k.startswith("_")},
+                                            default=str, sort_keys=True)
+            row["group_id"] = meta.get(GROUP_KEY)
+            row["member"] = meta.get(MEMBER_KEY)
+            row["objective_metric"], row["objective_mode"] = self.metric, self.mode
+            self._trials[trial.trial_id] = row
+        return row
+
+    def _refresh_metrics(self, row: dict[str, Any]) -> None:
+        steps = self._steps.get(row["trial_id"], {})
+        row["n_reports"] = len(steps)
+        if not steps:
+            return
+        ordered = [steps[s] for s in sorted(steps)]
+        scored = [r for r in ordered if _finite(r.get(self.metric))]
+        if scored:
+            best = scored[0]
+            for r in scored[1:]:  # strictly better only: ties go to the earlier step
+                if (r[self.metric] > best[self.metric]) if self.mode == "max" else (r[self.metric] < best[self.metric]):
+                    best = r
+            for m in METRICS:
+                row[f"best_{m}"] = best.get(m)
+        last = ordered[-1]
+        if row.get("outcome") == "running":
+            for m in METRICS:
+                row[f"final_{m}"] = last.get(m)
+        row["steps_completed"] = max(row.get("steps_completed") or 0, last.get("step") or 0)
+        peaks = [r.get("peak_memory_bytes") for r in ordered if r.get("peak_memory_bytes") is not None]
+        if peaks:
+            row["peak_memory_bytes"] = max([*peaks, row.get("peak_memory_bytes") or 0])
+
+    def _flush_trial(self, trial: Any, status: Optional[str] = None) -> None:
+        row = self._trial_row(trial)
+        if status:
+            row["status"] = status
+        # Tune's count, when it has one, is authoritative (it survives a resume with the trial)
+        tune_failures = getattr(trial, "num_failures", None)
+        if isinstance(tune_failures, int):
+            row["num_failures"] = max(tune_failures, int(row.get("num_failures") or 0))
+        ckpt = getattr(trial, "checkpoint", None)
+        if ckpt is not None:
+            row["checkpoint_path"] = getattr(ckpt, "path", None)
+        if row.get("start_time") and row.get("end_time"):
+            row["wall_time_s"] = (row["end_time"] - row["start_time"]).total_seconds()
+        self._refresh_metrics(row)
+        self._write("trials", trial.trial_id, [row])
+
+    # --- Tune callback hooks --------------------------------------------------
+    def setup(self, stop: Any = None, num_samples: Any = None, total_num_samples: Any = None, **info: Any) -> None:
+        self._load()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._load()
+        row = self._trial_row(trial)
+        row["attempts"] = int(row.get("attempts") or 0) + 1
+        row["start_time"] = row.get("start_time") or _now()
+        row["end_time"] = None
+        row["wall_time_s"] = None
+        row["outcome"] = "running"
+        row["error"] = None
+        self._flush_trial(trial, "running")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._load()
+        row = self._trial_row(trial)
+        row["num_failures"] = int(row.get("num_failures") or 0) + 1
+        self._flush_trial(trial, "pending")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._load()
+        # Take the predictions out of the result in place (Tune allows callbacks to modify
+        # it), so that the experiment state and Tune's own loggers never carry them.
+        predictions = result.pop(PREDICTIONS_KEY, None)
+        row = self._trial_row(trial)
+        for k in ("node_id", "node_ip", "hostname", "gpu_ids"):
+            if result.get(k) not in (None, ""):
+                row[k] = result[k]
+        if result.get("restored_from_step") is not None:
+            row["restored_from_step"] = result["restored_from_step"]
+        kind = result.get(KIND_KEY, "eval")
+        step = result.get("step")
+        tid = trial.trial_id
+        if kind == "eval" and step is not None:
+            step_row = {m: result.get(m) for m in METRICS}
+            step_row.update(trial_id=tid, step=int(step), training_iteration=result.get("training_iteration"),
+                            report_time=_now())
+            self._steps.setdefault(tid, {})[int(step)] = step_row
+            self._write("steps", tid, [self._steps[tid][s] for s in sorted(self._steps[tid])])
+        elif kind == "final":
+            final_step = int(step or 0)
+            steps = self._steps.get(tid, {})
+            stale = [s for s in steps if s > final_step]
+            if stale:  # rows of an earlier attempt beyond where this one ended
+                for s in stale:
+                    del steps[s]
+                self._write("steps", tid, [steps[s] for s in sorted(steps)])
+            row["outcome"] = result.get("outcome") or "error"
+            row["error"] = result.get("job_error") or None
+            row["steps_completed"] = final_step
+            for m in METRICS:
+                if result.get(m) is not None:
+                    row[f"final_{m}"] = result.get(m)
+            value = result.get(self.metric)
+            row["objective"] = float(value) if _finite(value) and row["outcome"] == "ok" else None
+            if result.get("peak_memory_bytes") is not None:
+                row["peak_memory_bytes"] = max(int(result["peak_memory_bytes"]), int(row.get("peak_memory_bytes") or 0))
+            row["job_wall_time_s"] = result.get("job_wall_time_s")
+            if predictions and predictions.get("sample_id"):
+                n = len(predictions["sample_id"])
+                pred_rows = [{"trial_id": tid, "step": final_step, **{k: predictions[k][i] for k in predictions}}
+                             for i in range(n)]
+                self._write("predictions", tid, pred_rows)
+        self._flush_trial(trial)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._load()
+        row = self._trial_row(trial)
+        if row.get("outcome") in (None, "running"):
+            row["outcome"] = "stopped"  # ended by the scheduler (early stopping) before its final report
+        row["end_time"] = _now()
+        self._flush_trial(trial, "terminated")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._load()
+        row = self._trial_row(trial)
+        row["outcome"] = "error"
+        row["error"] = self._error_text(trial) or row.get("error")
+        row["end_time"] = _now()
+        self._flush_trial(trial, "error")
+
+    @staticmethod
+    def _error_text(trial: Any) -> Optional[str]:
+        path = getattr(trial, "error_file", None)
+        try:
+            if path and Path(path).is_file():
+                text = Path(path).read_text(errors="replace").strip()
+                return text[-4000:]
+        except OSError:
+            pass
+        return None
+
+    def trial_rows(self) -> list[dict[str, Any]]:
+        return list(self._trials.values())
+
+
+__all__ = ["ParquetSink", "write_atomic", "read_partition", "write_sweep_row", "partition_dir",
+           "SCHEMA_VERSION", "METADATA_KEY"]

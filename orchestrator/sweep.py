@@ -1,0 +1,368 @@
+"""Run and resume a sweep: the driver behind `mdsweep run` and `mdsweep resume`.
+
+Order of work in `run_sweep`: everything that can be checked without a cluster
+(sweep name, metric/mode, fixed settings, search space, groups) is checked first;
+then Ray is attached or started, the per-trial resources are resolved and checked
+against the nodes; only then is anything scheduled. The settings are saved next
+to Ray Tune's experiment state (`STORAGE/NAME/mdsweep_sweep.json`) so that
+`resume` rebuilds the same trainable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from orchestrator import cluster as cluster_mod
+from orchestrator.resources import ResourceError, TrialResources, check_fit, concurrency_capacity, plan_resources
+from orchestrator.results_schema import METRICS, validate_sweep_name
+from orchestrator.search import SpaceError, SpaceInfo, build_expansions, validate_space
+
+MANIFEST = "mdsweep_sweep.json"
+MANIFEST_VERSION = 1
+
+# Metrics where lower is better; anything else defaults to max.
+MIN_METRICS = {"train_loss", "val_cer", "grad_norm", "peak_memory_bytes", "elapsed_s", "skipped_samples"}
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot start or resume; the message names the flag at fault."""
+
+
+@dataclass
+class SweepSettings:
+    name: str
+    storage: str
+    results: str
+    fixed: dict[str, Any]
+    space: str = "captcha"
+    metric: str = "val_exact_match"
+    mode: Optional[str] = None
+    num_samples: int = 8
+    replicates: int = 1
+    cross: list[tuple[str, list[Any]]] = field(default_factory=list)
+    search_seed: int = 0
+    max_concurrent: Optional[int] = None
+    early_stop: str = "none"
+    asha_grace: Optional[int] = None
+    asha_reduction_factor: float = 3.0
+    max_failures: int = 2
+    cpus_per_trial: Optional[float] = None
+    gpus_per_trial: Optional[float] = None
+    gpu_memory_per_trial: Optional[str] = None
+    memory_per_trial: Optional[str] = None
+    node_gpu_memory: Optional[str] = None
+    skip_fit_check: bool = False
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[int] = None
+    progress_interval: float = 15.0
+    worker_logs: bool = False
+    job_fn: str = "trainer.job:run_job"
+    argv: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["manifest_version"] = MANIFEST_VERSION
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "SweepSettings":
+        d = dict(d)
+        d.pop("manifest_version", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["cross"] = [(name, list(vals)) for name, vals in d.get("cross") or []]
+        return cls(**d)
+
+    def experiment_path(self) -> str:
+        return join_storage(self.storage, self.name)
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    experiment_path: str
+    results: str
+    status: str  # finished, interrupted
+    counts: dict[str, int]
+    searcher: Any = None
+    result_grid: Any = None
+    resources: Optional[TrialResources] = None
+    wall_time_s: float = 0.0
+
+
+# ---------------------------------------------------------------- storage helpers
+
+
+def normalize_storage(storage: str) -> str:
+    if cluster_mod.is_remote_storage(storage):
+        return storage.rstrip("/")
+    return str(Path(storage).expanduser().resolve())
+
+
+def join_storage(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def _fs_and_path(uri: str):
+    import pyarrow.fs as pafs
+
+    if cluster_mod.is_remote_storage(uri):
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), uri
+
+
+def write_manifest(settings: SweepSettings) -> None:
+    fs, path = _fs_and_path(settings.experiment_path())
+    fs.create_dir(path, recursive=True)
+    data = json.dumps(settings.to_json(), indent=1, default=str).encode()
+    tmp = f"{path}/.{MANIFEST}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, f"{path}/{MANIFEST}")
+
+
+def read_manifest(storage: str, name: str) -> SweepSettings:
+    import pyarrow.fs as pafs
+
+    fs, path = _fs_and_path(join_storage(storage, name))
+    target = f"{path}/{MANIFEST}"
+    if fs.get_file_info(target).type != pafs.FileType.File:
+        raise SweepError(f"NAME: no sweep {name!r} in --storage {storage} (no {target})")
+    with fs.open_input_stream(target) as f:
+        return SweepSettings.from_json(json.loads(f.read().decode()))
+
+
+def manifest_exists(storage: str, name: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = _fs_and_path(join_storage(storage, name))
+    return fs.get_file_info(f"{path}/{MANIFEST}").type == pafs.FileType.File
+
+
+# ---------------------------------------------------------------- checks
+
+
+def default_mode(metric: str) -> str:
+    return "min" if metric in MIN_METRICS else "max"
+
+
+def check_settings(s: SweepSettings) -> SpaceInfo:
+    """Everything that needs no cluster. Returns the validated space."""
+    validate_sweep_name(s.name)
+    if s.metric not in METRICS:
+        raise SweepError(f"--metric {s.metric!r}: not a reported metric; choose from {', '.join(METRICS)}")
+    s.mode = s.mode or default_mode(s.metric)
+    if s.mode not in ("max", "min"):
+        raise SweepError(f"--mode {s.mode!r}: choose max or min")
+    if s.num_samples < 1:
+        raise SweepError("--num-samples must be >= 1")
+    if s.max_concurrent is not None and s.max_concurrent < 1:
+        raise SweepError("--max-concurrent must be >= 1")
+    if s.max_failures < 0:
+        raise SweepError("--max-failures must be >= 0")
+    if not s.fixed.get("train_data"):
+        raise SweepError("--train-data is required (a Parquet file/dir, image folder or JSONL/CSV manifest)")
+    try:
+        info = validate_space(s.space, s.fixed, seed=s.search_seed)
+    except SpaceError as e:
+        raise SweepError(str(e)) from None
+    for name, _vals in s.cross:
+        if name in info.searched:
+            raise SweepError(f"--cross {name}: the space {s.space!r} also searches {name}; use a space without it "
+                             f"(e.g. captcha:paired for attention)")
+        if name in s.fixed:
+            raise SweepError(f"--cross {name}: {name} is also fixed by a flag")
+    if s.replicates > 1 and "seed" in info.searched:
+        raise SweepError("--replicates: the space already searches seed")
+    if s.replicates > 1 and any(n == "seed" for n, _ in s.cross):
+        raise SweepError("--replicates and --cross seed both vary the seed; use one")
+    if s.early_stop not in ("none", "asha"):
+        raise SweepError(f"--early-stop {s.early_stop!r}: choose none or asha")
+    return info
+
+
+def searched_columns(s: SweepSettings, info: SpaceInfo) -> list[str]:
+    cols = list(info.searched)
+    cols += [n for n, _ in s.cross if n not in cols]
+    if s.replicates > 1 and "seed" not in cols:
+        cols.append("seed")
+    return cols
+
+
+def resolve_resources(s: SweepSettings, handle: cluster_mod.ClusterHandle) -> tuple[TrialResources, list[str]]:
+    from orchestrator.resources import probe_gpu_memory
+
+    nodes = handle.nodes()
+    if s.gpu_memory_per_trial and not s.node_gpu_memory:
+        probe_gpu_memory(nodes)
+    try:
+        req = plan_resources(nodes, cpus_per_trial=s.cpus_per_trial, gpus_per_trial=s.gpus_per_trial,
+                             gpu_memory_per_trial=s.gpu_memory_per_trial, memory_per_trial=s.memory_per_trial,
+                             node_gpu_memory=s.node_gpu_memory)
+        if not s.skip_fit_check:
+            check_fit(req, nodes)
+    except ResourceError as e:
+        raise SweepError(str(e)) from None
+    notes = list(req.notes) + cluster_mod.storage_notes(s.storage, nodes) + list(handle.notes)
+    cap = concurrency_capacity(req, nodes)
+    if cap == 0 and not s.skip_fit_check:
+        raise SweepError(f"no trial of {req.describe()} fits the cluster")
+    notes.append(f"{len(nodes)} node(s); each trial gets {req.describe()}; up to {cap} trial(s) at once")
+    return req, notes
+
+
+# ---------------------------------------------------------------- building the Tuner pieces
+
+
+def _trial_spec(s: SweepSettings, req: TrialResources):
+    from orchestrator.trainable import TrialSpec
+
+    return TrialSpec(fixed=dict(s.fixed), metric=s.metric, max_gpu_memory=req.max_gpu_memory, cpus=req.cpus,
+                     job_fn=s.job_fn)
+
+
+def _trainable(s: SweepSettings, req: TrialResources):
+    from ray import tune
+
+    from orchestrator.trainable import make_trainable
+
+    return tune.with_resources(make_trainable(_trial_spec(s, req)), req.ray_resources())
+
+
+def _prepare_env() -> None:
+    # Tune's periodic experiment snapshot: frequent, so that a killed driver loses little.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "60")
+
+
+def _say(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(f"mdsweep: {msg}", file=sys.stderr, flush=True)
+
+
+def _finish(s: SweepSettings, grid: Any, searcher: Any, started: float, req: TrialResources,
+            quiet: bool) -> SweepOutcome:
+    from orchestrator.query import leaderboard
+    from orchestrator.sink import read_partition, write_sweep_row
+
+    rows = read_partition(s.results, "trials", s.name)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.get("outcome") or "?"] = counts.get(r.get("outcome") or "?", 0) + 1
+    unfinished = [r for r in rows if r.get("status") not in ("terminated", "error")]
+    expected = s.num_samples * len(build_expansions(s.replicates, int(s.fixed.get("seed", 0) or 0), s.cross))
+    status = "finished" if not unfinished and len(rows) >= expected else "interrupted"
+    write_sweep_row(s.results, s.name, {"status": status})
+    outcome = SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results, status=status,
+                           counts=counts, searcher=searcher, result_grid=grid, resources=req,
+                           wall_time_s=time.time() - started)
+    if not quiet:
+        print(f"\nLeaderboard of sweep {s.name} ({s.metric}, {s.mode}; outcomes: "
+              + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ")")
+        print(leaderboard(s.results, s.name))
+        print(f"\nresults: {s.results}  (mdsweep query {s.results} --sweep {s.name})")
+        if status != "finished":
+            print(f"sweep {s.name} is {status}: continue it with `mdsweep resume {s.name} --storage {s.storage}`")
+    return outcome
+
+
+def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> SweepOutcome:
+    started = time.time()
+    s.storage = normalize_storage(s.storage)
+    s.results = str(Path(s.results).expanduser().resolve())
+    info = check_settings(s)
+    searched = searched_columns(s, info)
+    if manifest_exists(s.storage, s.name):
+        raise SweepError(f"--name {s.name}: a sweep of that name exists in {s.storage}; continue it with "
+                         f"`mdsweep resume {s.name}` or choose another --name")
+    expansions = build_expansions(s.replicates, int(s.fixed.get("seed", 0) or 0), s.cross)
+    handle = cluster_mod.connect(s.address, num_cpus=s.num_cpus, num_gpus=s.num_gpus, log_to_driver=s.worker_logs)
+    try:
+        req, notes = resolve_resources(s, handle)
+        for n in notes:
+            _say(n, quiet)
+        _say(f"space {s.space}: searches {', '.join(searched)}; {s.num_samples} suggestion(s) x "
+             f"{len(expansions)} run(s) each = {s.num_samples * len(expansions)} trial(s)", quiet)
+        if dry_run:
+            return SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results,
+                                status="dry-run", counts={}, resources=req)
+        _prepare_env()
+        from ray import tune
+
+        from orchestrator.progress import ProgressTable
+        from orchestrator.search import make_scheduler, make_searcher
+        from orchestrator.sink import ParquetSink, write_sweep_row
+
+        write_manifest(s)
+        write_sweep_row(s.results, s.name, {
+            "status": "running", "experiment_path": s.experiment_path(), "space": s.space, "metric": s.metric,
+            "mode": s.mode, "num_samples": s.num_samples, "replicates": s.replicates,
+            "cross_json": json.dumps(s.cross, default=str), "fixed_json": json.dumps(s.fixed, default=str),
+            "resources_json": json.dumps(req.to_dict(), default=str), "argv": s.argv})
+        searcher = make_searcher(s.space, s.metric, s.mode, s.search_seed, expansions, s.max_concurrent)
+        scheduler = make_scheduler(s.early_stop, s.metric, s.mode, s.fixed.get("max_steps"), s.asha_grace,
+                                   s.asha_reduction_factor)
+        total = s.num_samples * len(expansions)
+        sink = ParquetSink(s.results, s.name, s.fixed, searched, s.metric, s.mode, req.max_gpu_memory)
+        progress = ProgressTable(s.metric, searched, interval_s=0 if quiet else s.progress_interval, total=total)
+        tuner = tune.Tuner(
+            _trainable(s, req),
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
+                                        reuse_actors=False),
+            run_config=tune.RunConfig(
+                name=s.name, storage_path=s.storage, callbacks=[sink, progress], verbose=0,
+                failure_config=tune.FailureConfig(max_failures=s.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+        )
+        _say(f"sweep {s.name}: experiment {s.experiment_path()}, results {s.results}", quiet)
+        grid = tuner.fit()
+        return _finish(s, grid, searcher, started, req, quiet)
+    finally:
+        handle.shutdown()
+
+
+def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpus: Optional[int] = None,
+                 num_gpus: Optional[int] = None, resume_errored: bool = False, restart_errored: bool = False,
+                 quiet: bool = False) -> SweepOutcome:
+    """Continue an interrupted sweep from Ray Tune's experiment state; finished trials stay finished."""
+    started = time.time()
+    storage = normalize_storage(storage)
+    s = read_manifest(storage, name)
+    s.storage = storage
+    s.address, s.num_cpus, s.num_gpus = address, num_cpus, num_gpus
+    check_settings(s)
+    handle = cluster_mod.connect(address, num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=s.worker_logs)
+    try:
+        req, notes = resolve_resources(s, handle)
+        for n in notes:
+            _say(n, quiet)
+        _prepare_env()
+        from ray import tune
+
+        from orchestrator.sink import write_sweep_row
+
+        path = s.experiment_path()
+        if not tune.Tuner.can_restore(path):
+            raise SweepError(f"NAME: {path} holds no Ray Tune experiment state to resume")
+        write_sweep_row(s.results, s.name, {"status": "running"})
+        _say(f"resuming sweep {name} from {path}", quiet)
+        tuner = tune.Tuner.restore(path, trainable=_trainable(s, req), resume_unfinished=True,
+                                   resume_errored=resume_errored, restart_errored=restart_errored)
+        grid = tuner.fit()
+        searcher = None
+        return _finish(s, grid, searcher, started, req, quiet)
+    finally:
+        handle.shutdown()
+
+
+def utc_stamp() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")

@@ -1,0 +1,191 @@
+"""The Ray Tune function trainable: one trial = one `run_job`.
+
+- Resumes from `tune.get_checkpoint()` when Tune restarts the trial (worker or
+  node lost, or a resumed sweep), so a retried trial continues where it stopped.
+- Reports at every evaluation, with the checkpoint the job has just written:
+  `tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(dir))`.
+- The job's outcomes are results, not exceptions: `oom`, `diverged` and `error`
+  end the trial normally with a final report carrying `outcome`, so Tune does not
+  retry them (only a lost worker, which raises at the driver, is retried).
+- The final report also carries the per-sample predictions, which the Parquet
+  sink takes out of the result before anything else logs it.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import shutil
+import socket
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from orchestrator.results_schema import METRICS
+from orchestrator.search import normalize_value, split_suggestion
+
+DEFAULT_JOB_FN = "trainer.job:run_job"
+PREDICTIONS_KEY = "mdsweep_predictions"
+KIND_KEY = "mdsweep_kind"  # "eval" for a report at an evaluation, "final" for the trial's last one
+SIDECAR = "mdsweep_report.json"  # written into each checkpoint: the report it belongs to
+
+
+@dataclass
+class TrialSpec:
+    """Everything a trial needs besides its suggested parameters (same for every trial)."""
+
+    fixed: dict[str, Any]
+    metric: str = "val_exact_match"
+    max_gpu_memory: Optional[str] = None  # from --gpu-memory-per-trial or a GPU fraction
+    cpus: float = 1.0
+    job_fn: str = DEFAULT_JOB_FN
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_callable(path: str) -> Callable:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_job_config(spec: TrialSpec, config: dict[str, Any]):
+    """JobConfig from the fixed settings, the suggestion, and the GPU cap."""
+    from trainer.job_config import JobConfig
+
+    params, _meta = split_suggestion(config)
+    values = dict(spec.fixed)
+    values.update({k: normalize_value(k, v) for k, v in params.items()})
+    if spec.max_gpu_memory and values.get("max_gpu_memory") is None:
+        values["max_gpu_memory"] = spec.max_gpu_memory
+    return JobConfig.from_dict(values)
+
+
+def placement() -> dict[str, Any]:
+    """Where this trial runs: node, host, GPUs."""
+    import ray
+
+    info: dict[str, Any] = {"hostname": socket.gethostname()}
+    try:
+        info["node_id"] = ray.get_runtime_context().get_node_id()
+        info["node_ip"] = ray.util.get_node_ip_address()
+        info["gpu_ids"] = ",".join(str(g) for g in ray.get_gpu_ids())
+    except Exception:
+        pass
+    return info
+
+
+def _scalar(v: Any) -> Any:
+    if hasattr(v, "item") and callable(v.item):  # numpy / torch scalars
+        try:
+            v = v.item()
+        except Exception:
+            return None
+    return v if isinstance(v, (int, float, str, bool)) or v is None else None
+
+
+def clean_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: _scalar(v) for k, v in metrics.items() if _scalar(v) is not None}
+
+
+def predictions_columns(predictions: list[Any]) -> dict[str, list]:
+    cols: dict[str, list] = {"sample_id": [], "target": [], "prediction": [], "correct": [], "cer": []}
+    for p in predictions:
+        cols["sample_id"].append(str(p.sample_id))
+        cols["target"].append(p.target)
+        cols["prediction"].append(p.prediction)
+        cols["correct"].append(bool(p.correct))
+        cols["cer"].append(float(p.cer))
+    return cols
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def run_trial(spec: TrialSpec, config: dict[str, Any]) -> None:
+    from ray import tune
+
+    started = time.time()
+    job_config = build_job_config(spec, config)
+    where = placement()
+    if spec.cpus >= 1:
+        with contextlib.suppress(Exception):
+            import torch
+
+            torch.set_num_threads(int(spec.cpus))
+    job_fn = load_callable(spec.job_fn)
+    work = Path(tempfile.mkdtemp(prefix="mdsweep-trial-"))
+    checkpoint_dir = work / "checkpoint"
+    state: dict[str, Any] = {"last": None, "restored_from_step": 0}
+    checkpoint = tune.get_checkpoint()
+
+    def on_report(metrics: dict[str, Any], ckpt_dir: Optional[Path]) -> None:
+        row = clean_metrics(metrics)
+        row.setdefault(spec.metric, float("nan"))
+        state["last"] = dict(row)
+        row.update(where)
+        row.update(outcome="running", restored_from_step=state["restored_from_step"])
+        row[KIND_KEY] = "eval"
+        if ckpt_dir is not None and Path(ckpt_dir).is_dir():
+            (Path(ckpt_dir) / SIDECAR).write_text(json.dumps({"last": state["last"]}))
+            tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+        else:
+            tune.report(row)
+
+    result = None
+    error: Optional[str] = None
+    outcome = "error"
+    try:
+        with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:
+            if resume_dir is not None:
+                side = Path(resume_dir) / SIDECAR
+                if side.is_file():
+                    state["last"] = json.loads(side.read_text()).get("last")
+                    state["restored_from_step"] = int((state["last"] or {}).get("step") or 0)
+            result = job_fn(job_config, on_report=on_report, checkpoint_dir=checkpoint_dir,
+                            resume_from=Path(resume_dir) if resume_dir is not None else None)
+        outcome = result.outcome
+        error = result.error
+    except Exception as exc:  # the job's own failure: an outcome, not a retry
+        outcome = "oom" if _is_oom(exc) else "error"
+        error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        error += "\n" + "".join(traceback.format_tb(exc.__traceback__)[-5:])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    final: dict[str, Any] = {}
+    if result is not None and result.final_metrics:
+        final = clean_metrics(result.final_metrics)
+    elif state["last"]:
+        # resumed from a checkpoint taken at the very end: the job had nothing left to run
+        final = dict(state["last"])
+    report = {m: final.get(m) for m in METRICS if final.get(m) is not None}
+    report[spec.metric] = final.get(spec.metric, float("nan"))
+    if result is not None:
+        report["step"] = int(result.step)
+        report["peak_memory_bytes"] = max(int(result.peak_memory_bytes or 0),
+                                          int(final.get("peak_memory_bytes") or 0))
+        report["job_wall_time_s"] = float(result.wall_time_s or 0.0)
+        if result.predictions:
+            report[PREDICTIONS_KEY] = predictions_columns(result.predictions)
+    else:
+        report.setdefault("step", int((state["last"] or {}).get("step") or 0))
+        report["job_wall_time_s"] = time.time() - started
+    report.update(where)
+    report.update(outcome=outcome, job_error=error or "", restored_from_step=state["restored_from_step"])
+    report[KIND_KEY] = "final"
+    if isinstance(report.get(spec.metric), float) and math.isnan(report[spec.metric]) and outcome == "ok":
+        report["job_error"] = report["job_error"] or f"the job reported no {spec.metric}"
+    tune.report(report)
+
+
+def make_trainable(spec: TrialSpec) -> Callable[[dict[str, Any]], None]:
+    """A Tune function trainable bound to `spec` (a closure: Tune pickles it by value)."""
+
+    def mdsweep_trial(config: dict[str, Any]) -> None:
+        run_trial(spec, config)
+
+    return mdsweep_trial
