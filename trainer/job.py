@@ -23,7 +23,7 @@ from trainer.data import load_samples, split_samples
 from trainer.evaluate import evaluate
 from trainer.faults import Fault
 from trainer.job_config import JobConfig, JobResult, Prediction
-from trainer.loading import LoadedModel, load_model
+from trainer.loading import LoadedModel, load_model, save_model
 from trainer.memory import apply_gpu_cap, peak_bytes, reset_peak
 from trainer.schedule import warmup_cosine
 
@@ -194,7 +194,8 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
             seconds = time.perf_counter() - t0
             n_samples = sum(len(b.samples) for b in group)
             metrics = {
-                "step": step, "epoch": progress.micro_batches / batches_per_epoch, "train_loss": loss_total,
+                "step": step, "total_steps": total_steps, "epoch": progress.micro_batches / batches_per_epoch,
+                "train_loss": loss_total,
                 "token_accuracy": correct / max(labelled, 1), "lr": scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm, "scaler_skipped_steps": progress.scaler_skipped_steps,
                 "samples_per_s": n_samples / seconds, "tokens_per_s": sum(b.n_tokens for b in group) / seconds,
@@ -224,6 +225,8 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
         return result("oom", f"out of memory at step {progress.step + 1}{cap_note}: {message}")
     except Diverged as exc:
         return result("diverged", str(exc))
+    if config.save_model:
+        save_model(loaded, Path(config.save_model))
     return result("ok")
 
 

@@ -13,50 +13,56 @@ Outcome = Literal["ok", "oom", "diverged", "error"]
 OUTCOMES: tuple[str, ...] = ("ok", "oom", "diverged", "error")
 
 
+def _field(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class JobConfig:
     """Everything one trial needs; every field is a plain value so it can be a sweep parameter."""
 
-    # model: a small config name ("tiny", "small"), a local directory, or a hub id
-    model: str = "tiny"
-    revision: Optional[str] = None
-    # data: a Parquet file/dir, an image folder, or a JSONL/CSV manifest
-    train_data: str = ""
-    val_data: Optional[str] = None
-    val_fraction: float = 0.1  # used when val_data is None: a split of train_data by split_seed
-    split_seed: int = 0  # fixed apart from `seed`, so replicate seeds share one validation set
-    text_column: Optional[str] = None
-    image_column: Optional[str] = None
-    on_bad_sample: Literal["error", "skip"] = "error"
-    max_val_samples: Optional[int] = None
-    question: str = "What does the text say?"
-    prompt_template: str = "moondream2-2025"
-    # optimisation
-    lr: float = 3e-5
-    grad_accum: int = 1
-    batch_size: int = 8
-    epochs: float = 1.0
-    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    # model behaviour
-    attention: Literal["causal", "prefix"] = "prefix"
-    attention_backend: Literal["sdpa", "flex", "eager-4d"] = "sdpa"
-    train_scope: Literal["text", "text+projection", "all"] = "text"
-    precision: Optional[Literal["fp16", "bf16", "fp32"]] = None  # None: fp16 on CUDA, fp32 on CPU
-    gradient_checkpointing: bool = True
-    device: Optional[str] = None  # None: cuda when available, else cpu
-    # reproducibility and reporting
-    seed: int = 0
-    eval_every: Optional[int] = None  # optimizer steps between evaluations; None: once per epoch
-    max_new_tokens: int = 16
-    # safety
-    max_gpu_memory: Optional[str] = None  # bytes ("16GiB", "1.5e10") or a fraction ("0.25")
-    diverge_patience: int = 5  # consecutive non-finite losses that end the job as `diverged`
-    # deliberate failures, for testing recovery paths end to end: "oom@STEP",
-    # "nan@STEP" or "crash@STEP" (the process exits; fires only on a fresh start)
-    fault: Optional[str] = None
+    model: str = _field("tiny", "a preset (tiny, small, moondream2: fresh weights), a local checkpoint "
+                                "directory, or a hub id such as vikhyatk/moondream2")
+    revision: Optional[str] = _field(None, "hub revision (branch, tag or commit) when `model` is a hub id")
+    train_data: str = _field("", "training data: a Parquet file/dir, an image folder named by label, or a "
+                                 "JSONL/CSV manifest")
+    val_data: Optional[str] = _field(None, "validation data (same formats); default: split from train_data")
+    val_fraction: float = _field(0.1, "fraction of train_data held out for validation when val_data is unset")
+    split_seed: int = _field(0, "seed of that split; kept apart from `seed` so replicates share one validation set")
+    text_column: Optional[str] = _field(None, "label column (default: solution, text or label)")
+    image_column: Optional[str] = _field(None, "image column (default: image, else the first image-like column)")
+    on_bad_sample: Literal["error", "skip"] = _field("error", "error: stop on an unreadable row; skip: drop and "
+                                                              "count it (metric skipped_samples)")
+    max_val_samples: Optional[int] = _field(None, "evaluate on at most this many validation samples")
+    question: str = _field("What does the text say?", "the question asked about every image")
+    prompt_template: str = _field("moondream2-2025", "prompt layout: moondream2-2025 or moondream2-legacy")
+    lr: float = _field(3e-5, "peak learning rate (AdamW)")
+    grad_accum: int = _field(1, "micro-batches accumulated per optimizer step")
+    batch_size: int = _field(8, "samples per micro-batch")
+    epochs: float = _field(1.0, "passes over the training data (ignored when max_steps is set)")
+    max_steps: Optional[int] = _field(None, "optimizer steps to run; overrides epochs")
+    warmup_ratio: float = _field(0.05, "fraction of steps with linear warmup before cosine decay")
+    weight_decay: float = _field(0.0, "AdamW weight decay")
+    max_grad_norm: float = _field(1.0, "gradient clipping norm")
+    attention: Literal["causal", "prefix"] = _field("prefix", "causal, or prefix (BOS + image tokens attend both "
+                                                              "ways, text causal)")
+    attention_backend: Literal["sdpa", "flex", "eager-4d"] = _field(
+        "sdpa", "sdpa (default), flex (FlexAttention, CUDA only), eager-4d (naive float mask; benchmarks only)")
+    train_scope: Literal["text", "text+projection", "all"] = _field("text", "what trains; the rest is frozen")
+    precision: Optional[Literal["fp16", "bf16", "fp32"]] = _field(None, "fp16 (autocast + loss scaling), bf16 or "
+                                                                        "fp32; default fp16 on CUDA, fp32 on CPU")
+    gradient_checkpointing: bool = _field(True, "recompute activations in backward to save memory")
+    device: Optional[str] = _field(None, "cuda, cuda:N or cpu; default cuda when available")
+    seed: int = _field(0, "seed of weights init, data order and dropout; sweep it for replicates")
+    eval_every: Optional[int] = _field(None, "optimizer steps between evaluations (default: once per epoch)")
+    max_new_tokens: int = _field(16, "longest answer generated at evaluation")
+    max_gpu_memory: Optional[str] = _field(None, "cap on this job's GPU allocator: bytes (16GiB) or a fraction "
+                                                 "(0.25); beyond it the job ends as oom")
+    diverge_patience: int = _field(5, "consecutive non-finite losses that end the job as diverged")
+    fault: Optional[str] = _field(None, "deliberate failure for testing recovery: oom@STEP, nan@STEP or "
+                                        "crash@STEP (process exits; fresh starts only)")
+    save_model: Optional[str] = _field(None, "directory to write the fine-tuned model to (official layout) "
+                                             "when the job ends ok")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,105 @@
+"""`mdsweep train`: one fine-tuning job, no Ray, with a progress bar and files you can query.
+
+Output directory:
+  result.json          outcome, config, final and best metrics
+  steps.parquet        one row per optimizer step
+  reports.parquet      one row per evaluation (rewritten after each one)
+  predictions.parquet  the last evaluation, one row per validation sample
+  checkpoint/          the latest checkpoint (`--resume` continues from it)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.job_flags import add_job_arguments, job_overrides
+
+EXIT_FAILED_OUTCOME = 3
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="run one fine-tuning job (no Ray)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: runs/train-YYYYmmdd-HHMMSS)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT/checkpoint if it exists (same flags as the interrupted run)")
+    add_job_arguments(parser.add_argument_group("job settings"))
+    parser.set_defaults(func=run_train)
+
+
+def write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
+    """Atomic: readers see the previous file or the new one, never a torn one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    os.replace(tmp, path)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from trainer.data import DataError
+    from trainer.job import run_job
+    from trainer.job_config import JobConfig
+    from trainer.weights import CheckpointError
+
+    overrides = job_overrides(args)
+    if not overrides.get("train_data"):
+        print("mdsweep train: error: --train-data is required", file=sys.stderr)
+        return 2
+    config = JobConfig.from_dict(overrides)
+    out = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint"
+    resume_from = checkpoint if args.resume and (checkpoint / "state.pt").is_file() else None
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+
+    steps: list[dict[str, Any]] = []
+    reports: list[dict[str, Any]] = []
+    bar = tqdm(total=config.max_steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def on_step(metrics: dict[str, Any]) -> None:
+        steps.append(metrics)
+        bar.total = metrics["total_steps"]
+        bar.update(metrics["step"] - bar.n)
+        bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", sps=f"{metrics['samples_per_s']:.0f}")
+
+    def on_report(metrics: dict[str, Any], _checkpoint: Path | None) -> None:
+        reports.append(metrics)
+        write_parquet(reports, out / "reports.parquet")
+        bar.write(f"step {metrics['step']}: val exact match {metrics['val_exact_match']:.3f} "
+                  f"[{metrics['val_exact_match_low']:.3f}, {metrics['val_exact_match_high']:.3f}] "
+                  f"CER {metrics['val_cer']:.3f} (n={metrics['val_n']})")
+
+    try:
+        result = run_job(config, on_report=on_report, checkpoint_dir=checkpoint, resume_from=resume_from,
+                         on_step=on_step)
+    except (DataError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        bar.close()
+        print(f"mdsweep train: error: {exc}", file=sys.stderr)
+        return 2
+    bar.close()
+    if steps:
+        write_parquet(steps, out / "steps.parquet")
+    if result.predictions:
+        write_parquet([dataclasses.asdict(p) for p in result.predictions], out / "predictions.parquet")
+    summary = {"outcome": result.outcome, "step": result.step, "error": result.error,
+               "wall_time_s": result.wall_time_s, "peak_memory_bytes": result.peak_memory_bytes,
+               "final_metrics": result.final_metrics, "best_metrics": result.best_metrics,
+               "config": config.to_dict()}
+    (out / "result.json").write_text(json.dumps(summary, indent=1))
+    print(f"{result.outcome}: {result.step} steps in {result.wall_time_s:.0f}s; "
+          f"val exact match {result.final_metrics.get('val_exact_match', float('nan')):.3f}; results in {out}")
+    if result.error:
+        print(result.error, file=sys.stderr)
+    return 0 if result.outcome == "ok" else EXIT_FAILED_OUTCOME

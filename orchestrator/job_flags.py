@@ -1,0 +1,52 @@
+"""Command-line flags generated from `JobConfig`, so every job setting has one flag and one help text.
+
+`mdsweep train` exposes all of them; `mdsweep run` exposes them as the settings
+shared by every trial of a sweep.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any, Iterable
+
+from trainer.job_config import JobConfig
+
+_SCALARS = {"str": str, "int": int, "float": float}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _kind(annotation: str) -> tuple[Any, tuple[str, ...] | None]:
+    """(converter, choices) for a field annotation such as 'Optional[int]' or 'Literal["a", "b"]'."""
+    inner = annotation.removeprefix("Optional[").removesuffix("]") if annotation.startswith("Optional[") \
+        else annotation
+    if inner.startswith("Literal["):
+        return str, typing.get_args(eval(inner, {"Literal": typing.Literal}))  # noqa: S307 - our own annotation
+    if inner == "bool":
+        return bool, None
+    return _SCALARS[inner], None
+
+
+def add_job_arguments(parser: argparse.ArgumentParser | Any, *, exclude: Iterable[str] = (),
+                      show_defaults: bool = True) -> None:
+    """One flag per JobConfig field; defaults stay None so only given flags override."""
+    for f in dataclasses.fields(JobConfig):
+        if f.name in exclude:
+            continue
+        convert, choices = _kind(str(f.type))
+        help_text = f.metadata["help"] + (f" (default: {f.default})" if show_defaults else "")
+        if convert is bool:
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(_flag(f.name), dest=f.name, type=convert, choices=choices, default=None,
+                                metavar=f.name.upper() if choices is None else None, help=help_text)
+
+
+def job_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The JobConfig fields given on the command line."""
+    names = {f.name for f in dataclasses.fields(JobConfig)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
