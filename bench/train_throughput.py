@@ -26,7 +26,8 @@ def measure(spec: dict) -> dict:
     from trainer.job import run_job
     from trainer.job_config import JobConfig
 
-    torch.set_num_threads(spec["threads"]) if spec["threads"] else None
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
     steps: list[dict] = []
     result = run_job(JobConfig(model=spec["config"], train_data=spec["data"], val_fraction=0.05,
                                max_val_samples=8, batch_size=spec["batch_size"], max_steps=spec["steps"],

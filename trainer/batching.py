@@ -54,11 +54,6 @@ class Batch:
         return Batch(self.crops.to(device, non_blocking=True), self.tilings, self.text_ids.to(device),
                      self.labels.to(device), self.prompt_len, self.samples)
 
-    @property
-    def n_tokens(self) -> int:
-        """Tokens the model processes: BOS + image tokens are added by the model, so count text only."""
-        return int(self.text_ids.numel())
-
 
 def collate(samples: Sequence[EncodedSample], pad_id: int) -> Batch:
     prompt_lens = {len(s.prompt_ids) for s in samples}

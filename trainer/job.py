@@ -193,12 +193,14 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
                 raise Diverged(f"loss non-finite for {progress.nonfinite_streak} consecutive steps")
             seconds = time.perf_counter() - t0
             n_samples = sum(len(b.samples) for b in group)
+            # every sequence the decoder runs: BOS + image tokens + padded text
+            decoder_tokens = sum(b.text_ids.numel() + len(b.samples) * model.prefix_len for b in group)
             metrics = {
                 "step": step, "total_steps": total_steps, "epoch": progress.micro_batches / batches_per_epoch,
                 "train_loss": loss_total,
                 "token_accuracy": correct / max(labelled, 1), "lr": scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm, "scaler_skipped_steps": progress.scaler_skipped_steps,
-                "samples_per_s": n_samples / seconds, "tokens_per_s": sum(b.n_tokens for b in group) / seconds,
+                "samples_per_s": n_samples / seconds, "tokens_per_s": decoder_tokens / seconds,
                 "peak_memory_bytes": peak_bytes(device),
             }
             window.append(metrics)
