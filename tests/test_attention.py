@@ -129,3 +129,14 @@ def test_right_padding_does_not_change_real_tokens(backend):
         batch = model.text_logits(image, torch.cat([padded, long]), "prefix")
         alone = model.text_logits(image[:1], short, "prefix")
     torch.testing.assert_close(batch[0, : PREFIX + 4], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_flex_block_mask_matches_sdpa_forward():
+    """FlexAttention trains only on CUDA in torch 2.13, but its forward runs (compiled) on CPU."""
+    sdpa, flex = _models(["sdpa", "flex"])
+    image = torch.randn(2, N_IMAGE, TINY.text.dim)
+    ids = torch.randint(1, 90, (2, 7))
+    with torch.no_grad():
+        for mode in ("causal", "prefix"):
+            torch.testing.assert_close(flex.text_logits(image, ids, mode), sdpa.text_logits(image, ids, mode),
+                                       atol=2e-5, rtol=1e-4)
