@@ -38,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     from orchestrator import query as Q
@@ -58,7 +59,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             ids = table.column("trial_id").to_pylist()
             preds = Q.load_table(args.results, "predictions", args.sweep or None)
             if preds.num_rows:
-                preds = preds.filter(pc.field("trial_id").isin(ids))
+                preds = preds.filter(pc.field("trial_id").isin(pa.array(ids, pa.string())))
             out = Q.paired_comparison(table, preds, spec)
             if out.num_rows == 0:
                 print(f"mdsweep query: no pairs of ok trials that differ only in {spec.factor} and share "
@@ -67,7 +68,7 @@ def cmd_query(args: argparse.Namespace) -> int:
                 return 1
         elif args.group_by:
             by = [c.strip() for c in args.group_by.split(",") if c.strip()]
-            out = Q.group_summary(table, by, args.value, mode)
+            out = Q.group_summary(table, by, args.value, Q.value_mode(args.value, mode))
         else:
             out = table
             default_cols = Q.default_trial_columns(table) if args.table == "trials" else None

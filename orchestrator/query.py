@@ -196,7 +196,7 @@ def parse_sort(text: Optional[str], columns: Sequence[str], flag: str = "--sort"
 def sort_table(table: pa.Table, keys: list[tuple[str, str]]) -> pa.Table:
     if not keys or table.num_rows == 0:
         return table
-    return table.sort_by(keys, null_placement="at_end")
+    return table.sort_by([(name, order, "at_end") for name, order in keys])
 
 
 def default_trial_columns(table: pa.Table) -> list[str]:
@@ -292,6 +292,18 @@ def paired_difference_ci(n11: int, n10: int, n01: int, n00: int, level: float = 
 
 
 # ---------------------------------------------------------------- grouping
+
+
+LOWER_IS_BETTER = ("train_loss", "val_cer", "grad_norm", "peak_memory_bytes", "elapsed_s", "skipped_samples",
+                   "wall_time_s", "job_wall_time_s")
+
+
+def value_mode(value: str, objective_mode: str = "max") -> str:
+    """Which way is better for `value`: the objective's mode, or min for losses/error rates/costs."""
+    if value == "objective":
+        return objective_mode
+    base = value.removeprefix("best_").removeprefix("final_")
+    return "min" if base in LOWER_IS_BETTER else "max"
 
 
 def group_summary(table: pa.Table, by: Sequence[str], value: str, mode: str = "max") -> pa.Table:

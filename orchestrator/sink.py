@@ -254,8 +254,11 @@ class ParquetSink(_tune_callback_base()):
             row["error"] = result.get("job_error") or None
             row["steps_completed"] = final_step
             for m in METRICS:
-                if result.get(m) is not None:
-                    row[f"final_{m}"] = result.get(m)
+                v = result.get(m)
+                # NaN is kept where it is a measurement (a diverged loss), dropped where it
+                # only stands for "never evaluated" (the trainable's placeholder)
+                if v is not None and (_finite(v) or m in ("train_loss", "grad_norm")):
+                    row[f"final_{m}"] = v
             value = result.get(self.metric)
             row["objective"] = float(value) if _finite(value) and row["outcome"] == "ok" else None
             if result.get("peak_memory_bytes") is not None:

@@ -238,10 +238,17 @@ def _trainable(s: SweepSettings, req: TrialResources):
 
 
 def _prepare_env() -> None:
+    import logging
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
     # Tune's periodic experiment snapshot: frequent, so that a killed driver loses little.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "60")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0
+    # A snapshot per reported checkpoint is intended (num_to_keep=1): keeps resume exact.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
 def _say(msg: str, quiet: bool = False) -> None:
@@ -301,6 +308,7 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
         from orchestrator.progress import ProgressTable
         from orchestrator.search import make_scheduler, make_searcher
         from orchestrator.sink import ParquetSink, write_sweep_row
+        from orchestrator.trainable import trial_dirname
 
         write_manifest(s)
         write_sweep_row(s.results, s.name, {
@@ -317,7 +325,7 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
         tuner = tune.Tuner(
             _trainable(s, req),
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
-                                        reuse_actors=False),
+                                        reuse_actors=False, trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
                 name=s.name, storage_path=s.storage, callbacks=[sink, progress], verbose=0,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),

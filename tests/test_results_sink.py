@@ -1,0 +1,294 @@
+"""The Parquet sink, driven like Ray Tune drives it (fake trials, no cluster)."""
+from __future__ import annotations
+
+import pickle
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator.results_schema import METADATA_KEY, SCHEMA_VERSION, schema_for, schema_markdown
+from orchestrator.search import GROUP_KEY, MEMBER_KEY
+from orchestrator.sink import ParquetSink, read_partition, write_atomic, write_sweep_row
+from orchestrator.trainable import KIND_KEY, PREDICTIONS_KEY
+
+FIXED = {"train_data": "/data/train.parquet", "model": "tiny", "max_steps": 4, "eval_every": 2}
+
+
+@dataclass
+class FakeTrial:
+    trial_id: str
+    config: dict
+    num_failures: int = 0
+    checkpoint: Any = None
+    error_file: Optional[str] = None
+
+
+def _eval(step: int, em: float, **extra) -> dict:
+    r = {"step": step, "train_loss": 1.0 / step, "val_exact_match": em, "val_exact_match_low": max(0, em - 0.1),
+         "val_exact_match_high": min(1, em + 0.1), "val_n": 4, "peak_memory_bytes": 1000 * step,
+         "outcome": "running", KIND_KEY: "eval", "node_id": "node-a", "node_ip": "10.0.0.1", "gpu_ids": "0",
+         "training_iteration": step // 2}
+    r.update(extra)
+    return r
+
+
+def _final(step: int, em: float, outcome: str = "ok", predictions: bool = True, **extra) -> dict:
+    r = {"step": step, "val_exact_match": em, "outcome": outcome, KIND_KEY: "final", "peak_memory_bytes": 9999,
+         "job_wall_time_s": 1.5, "job_error": ""}
+    if predictions:
+        r[PREDICTIONS_KEY] = {"sample_id": ["s0", "s1", "s2", "s3"], "target": ["1234", "5678", "0000", "1111"],
+                              "prediction": ["1234", "5670", "0000", "1"], "correct": [True, False, True, False],
+                              "cer": [0.0, 0.25, 0.0, 0.75]}
+    r.update(extra)
+    return r
+
+
+def _sink(tmp_path: Path, name: str = "demo") -> ParquetSink:
+    return ParquetSink(str(tmp_path / "results"), name, FIXED, ["lr", "attention"], "val_exact_match", "max")
+
+
+def _trial(tid: str = "t1", lr: float = 1e-4, attention: str = "prefix", group: int = 0) -> FakeTrial:
+    return FakeTrial(tid, {"lr": lr, "attention": attention, "lr_aux": 3, "_drop": ["lr_aux"], GROUP_KEY: group,
+                           MEMBER_KEY: 0})
+
+
+def _run_one(sink: ParquetSink, trial: FakeTrial, ems=(0.25, 0.5), final_em=0.5, **final_kw) -> None:
+    sink.on_trial_start(0, [], trial)
+    for i, em in enumerate(ems):
+        sink.on_trial_result(0, [], trial, _eval(2 * (i + 1), em))
+    result = _final(2 * len(ems), final_em, **final_kw)
+    sink.on_trial_result(0, [], trial, result)
+    sink.on_trial_complete(0, [], trial)
+
+
+def _read(tmp_path: Path, table: str) -> pa.Table:
+    return pq.read_table(tmp_path / "results" / table)
+
+
+def test_a_finished_trial_lands_in_three_tables(tmp_path):
+    sink = _sink(tmp_path)
+    sink.setup()
+    _run_one(sink, _trial())
+    trials = _read(tmp_path, "trials").to_pylist()
+    assert len(trials) == 1
+    t = trials[0]
+    assert t["sweep"] == "demo" and t["trial_id"] == "t1" and t["outcome"] == "ok" and t["status"] == "terminated"
+    assert t["lr"] == 1e-4 and t["attention"] == "prefix" and t["train_data"] == "/data/train.parquet"
+    assert t["grad_accum"] == 1  # JobConfig default, spelled out
+    assert t["searched"] == ["attention", "lr"] and '"lr_aux"' in t["params_json"]
+    assert t["best_val_exact_match"] == 0.5 and t["final_val_exact_match"] == 0.5 and t["objective"] == 0.5
+    assert t["best_step"] == 4 and t["final_val_exact_match_low"] == pytest.approx(0.4)
+    assert t["peak_memory_bytes"] == 9999 and t["node_ip"] == "10.0.0.1" and t["gpu_ids"] == "0"
+    assert t["attempts"] == 1 and t["num_failures"] == 0 and t["group_id"] == 0
+    assert t["start_time"] is not None and t["end_time"] >= t["start_time"] and t["wall_time_s"] >= 0
+    assert t["schema_version"] == SCHEMA_VERSION
+    steps = _read(tmp_path, "steps").to_pylist()
+    assert [(s["trial_id"], s["step"], s["val_exact_match"]) for s in steps] == [("t1", 2, 0.25), ("t1", 4, 0.5)]
+    preds = _read(tmp_path, "predictions").to_pylist()
+    assert [p["sample_id"] for p in preds] == ["s0", "s1", "s2", "s3"]
+    assert [p["correct"] for p in preds] == [True, False, True, False] and preds[0]["step"] == 4
+
+
+def test_predictions_are_taken_out_of_the_result(tmp_path):
+    sink = _sink(tmp_path)
+    trial = _trial()
+    sink.on_trial_start(0, [], trial)
+    result = _final(4, 0.5)
+    sink.on_trial_result(0, [], trial, result)
+    assert PREDICTIONS_KEY not in result  # Tune's loggers and experiment state never see them
+
+
+def test_files_carry_the_schema_version_and_declared_types(tmp_path):
+    sink = _sink(tmp_path)
+    _run_one(sink, _trial())
+    for table in ("trials", "steps", "predictions"):
+        f = next((tmp_path / "results" / table / "sweep=demo").glob("*.parquet"))
+        file_schema = pq.read_schema(f)
+        assert file_schema.metadata[METADATA_KEY] == str(SCHEMA_VERSION).encode()
+        assert file_schema.remove_metadata().equals(schema_for(table).remove_metadata())
+        assert "sweep" not in file_schema.names  # only in the folder name
+    md = schema_markdown()
+    assert "#### `trials`" in md and "| `best_val_exact_match` | double |" in md
+
+
+def test_a_retried_trial_neither_duplicates_nor_loses_rows(tmp_path):
+    sink = _sink(tmp_path)
+    trial = _trial()
+    sink.on_trial_start(0, [], trial)
+    sink.on_trial_result(0, [], trial, _eval(2, 0.25))
+    sink.on_trial_result(0, [], trial, _eval(4, 0.3))
+    # the worker dies; Tune restarts the trial from its step-2 checkpoint
+    trial.num_failures = 1
+    sink.on_trial_recover(0, [], trial)
+    sink.on_trial_start(0, [], trial)
+    sink.on_trial_result(0, [], trial, _eval(4, 0.5, restored_from_step=2))
+    sink.on_trial_result(0, [], trial, _final(4, 0.5, restored_from_step=2))
+    sink.on_trial_complete(0, [], trial)
+    steps = _read(tmp_path, "steps").to_pylist()
+    assert [(s["step"], s["val_exact_match"]) for s in steps] == [(2, 0.25), (4, 0.5)]
+    t = _read(tmp_path, "trials").to_pylist()[0]
+    assert t["attempts"] == 2 and t["num_failures"] == 1 and t["restored_from_step"] == 2 and t["outcome"] == "ok"
+
+
+def test_a_resumed_sweep_reads_back_what_was_written(tmp_path):
+    sink = _sink(tmp_path)
+    sink.setup()
+    _run_one(sink, _trial("done"))
+    running = _trial("half", lr=2e-4)
+    sink.on_trial_start(0, [], running)
+    sink.on_trial_result(0, [], running, _eval(2, 0.25))
+    first_start = _read(tmp_path, "trials").to_pylist()
+    first_start = {r["trial_id"]: r["start_time"] for r in first_start}["half"]
+
+    # the driver dies; Tune pickled the callback at the start of the sweep
+    revived = pickle.loads(pickle.dumps(sink))
+    assert revived._trials == {}
+    revived.setup()
+    revived.on_trial_start(0, [], running)
+    revived.on_trial_result(0, [], running, _eval(2, 0.25))  # reported again after restoring a checkpoint
+    revived.on_trial_result(0, [], running, _eval(4, 0.75))
+    revived.on_trial_result(0, [], running, _final(4, 0.75))
+    revived.on_trial_complete(0, [], running)
+
+    trials = {r["trial_id"]: r for r in _read(tmp_path, "trials").to_pylist()}
+    assert set(trials) == {"done", "half"}
+    assert trials["half"]["start_time"] == first_start and trials["half"]["attempts"] == 2
+    assert trials["done"]["attempts"] == 1 and trials["done"]["outcome"] == "ok"
+    steps = [(s["trial_id"], s["step"]) for s in _read(tmp_path, "steps").to_pylist()]
+    assert sorted(steps) == [("done", 2), ("done", 4), ("half", 2), ("half", 4)]
+
+
+def test_rows_of_an_earlier_attempt_beyond_the_final_step_are_dropped(tmp_path):
+    sink = _sink(tmp_path)
+    trial = _trial()
+    sink.on_trial_start(0, [], trial)
+    for step in (2, 4, 6):
+        sink.on_trial_result(0, [], trial, _eval(step, 0.1))
+    sink.on_trial_start(0, [], trial)
+    sink.on_trial_result(0, [], trial, _final(4, 0.1, outcome="oom", predictions=False))
+    assert [s["step"] for s in _read(tmp_path, "steps").to_pylist()] == [2, 4]
+
+
+def test_outcomes_oom_stopped_and_error(tmp_path):
+    sink = _sink(tmp_path)
+    oom = _trial("oom")
+    sink.on_trial_start(0, [], oom)
+    sink.on_trial_result(0, [], oom, _final(1, float("nan"), outcome="oom", predictions=False,
+                                            job_error="out of memory at step 2"))
+    sink.on_trial_complete(0, [], oom)
+    stopped = _trial("stopped")
+    sink.on_trial_start(0, [], stopped)
+    sink.on_trial_result(0, [], stopped, _eval(2, 0.0))
+    sink.on_trial_complete(0, [], stopped)  # ASHA stopped it: no final report
+    err_file = tmp_path / "error.txt"
+    err_file.write_text("Traceback ...\nRuntimeError: worker lost three times\n")
+    errored = FakeTrial("err", {"lr": 1e-5, "attention": "causal"}, num_failures=3, error_file=str(err_file))
+    sink.on_trial_start(0, [], errored)
+    sink.on_trial_error(0, [], errored)
+    trials = {r["trial_id"]: r for r in _read(tmp_path, "trials").to_pylist()}
+    assert trials["oom"]["outcome"] == "oom" and trials["oom"]["peak_memory_bytes"] == 9999
+    assert trials["oom"]["error"] == "out of memory at step 2" and trials["oom"]["objective"] is None
+    assert trials["oom"]["final_val_exact_match"] is None  # never evaluated: null, not NaN
+    assert trials["stopped"]["outcome"] == "stopped" and trials["stopped"]["steps_completed"] == 2
+    assert trials["err"]["outcome"] == "error" and "worker lost" in trials["err"]["error"]
+    assert trials["err"]["status"] == "error" and trials["err"]["num_failures"] == 3
+
+
+def test_atomic_writes_leave_no_torn_or_temporary_files(tmp_path):
+    path = tmp_path / "t" / "x.parquet"
+    stop = threading.Event()
+    errors = []
+
+    def reader():
+        while not stop.is_set():
+            if path.exists():
+                try:
+                    assert pq.read_table(path).num_rows in (100, 200)
+                except Exception as e:  # pragma: no cover - the failure being tested for
+                    errors.append(e)
+
+    th = threading.Thread(target=reader)
+    th.start()
+    try:
+        for i in range(40):
+            n = 100 if i % 2 else 200
+            write_atomic(pa.table({"a": list(range(n))}), path)
+    finally:
+        stop.set()
+        th.join()
+    assert not errors
+    assert [p.name for p in path.parent.iterdir()] == ["x.parquet"]
+
+
+def test_temporary_files_are_invisible_to_readers(tmp_path):
+    sink = _sink(tmp_path)
+    _run_one(sink, _trial())
+    part = tmp_path / "results" / "trials" / "sweep=demo"
+    (part / ".t2.parquet.abcd.tmp").write_bytes(b"PAR1 half a file")
+    assert _read(tmp_path, "trials").num_rows == 1
+    assert len(read_partition(tmp_path / "results", "trials", "demo")) == 1
+
+
+def test_sweeps_table(tmp_path):
+    root = tmp_path / "results"
+    write_sweep_row(root, "demo", {"status": "running", "metric": "val_exact_match", "num_samples": 4})
+    write_sweep_row(root, "demo", {"status": "finished"})
+    rows = pq.read_table(root / "sweeps").to_pylist()
+    assert len(rows) == 1 and rows[0]["status"] == "finished" and rows[0]["num_samples"] == 4
+    assert rows[0]["updated_at"] >= rows[0]["created_at"]
+
+
+def test_bad_sweep_names_are_refused(tmp_path):
+    for bad in ("2024", "a/b", "", "x y", "-x"):
+        with pytest.raises(ValueError, match="--name"):
+            _sink(tmp_path, bad)
+
+
+def _two_sweeps(tmp_path):
+    a, b = _sink(tmp_path, "alpha"), _sink(tmp_path, "beta")
+    _run_one(a, _trial("a1"))
+    _run_one(a, _trial("a2", attention="causal"), final_em=0.25)
+    _run_one(b, _trial("b1"), final_em=0.75)
+    return tmp_path / "results"
+
+
+def test_readable_by_pyarrow_dataset_and_pandas_without_this_package(tmp_path):
+    root = _two_sweeps(tmp_path)
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    t = ds.dataset(root / "trials", format="parquet", partitioning="hive").to_table()
+    assert sorted(zip(t["sweep"].to_pylist(), t["trial_id"].to_pylist())) == [
+        ("alpha", "a1"), ("alpha", "a2"), ("beta", "b1")]
+    df = pd.read_parquet(root / "trials")
+    assert len(df) == 3 and set(df["sweep"].astype(str)) == {"alpha", "beta"}
+    steps = pd.read_parquet(root / "steps", filters=[("sweep", "==", "alpha")])
+    assert len(steps) == 4 and not steps.duplicated(["trial_id", "step"]).any()
+
+
+def test_readable_by_polars(tmp_path):
+    pl = pytest.importorskip("polars")
+    root = _two_sweeps(tmp_path)
+    df = pl.read_parquet(str(root / "trials" / "**" / "*.parquet"), hive_partitioning=True)
+    assert df.height == 3 and set(df["sweep"].to_list()) == {"alpha", "beta"}
+    preds = pl.scan_parquet(str(root / "predictions" / "**" / "*.parquet"), hive_partitioning=True).collect()
+    assert preds.height == 12 and preds["correct"].dtype == pl.Boolean
+
+
+def test_readable_by_duckdb(tmp_path):
+    duckdb = pytest.importorskip("duckdb")
+    root = _two_sweeps(tmp_path)
+    con = duckdb.connect()
+    rows = con.execute(
+        f"SELECT sweep, attention, count(*) AS n, avg(objective) AS em FROM "
+        f"read_parquet('{root}/trials/*/*.parquet', hive_partitioning = true) "
+        f"GROUP BY ALL ORDER BY sweep, attention").fetchall()
+    assert rows == [("alpha", "causal", 1, 0.25), ("alpha", "prefix", 1, 0.5), ("beta", "prefix", 1, 0.75)]
+    n = con.execute(f"SELECT count(*) FROM read_parquet('{root}/steps/*/*.parquet', hive_partitioning = true)"
+                    ).fetchone()[0]
+    assert n == 6
