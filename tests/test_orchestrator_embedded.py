@@ -1,0 +1,151 @@
+"""End to end on an embedded Ray (the default: no --address, no RAY_ADDRESS), through the CLI.
+
+One sweep of four short real jobs, one per outcome: a clean run, an injected OOM
+(recorded as `oom`, not retried, FAIL in Optuna), a worker that dies mid-run
+(retried from its checkpoint) and a loss that turns NaN (`diverged`).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FAULT_SPACE = """
+FAULTS = {1: "oom@2", 2: "crash@3", 3: "nan@1"}
+
+def space(trial):
+    return {"lr": trial.suggest_float("lr", 1e-5, 1e-4, log=True), "fault": FAULTS.get(trial.number)}
+"""
+
+
+def mdsweep(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=str(ROOT))
+
+
+def job_flags(data: Path) -> list[str]:
+    return ["--train-data", str(data), "--max-steps", "4", "--eval-every", "2", "--batch-size", "2",
+            "--max-val-samples", "4", "--set", "max_new_tokens=5", "--set", "diverge_patience=2"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, captcha_parquet):
+    tmp = tmp_path_factory.mktemp("embedded")
+    space = tmp / "fault_space.py"
+    space.write_text(textwrap.dedent(FAULT_SPACE))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "run", "--name", "faults", "--space", f"{space}:space",
+         "--num-samples", "4", "--storage", str(tmp / "sweeps"), "--results", str(tmp / "results"),
+         "--num-cpus", "2", "--max-failures", "1", "--progress-interval", "1", *job_flags(captcha_parquet)],
+        capture_output=True, text=True, timeout=400, env={**env, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
+    return tmp, proc
+
+
+def _trials(tmp: Path) -> dict[str, dict]:
+    rows = pq.read_table(tmp / "results" / "trials").to_pylist()
+    return {r["fault"] or "none": r for r in rows}
+
+
+def test_the_sweep_completes_despite_failures(sweep):
+    tmp, proc = sweep
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Started a local Ray instance" in proc.stderr  # embedded, not attached
+    trials = _trials(tmp)
+    assert set(trials) == {"none", "oom@2", "crash@3", "nan@1"}
+    assert all(t["status"] == "terminated" for t in trials.values())
+
+
+def test_oom_is_an_outcome_with_its_peak_memory_and_is_not_retried(sweep):
+    t = _trials(sweep[0])["oom@2"]
+    assert t["outcome"] == "oom"
+    assert t["peak_memory_bytes"] > 0 and "out of memory" in t["error"]
+    assert t["attempts"] == 1 and t["num_failures"] == 0 and t["steps_completed"] == 1
+    assert t["objective"] is None
+
+
+def test_a_dead_worker_is_retried_from_its_checkpoint(sweep):
+    tmp = sweep[0]
+    t = _trials(tmp)["crash@3"]
+    assert t["outcome"] == "ok" and t["num_failures"] == 1 and t["attempts"] == 2
+    assert t["restored_from_step"] == 2  # the checkpoint of the step-2 evaluation
+    steps = pq.read_table(tmp / "results" / "steps", filters=[("trial_id", "=", t["trial_id"])]).to_pylist()
+    assert [s["step"] for s in steps] == [2, 4]  # nothing lost, nothing twice
+
+
+def test_divergence_is_an_outcome(sweep):
+    t = _trials(sweep[0])["nan@1"]
+    assert t["outcome"] == "diverged" and "non-finite" in t["error"] and t["attempts"] == 1
+
+
+def test_clean_trial_has_steps_predictions_and_placement(sweep):
+    tmp = sweep[0]
+    t = _trials(tmp)["none"]
+    assert t["outcome"] == "ok" and t["steps_completed"] == 4 and t["n_reports"] == 2
+    assert t["final_val_n"] == 4 and t["objective"] == t["final_val_exact_match"]
+    assert t["node_id"] and t["hostname"] and t["start_time"] < t["end_time"]
+    assert t["train_data"].endswith("train.parquet") and t["max_steps"] == 4 and t["searched"] == ["fault", "lr"]
+    preds = pq.read_table(tmp / "results" / "predictions", filters=[("trial_id", "=", t["trial_id"])]).to_pylist()
+    assert len(preds) == 4 and len({p["sample_id"] for p in preds}) == 4
+
+
+def test_optuna_learns_oom_as_failed_and_divergence_as_pruned(sweep):
+    tmp = sweep[0]
+    from optuna.trial import TrialState
+
+    files = sorted(glob.glob(str(tmp / "sweeps" / "faults" / "searcher-state-*.pkl")))
+    assert files
+    with open(files[-1], "rb") as f:
+        study = pickle.load(f)["_ot_study"]
+    states = {t.params.get("lr"): t.state for t in study.trials}
+    by_fault = {r["fault"] or "none": r["lr"] for r in _trials(tmp).values()}
+    assert states[by_fault["oom@2"]] == TrialState.FAIL
+    assert states[by_fault["nan@1"]] == TrialState.PRUNED
+    assert states[by_fault["none"]] == TrialState.COMPLETE
+    assert states[by_fault["crash@3"]] == TrialState.COMPLETE
+
+
+def test_progress_table_and_leaderboard_are_printed(sweep):
+    out = sweep[1].stdout
+    assert "trials of 4:" in out and "Leaderboard of sweep faults" in out
+    assert "1 oom" in out and "1 diverged" in out
+
+
+def test_query_reads_the_sweep(sweep):
+    tmp = sweep[0]
+    proc = mdsweep("query", str(tmp / "results"), "--group-by", "outcome", "--format", "csv")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("outcome,count,ok") and len(lines) == 4  # ok, oom, diverged
+
+
+def test_the_same_name_is_refused_and_points_to_resume(sweep, captcha_parquet):
+    tmp = sweep[0]
+    proc = mdsweep("run", "--name", "faults", "--storage", str(tmp / "sweeps"), "--results", str(tmp / "results"),
+                   *job_flags(captcha_parquet))
+    assert proc.returncode == 2 and "mdsweep resume faults" in proc.stderr
+
+
+def test_invalid_space_fails_before_ray_starts(tmp_path, captcha_parquet):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def space(trial):\n    return {'learning_rate': trial.suggest_float('learning_rate', 1e-5, 1e-3)}\n")
+    proc = mdsweep("run", "--space", f"{bad}:space", "--storage", str(tmp_path / "s"), "--results",
+                   str(tmp_path / "r"), *job_flags(captcha_parquet), timeout=60)
+    assert proc.returncode == 2
+    assert "--space" in proc.stderr and "'learning_rate' is not a JobConfig field" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr and not (tmp_path / "s").exists()
+
+
+def test_missing_train_data_names_the_flag(tmp_path):
+    proc = mdsweep("run", "--storage", str(tmp_path / "s"), timeout=60)
+    assert proc.returncode == 2 and "--train-data is required" in proc.stderr
