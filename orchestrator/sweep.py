@@ -147,6 +147,93 @@ def manifest_exists(storage: str, name: str) -> bool:
     return fs.get_file_info(f"{path}/{MANIFEST}").type == pafs.FileType.File
 
 
+def _unfinished_trials(fs: Any, root: str) -> Optional[dict[str, Optional[str]]]:
+    """Trial folder -> checkpoint folder the newest experiment state restores it from
+    (None when it does not say), for trials that state has not finished; None if unreadable."""
+    import pyarrow.fs as pafs
+
+    try:
+        states = sorted(e.path for e in fs.get_file_info(pafs.FileSelector(root))
+                        if e.base_name.startswith("experiment_state-") and e.base_name.endswith(".json"))
+        if not states:
+            return None
+        with fs.open_input_stream(states[-1]) as f:
+            data = json.loads(f.read().decode())
+        out: dict[str, Optional[str]] = {}
+        for entry in data["trial_data"]:
+            trial = json.loads(entry[0])
+            if trial.get("status") == "TERMINATED":
+                continue
+            meta = json.loads(entry[1]) if len(entry) > 1 else {}
+            last = meta.get("last_result") or {}
+            out[trial.get("custom_dirname") or trial.get("relative_logdir")] = last.get("checkpoint_dir_name")
+        return out
+    except Exception:
+        return None  # an unknown format: consider every trial
+
+
+def repair_checkpoints(experiment_path: str) -> list[str]:
+    """Undo Tune's one unsafe window before a resume; returns the trial folders repaired.
+
+    With `num_to_keep=1`, registering a trial's checkpoint N deletes N-1 at once,
+    while the experiment state that still points at N-1 reaches storage a moment
+    later. A driver killed in between leaves a state whose trial cannot be restored
+    ("checkpoint ... does not exist on storage anymore"). N is complete (it is
+    registered only once fully written), so the missing folder is recreated as a
+    copy of N: the trial continues from its newest state.
+    """
+    import re
+
+    import pyarrow.fs as pafs
+
+    fs, root = _fs_and_path(experiment_path)
+    repaired = []
+    pattern = re.compile(r"^checkpoint_(\d{6})$")
+    unfinished = _unfinished_trials(fs, root)
+    for trial_dir in fs.get_file_info(pafs.FileSelector(root)):
+        if trial_dir.type != pafs.FileType.Directory:
+            continue
+        if unfinished is not None and trial_dir.base_name not in unfinished:
+            continue  # finished trials are not restored: nothing to repair
+        indices = []
+        for entry in fs.get_file_info(pafs.FileSelector(trial_dir.path)):
+            m = pattern.match(entry.base_name)
+            if m and entry.type == pafs.FileType.Directory:
+                indices.append(int(m.group(1)))
+        if not indices:
+            continue
+        newest = max(indices)
+        wanted = unfinished.get(trial_dir.base_name) if unfinished is not None else None
+        if wanted is None:  # the state does not say: assume the one before the newest
+            if newest == 0:
+                continue
+            wanted = f"checkpoint_{newest - 1:06d}"
+        m = pattern.match(wanted)
+        if not m or int(m.group(1)) >= newest or int(m.group(1)) in indices:
+            continue
+        src = f"{trial_dir.path}/checkpoint_{newest:06d}"
+        dst = f"{trial_dir.path}/{wanted}"
+        fs.create_dir(dst, recursive=True)
+        pafs.copy_files(src, dst, source_filesystem=fs, destination_filesystem=fs)
+        repaired.append(trial_dir.base_name)
+    return repaired
+
+
+def drop_repair_copies(experiment_path: str, repaired: list[str]) -> None:
+    """After the resumed run: remove repair copies that a newer checkpoint made redundant."""
+    import re
+
+    import pyarrow.fs as pafs
+
+    fs, root = _fs_and_path(experiment_path)
+    pattern = re.compile(r"^checkpoint_(\d{6})$")
+    for name in repaired:
+        entries = fs.get_file_info(pafs.FileSelector(f"{root}/{name}"))
+        indices = sorted(int(m.group(1)) for e in entries if (m := pattern.match(e.base_name)))
+        for i in indices[:-1]:  # Tune keeps one checkpoint per trial: anything older is a leftover copy
+            fs.delete_dir(f"{root}/{name}/checkpoint_{i:06d}")
+
+
 # ---------------------------------------------------------------- checks
 
 
@@ -156,7 +243,10 @@ def default_mode(metric: str) -> str:
 
 def check_settings(s: SweepSettings) -> SpaceInfo:
     """Everything that needs no cluster. Returns the validated space."""
-    validate_sweep_name(s.name)
+    try:
+        validate_sweep_name(s.name)
+    except ValueError as e:
+        raise SweepError(str(e)) from None
     if s.metric not in METRICS:
         raise SweepError(f"--metric {s.metric!r}: not a reported metric; choose from {', '.join(METRICS)}")
     s.mode = s.mode or default_mode(s.metric)
@@ -362,12 +452,16 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
         if not tune.Tuner.can_restore(path):
             raise SweepError(f"NAME: {path} holds no Ray Tune experiment state to resume")
         write_sweep_row(s.results, s.name, {"status": "running"})
+        repaired = repair_checkpoints(path)
+        if repaired:
+            _say(f"recreated the checkpoint the saved state points at for {', '.join(repaired)}", quiet)
         _say(f"resuming sweep {name} from {path}", quiet)
         tuner = tune.Tuner.restore(path, trainable=_trainable(s, req), resume_unfinished=True,
                                    resume_errored=resume_errored, restart_errored=restart_errored)
         grid = tuner.fit()
-        searcher = None
-        return _finish(s, grid, searcher, started, req, quiet)
+        if repaired:
+            drop_repair_copies(path, repaired)
+        return _finish(s, grid, None, started, req, quiet)
     finally:
         handle.shutdown()
 

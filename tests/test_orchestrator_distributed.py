@@ -1,0 +1,175 @@
+"""End to end against a Ray cluster started by the test: two nodes with one logical GPU each.
+
+`ray.cluster_utils.Cluster` runs a real head (GCS) and two raylets on this
+machine; the sweeps attach to it with --address (or RAY_ADDRESS) from separate
+driver processes, as they would to a remote cluster. GPUs are logical: Ray
+schedules them, the tiny jobs run on the CPU. One cluster serves the module.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator.sink import read_partition
+
+ROOT = Path(__file__).resolve().parent.parent
+GiB = 2**30
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": False})
+    try:
+        c.add_node(num_cpus=2, num_gpus=1)
+        c.wait_for_nodes()
+        yield c
+    finally:
+        c.shutdown()
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra or {})
+    return env
+
+
+def mdsweep(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=_env(env), cwd=str(ROOT))
+
+
+def job_flags(data: Path, max_steps: int = 2, val_samples: int = 4) -> list[str]:
+    return ["--train-data", str(data), "--max-steps", str(max_steps), "--eval-every", "2", "--batch-size", "2",
+            "--max-val-samples", str(val_samples), "--set", "max_new_tokens=5", "--progress-interval", "0"]
+
+
+def where(tmp: Path, name: str) -> list[str]:
+    return ["--name", name, "--storage", str(tmp / "sweeps"), "--results", str(tmp / "results")]
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    return a["start_time"] < b["end_time"] and b["start_time"] < a["end_time"]
+
+
+def test_gpu_memory_per_trial_packs_two_trials_per_gpu(cluster, tmp_path, captcha_parquet):
+    proc = mdsweep("run", *where(tmp_path, "packed"), "--address", cluster.address, "--space", "smoke",
+                   "--num-samples", "4", "--gpu-memory-per-trial", "8GiB", "--node-gpu-memory", "16GiB",
+                   *job_flags(captcha_parquet))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Connected to Ray cluster" in proc.stderr and "0.5 GPU" in proc.stderr
+    rows = read_partition(tmp_path / "results", "trials", "packed")
+    assert len(rows) == 4 and all(r["outcome"] == "ok" for r in rows)
+    by_gpu: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by_gpu.setdefault((r["node_id"], r["gpu_ids"]), []).append(r)
+    # two nodes, one GPU each ("0" on its node), two trials on each GPU, running at the same time
+    assert sorted(len(v) for v in by_gpu.values()) == [2, 2]
+    assert {gpu for _node, gpu in by_gpu} == {"0"}
+    for pair in by_gpu.values():
+        assert _overlap(*pair)
+    # and each trial's allocator cap is its share: 8 GiB
+    assert {r["max_gpu_memory"] for r in rows} == {str(8 * GiB)}
+
+
+@pytest.mark.parametrize("flags,flag", [
+    (["--gpus-per-trial", "2"], "--gpus-per-trial"),
+    (["--cpus-per-trial", "3", "--gpus-per-trial", "0"], "--cpus-per-trial"),
+    (["--memory-per-trial", "64TiB", "--gpus-per-trial", "0"], "--memory-per-trial"),
+    (["--gpu-memory-per-trial", "40GiB", "--node-gpu-memory", "16GiB"], "--gpu-memory-per-trial"),
+])
+def test_a_trial_that_fits_nowhere_is_an_error_up_front(cluster, tmp_path, captcha_parquet, flags, flag):
+    t0 = time.time()
+    proc = mdsweep("run", *where(tmp_path, "toolarge"), "--address", cluster.address, *flags,
+                   *job_flags(captcha_parquet), timeout=120)
+    assert proc.returncode == 2 and flag in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "sweeps" / "toolarge").exists()  # nothing was scheduled
+    assert time.time() - t0 < 60
+
+
+def test_paired_attention_comparison_on_identical_settings(cluster, tmp_path, captcha_parquet):
+    proc = mdsweep("run", *where(tmp_path, "paired"), "--address", cluster.address, "--space", "smoke:paired",
+                   "--cross", "attention", "--num-samples", "1", "--gpus-per-trial", "0",
+                   *job_flags(captcha_parquet, val_samples=6))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_partition(tmp_path / "results", "trials", "paired")
+    assert sorted(r["attention"] for r in rows) == ["causal", "prefix"]
+    assert len({(r["lr"], r["grad_accum"], r["seed"], r["group_id"]) for r in rows}) == 1
+    q = mdsweep("query", str(tmp_path / "results"), "--paired", "attention", "--format", "json", timeout=60)
+    assert q.returncode == 0, q.stderr
+    import json
+
+    (pair,) = json.loads(q.stdout)
+    assert (pair["a"], pair["b"]) == ("causal", "prefix") and pair["n"] == 6
+    assert pair["both_correct"] + pair["a_only"] + pair["b_only"] + pair["both_wrong"] == 6
+    assert 0 <= pair["mcnemar_p"] <= 1 and pair["ci_low"] <= pair["diff"] <= pair["ci_high"]
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"driver exited ({proc.returncode}) before {what}")
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_killed_driver_is_resumed_with_nothing_lost_or_duplicated(cluster, tmp_path, captcha_parquet):
+    results = tmp_path / "results"
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "run", *where(tmp_path, "killed"), "--address", cluster.address,
+         "--space", "smoke", "--num-samples", "3", "--max-concurrent", "1", "--gpus-per-trial", "0",
+         *job_flags(captcha_parquet, max_steps=8)],
+        stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=str(ROOT))
+    try:
+        def first_done_second_halfway() -> bool:
+            # the second trial past its second checkpoint, so that the experiment state
+            # saved on storage surely knows one of its checkpoints
+            trials = read_partition(results, "trials", "killed")
+            steps = read_partition(results, "steps", "killed")
+            done = [t["trial_id"] for t in trials if t["outcome"] == "ok"]
+            halfway = {s["trial_id"] for s in steps if s["step"] >= 4} - set(done)
+            return len(done) == 1 and bool(halfway)
+
+        _wait_for(first_done_second_halfway, 240, "one trial done and the next one halfway", driver)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+        log.close()
+    before = {t["trial_id"]: t for t in read_partition(results, "trials", "killed")}
+    (first,) = [tid for tid, t in before.items() if t["outcome"] == "ok"]
+    (interrupted,) = [tid for tid, t in before.items() if t["outcome"] == "running"]
+
+    # resume through RAY_ADDRESS this time
+    proc = mdsweep("resume", "killed", "--storage", str(tmp_path / "sweeps"), env={"RAY_ADDRESS": cluster.address})
+    (tmp_path / "resume.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Connected to Ray cluster" in proc.stderr
+
+    trials = {t["trial_id"]: t for t in read_partition(results, "trials", "killed")}
+    assert len(trials) == 3 and all(t["outcome"] == "ok" for t in trials.values())
+    assert trials[first]["attempts"] == 1  # finished before the kill: not rerun
+    assert trials[first]["end_time"] == before[first]["end_time"]
+    assert trials[interrupted]["attempts"] == 2 and trials[interrupted]["restored_from_step"] >= 2
+    assert trials[interrupted]["start_time"] == before[interrupted]["start_time"]
+    steps = pq.read_table(results / "steps").to_pylist()
+    keys = [(s["trial_id"], s["step"]) for s in steps]
+    assert len(keys) == len(set(keys)) == 12  # 3 trials x steps 2, 4, 6, 8
+    assert sorted(keys) == sorted((tid, s) for tid in trials for s in (2, 4, 6, 8))
+    preds = pq.read_table(results / "predictions").to_pylist()
+    assert sorted({(p["trial_id"], p["sample_id"]) for p in preds}) == sorted((p["trial_id"], p["sample_id"]) for p in preds)
+    assert {p["trial_id"] for p in preds} == set(trials)
+    (sweep_row,) = read_partition(results, "sweeps", "killed")
+    assert sweep_row["status"] == "finished"

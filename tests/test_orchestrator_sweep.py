@@ -1,0 +1,131 @@
+"""The sweep driver's checks, settings manifest, CLI flag parsing and checkpoint repair (no Ray start)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import build_parser
+from orchestrator.cli_sweep import fixed_settings
+from orchestrator.sweep import (
+    SweepError,
+    SweepSettings,
+    check_settings,
+    default_mode,
+    drop_repair_copies,
+    read_manifest,
+    repair_checkpoints,
+    searched_columns,
+    write_manifest,
+)
+
+
+def _settings(tmp_path, **kw) -> SweepSettings:
+    values = dict(name="demo", storage=str(tmp_path / "sweeps"), results=str(tmp_path / "results"),
+                  fixed={"train_data": "/data/train.parquet"})
+    values.update(kw)
+    return SweepSettings(**values)
+
+
+def test_every_flag_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in ("run", "resume", "query"):
+        for action in sub.choices[name]._actions:
+            if action.dest in ("help", "job_fn"):
+                continue
+            assert action.help, f"mdsweep {name} {action.option_strings or action.dest} has no help"
+
+
+def test_default_modes():
+    assert default_mode("val_exact_match") == "max" and default_mode("val_cer") == "min"
+    assert default_mode("train_loss") == "min" and default_mode("token_accuracy") == "max"
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"name": "9lives"}, "--name"),
+    ({"metric": "accuracy"}, "--metric 'accuracy'"),
+    ({"mode": "up"}, "--mode"),
+    ({"num_samples": 0}, "--num-samples"),
+    ({"max_concurrent": 0}, "--max-concurrent"),
+    ({"fixed": {}}, "--train-data is required"),
+    ({"space": "captcha", "cross": [("attention", ["causal", "prefix"])]}, "--cross attention.*captcha:paired"),
+    ({"space": "captcha:paired", "cross": [("attention", ["causal", "prefix"])],
+      "fixed": {"train_data": "x", "attention": "causal"}}, "--cross attention: attention is also fixed"),
+    ({"space": "no_such_space"}, "--space"),
+    ({"fixed": {"train_data": "x", "lr": 1e-4}}, "searches lr, which is also fixed"),
+    ({"early_stop": "hyperband"}, "--early-stop"),
+])
+def test_settings_are_checked_before_any_cluster(tmp_path, kw, match):
+    with pytest.raises(SweepError, match=match):
+        check_settings(_settings(tmp_path, **kw))
+
+
+def test_searched_columns_include_groups(tmp_path):
+    s = _settings(tmp_path, space="captcha:paired", cross=[("attention", ["causal", "prefix"])], replicates=3)
+    info = check_settings(s)
+    assert searched_columns(s, info) == ["grad_accum", "lr", "attention", "seed"]
+    assert s.mode == "max"  # filled in from the metric
+
+
+def test_manifest_round_trip(tmp_path):
+    s = _settings(tmp_path, cross=[("attention", ["causal", "prefix"])], gpus_per_trial=0.25, argv="mdsweep run")
+    write_manifest(s)
+    back = read_manifest(str(tmp_path / "sweeps"), "demo")
+    assert back == s
+    with pytest.raises(SweepError, match="no sweep 'other'"):
+        read_manifest(str(tmp_path / "sweeps"), "other")
+
+
+def _run_args(*extra: str):
+    return build_parser().parse_args(["run", "--train-data", "data/train.parquet", *extra])
+
+
+def test_fixed_settings_from_flags_and_set(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fixed = fixed_settings(_run_args("--max-steps", "50", "--seed", "3", "--set", "attention=causal",
+                                     "--set", "gradient_checkpointing=false", "--set", "max_val_samples=none"))
+    assert fixed == {"train_data": str(tmp_path / "data" / "train.parquet"), "max_steps": 50, "seed": 3,
+                     "attention": "causal", "gradient_checkpointing": False, "max_val_samples": None}
+    assert fixed_settings(_run_args("--model", "tiny"))["model"] == "tiny"  # a preset name stays a name
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--max-steps", "5", "--set", "max_steps=6"], "--set max_steps: already given by --max-steps"),
+    (["--gpu-memory-per-trial", "8GiB", "--set", "max_gpu_memory=4GiB"], "conflicts with --gpu-memory-per-trial"),
+    (["--set", "grad_accum=two"], "--set: grad_accum='two' should be int"),
+])
+def test_fixed_setting_errors_name_the_flag(extra, match):
+    with pytest.raises(ValueError, match=match):
+        fixed_settings(_run_args(*extra))
+
+
+def _experiment(tmp_path: Path, trials: dict[str, tuple[str, str | None, list[int]]]) -> Path:
+    """An experiment folder: trial dir -> (status, checkpoint the state points at, checkpoints on disk)."""
+    root = tmp_path / "exp"
+    data = []
+    for name, (status, ref, present) in trials.items():
+        for i in present:
+            ck = root / name / f"checkpoint_{i:06d}"
+            ck.mkdir(parents=True)
+            (ck / "state.pt").write_text(f"{name} state {i}")
+        data.append([json.dumps({"trial_id": name, "status": status, "custom_dirname": name}),
+                     json.dumps({"last_result": {"checkpoint_dir_name": ref}})])
+    (root / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": data}))
+    return root
+
+
+def test_repair_recreates_the_checkpoint_a_killed_driver_left_pointing_at(tmp_path):
+    root = _experiment(tmp_path, {
+        "trial_race": ("RUNNING", "checkpoint_000001", [2]),   # state behind: points at a deleted one
+        "trial_fine": ("RUNNING", "checkpoint_000002", [2]),   # state current
+        "trial_done": ("TERMINATED", "checkpoint_000001", [3]),  # finished: never restored
+        "trial_new": ("PENDING", None, []),
+    })
+    assert repair_checkpoints(str(root)) == ["trial_race"]
+    assert (root / "trial_race" / "checkpoint_000001" / "state.pt").read_text() == "trial_race state 2"
+    assert not (root / "trial_fine" / "checkpoint_000001").exists()
+    assert not (root / "trial_done" / "checkpoint_000001").exists()
+    drop_repair_copies(str(root), ["trial_race"])
+    assert sorted(p.name for p in (root / "trial_race").iterdir()) == ["checkpoint_000002"]
