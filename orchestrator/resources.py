@@ -106,6 +106,7 @@ class TrialResources:
     gpu_memory_bytes: Optional[int] = None  # per-trial GPU memory, when asked by size
     max_gpu_memory: Optional[str] = None  # what JobConfig.max_gpu_memory gets
     notes: list[str] = field(default_factory=list)
+    capacity: Optional[int] = None  # trials the cluster can hold at once (set after the fit check)
 
     def ray_resources(self) -> dict[str, float]:
         res: dict[str, float] = {"cpu": float(self.cpus), "gpu": float(self.gpus)}

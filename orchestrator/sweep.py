@@ -306,6 +306,7 @@ def resolve_resources(s: SweepSettings, handle: cluster_mod.ClusterHandle) -> tu
     if cap == 0 and not s.skip_fit_check:
         raise SweepError(f"no trial of {req.describe()} fits the cluster")
     notes.append(f"{len(nodes)} node(s); each trial gets {req.describe()}; up to {cap} trial(s) at once")
+    req.capacity = cap
     return req, notes
 
 
@@ -327,7 +328,7 @@ def _trainable(s: SweepSettings, req: TrialResources):
     return tune.with_resources(make_trainable(_trial_spec(s, req)), req.ray_resources())
 
 
-def _prepare_env() -> None:
+def _prepare_env(s: SweepSettings, req: TrialResources) -> None:
     import logging
 
     import optuna
@@ -339,6 +340,10 @@ def _prepare_env() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0
     # A snapshot per reported checkpoint is intended (num_to_keep=1): keeps resume exact.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune starts trials of a custom searcher one at a time (one pending trial); let as
+    # many trials be pending as can run at once, so that they start together.
+    pending = min(x for x in (s.max_concurrent, getattr(req, "capacity", None), 64) if x)
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = os.environ.get("MDSWEEP_MAX_PENDING_TRIALS", str(max(1, pending)))
 
 
 def _say(msg: str, quiet: bool = False) -> None:
@@ -392,7 +397,7 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
         if dry_run:
             return SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results,
                                 status="dry-run", counts={}, resources=req)
-        _prepare_env()
+        _prepare_env(s, req)
         from ray import tune
 
         from orchestrator.progress import ProgressTable
@@ -443,7 +448,7 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
         req, notes = resolve_resources(s, handle)
         for n in notes:
             _say(n, quiet)
-        _prepare_env()
+        _prepare_env(s, req)
         from ray import tune
 
         from orchestrator.sink import write_sweep_row

@@ -18,6 +18,7 @@ import json
 import math
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -111,12 +112,10 @@ def run_trial(spec: TrialSpec, config: dict[str, Any]) -> None:
     started = time.time()
     job_config = build_job_config(spec, config)
     where = placement()
-    if spec.cpus >= 1:
+    job_fn = load_callable(spec.job_fn)  # imports torch for the real job
+    if spec.cpus >= 1 and "torch" in sys.modules:
         with contextlib.suppress(Exception):
-            import torch
-
-            torch.set_num_threads(int(spec.cpus))
-    job_fn = load_callable(spec.job_fn)
+            sys.modules["torch"].set_num_threads(int(spec.cpus))
     work = Path(tempfile.mkdtemp(prefix="mdsweep-trial-"))
     checkpoint_dir = work / "checkpoint"
     state: dict[str, Any] = {"last": None, "restored_from_step": 0}
