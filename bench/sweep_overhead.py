@@ -138,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="mdsweep-bench-"))
     t0 = time.time()
-    ray.init(num_cpus=max(2, args.concurrency), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=max(2, args.concurrency), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     ray_start = time.time() - t0
     try:

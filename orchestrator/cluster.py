@@ -144,8 +144,9 @@ def connect(
             kwargs["num_cpus"] = num_cpus
         if num_gpus is not None:
             kwargs["num_gpus"] = num_gpus
-        # ray.init(address=None) would still read RAY_ADDRESS; it is unset here by construction.
-        ray.init(**kwargs)
+        # "local": always a new instance of our own. ray.init() without an address would
+        # join any cluster a `ray start` left running on this machine.
+        ray.init(address="local", **kwargs)
         return ClusterHandle(address=None, source="embedded", owned=True)
 
     if num_cpus is not None or num_gpus is not None:

@@ -294,7 +294,7 @@ def paired_difference_ci(n11: int, n10: int, n01: int, n00: int, level: float = 
 # ---------------------------------------------------------------- grouping
 
 
-LOWER_IS_BETTER = ("train_loss", "val_cer", "grad_norm", "peak_memory_bytes", "elapsed_s", "skipped_samples",
+LOWER_IS_BETTER = ("train_loss", "val_cer", "cer", "grad_norm", "peak_memory_bytes", "elapsed_s", "skipped_samples",
                    "wall_time_s", "job_wall_time_s")
 
 

@@ -276,6 +276,13 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
         raise SweepError("--replicates and --cross seed both vary the seed; use one")
     if s.early_stop not in ("none", "asha"):
         raise SweepError(f"--early-stop {s.early_stop!r}: choose none or asha")
+    try:
+        from orchestrator.search import make_scheduler
+
+        make_scheduler(s.early_stop, s.metric, s.mode, s.fixed.get("max_steps"), s.asha_grace,
+                       s.asha_reduction_factor)
+    except ValueError as e:
+        raise SweepError(str(e)) from None
     return info
 
 

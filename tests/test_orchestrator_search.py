@@ -273,3 +273,24 @@ def test_scheduler():
     assert asha._time_attr == "step" and asha._max_t == 100
     with pytest.raises(ValueError, match="--asha-grace"):
         make_scheduler("asha", "val_exact_match", "max", 10, 20, 3)
+    with pytest.raises(ValueError, match="--max-steps"):
+        make_scheduler("asha", "val_exact_match", "max", None, 2, 3)
+
+
+def test_asha_never_stops_a_trial_at_its_last_step():
+    from ray.tune.schedulers import TrialScheduler
+
+    class FakeTrial:
+        def __init__(self, tid):
+            self.trial_id = tid
+
+    asha = make_scheduler("asha", "val_exact_match", "max", 6, 2, 3)
+    trials = [FakeTrial(f"t{i}") for i in range(4)]
+    for t in trials:
+        asha.on_trial_add(None, t)
+    # at the first rung, the worse trials are stopped ...
+    decisions = [asha.on_trial_result(None, t, {"step": 2, "val_exact_match": v})
+                 for t, v in zip(trials, [0.9, 0.8, 0.1, 0.05])]
+    assert TrialScheduler.STOP in decisions
+    # ... but a trial that reached the end, however bad, runs on to report its outcome
+    assert asha.on_trial_result(None, trials[1], {"step": 6, "val_exact_match": 0.0}) == TrialScheduler.CONTINUE
