@@ -15,6 +15,7 @@ import io
 import json
 import math
 import statistics
+import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -34,8 +35,28 @@ class QueryError(ValueError):
 # ---------------------------------------------------------------- loading
 
 
-def load_table(results: str | Path, table: str = "trials", sweeps: Optional[Sequence[str]] = None) -> pa.Table:
-    """One table of the dataset, all sweeps (or the given ones), with a `sweep` column."""
+def load_table(results: str | Path, table: str = "trials", sweeps: Optional[Sequence[str]] = None,
+               attempts: int = 5) -> pa.Table:
+    """One table of the dataset, all sweeps (or the given ones), with a `sweep` column.
+
+    Safe while a sweep is writing: the sink replaces whole files atomically, but
+    pyarrow's dataset reader notes each file's size when it lists the folder and
+    reads later, so a file replaced in between reads as corrupt. Such a read is
+    retried from a fresh listing.
+    """
+    for attempt in range(attempts):
+        try:
+            return _load_table_once(results, table, sweeps)
+        except (OSError, pa.ArrowInvalid) as e:
+            if isinstance(e, FileNotFoundError) and not Path(results, table).is_dir():
+                raise
+            if attempt == attempts - 1:
+                raise QueryError(f"RESULTS: could not read {table} under {results}: {e}") from None
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _load_table_once(results: str | Path, table: str, sweeps: Optional[Sequence[str]]) -> pa.Table:
     if table not in TABLES:
         raise QueryError(f"--table: unknown table {table!r}; tables: {', '.join(TABLES)}")
     root = Path(results) / table

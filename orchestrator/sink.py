@@ -70,8 +70,10 @@ def read_partition(root: Path | str, table: str, sweep: str) -> list[dict[str, A
         return rows
     for f in sorted(d.glob("*.parquet")):
         try:
-            rows.extend(pq.read_table(f).to_pylist())
-        except Exception:
+            # through an open handle: consistent even if the file is replaced meanwhile
+            with open(f, "rb") as handle:
+                rows.extend(pq.read_table(handle).to_pylist())
+        except FileNotFoundError:
             continue
     return rows
 

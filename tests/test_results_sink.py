@@ -226,6 +226,38 @@ def test_atomic_writes_leave_no_torn_or_temporary_files(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["x.parquet"]
 
 
+def test_query_reads_while_the_sink_writes(tmp_path):
+    # pyarrow's dataset reader notes file sizes when it lists a folder and reads later;
+    # load_table retries a file replaced in between from a fresh listing
+    from orchestrator.query import load_table
+
+    sink = _sink(tmp_path)
+    trial = _trial()
+    sink.on_trial_start(0, [], trial)
+    sink.on_trial_result(0, [], trial, _eval(2, 0.1))
+    stop = threading.Event()
+    errors, reads = [], [0]
+
+    def reader():
+        while not stop.is_set():
+            try:
+                t = load_table(tmp_path / "results", "steps")
+                assert t.num_rows >= 1 and len(set(t["step"].to_pylist())) == t.num_rows
+                reads[0] += 1
+            except Exception as e:  # pragma: no cover - the failure being tested for
+                errors.append(e)
+
+    th = threading.Thread(target=reader)
+    th.start()
+    try:
+        for step in range(4, 404, 2):
+            sink.on_trial_result(0, [], trial, _eval(step, 0.1))
+    finally:
+        stop.set()
+        th.join()
+    assert not errors and reads[0] > 0
+
+
 def test_temporary_files_are_invisible_to_readers(tmp_path):
     sink = _sink(tmp_path)
     _run_one(sink, _trial())
