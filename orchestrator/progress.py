@@ -28,8 +28,10 @@ class ProgressTable(_tune_callback_base()):
     """Prints one line per trial every `interval_s` seconds, and on every state change."""
 
     def __init__(self, metric: str, searched: list[str], interval_s: float = 15.0, total: Optional[int] = None,
-                 stream: Optional[TextIO] = None):
+                 stream: Optional[TextIO] = None, mode: str = "max", max_rows: int = 20):
         self.metric = metric
+        self.mode = mode
+        self.max_rows = max_rows
         self.searched = list(searched)
         self.interval_s = interval_s
         self.total = total
@@ -108,11 +110,24 @@ class ProgressTable(_tune_callback_base()):
         total = f" of {self.total}" if self.total else ""
         lines = [f"[{time.strftime('%H:%M:%S')}] trials{total}: {head}"]
         cols = ["trial", "status", *self.searched, "step", self.metric]
+        items = sorted(self._state.items())
+        hidden = 0
+        if len(items) > self.max_rows:
+            # the live ones, then the best finished ones
+            live = [(t, e) for t, e in items if e["status"] in ("running", "pending", "retrying")]
+            done = [(t, e) for t, e in items if e["status"] not in ("running", "pending", "retrying")]
+            done.sort(key=lambda te: (te[1]["value"] is None, -(te[1]["value"] or 0) if self.mode == "max"
+                                      else (te[1]["value"] or 0)))
+            keep = live + done[:max(0, self.max_rows - len(live))]
+            hidden = len(items) - len(keep)
+            items = keep
         rows = []
-        for tid, e in sorted(self._state.items()):
+        for tid, e in items:
             rows.append([tid, e["status"], *(_short(e["params"].get(p)) for p in self.searched), _short(e["step"]),
                          _short(e["value"])])
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
         lines.extend("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows)
+        if hidden:
+            lines.append(f"... and {hidden} more finished trial(s)")
         print("\n".join(lines), file=self.stream, flush=True)

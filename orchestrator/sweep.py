@@ -423,7 +423,8 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
                                    s.asha_reduction_factor)
         total = s.num_samples * len(expansions)
         sink = ParquetSink(s.results, s.name, s.fixed, searched, s.metric, s.mode, req.max_gpu_memory)
-        progress = ProgressTable(s.metric, searched, interval_s=0 if quiet else s.progress_interval, total=total)
+        progress = ProgressTable(s.metric, searched, interval_s=0 if quiet else s.progress_interval, total=total,
+                                 mode=s.mode)
         tuner = tune.Tuner(
             _trainable(s, req),
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
