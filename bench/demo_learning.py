@@ -3,7 +3,7 @@
     python bench/demo_learning.py                      # the recipe: ~10 min on 2 cores
     python bench/demo_learning.py --steps 300 --eval-every 100   # a quick look
 
-Synthesizes seeded captchas with `trainer.synth.synthesize`, trains the `demo` preset
+Synthesizes seeded captchas with `trainer.synth.synthesize`, trains the `tiny` preset
 from random weights with `trainer.job.run_job`, and prints (elapsed s, step, train
 loss, val exact match, val CER) at every evaluation, then the final numbers. Elapsed
 time counts from the start of data synthesis, so it includes data generation,
@@ -63,7 +63,7 @@ def main() -> None:
               f"{VAL_SAMPLES} 4-digit validation; {time.time() - started:.0f} s", flush=True)
 
         config = JobConfig(
-            model="demo", train_data=str(train_dir), val_data=str(val), max_val_samples=VAL_SAMPLES,
+            model="tiny", train_data=str(train_dir), val_data=str(val), max_val_samples=VAL_SAMPLES,
             train_scope="all", attention="prefix", gradient_checkpointing=False,
             batch_size=args.batch_size, lr=args.lr, warmup_ratio=0.1, weight_decay=0.01,
             max_steps=args.steps, eval_every=args.eval_every, seed=args.seed)

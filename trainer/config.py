@@ -121,9 +121,9 @@ class MoondreamConfig:
         (Path(directory) / CONFIG_FILE).write_text(json.dumps(self.to_dict(), indent=1))
 
 
-# `tiny` trains at several steps/s on 2 CPU cores; `small` is a wider/deeper CPU size;
-# `demo` is the from-scratch learning demo (bench/demo_learning.py); `moondream2` is the
-# real 1.87 B model.
+# `tiny` trains at several steps/s on 2 CPU cores and is the from-scratch learning demo
+# (bench/demo_learning.py); `small` is a wider/deeper CPU size; `moondream2` is the real
+# 1.87 B model.
 PRESETS: dict[str, MoondreamConfig] = {
     "moondream2": MoondreamConfig(),
     "tiny": MoondreamConfig(
@@ -136,16 +136,6 @@ PRESETS: dict[str, MoondreamConfig] = {
         vision=VisionConfig(enc_dim=128, enc_patch_size=14, enc_n_layers=4, enc_ff_dim=256, enc_n_heads=4,
                             proj_out_dim=128, proj_inner_dim=256, crop_size=112, max_crops=4, overlap_margin=1),
         text=TextConfig(dim=128, ff_dim=256, n_layers=3, n_heads=4, n_kv_heads=4, vocab_size=128, max_context=256),
-        tokenizer="char",
-    ),
-    # The learning demo (bench/demo_learning.py): `tiny`'s shapes, kept as its own entry so
-    # the demo's recipe stays fixed if `tiny` is retuned for test speed. From scratch it
-    # only leaves the no-image loss plateau when the training data mixes 1-3 digit
-    # captchas in with the 4-digit ones (a reading curriculum); see the bench script.
-    "demo": MoondreamConfig(
-        vision=VisionConfig(enc_dim=64, enc_patch_size=14, enc_n_layers=2, enc_ff_dim=128, enc_n_heads=2,
-                            proj_out_dim=96, proj_inner_dim=128, crop_size=112, max_crops=4, overlap_margin=1),
-        text=TextConfig(dim=96, ff_dim=192, n_layers=2, n_heads=2, n_kv_heads=2, vocab_size=128, max_context=256),
         tokenizer="char",
     ),
 }
