@@ -127,7 +127,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--worker-logs", action="store_true", help="forward the trials' stdout/stderr to this terminal")
     g.add_argument("--dry-run", action="store_true",
                    help="check the space, settings and resources against the cluster, then stop")
-    g.add_argument("--job-fn", default="trainer.job:run_job", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     res = subparsers.add_parser(
@@ -190,7 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             gpu_memory_per_trial=args.gpu_memory_per_trial, memory_per_trial=args.memory_per_trial,
             node_gpu_memory=args.node_gpu_memory, skip_fit_check=args.skip_fit_check, address=args.address,
             num_cpus=args.num_cpus, num_gpus=args.num_gpus, progress_interval=args.progress_interval,
-            worker_logs=args.worker_logs, job_fn=args.job_fn,
+            worker_logs=args.worker_logs,
             argv=" ".join(shlex.quote(a) for a in sys.argv))
         outcome = run_sweep(settings, quiet=args.quiet, dry_run=args.dry_run)
     except (ValueError, SweepError, ClusterError) as e:

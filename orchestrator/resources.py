@@ -9,17 +9,10 @@ one trial's growth cannot push a neighbour on the same GPU out of memory.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-    "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40,
-}
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+from trainer.memory import parse_bytes
 
 # Ray schedules fractional GPUs in steps of 1e-4.
 GPU_GRANULARITY = 10_000
@@ -30,20 +23,11 @@ class ResourceError(ValueError):
 
 
 def parse_size(text: str, flag: str = "size") -> int:
-    """'16GiB' -> 17179869184, '1.5e10' -> 15000000000, '512MB' -> 512000000."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value, unit = float(text), ""
-    else:
-        m = _SIZE_RE.match(str(text))
-        if not m:
-            raise ResourceError(f"{flag}: cannot read {text!r} as a size; use e.g. 16GiB, 512MB, 1.5e10")
-        value, unit = float(m.group(1)), m.group(2).lower()
-    if unit not in _UNITS:
-        raise ResourceError(f"{flag}: unknown unit {unit!r} in {text!r}; use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB")
-    n = int(value * _UNITS[unit])
-    if n <= 0:
-        raise ResourceError(f"{flag}: {text!r} must be positive")
-    return n
+    """A size flag ('16GiB', '512MB', '1.5e10') in bytes; errors name the flag."""
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise ResourceError(f"{flag}: {exc}") from None
 
 
 def format_size(n: Optional[float]) -> str:

@@ -158,9 +158,6 @@ def run_trial(spec: TrialSpec, config: dict[str, Any]) -> None:
     final: dict[str, Any] = {}
     if result is not None and result.final_metrics:
         final = clean_metrics(result.final_metrics)
-    elif state["last"]:
-        # resumed from a checkpoint taken at the very end: the job had nothing left to run
-        final = dict(state["last"])
     report = {m: final.get(m) for m in METRICS if final.get(m) is not None}
     report[spec.metric] = final.get(spec.metric, float("nan"))
     if result is not None:

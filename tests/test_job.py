@@ -106,3 +106,13 @@ def test_bad_row_is_named_or_skipped_and_counted(captcha_parquet, tmp_path):
     result = run_job(_config(bad, on_bad_sample="skip", max_steps=2, eval_every=2))
     assert result.outcome == "ok"
     assert result.final_metrics["skipped_samples"] == 1
+
+
+def test_resuming_a_finished_checkpoint_returns_its_evaluation(captcha_parquet, tmp_path):
+    """A retried trial whose last checkpoint is its final step must still report metrics and predictions."""
+    config = _config(captcha_parquet, max_steps=4)
+    full = run_job(config, checkpoint_dir=tmp_path / "ckpt")
+    again = run_job(config, resume_from=tmp_path / "ckpt")
+    assert again.outcome == "ok" and again.step == 4
+    assert again.final_metrics == full.final_metrics
+    assert again.predictions == full.predictions

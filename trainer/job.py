@@ -140,6 +140,8 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
         optimizer, warmup_cosine(total_steps, round(config.warmup_ratio * total_steps)))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     progress = Progress()
+    final: dict[str, Any] = {}
+    predictions: list[Prediction] = []
     resumed = resume_from is not None
     if resumed:
         state = load_checkpoint(resume_from)
@@ -149,13 +151,13 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
         scaler.load_state_dict(state["scaler"])
         progress = Progress(**state["progress"])
         restore_rng(state["rng"])
+        # a checkpoint taken at the last step leaves nothing to run: its evaluation is the result
+        final, predictions = state["final"], [Prediction(**p) for p in state["predictions"]]
 
     cap = apply_gpu_cap(config.max_gpu_memory, device)
     reset_peak(device)
     stream = micro_batches(data.train, config.batch_size, config.seed, progress.micro_batches, pad_id)
     window: list[dict[str, float]] = []
-    predictions: list[Prediction] = []
-    final: dict[str, Any] = {}
 
     def result(outcome: str, error: Optional[str] = None) -> JobResult:
         return JobResult(outcome=outcome, step=progress.step, final_metrics=final,
@@ -218,7 +220,8 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
                     save_checkpoint(Path(checkpoint_dir), {
                         "model": trainable_state(model), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                        "progress": asdict(progress), "rng": rng_state(), "config": config.to_dict()})
+                        "progress": asdict(progress), "rng": rng_state(), "config": config.to_dict(),
+                        "final": final, "predictions": [asdict(p) for p in predictions]})
                 if on_report:
                     on_report(dict(final), Path(checkpoint_dir) if checkpoint_dir is not None else None)
     except torch.OutOfMemoryError as exc:

@@ -1,27 +1,41 @@
-"""Memory sizes, the per-job GPU cap, and peak-memory readings on GPU or CPU."""
+"""Memory sizes, the per-job GPU cap, and peak-memory readings on GPU or CPU.
+
+torch is imported inside the functions that need it, so the sweep driver can parse
+sizes without loading it.
+"""
 from __future__ import annotations
 
 import re
 import resource
 import sys
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40,
+}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_bytes(text: Union[str, int, float]) -> int:
-    """'16GiB', '1.5e10', '512MB', 2**30 → bytes. Raises ValueError naming the bad text."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    match = _SIZE.match(text)
-    unit = match.group(2).lower() if match else ""
-    if not match or unit not in _UNITS:
-        raise ValueError(f"cannot read {text!r} as a memory size (e.g. 16GiB, 512MB, 1.5e10)")
-    return int(float(match.group(1)) * _UNITS[unit])
+    """'16GiB', '1.5e10', '512MB', 2**30 → bytes (positive). Raises ValueError naming the bad text."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        match = _SIZE.match(str(text))
+        if not match:
+            raise ValueError(f"cannot read {text!r} as a size; use e.g. 16GiB, 512MB, 1.5e10")
+        value, unit = float(match.group(1)), match.group(2).lower()
+    if unit not in _UNITS:
+        raise ValueError(f"unknown unit {unit!r} in {text!r}; use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB")
+    size = int(value * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"{text!r} must be positive")
+    return size
 
 
 def cap_fraction(cap: Union[str, int, float], total_bytes: int) -> float:
@@ -45,6 +59,8 @@ def apply_gpu_cap(cap: Optional[Union[str, int, float]], device: torch.device) -
     Allocations beyond the cap raise `torch.OutOfMemoryError` in this process only,
     which is what keeps one trial from pushing a neighbour on the same GPU out.
     """
+    import torch
+
     if cap is None or device.type != "cuda":
         return None
     total = torch.cuda.get_device_properties(device).total_memory
@@ -54,12 +70,16 @@ def apply_gpu_cap(cap: Optional[Union[str, int, float]], device: torch.device) -
 
 
 def reset_peak(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_bytes(device: torch.device) -> int:
     """Peak allocator memory on CUDA; on CPU the process's peak resident set size."""
+    import torch
+
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
