@@ -12,13 +12,13 @@ Step time is the median of `--repeats` steps after one warm-up step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
-import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
+
+from isolated import run_row, serve_row, worker_flag
 
 BACKENDS = ("sdpa", "flex", "eager-4d")
 MODES = ("causal", "prefix")
@@ -39,6 +39,9 @@ def measure(spec: dict) -> dict:
     device = torch.device(spec["device"])
     torch.manual_seed(0)
     config = PRESETS[spec["config"]]
+    if spec["crop_size"]:  # keep the widths, take another image geometry (378 → 729 image tokens)
+        config = dataclasses.replace(config, vision=dataclasses.replace(
+            config.vision, crop_size=spec["crop_size"], overlap_margin=4 if spec["crop_size"] >= 224 else 1))
     model = MoondreamModel(config, bos_id=0, attention_backend=spec["backend"]).to(device)
     model.set_train_scope(spec["scope"])
     model.set_gradient_checkpointing(spec["checkpointing"])
@@ -93,33 +96,34 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to measure")
     parser.add_argument("--text-len", type=int, default=30, help="text tokens after the image prefix")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per configuration (median reported)")
+    parser.add_argument("--crop-size", type=int, default=None,
+                        help="override the preset's crop size, e.g. 378 for Moondream2's 729 image tokens "
+                             "(sequence ≈ 760) with the preset's widths")
     parser.add_argument("--scope", default="text", help="train scope (text is the official captcha recipe)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--backends", nargs="+", default=None, help=f"subset of {BACKENDS}")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    worker_flag(parser)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(measure(json.loads(args.worker))))
+    if serve_row(args, measure):
         return
 
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backends = args.backends or [b for b in BACKENDS if b != "flex" or device == "cuda"]
-    print(f"config={args.config} device={device} text_len={args.text_len} scope={args.scope} "
+    print(f"config={args.config} crop_size={args.crop_size or 'preset'} device={device} text_len={args.text_len} "
+          f"scope={args.scope} "
           f"precision={'fp16' if device == 'cuda' else 'fp32'} repeats={args.repeats}")
     header = f"{'batch':>5} {'backend':>9} {'mode':>7} {'ckpt':>5} {'peak MiB':>10} {'step MiB':>10} {'step ms':>9}"
     print(header)
     print("-" * len(header))
     for batch, backend, mode, ckpt in itertools.product(args.batch_sizes, backends, MODES, (True, False)):
-        spec = dict(config=args.config, batch_size=batch, backend=backend, mode=mode, checkpointing=ckpt,
+        spec = dict(config=args.config, crop_size=args.crop_size, batch_size=batch, backend=backend, mode=mode, checkpointing=ckpt,
                     text_len=args.text_len, repeats=args.repeats, scope=args.scope, device=device)
-        run = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
-        if run.returncode != 0:
-            reason = (run.stderr.strip().splitlines() or ["failed"])[-1][:60]
-            print(f"{batch:>5} {backend:>9} {mode:>7} {str(ckpt):>5}  {reason}")
+        r = run_row(__file__, spec)
+        if isinstance(r, str):
+            print(f"{batch:>5} {backend:>9} {mode:>7} {str(ckpt):>5}  {r}")
             continue
-        r = json.loads(run.stdout.strip().splitlines()[-1])
         print(f"{batch:>5} {backend:>9} {mode:>7} {str(ckpt):>5} {r['peak_bytes'] / 2**20:>10.1f} "
               f"{r['step_growth_bytes'] / 2**20:>10.1f} {r['step_s'] * 1000:>9.1f}", flush=True)
 

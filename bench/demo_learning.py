@@ -32,13 +32,13 @@ VAL_SAMPLES = 200
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=2500)
-    parser.add_argument("--eval-every", type=int, default=250)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4000, help="optimizer steps")
+    parser.add_argument("--eval-every", type=int, default=250, help="steps between evaluations")
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per step")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--workers", type=int, default=2, help="processes rendering captchas")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of data and training")
     parser.add_argument("--data-dir", type=Path, default=None, help="keep the data here (default: a temp dir)")
     args = parser.parse_args()
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from isolated import run_row, serve_row, worker_flag
 
 WARMUP_STEPS = 3
 
@@ -48,10 +47,9 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=None, help="default: fp16 bf16 fp32 on CUDA, fp32 bf16 on CPU")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    worker_flag(parser)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(measure(json.loads(args.worker))))
+    if serve_row(args, measure):
         return
 
     import torch
@@ -69,12 +67,10 @@ def main() -> None:
         for mode, precision in itertools.product(("causal", "prefix"), precisions):
             spec = dict(config=args.config, data=data, batch_size=args.batch_size, steps=args.steps, mode=mode,
                         precision=precision, scope=args.scope, device=device, threads=args.threads)
-            run = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                                 capture_output=True, text=True)
-            if run.returncode != 0:
-                print(f"{mode:>7} {precision:>9}  failed: {(run.stderr.strip().splitlines() or [''])[-1][:60]}")
+            r = run_row(__file__, spec)
+            if isinstance(r, str):
+                print(f"{mode:>7} {precision:>9}  failed: {r}")
                 continue
-            r = json.loads(run.stdout.strip().splitlines()[-1])
             print(f"{mode:>7} {precision:>9} {r['samples_per_s']:>10.1f} {r['tokens_per_s']:>10.0f} "
                   f"{r['peak_bytes'] / 2**20:>10.1f} {r['outcome']:>8}", flush=True)
 

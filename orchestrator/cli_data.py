@@ -129,7 +129,7 @@ def _check(args: argparse.Namespace) -> int:
     print(f"skipped:  {loaded.skipped}")
     for reason in loaded.skipped_reasons:
         print(f"  - {reason}")
-    print(f"lengths:  " + ", ".join(f"{k}: {v}" for k, v in sorted(lengths.items())))
+    print("lengths:  " + ", ".join(f"{k}: {v}" for k, v in sorted(lengths.items())))
     print(f"charset:  {''.join(chars)!r} ({len(chars)} characters)")
     print(f"first:    {samples[0].sample_id} -> {samples[0].text!r}, {first.size[0]}x{first.size[1]}")
     return 0

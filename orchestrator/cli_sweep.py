@@ -2,29 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-JOB_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
-    # (flag, JobConfig field, type, help)
-    ("--model", "model", str, "model: a preset name (tiny, small), a local directory or a hub id (default: tiny)"),
-    ("--train-data", "train_data", str, "training data: a Parquet file/dir, image folder or JSONL/CSV manifest "
-                                       "(required; the same for every trial)"),
-    ("--val-data", "val_data", str, "validation data (default: a seeded split of --train-data, the same for "
-                                   "every trial)"),
-    ("--max-val-samples", "max_val_samples", int, "evaluate on at most this many validation samples"),
-    ("--max-steps", "max_steps", int, "optimizer steps per trial (overrides --epochs); also ASHA's horizon"),
-    ("--epochs", "epochs", float, "epochs per trial when --max-steps is not given"),
-    ("--batch-size", "batch_size", int, "micro-batch size"),
-    ("--eval-every", "eval_every", int, "optimizer steps between evaluations (each one reports and checkpoints; "
-                                        "default: once per epoch)"),
-    ("--seed", "seed", int, "the job's seed (data order, init), identical for every trial unless "
-                            "--replicates varies it; default 0"),
-    ("--device", "device", str, "cuda, cpu, ... (default: cuda when available)"),
-)
+from orchestrator.job_flags import add_job_arguments, job_overrides
+
+# JobConfig fields with their own flag on `mdsweep run` (help texts come from JobConfig);
+# every other field is reachable through --set
+JOB_FLAG_FIELDS = ("model", "train_data", "val_data", "max_val_samples", "max_steps", "epochs", "batch_size",
+                   "eval_every", "seed", "device")
 PATH_FIELDS = ("train_data", "val_data", "model")
 
 
@@ -98,8 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--asha-reduction-factor", type=float, default=3.0,
                    help="ASHA: keep the best 1/F at each rung (default 3)")
     g = run.add_argument_group("job settings (fixed: the same for every trial)")
-    for flag, _field, typ, help_ in JOB_FLAGS:
-        g.add_argument(flag, type=typ, default=None, help=help_)
+    add_job_arguments(g, include=JOB_FLAG_FIELDS)
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_values",
                    help="any other JobConfig field, parsed by its type (e.g. --set attention=causal "
                         "--set train_scope=text --set max_gpu_memory=none); repeatable")
@@ -155,16 +142,11 @@ def _absolutize(field: str, value: Any) -> Any:
 def fixed_settings(args: argparse.Namespace) -> dict[str, Any]:
     from orchestrator.search import parse_assignments
 
-    fixed: dict[str, Any] = {}
-    for flag, field, _typ, _help in JOB_FLAGS:
-        v = getattr(args, field, None)
-        if v is not None:
-            fixed[field] = v
+    fixed: dict[str, Any] = job_overrides(args)
     sets = parse_assignments(args.set_values, "--set")
     for key, value in sets.items():
         if key in fixed:
-            flag = next(f for f, fld, _t, _h in JOB_FLAGS if fld == key)
-            raise ValueError(f"--set {key}: already given by {flag}")
+            raise ValueError(f"--set {key}: already given by --{key.replace('_', '-')}")
         fixed[key] = value
     if args.gpu_memory_per_trial and fixed.get("max_gpu_memory") is not None:
         raise ValueError("--set max_gpu_memory conflicts with --gpu-memory-per-trial (which sets it)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from trainer.job_config import JobConfig
 
@@ -30,14 +30,16 @@ def _kind(annotation: str) -> tuple[Any, tuple[str, ...] | None]:
     return _SCALARS[inner], None
 
 
-def add_job_arguments(parser: argparse.ArgumentParser | Any, *, exclude: Iterable[str] = (),
-                      show_defaults: bool = True) -> None:
-    """One flag per JobConfig field; defaults stay None so only given flags override."""
+def add_job_arguments(parser: argparse.ArgumentParser | Any, *, include: Optional[Iterable[str]] = None) -> None:
+    """One flag per JobConfig field (or per `include`d field); defaults stay None so only given flags override."""
+    wanted = None if include is None else set(include)
     for f in dataclasses.fields(JobConfig):
-        if f.name in exclude:
+        if wanted is not None and f.name not in wanted:
             continue
         convert, choices = _kind(str(f.type))
-        help_text = f.metadata["help"] + (f" (default: {f.default})" if show_defaults else "")
+        help_text = f.metadata["help"]
+        if f.default not in (None, "") and "default" not in help_text:
+            help_text += f" (default: {f.default})"
         if convert is bool:
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)

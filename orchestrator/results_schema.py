@@ -23,7 +23,7 @@ import dataclasses
 import re
 import types
 import typing
-from typing import Any, Optional
+from typing import Any
 
 import pyarrow as pa
 

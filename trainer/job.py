@@ -25,7 +25,9 @@ from trainer.faults import Fault
 from trainer.job_config import JobConfig, JobResult, Prediction
 from trainer.loading import LoadedModel, load_model, save_model
 from trainer.memory import apply_gpu_cap, peak_bytes, reset_peak
+from trainer.model import MoondreamModel
 from trainer.schedule import warmup_cosine
+from trainer.tokenizer import get_template
 
 Reporter = Callable[[dict[str, Any], Optional[Path]], None]
 StepCallback = Callable[[dict[str, Any]], None]
@@ -74,8 +76,6 @@ def seed_everything(seed: int) -> None:
 
 def prepare_data(config: JobConfig, loaded: LoadedModel) -> JobData:
     """Load, validate, split and encode the datasets once; every epoch reuses the encoding."""
-    from trainer.tokenizer import get_template
-
     read = dict(text_column=config.text_column, image_column=config.image_column,
                 on_bad_sample=config.on_bad_sample)
     train_set = load_samples(config.train_data, **read)
@@ -172,19 +172,9 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
             t0 = time.perf_counter()
             group = [next(stream) for _ in range(config.grad_accum)]
             progress.micro_batches += len(group)
-            labelled = sum(int((b.labels != -100).sum()) for b in group)
-            loss_total, correct = 0.0, 0
-            for batch in group:
-                batch = batch.to(device)
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss_sum, n_correct, _ = model.answer_loss(batch.crops, batch.tilings, batch.text_ids,
-                                                               batch.labels, config.attention)
-                loss = loss_sum / labelled
-                if fault and fault.poisons_loss(step):
-                    loss = loss * float("nan")
-                scaler.scale(loss).backward()
-                loss_total += float(loss.detach())
-                correct += int(n_correct)
+            loss_total, correct, labelled = accumulate_gradients(
+                model, group, config.attention, scaler, device, autocast_dtype,
+                poison=bool(fault and fault.poisons_loss(step)))
             grad_norm, skipped = optimizer_step(optimizer, scaler, params, config.max_grad_norm,
                                                 finite_loss=math.isfinite(loss_total))
             scheduler.step()
@@ -233,6 +223,30 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     if config.save_model:
         save_model(loaded, Path(config.save_model))
     return result("ok")
+
+
+def accumulate_gradients(model: MoondreamModel, group: list[Batch], mode: str, scaler: torch.amp.GradScaler,
+                         device: torch.device, autocast_dtype: Optional[torch.dtype], *,
+                         poison: bool = False) -> tuple[float, int, int]:
+    """Backward over the micro-batches of one optimizer step; returns (loss, correct tokens, labelled tokens).
+
+    Each micro-batch's summed loss is divided by the labelled tokens of the whole
+    group, so the accumulated gradient is that of one batch of all the samples.
+    `poison` turns the loss into NaN (the `nan@STEP` fault).
+    """
+    labelled = sum(int((b.labels != -100).sum()) for b in group)
+    loss_total, correct = 0.0, 0
+    for batch in group:
+        batch = batch.to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss_sum, n_correct, _ = model.answer_loss(batch.crops, batch.tilings, batch.text_ids, batch.labels, mode)
+        loss = loss_sum / labelled
+        if poison:
+            loss = loss * float("nan")
+        scaler.scale(loss).backward()
+        loss_total += float(loss.detach())
+        correct += int(n_correct)
+    return loss_total, correct, labelled
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[torch.nn.Parameter],
