@@ -120,12 +120,20 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     if config.grad_accum < 1 or config.batch_size < 1:
         raise ValueError(f"grad_accum ({config.grad_accum}) and batch_size ({config.batch_size}) must be ≥ 1")
 
+    # capped before the model arrives, so its weights count against the cap like every later allocation
+    cap = apply_gpu_cap(config.max_gpu_memory, device)
+    reset_peak(device)
     seed_everything(config.seed)
     loaded = load_model(config.model, revision=config.revision, attention_backend=config.attention_backend)
     model = loaded.model
     model.set_train_scope(config.train_scope)
     model.set_gradient_checkpointing(config.gradient_checkpointing)
-    model.to(device).train()
+    try:
+        model.to(device).train()
+    except torch.OutOfMemoryError:
+        return JobResult(outcome="oom", step=0, peak_memory_bytes=peak_bytes(device),
+                         error=f"out of memory moving the model to {device} (cap {cap} bytes)",
+                         wall_time_s=time.time() - started)
     data = prepare_data(config, loaded)
     pad_id = loaded.tokenizer.eos_id
 
@@ -154,8 +162,6 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
         # a checkpoint taken at the last step leaves nothing to run: its evaluation is the result
         final, predictions = state["final"], [Prediction(**p) for p in state["predictions"]]
 
-    cap = apply_gpu_cap(config.max_gpu_memory, device)
-    reset_peak(device)
     stream = micro_batches(data.train, config.batch_size, config.seed, progress.micro_batches, pad_id)
     window: list[dict[str, float]] = []
 
