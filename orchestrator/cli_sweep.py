@@ -140,7 +140,7 @@ def _absolutize(field: str, value: Any) -> Any:
 
 
 def fixed_settings(args: argparse.Namespace) -> dict[str, Any]:
-    from orchestrator.search import parse_assignments
+    from orchestrator.job_values import parse_assignments
 
     fixed: dict[str, Any] = job_overrides(args)
     sets = parse_assignments(args.set_values, "--set")

@@ -6,7 +6,7 @@ import sys
 import time
 from typing import Any, Optional, TextIO
 
-from orchestrator.search import split_suggestion
+from orchestrator.spaces import split_suggestion
 from orchestrator.trainable import KIND_KEY
 
 

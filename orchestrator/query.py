@@ -362,7 +362,7 @@ class PairedSpec:
 
 
 def parse_paired(text: str) -> PairedSpec:
-    from orchestrator.search import parse_value
+    from orchestrator.job_values import parse_value
 
     name, sep, vals = text.partition("=")
     name = name.strip()

@@ -34,7 +34,8 @@ from orchestrator.results_schema import (
     schema_for,
     validate_sweep_name,
 )
-from orchestrator.search import GROUP_KEY, MEMBER_KEY, normalize_value, split_suggestion
+from orchestrator.job_values import normalize_value
+from orchestrator.spaces import GROUP_KEY, MEMBER_KEY, split_suggestion
 from orchestrator.trainable import KIND_KEY, PREDICTIONS_KEY
 
 

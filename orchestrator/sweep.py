@@ -22,7 +22,8 @@ from typing import Any, Optional
 from orchestrator import cluster as cluster_mod
 from orchestrator.resources import ResourceError, TrialResources, check_fit, concurrency_capacity, plan_resources
 from orchestrator.results_schema import METRICS, validate_sweep_name
-from orchestrator.search import SpaceError, SpaceInfo, build_expansions, validate_space
+from orchestrator.search import build_expansions
+from orchestrator.spaces import SpaceError, SpaceInfo, validate_space
 
 MANIFEST = "mdsweep_sweep.json"
 MANIFEST_VERSION = 1
@@ -277,7 +278,7 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
     if s.early_stop not in ("none", "asha"):
         raise SweepError(f"--early-stop {s.early_stop!r}: choose none or asha")
     try:
-        from orchestrator.search import make_scheduler
+        from orchestrator.early_stopping import make_scheduler
 
         make_scheduler(s.early_stop, s.metric, s.mode, s.fixed.get("max_steps"), s.asha_grace,
                        s.asha_reduction_factor)
@@ -408,7 +409,8 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
         from ray import tune
 
         from orchestrator.progress import ProgressTable
-        from orchestrator.search import make_scheduler, make_searcher
+        from orchestrator.early_stopping import make_scheduler
+        from orchestrator.search import make_searcher
         from orchestrator.sink import ParquetSink, write_sweep_row
         from orchestrator.trainable import trial_dirname
 

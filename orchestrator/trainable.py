@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from orchestrator.results_schema import METRICS
-from orchestrator.search import normalize_value, split_suggestion
+from orchestrator.job_values import normalize_value
+from orchestrator.spaces import split_suggestion
 
 DEFAULT_JOB_FN = "trainer.job:run_job"
 PREDICTIONS_KEY = "mdsweep_predictions"

@@ -8,19 +8,16 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from orchestrator.search import (
+from orchestrator.early_stopping import make_scheduler
+from orchestrator.job_values import parse_assignments, parse_value
+from orchestrator.search import build_expansions, make_searcher, parse_cross
+from orchestrator.spaces import (
     DROP_KEY,
     GROUP_KEY,
     MEMBER_KEY,
     SpaceError,
     SpaceFunction,
-    build_expansions,
     load_space_function,
-    make_scheduler,
-    make_searcher,
-    parse_assignments,
-    parse_cross,
-    parse_value,
     resolve_space_spec,
     split_suggestion,
     validate_space,

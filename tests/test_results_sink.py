@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.results_schema import METADATA_KEY, SCHEMA_VERSION, schema_for, schema_markdown
-from orchestrator.search import GROUP_KEY, MEMBER_KEY
+from orchestrator.spaces import GROUP_KEY, MEMBER_KEY
 from orchestrator.sink import ParquetSink, read_partition, write_atomic, write_sweep_row
 from orchestrator.trainable import KIND_KEY, PREDICTIONS_KEY
 
