@@ -30,3 +30,14 @@ def test_perturbed_reference_fails(tmp_path):
     assert not ok
     assert any("photo_1000x760" in line and "FAIL" in line for line in lines)
     assert any("captcha_200x50" in line and "ok" in line for line in lines)
+
+
+def test_an_expected_tensor_of_unknown_kind_fails_the_check(tmp_path):
+    shutil.copytree(REFERENCE_DIR, tmp_path / "ref")
+    path = tmp_path / "ref" / f"{REFERENCE_NAME}.safetensors"
+    tensors = load_file(path)
+    tensors["expected.logits_causal.captcha_200x50"] = tensors["expected.logits_prefix.captcha_200x50"]
+    save_file(tensors, path)
+    ok, lines = check(tmp_path / "ref")
+    assert not ok
+    assert "expected.logits_causal.captcha_200x50: not checked (unknown kind)" in lines
