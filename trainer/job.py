@@ -100,13 +100,12 @@ def prepare_data(config: JobConfig, loaded: LoadedModel) -> JobData:
 def micro_batches(data: list[EncodedSample], batch_size: int, seed: int, start: int, pad_id: int) -> Iterator[Batch]:
     """Endless stream of batches: a fresh seeded permutation per epoch, resumable at any position."""
     per_epoch = math.ceil(len(data) / batch_size)
-    index = start
+    epoch, position = divmod(start, per_epoch)
     while True:
-        epoch, position = divmod(index, per_epoch)
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        chunk = order[position * batch_size: (position + 1) * batch_size].tolist()
-        yield collate([data[i] for i in chunk], pad_id)
-        index += 1
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        for position in range(position, per_epoch):
+            yield collate([data[i] for i in order[position * batch_size: (position + 1) * batch_size]], pad_id)
+        epoch, position = epoch + 1, 0
 
 
 def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_dir: Optional[Path] = None,
