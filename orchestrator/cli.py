@@ -12,7 +12,8 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-COMMAND_MODULES: tuple[str, ...] = ("orchestrator.cli_train", "orchestrator.cli_data", "orchestrator.cli_sweep", "orchestrator.cli_query")
+COMMAND_MODULES: tuple[str, ...] = ("orchestrator.cli_train", "orchestrator.cli_data", "orchestrator.cli_sweep",
+                                   "orchestrator.cli_query", "orchestrator.cli_export", "orchestrator.cli_predict")
 
 
 def build_parser() -> argparse.ArgumentParser:

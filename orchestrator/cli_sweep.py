@@ -11,8 +11,8 @@ from orchestrator.job_flags import add_job_arguments, job_overrides
 
 # JobConfig fields with their own flag on `mdsweep run` (help texts come from JobConfig);
 # every other field is reachable through --set
-JOB_FLAG_FIELDS = ("model", "train_data", "val_data", "max_val_samples", "max_steps", "epochs", "batch_size",
-                   "eval_every", "seed", "device")
+JOB_FLAG_FIELDS = ("model", "train_data", "val_data", "max_val_samples", "max_samples", "max_steps", "epochs",
+                   "batch_size", "eval_every_samples", "eval_every", "seed", "device")
 PATH_FIELDS = ("train_data", "val_data", "model")
 
 
@@ -82,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--early-stop", choices=("none", "asha"), default="none",
                    help="early stopping on --metric: asha (asynchronous successive halving) or none (default)")
     g.add_argument("--asha-grace", type=_positive_int, default=None,
-                   help="ASHA: steps a trial runs before it can be stopped (default: max steps / 8)")
+                   help="ASHA: samples (with --max-samples) or steps (with --max-steps) a trial runs before it "
+                        "can be stopped (default: the trial length / 8)")
     g.add_argument("--asha-reduction-factor", type=float, default=3.0,
                    help="ASHA: keep the best 1/F at each rung (default 3)")
     g = run.add_argument_group("job settings (fixed: the same for every trial)")

@@ -41,6 +41,7 @@ SWEEP_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
 # What the job reports at each evaluation (the contract in trainer/job.py), with types.
 METRIC_TYPES: dict[str, pa.DataType] = {
     "step": pa.int64(),
+    "samples_seen": pa.int64(),
     "epoch": pa.float64(),
     "train_loss": pa.float64(),
     "token_accuracy": pa.float64(),

@@ -261,6 +261,7 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
         raise SweepError("--max-failures must be >= 0")
     if not s.fixed.get("train_data"):
         raise SweepError("--train-data is required (a Parquet file/dir, image folder or JSONL/CSV manifest)")
+    check_fixed_budget(s.fixed)
     try:
         info = validate_space(s.space, s.fixed, seed=s.search_seed)
     except SpaceError as e:
@@ -280,11 +281,25 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
     try:
         from orchestrator.early_stopping import make_scheduler
 
-        make_scheduler(s.early_stop, s.metric, s.mode, s.fixed.get("max_steps"), s.asha_grace,
+        make_scheduler(s.early_stop, s.metric, s.mode, s.fixed, s.asha_grace,
                        s.asha_reduction_factor)
     except ValueError as e:
         raise SweepError(str(e)) from None
     return info
+
+
+def check_fixed_budget(fixed: dict[str, Any]) -> None:
+    """A budget that cannot work (max_samples with max_steps, a zero step count) fails before any trial runs."""
+    from trainer.budget import check_budget_fields
+    from trainer.job_config import JobConfig
+
+    defaults = JobConfig()
+    values = {name: fixed.get(name, getattr(defaults, name)) for name in (
+        "batch_size", "grad_accum", "epochs", "max_samples", "max_steps", "eval_every", "eval_every_samples")}
+    try:
+        check_budget_fields(**values)
+    except (ValueError, TypeError) as e:
+        raise SweepError(f"job settings: {e}") from None
 
 
 def searched_columns(s: SweepSettings, info: SpaceInfo) -> list[str]:
@@ -379,10 +394,28 @@ def _finish(s: SweepSettings, grid: Any, searcher: Any, started: float, req: Tri
         print(f"\nLeaderboard of sweep {s.name} ({s.metric}, {s.mode}; outcomes: "
               + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ")")
         print(leaderboard(s.results, s.name))
+        print(found_summary(rows, s))
         print(f"\nresults: {s.results}  (mdsweep query {s.results} --sweep {s.name})")
         if status != "finished":
             print(f"sweep {s.name} is {status}: continue it with `mdsweep resume {s.name} --storage {s.storage}`")
     return outcome
+
+
+def found_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
+    """What the sweep found: the best trial with its interval, the spread, and how to take the model out."""
+    from orchestrator.trial_pick import best_trial, describe_trial
+
+    best = best_trial(rows)
+    if best is None:
+        return "\nNo trial ended ok with a value of the objective: nothing to recommend."
+    searched = list(best.get("searched") or [])
+    scores = [r["objective"] for r in rows if r.get("outcome") == "ok" and r.get("objective") is not None]
+    lines = [f"\nBest: trial {best['trial_id']}: {describe_trial(best, searched)}"]
+    if len(scores) > 1:
+        lines.append(f"Spread over {len(scores)} ok trials: {min(scores):.3f} to {max(scores):.3f} "
+                     f"({s.metric}); `mdsweep query {s.results} --sweep {s.name} --group-by ...` breaks it down")
+    lines.append(f"Its model: mdsweep export {s.results} --sweep {s.name} --best --out models/{s.name}-best")
+    return "\n".join(lines)
 
 
 def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> SweepOutcome:
@@ -421,7 +454,7 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
             "cross_json": json.dumps(s.cross, default=str), "fixed_json": json.dumps(s.fixed, default=str),
             "resources_json": json.dumps(req.to_dict(), default=str), "argv": s.argv})
         searcher = make_searcher(s.space, s.metric, s.mode, s.search_seed, expansions, s.max_concurrent)
-        scheduler = make_scheduler(s.early_stop, s.metric, s.mode, s.fixed.get("max_steps"), s.asha_grace,
+        scheduler = make_scheduler(s.early_stop, s.metric, s.mode, s.fixed, s.asha_grace,
                                    s.asha_reduction_factor)
         total = s.num_samples * len(expansions)
         sink = ParquetSink(s.results, s.name, s.fixed, searched, s.metric, s.mode, req.max_gpu_memory)

@@ -149,3 +149,125 @@ def test_invalid_space_fails_before_ray_starts(tmp_path, captcha_parquet):
 def test_missing_train_data_names_the_flag(tmp_path):
     proc = mdsweep("run", "--storage", str(tmp_path / "s"), timeout=60)
     assert proc.returncode == 2 and "--train-data is required" in proc.stderr
+
+
+# --- the model out of the sweep: export, then predict --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(sweep, tmp_path_factory):
+    tmp = sweep[0]
+    out = tmp_path_factory.mktemp("export") / "best"
+    proc = mdsweep("export", str(tmp / "results"), "--sweep", "faults", "--best", "--out", str(out))
+    return out, proc
+
+
+def test_export_best_writes_the_official_layout_and_a_card(sweep, exported):
+    out, proc = exported
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    card = json.loads((out / "model_card.json").read_text())
+    best = max((t for t in _trials(sweep[0]).values() if t["outcome"] == "ok"),
+               key=lambda t: (t["objective"], [-ord(c) for c in t["trial_id"]]))
+    assert card["trial_id"] == best["trial_id"] and card["sweep"] == "faults"
+    assert card["job_config"]["lr"] == best["lr"] and card["final_metrics"]["val_n"] == 4
+    assert (out / "model.safetensors").is_file() and (out / "mdsweep_config.json").is_file()
+    assert f"exported trial {best['trial_id']}" in proc.stdout and "mdsweep predict --model" in proc.stdout
+
+
+def test_exported_weights_reload_bit_identical_to_the_trial(sweep, exported):
+    import torch
+
+    from trainer.checkpoint import load_checkpoint
+    from trainer.export import read_model_card
+    from trainer.job import seed_everything
+    from trainer.loading import load_model
+
+    out = exported[0]
+    card = read_model_card(out)
+    trial = _trials(sweep[0])
+    row = next(t for t in trial.values() if t["trial_id"] == card["trial_id"])
+    trained = load_checkpoint(Path(row["checkpoint_path"]))["model"]
+    reloaded = load_model(str(out)).model.state_dict()
+    assert trained and all(torch.equal(reloaded[k], v) for k, v in trained.items())
+    seed_everything(row["seed"])  # the frozen parts are the trial's seeded base
+    base = load_model(row["model"]).model.state_dict()
+    frozen = [k for k in base if k not in trained]
+    assert frozen and all(torch.equal(reloaded[k], base[k]) for k in frozen)
+
+
+def test_predict_with_the_export_reproduces_the_recorded_predictions(sweep, exported):
+    from trainer.data import load_samples, split_samples
+    from trainer.export import read_model_card
+    from trainer.loading import load_model
+    from trainer.predict import PredictSettings, predict
+
+    out = exported[0]
+    config = read_model_card(out)["job_config"]
+    _train, val = split_samples(load_samples(config["train_data"]).samples, config["val_fraction"],
+                                config["split_seed"])
+    val = val[: config["max_val_samples"]]
+    settings = PredictSettings(attention=config["attention"], batch_size=config["batch_size"],
+                               max_new_tokens=config["max_new_tokens"])
+    _metrics, predictions = predict(load_model(str(out)), val, settings)
+    recorded = pq.read_table(sweep[0] / "results" / "predictions",
+                             filters=[("trial_id", "=", read_model_card(out)["trial_id"])]).to_pylist()
+    assert {p.sample_id: p.prediction for p in predictions} == {r["sample_id"]: r["prediction"] for r in recorded}
+
+
+def test_predict_cli_prints_metrics_and_writes_parquet(exported, captcha_parquet, tmp_path):
+    out = exported[0]
+    proc = mdsweep("predict", "--model", str(out), "--data", str(captcha_parquet), "--limit", "6", "--show", "2",
+                   "--out", str(tmp_path / "p.parquet"))
+    assert proc.returncode == 0, proc.stderr
+    assert "exact match" in proc.stdout and "95 % Wilson interval, n=6" in proc.stdout and "images/s" in proc.stdout
+    rows = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    assert len(rows) == 6 and {"sample_id", "prediction", "target", "correct", "cer"} <= set(rows[0])
+
+
+def test_predict_cli_reads_unlabelled_images(exported, tmp_path):
+    from trainer.synth import generate_samples
+
+    for label, png in generate_samples(3, length=4, seed=7):
+        (tmp_path / f"img_{label}.png").write_bytes(png)
+    proc = mdsweep("predict", "--model", str(exported[0]), "--images", str(tmp_path), "--out",
+                   str(tmp_path / "p.csv"))
+    assert proc.returncode == 0, proc.stderr
+    assert "3 images in" in proc.stdout and "exact match" not in proc.stdout
+    assert (tmp_path / "p.csv").read_text().splitlines()[0] == '"sample_id","prediction"'
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sweep", "nosuch", "--best"], "no sweep 'nosuch'"),
+    (["--sweep", "faults", "--trial", "zzz"], "no trial 'zzz' in sweep 'faults'; its trials:"),
+])
+def test_export_errors_are_one_line(sweep, tmp_path, args, message):
+    proc = mdsweep("export", str(sweep[0] / "results"), *args, "--out", str(tmp_path / "m"))
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_export_refuses_a_trial_that_ran_out_of_memory(sweep, tmp_path):
+    oom = _trials(sweep[0])["oom@2"]["trial_id"]
+    proc = mdsweep("export", str(sweep[0] / "results"), "--sweep", "faults", "--trial", oom, "--out",
+                   str(tmp_path / "m"))
+    assert proc.returncode == 2 and f"trial {oom} ended 'oom'" in proc.stderr
+
+
+def test_export_says_when_storage_is_gone(tmp_path):
+    from orchestrator.cli_export import local_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="was the sweep's --storage moved or deleted"):
+        with local_checkpoint({"trial_id": "t1", "checkpoint_path": str(tmp_path / "gone")}, str(tmp_path)):
+            pass
+
+
+def test_export_will_not_overwrite_without_force(sweep, exported):
+    proc = mdsweep("export", str(sweep[0] / "results"), "--sweep", "faults", "--best", "--out", str(exported[0]))
+    assert proc.returncode == 2 and "--force" in proc.stderr
+
+
+def test_sweep_prints_what_it_found(sweep):
+    out = sweep[1].stdout
+    assert "Best: trial" in out and "Its model: mdsweep export" in out

@@ -265,13 +265,16 @@ def test_searcher_state_survives_save_and_restore(tmp_path):
 
 
 def test_scheduler():
-    assert make_scheduler("none", "val_exact_match", "max", 100, None, 3) is None
-    asha = make_scheduler("asha", "val_exact_match", "max", 100, 10, 3)
+    assert make_scheduler("none", "val_exact_match", "max", {"max_steps": 100}, None, 3) is None
+    asha = make_scheduler("asha", "val_exact_match", "max", {"max_steps": 100}, 10, 3)
     assert asha._time_attr == "step" and asha._max_t == 100
+    by_samples = make_scheduler("asha", "val_exact_match", "max", {"max_samples": 6400}, None, 3)
+    assert by_samples._time_attr == "samples_seen" and by_samples._max_t == 6400
+    assert [rung for rung, _ in by_samples._brackets[0]._rungs] == [3200, 800]  # grace: the length / 8
     with pytest.raises(ValueError, match="--asha-grace"):
-        make_scheduler("asha", "val_exact_match", "max", 10, 20, 3)
-    with pytest.raises(ValueError, match="--max-steps"):
-        make_scheduler("asha", "val_exact_match", "max", None, 2, 3)
+        make_scheduler("asha", "val_exact_match", "max", {"max_steps": 10}, 20, 3)
+    with pytest.raises(ValueError, match="--max-samples"):
+        make_scheduler("asha", "val_exact_match", "max", {}, 2, 3)
 
 
 def test_asha_never_stops_a_trial_at_its_last_step():
@@ -281,7 +284,7 @@ def test_asha_never_stops_a_trial_at_its_last_step():
         def __init__(self, tid):
             self.trial_id = tid
 
-    asha = make_scheduler("asha", "val_exact_match", "max", 6, 2, 3)
+    asha = make_scheduler("asha", "val_exact_match", "max", {"max_steps": 6}, 2, 3)
     trials = [FakeTrial(f"t{i}") for i in range(4)]
     for t in trials:
         asha.on_trial_add(None, t)

@@ -595,3 +595,33 @@ def split_samples(samples: Sequence[Sample], val_fraction: float, seed: int) -> 
     train = [s for i, s in enumerate(samples) if i not in val_idx]
     val = [s for i, s in enumerate(samples) if i in val_idx]
     return train, val
+
+
+def load_unlabelled_images(paths: Sequence[PathLike]) -> list[Sample]:
+    """Image files, and folders searched recursively, as samples without labels (for prediction).
+
+    Every image is decoded here, so a corrupt file is reported by name before any
+    model work starts. Sample ids are the paths as given (folder entries: the
+    folder joined with the relative path), in sorted order within a folder.
+    """
+    samples: list[Sample] = []
+    for given in paths:
+        p = Path(given).expanduser()
+        if p.is_dir():
+            files = _files_under(p, IMAGE_EXTENSIONS)
+            if not files:
+                raise DataError(f"{p}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder")
+        elif p.is_file():
+            files = [p]
+        else:
+            raise DataError(f"{p}: no such image file or folder")
+        for f in files:
+            try:
+                data = f.read_bytes()
+                decode_image(data)
+            except Exception as exc:  # OSError, or PIL's many types for corrupt input
+                raise DataError(f"{f}: unreadable image ({type(exc).__name__}: {exc})") from None
+            samples.append(Sample(str(f), data, ""))
+    if not samples:
+        raise DataError("no images given")
+    return samples

@@ -1,7 +1,7 @@
 """Validation: greedy answers, exact match with its interval, character error rate."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -16,8 +16,12 @@ from trainer.tokenizer import Tokenizer
 
 def evaluate(model: MoondreamModel, samples: Sequence[EncodedSample], tokenizer: Tokenizer, mode: AttentionMode, *,
              batch_size: int, max_new_tokens: int, device: torch.device,
-             autocast_dtype: torch.dtype | None) -> tuple[dict[str, float], list[Prediction]]:
-    """Metrics (`val_*`) and one `Prediction` per sample; exact match compares stripped strings."""
+             autocast_dtype: torch.dtype | None,
+             on_batch: Optional[Callable[[int], None]] = None) -> tuple[dict[str, float], list[Prediction]]:
+    """Metrics (`val_*`) and one `Prediction` per sample; exact match compares stripped strings.
+
+    `on_batch(n)` is called after each decoded batch of n samples (progress bars).
+    """
     was_training = model.training
     model.eval()
     predictions: list[Prediction] = []
@@ -36,6 +40,8 @@ def evaluate(model: MoondreamModel, samples: Sequence[EncodedSample], tokenizer:
                 target = s.target.strip()
                 predictions.append(Prediction(s.sample_id, target, text, text == target,
                                               character_error_rate(text, target)))
+            if on_batch is not None:
+                on_batch(len(group))
     model.train(was_training)
     n = len(predictions)
     correct = sum(p.correct for p in predictions)

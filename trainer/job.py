@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from trainer.batching import Batch, EncodedSample, collate, encode_samples
+from trainer.budget import check_budget_fields, plan_budget
 from trainer.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint, trainable_state
 from trainer.data import load_samples, split_samples
 from trainer.evaluate import evaluate
@@ -45,6 +46,7 @@ class Progress:
 
     step: int = 0  # optimizer steps completed
     micro_batches: int = 0  # micro-batches consumed since the start (fixes the data position)
+    samples_seen: int = 0  # training samples consumed since the start
     nonfinite_streak: int = 0
     scaler_skipped_steps: int = 0
     best_metrics: dict[str, Any] = field(default_factory=dict)
@@ -116,8 +118,10 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     autocast_dtype = AUTOCAST_DTYPES[precision]
-    if config.grad_accum < 1 or config.batch_size < 1:
-        raise ValueError(f"grad_accum ({config.grad_accum}) and batch_size ({config.batch_size}) must be ≥ 1")
+    budget_fields = dict(batch_size=config.batch_size, grad_accum=config.grad_accum, epochs=config.epochs,
+                         max_samples=config.max_samples, max_steps=config.max_steps, eval_every=config.eval_every,
+                         eval_every_samples=config.eval_every_samples)
+    check_budget_fields(**budget_fields)  # before the model loads: a bad budget fails at once
 
     # capped before the model arrives, so its weights count against the cap like every later allocation
     cap = apply_gpu_cap(config.max_gpu_memory, device)
@@ -136,10 +140,8 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     data = prepare_data(config, loaded)
     pad_id = loaded.tokenizer.eos_id
 
-    batches_per_epoch = math.ceil(len(data.train) / config.batch_size)
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.grad_accum))
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-    eval_every = config.eval_every or steps_per_epoch
+    budget = plan_budget(len(data.train), **budget_fields)
+    total_steps = budget.total_steps
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -175,8 +177,9 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
             if fault:
                 fault.before_step(step, resumed)
             t0 = time.perf_counter()
-            group = [next(stream) for _ in range(config.grad_accum)]
+            group = [next(stream) for _ in range(budget.group_size(progress.micro_batches))]
             progress.micro_batches += len(group)
+            samples_before, progress.samples_seen = progress.samples_seen, budget.samples_in(progress.micro_batches)
             loss_total, correct, labelled = accumulate_gradients(
                 model, group, config.attention, scaler, device, autocast_dtype,
                 poison=bool(fault and fault.poisons_loss(step)))
@@ -193,7 +196,8 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
             # every sequence the decoder runs: BOS + image tokens + padded text
             decoder_tokens = sum(b.text_ids.numel() + len(b.samples) * model.prefix_len for b in group)
             metrics = {
-                "step": step, "total_steps": total_steps, "epoch": progress.micro_batches / batches_per_epoch,
+                "step": step, "total_steps": total_steps, "samples_seen": progress.samples_seen,
+                "epoch": progress.micro_batches / budget.batches_per_epoch,
                 "train_loss": loss_total,
                 "token_accuracy": correct / max(labelled, 1), "lr": scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm, "scaler_skipped_steps": progress.scaler_skipped_steps,
@@ -203,7 +207,7 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
             window.append(metrics)
             if on_step:
                 on_step(metrics)
-            if step % eval_every == 0 or step == total_steps:
+            if budget.should_evaluate(step, samples_before, progress.samples_seen):
                 val_metrics, predictions = evaluate(
                     model, data.val, loaded.tokenizer, config.attention, batch_size=config.batch_size,
                     max_new_tokens=config.max_new_tokens, device=device, autocast_dtype=autocast_dtype)
@@ -282,7 +286,8 @@ def report_metrics(window: list[dict[str, float]], val_metrics: dict[str, float]
     last = window[-1]
     mean = lambda key: sum(m[key] for m in window) / len(window)  # noqa: E731
     return {
-        "step": last["step"], "epoch": last["epoch"], "train_loss": mean("train_loss"),
+        "step": last["step"], "samples_seen": last["samples_seen"], "epoch": last["epoch"],
+        "train_loss": mean("train_loss"),
         "token_accuracy": mean("token_accuracy"), "lr": last["lr"], "grad_norm": last["grad_norm"],
         "scaler_skipped_steps": last["scaler_skipped_steps"], "samples_per_s": mean("samples_per_s"),
         "tokens_per_s": mean("tokens_per_s"), "peak_memory_bytes": peak_bytes(device),

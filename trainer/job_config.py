@@ -39,8 +39,11 @@ class JobConfig:
     lr: float = _field(3e-5, "peak learning rate (AdamW)")
     grad_accum: int = _field(1, "micro-batches accumulated per optimizer step")
     batch_size: int = _field(8, "samples per micro-batch")
-    epochs: float = _field(1.0, "passes over the training data (ignored when max_steps is set)")
-    max_steps: Optional[int] = _field(None, "optimizer steps to run; overrides epochs")
+    epochs: float = _field(1.0, "passes over the training data (ignored when max_samples or max_steps is set)")
+    max_samples: Optional[int] = _field(None, "training samples to process: the same budget for every trial "
+                                              "whatever its batch_size and grad_accum; overrides epochs")
+    max_steps: Optional[int] = _field(None, "optimizer steps to run (a trial with larger grad_accum or batch "
+                                            "sees more data); overrides epochs, not with max_samples")
     warmup_ratio: float = _field(0.05, "fraction of steps with linear warmup before cosine decay")
     weight_decay: float = _field(0.0, "AdamW weight decay")
     max_grad_norm: float = _field(1.0, "gradient clipping norm")
@@ -55,6 +58,8 @@ class JobConfig:
     device: Optional[str] = _field(None, "cuda, cuda:N or cpu; default cuda when available")
     seed: int = _field(0, "seed of weights init, data order and dropout; sweep it for replicates")
     eval_every: Optional[int] = _field(None, "optimizer steps between evaluations (default: once per epoch)")
+    eval_every_samples: Optional[int] = _field(None, "training samples between evaluations, so that every trial "
+                                                     "is evaluated at the same sample counts; not with eval_every")
     max_new_tokens: int = _field(16, "longest answer generated at evaluation")
     max_gpu_memory: Optional[str] = _field(None, "cap on this job's GPU allocator: bytes (16GiB) or a fraction "
                                                  "(0.25); beyond it the job ends as oom")

@@ -15,6 +15,17 @@ from trainer.weights import HUB_ID, WEIGHTS_FILE, CheckpointError, fetch_from_hu
     read_safetensors, save_official_weights
 
 
+# Pretrained bases that ship with the project (`models/NAME/`), loaded by name like a preset
+# but through the official-layout path, exactly as a downloaded Moondream2 checkpoint.
+SHIPPED_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+
+
+def shipped_models() -> list[str]:
+    if not SHIPPED_MODELS_DIR.is_dir():
+        return []
+    return sorted(d.name for d in SHIPPED_MODELS_DIR.iterdir() if (d / WEIGHTS_FILE).is_file())
+
+
 @dataclass
 class LoadedModel:
     model: MoondreamModel
@@ -24,17 +35,21 @@ class LoadedModel:
 
 def load_model(spec: str, *, revision: Optional[str] = None,
                attention_backend: AttentionBackend = "sdpa") -> LoadedModel:
-    """A preset name gives fresh random weights (seed torch first); a directory or hub id loads weights."""
+    """A preset name gives fresh random weights (seed torch first); a shipped model's name, a directory or a
+    hub id loads weights."""
     if spec in PRESETS:
         config = PRESETS[spec]
         tokenizer = load_tokenizer(config.tokenizer, None)
         return LoadedModel(MoondreamModel(config, bos_id=tokenizer.bos_id, attention_backend=attention_backend),
                            tokenizer, None)
-    directory = Path(spec)
-    if not directory.is_dir():
+    directory = Path(spec).expanduser()
+    if spec in shipped_models():
+        directory = SHIPPED_MODELS_DIR / spec
+    elif not directory.is_dir():
         if not HUB_ID.match(spec):
-            raise CheckpointError(f"model {spec!r} is neither a preset ({', '.join(PRESETS)}), "
-                                  "a local directory, nor a hub id (owner/name)")
+            raise CheckpointError(f"model {spec!r} is neither a preset ({', '.join(PRESETS)}), a shipped model "
+                                  f"({', '.join(shipped_models()) or 'none'}), a local directory, nor a hub id "
+                                  "(owner/name)")
         directory = fetch_from_hub(spec, revision)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():

@@ -1,0 +1,64 @@
+"""Which trial of a sweep: the best by the objective Optuna was told, or one by id; and its one-line summary.
+
+Shared by `mdsweep export` and the end-of-sweep report, so "the best trial" means
+the same thing in both.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+
+class TrialPickError(ValueError):
+    """No trial matches; the message says what exists instead."""
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def best_trial(rows: Sequence[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The `ok` trial with the best objective (ties: the lower trial id), or None."""
+    scored = [r for r in rows if r.get("outcome") == "ok" and _finite(r.get("objective"))]
+    if not scored:
+        return None
+    sign = -1.0 if (scored[0].get("objective_mode") or "max") == "max" else 1.0
+    return min(scored, key=lambda r: (sign * r["objective"], r["trial_id"]))
+
+
+def find_trial(rows: Sequence[dict[str, Any]], sweep: str, *, trial_id: Optional[str], best: bool) -> dict[str, Any]:
+    """The trial `export` should take; TrialPickError names what is missing."""
+    if not rows:
+        raise TrialPickError(f"no sweep {sweep!r} in the results (no trials table partition sweep={sweep})")
+    if best:
+        row = best_trial(rows)
+        if row is None:
+            outcomes = ", ".join(sorted({str(r.get("outcome")) for r in rows}))
+            raise TrialPickError(f"sweep {sweep!r} has no trial that ended ok with an objective (outcomes: {outcomes})")
+        return row
+    matches = [r for r in rows if r.get("trial_id") == trial_id]
+    if not matches:
+        known = ", ".join(sorted(str(r.get("trial_id")) for r in rows)[:12])
+        raise TrialPickError(f"no trial {trial_id!r} in sweep {sweep!r}; its trials: {known}")
+    row = matches[0]
+    if row.get("outcome") != "ok":
+        reason = (row.get("error") or "").strip().splitlines()
+        raise TrialPickError(f"trial {trial_id} ended {row.get('outcome')!r}"
+                             + (f" ({reason[0]})" if reason else "")
+                             + "; only a trial that ended ok has a fine-tuned model to export")
+    return row
+
+
+def describe_trial(row: dict[str, Any], searched: Sequence[str]) -> str:
+    """`val_exact_match 0.955 [0.918, 0.976] (n=200) with lr=0.0012, grad_accum=2, attention=prefix`."""
+    metric = row.get("objective_metric") or "val_exact_match"
+    text = f"{metric} {row.get('objective', float('nan')):.3f}"
+    if metric == "val_exact_match" and _finite(row.get("final_val_exact_match_low")):
+        text += (f" [{row['final_val_exact_match_low']:.3f}, {row['final_val_exact_match_high']:.3f}]"
+                 f" (n={row.get('final_val_n')})")
+    settings = [f"{k}={_short(row.get(k))}" for k in searched if k in row]
+    return text + (" with " + ", ".join(settings) if settings else "")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

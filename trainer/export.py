@@ -1,0 +1,51 @@
+"""A trial's fine-tuned model out of its job checkpoint, in the official Moondream2 layout.
+
+A job checkpoint holds only what trained (frozen weights come back from the base
+model), so the export rebuilds the base exactly as the job did — same model spec,
+same seed for a fresh preset — and lays the trained tensors over it. The result
+loads here by path and in the official code, and carries a model card saying
+which sweep, trial, settings and metrics it came from.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from trainer.checkpoint import load_checkpoint
+from trainer.job import seed_everything
+from trainer.job_config import JobConfig
+from trainer.loading import save_model, load_model
+from trainer.weights import CheckpointError
+
+MODEL_CARD = "model_card.json"
+
+
+def export_checkpoint(checkpoint_dir: Path, config: JobConfig, out: Path, card: dict[str, Any]) -> Path:
+    """Write base + trained weights, config, tokenizer and `model_card.json` to `out`; returns `out`."""
+    state = load_checkpoint(checkpoint_dir)
+    trained = state.get("model") or {}
+    seed_everything(config.seed)  # a preset base is seeded random weights: rebuild the same ones
+    loaded = load_model(config.model, revision=config.revision, attention_backend=config.attention_backend)
+    current = loaded.model.state_dict()
+    unknown = sorted(set(trained) - set(current))
+    if unknown:
+        raise CheckpointError(f"{checkpoint_dir}: tensor {unknown[0]!r} is not in model {config.model!r} "
+                              f"({len(unknown)} such); was the base model changed since the sweep?")
+    for key, tensor in trained.items():
+        if tuple(tensor.shape) != tuple(current[key].shape):
+            raise CheckpointError(f"{checkpoint_dir}: tensor {key!r} has shape {tuple(tensor.shape)}, the base "
+                                  f"model {config.model!r} has {tuple(current[key].shape)}")
+        current[key].copy_(tensor)
+    out = Path(out)
+    save_model(loaded, out)
+    card = {**card, "base_model": config.model, "trained_tensors": len(trained),
+            "job_config": config.to_dict()}
+    (out / MODEL_CARD).write_text(json.dumps(card, indent=1, default=str))
+    return out
+
+
+def read_model_card(model_dir: Path) -> dict[str, Any]:
+    """The card of an exported model, or {} for any other model directory."""
+    path = Path(model_dir) / MODEL_CARD
+    return json.loads(path.read_text()) if path.is_file() else {}

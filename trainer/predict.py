@@ -1,0 +1,50 @@
+"""Run a model on new images: the same cropping, prompt and KV-cached greedy decoding as validation.
+
+Prediction goes through `evaluate`, so an exported trial's answers on its own
+validation set are the answers the trial recorded, and labelled data gets the
+same exact match, interval and CER the sweep reports.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from trainer.attention import AttentionMode
+from trainer.batching import encode_samples
+from trainer.data import Sample
+from trainer.evaluate import evaluate
+from trainer.job import resolve_device, resolve_precision, AUTOCAST_DTYPES
+from trainer.job_config import Prediction
+from trainer.loading import LoadedModel
+from trainer.tokenizer import get_template
+
+
+@dataclass
+class PredictSettings:
+    attention: AttentionMode = "prefix"
+    batch_size: int = 8
+    question: str = "What does the text say?"
+    prompt_template: str = "moondream2-2025"
+    max_new_tokens: int = 16
+    device: Optional[str] = None
+    precision: Optional[str] = None
+
+
+def predict(loaded: LoadedModel, samples: Sequence[Sample], settings: PredictSettings,
+            on_batch: Optional[Callable[[int], None]] = None) -> tuple[dict[str, float], list[Prediction]]:
+    """(metrics against the samples' labels, one prediction per sample in input order)."""
+    if settings.batch_size < 1:
+        raise ValueError(f"batch size must be ≥ 1, got {settings.batch_size}")
+    device = resolve_device(settings.device)
+    autocast_dtype = AUTOCAST_DTYPES[resolve_precision(settings.precision, device)]
+    model = loaded.model.to(device)
+    encoded = encode_samples(samples, model.config.vision, loaded.tokenizer, get_template(settings.prompt_template),
+                             settings.question)
+    with torch.inference_mode():
+        metrics, predictions = evaluate(model, encoded, loaded.tokenizer, settings.attention,
+                                        batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
+                                        device=device, autocast_dtype=autocast_dtype, on_batch=on_batch)
+    order = {s.sample_id: i for i, s in enumerate(samples)}
+    return metrics, sorted(predictions, key=lambda p: order[p.sample_id])
