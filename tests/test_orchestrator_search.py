@@ -270,7 +270,7 @@ def test_scheduler():
     assert asha._time_attr == "step" and asha._max_t == 100
     by_samples = make_scheduler("asha", "val_exact_match", "max", {"max_samples": 6400}, None, 3)
     assert by_samples._time_attr == "samples_seen" and by_samples._max_t == 6400
-    assert [rung for rung, _ in by_samples._brackets[0]._rungs] == [3200, 800]  # grace: the length / 8
+    assert [rung for rung, _ in by_samples._brackets[0]._rungs] == [2400, 800]  # grace: the length / 8, then ×3
     with pytest.raises(ValueError, match="--asha-grace"):
         make_scheduler("asha", "val_exact_match", "max", {"max_steps": 10}, 20, 3)
     with pytest.raises(ValueError, match="--max-samples"):
