@@ -156,6 +156,8 @@ def connect(
     if resolved.startswith("ray://"):
         notes.append("Ray Client (ray://) is documented as unreliable for Ray Tune; for a remote "
                      "cluster prefer `ray job submit -- mdsweep run --address auto ...`")
+    if use_token_auth(resolved):
+        notes.append("attaching with Ray token authentication (the token `ray start --head` saved)")
     try:
         ray.init(address=resolved, log_to_driver=log_to_driver, runtime_env=runtime_env)
     except ConnectionError as e:
@@ -163,6 +165,27 @@ def connect(
     except Exception as e:  # e.g. a port that is open but is not a Ray head
         raise ClusterError(f"{source} {resolved}: could not attach to Ray ({type(e).__name__}: {e})") from None
     return ClusterHandle(address=resolved, source=source, owned=True, notes=notes)
+
+
+def use_token_auth(address: str) -> bool:
+    """Turn on Ray's token authentication for a host:port attach when a token exists and the mode is unset.
+
+    `ray start --head` (Ray 2.5x+) enables token auth when a token exists (e.g. in
+    ~/.ray/auth_token, which any earlier embedded Ray creates). A driver attaching
+    with `address="auto"` switches token mode on by itself; one attaching by
+    host:port does not, and fails after ~20 s with a misleading "previous Ray
+    instance that has since crashed". Ray's own helper for the auto path does the
+    switch (it also refreshes Ray's cached config, which an environment variable
+    alone would not); an explicit RAY_AUTH_MODE is respected.
+    """
+    if address == "auto" or address.startswith("ray://"):
+        return False
+    try:
+        from ray._private.authentication.authentication_token_setup import \
+            maybe_enable_token_auth_if_token_available
+    except ImportError:  # a Ray without token authentication
+        return False
+    return bool(maybe_enable_token_auth_if_token_available(warn_if_disabled=False))
 
 
 def is_remote_storage(storage: str) -> bool:
