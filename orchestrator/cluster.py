@@ -168,24 +168,33 @@ def connect(
 
 
 def use_token_auth(address: str) -> bool:
-    """Turn on Ray's token authentication for a host:port attach when a token exists and the mode is unset.
+    """Turn on Ray's token authentication for a host:port attach to a head that requires it.
 
     `ray start --head` (Ray 2.5x+) enables token auth when a token exists (e.g. in
     ~/.ray/auth_token, which any earlier embedded Ray creates). A driver attaching
     with `address="auto"` switches token mode on by itself; one attaching by
     host:port does not, and fails after ~20 s with a misleading "previous Ray
-    instance that has since crashed". Ray's own helper for the auto path does the
-    switch (it also refreshes Ray's cached config, which an environment variable
-    alone would not); an explicit RAY_AUTH_MODE is respected.
+    instance that has since crashed". The head is asked first (one unauthenticated
+    GCS read, well under a second): token mode on a head without it would start
+    workers that cannot reach the driver. Ray's own helper does the switch (it also
+    refreshes Ray's cached config); an explicit RAY_AUTH_MODE is respected.
     """
-    if address == "auto" or address.startswith("ray://"):
+    if address == "auto" or address.startswith("ray://") or os.environ.get("RAY_AUTH_MODE") is not None:
         return False
     try:
         from ray._private.authentication.authentication_token_setup import \
             maybe_enable_token_auth_if_token_available
+        from ray._raylet import GcsClient
+        from ray.exceptions import AuthenticationError
     except ImportError:  # a Ray without token authentication
         return False
-    return bool(maybe_enable_token_auth_if_token_available(warn_if_disabled=False))
+    try:
+        GcsClient(address=address).internal_kv_get(b"mdsweep-auth-probe", None, timeout=5)
+        return False
+    except AuthenticationError:
+        return bool(maybe_enable_token_auth_if_token_available(warn_if_disabled=False))
+    except Exception:  # unreachable or not a Ray head: ray.init reports it
+        return False
 
 
 def is_remote_storage(storage: str) -> bool:

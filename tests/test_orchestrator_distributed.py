@@ -68,7 +68,7 @@ def test_gpu_memory_per_trial_packs_two_trials_per_gpu(cluster, tmp_path, captch
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Connected to Ray cluster" in proc.stderr and "0.5 GPU" in proc.stderr
     rows = read_partition(tmp_path / "results", "trials", "packed")
-    assert len(rows) == 4 and all(r["outcome"] == "ok" for r in rows)
+    assert len(rows) == 4 and all(r["outcome"] == "ok" for r in rows), [(r["outcome"], r["error"]) for r in rows]
     by_gpu: dict[tuple, list[dict]] = {}
     for r in rows:
         by_gpu.setdefault((r["node_id"], r["gpu_ids"]), []).append(r)
