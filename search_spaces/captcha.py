@@ -13,12 +13,22 @@ GRAD_ACCUM = (1, 2, 4, 8, 16)
 ATTENTION = ("causal", "prefix")
 
 
-def paired(trial: Any) -> dict[str, Any]:
+def suggest_lr_and_accum(trial: Any, lr_range: tuple[float, float] = LR_RANGE,
+                         grad_accum: tuple[int, ...] = GRAD_ACCUM) -> dict[str, Any]:
+    """Learning rate (log scale) and gradient accumulation: the two every captcha space searches."""
     return {
-        "lr": trial.suggest_float("lr", *LR_RANGE, log=True),
-        "grad_accum": trial.suggest_categorical("grad_accum", list(GRAD_ACCUM)),
+        "lr": trial.suggest_float("lr", *lr_range, log=True),
+        "grad_accum": trial.suggest_categorical("grad_accum", list(grad_accum)),
     }
 
 
+def suggest_attention(trial: Any) -> str:
+    return trial.suggest_categorical("attention", list(ATTENTION))
+
+
+def paired(trial: Any) -> dict[str, Any]:
+    return suggest_lr_and_accum(trial)
+
+
 def space(trial: Any) -> dict[str, Any]:
-    return {**paired(trial), "attention": trial.suggest_categorical("attention", list(ATTENTION))}
+    return {**paired(trial), "attention": suggest_attention(trial)}

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from search_spaces.captcha import ATTENTION
+from search_spaces.captcha import suggest_attention, suggest_lr_and_accum
 
 LR_RANGE = (1e-5, 1e-2)
 GRAD_ACCUM = (1, 2, 4)
 
 
 def paired(trial: Any) -> dict[str, Any]:
-    return {
-        "lr": trial.suggest_float("lr", *LR_RANGE, log=True),
-        "grad_accum": trial.suggest_categorical("grad_accum", list(GRAD_ACCUM)),
-    }
+    return suggest_lr_and_accum(trial, LR_RANGE, GRAD_ACCUM)
 
 
 def space(trial: Any) -> dict[str, Any]:
-    return {**paired(trial), "attention": trial.suggest_categorical("attention", list(ATTENTION))}
+    return {**paired(trial), "attention": suggest_attention(trial)}

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from search_spaces.captcha import ATTENTION, LR_RANGE
+from search_spaces.captcha import LR_RANGE, suggest_attention, suggest_lr_and_accum
 
 
 def paired(trial: Any) -> dict[str, Any]:
-    return {
-        "lr": trial.suggest_float("lr", *LR_RANGE, log=True),
-        "grad_accum": trial.suggest_categorical("grad_accum", [1, 2]),
-    }
+    return suggest_lr_and_accum(trial, LR_RANGE, (1, 2))
 
 
 def space(trial: Any) -> dict[str, Any]:
-    return {**paired(trial), "attention": trial.suggest_categorical("attention", list(ATTENTION))}
+    return {**paired(trial), "attention": suggest_attention(trial)}
