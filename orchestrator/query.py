@@ -91,21 +91,40 @@ _CMP = {
 _ARITH = {ast.Add: pc.add, ast.Sub: pc.subtract, ast.Mult: pc.multiply, ast.Div: pc.divide, ast.Pow: pc.power}
 
 
-def _const(node: ast.AST) -> Any:
+def _const(node: ast.AST, flag: str) -> Any:
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool, type(None))):
         return node.value
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        v = _const(node.operand)
+        v = _const(node.operand, flag)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             return -v
     if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
-        return [_const(e) for e in node.elts]
+        return [_const(e, flag) for e in node.elts]
     if isinstance(node, ast.BinOp) and type(node.op) in _ARITH:
-        a, b = _const(node.left), _const(node.right)
+        a, b = _const(node.left, flag), _const(node.right, flag)
         if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)):
-            return {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b,
-                    ast.Div: a / b if b else math.nan, ast.Pow: a ** b}[type(node.op)]
+            return _fold(type(node.op), a, b, ast.unparse(node), flag)
     raise _NotConst
+
+
+def _fold(op: type, a: float, b: float, text: str, flag: str) -> float:
+    """Constant arithmetic that always ends quickly: an integer power beyond 64 bits is taken in floats
+    (never an unbounded integer), and every result is a finite number Arrow can compare with (or a
+    QueryError naming the constant)."""
+    small_int_power = (op is ast.Pow and isinstance(a, int) and isinstance(b, int) and b >= 0
+                       and (abs(a) <= 1 or b * math.log2(abs(a)) < 63))
+    if small_int_power:  # stays an int, so integer columns divide by it exactly
+        return a ** b
+    try:
+        result = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
+                  ast.Div: lambda: a / b, ast.Pow: lambda: float(a) ** float(b)}[op]()
+    except ZeroDivisionError:
+        raise QueryError(f"{flag}: {text}: division by zero") from None
+    except OverflowError:
+        raise QueryError(f"{flag}: {text}: too large a number") from None
+    if isinstance(result, complex) or not math.isfinite(result) or abs(result) > 1.7e308:
+        raise QueryError(f"{flag}: {text}: not a finite real number")
+    return float(result) if isinstance(result, int) and abs(result) >= 2 ** 63 else result
 
 
 class _NotConst(Exception):
@@ -122,7 +141,7 @@ def compile_where(text: str, columns: Iterable[str], flag: str = "--where") -> p
 
     def value(node: ast.AST) -> Any:
         try:
-            return _const(node)
+            return _const(node, flag)
         except _NotConst:
             pass
         if isinstance(node, ast.Name):
@@ -132,7 +151,10 @@ def compile_where(text: str, columns: Iterable[str], flag: str = "--where") -> p
                 raise QueryError(f"{flag}: unknown column {node.id!r}; columns: {', '.join(columns)}")
             return pc.field(node.id)
         if isinstance(node, ast.BinOp) and type(node.op) in _ARITH:
-            return _ARITH[type(node.op)](value(node.left), value(node.right))
+            operands = [value(node.left), value(node.right)]
+            if any(not isinstance(v, (pc.Expression, int, float)) or isinstance(v, bool) for v in operands):
+                raise QueryError(f"{flag}: {ast.unparse(node)!r}: arithmetic needs numbers or numeric columns")
+            return _ARITH[type(node.op)](*operands)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             return pc.negate(value(node.operand))
         return boolean(node)

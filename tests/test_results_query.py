@@ -204,3 +204,21 @@ def test_query_reads_files_of_different_schema_versions(results):
     assert t.num_rows == 7
     row = t.filter(Q.compile_where("trial_id == 'old'", t.column_names)).to_pylist()[0]
     assert row["sweep"] == "s0" and row["lr"] == 1e-3 and row["attention"] is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr < 'a' - 1", "arithmetic needs numbers"),
+    ("lr < 10.0**400", "too large a number"),
+    ("lr < 2**100 * 10.0**300", "not a finite real number"),
+    ("lr < (-8)**0.5", "not a finite real number"),
+    ("lr < 9**9**9", "too large a number"),  # hung before: an unbounded integer power
+    ("lr < 1 / 0", "division by zero"),
+])
+def test_bad_constant_arithmetic_is_a_message_not_a_traceback_or_a_hang(text, message):
+    with pytest.raises(Q.QueryError, match=message):
+        Q.compile_where(text, ["lr", "attention"])
+
+
+def test_large_integer_powers_compare_as_floats():
+    table = pa.table({"lr": [1e-4, 1e40]})
+    assert Q.apply_where(table, "lr < 2**100").column("lr").to_pylist() == [1e-4]
