@@ -178,7 +178,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ValueError, SweepError, ClusterError) as e:
         print(f"mdsweep run: error: {e}", file=sys.stderr)
         return 2
-    return 0 if outcome.status in ("finished", "dry-run") else 3
+    return exit_code(outcome)
+
+
+def exit_code(outcome: Any) -> int:
+    """0 for a sweep that finished with at least one usable trial; 3 when it was interrupted or when no
+    trial ended ok (settings that cannot work must not look like success to a script)."""
+    if outcome.status == "dry-run":
+        return 0
+    if outcome.status != "finished" or (outcome.counts and "ok" not in outcome.counts):
+        return 3
+    return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -192,4 +202,4 @@ def cmd_resume(args: argparse.Namespace) -> int:
     except (ValueError, SweepError, ClusterError) as e:
         print(f"mdsweep resume: error: {e}", file=sys.stderr)
         return 2
-    return 0 if outcome.status == "finished" else 3
+    return exit_code(outcome)

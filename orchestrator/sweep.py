@@ -407,7 +407,10 @@ def found_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
 
     best = best_trial(rows)
     if best is None:
-        return "\nNo trial ended ok with a value of the objective: nothing to recommend."
+        failed = [r for r in rows if r.get("outcome") in ("error", "oom", "diverged") and r.get("error")]
+        first = f"\nFirst failure, trial {failed[0]['trial_id']} ({failed[0]['outcome']}): " \
+                f"{failed[0]['error'].strip().splitlines()[0]}" if failed else ""
+        return "\nNo trial ended ok with a value of the objective: nothing to recommend." + first
     searched = list(best.get("searched") or [])
     scores = [r["objective"] for r in rows if r.get("outcome") == "ok" and r.get("objective") is not None]
     lines = [f"\nBest: trial {best['trial_id']}: {describe_trial(best, searched)}"]
