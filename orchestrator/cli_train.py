@@ -57,7 +57,11 @@ def run_train(args: argparse.Namespace) -> int:
     if not overrides.get("train_data"):
         print("mdsweep train: error: --train-data is required", file=sys.stderr)
         return 2
-    config = JobConfig.from_dict(overrides)
+    try:
+        config = JobConfig.from_dict(overrides)
+    except ValueError as exc:
+        print(f"mdsweep train: error: {exc}", file=sys.stderr)
+        return 2
     out = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint"

@@ -261,7 +261,7 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
         raise SweepError("--max-failures must be >= 0")
     if not s.fixed.get("train_data"):
         raise SweepError("--train-data is required (a Parquet file/dir, image folder or JSONL/CSV manifest)")
-    check_fixed_budget(s.fixed)
+    check_fixed_settings(s.fixed)
     try:
         info = validate_space(s.space, s.fixed, seed=s.search_seed)
     except SpaceError as e:
@@ -288,16 +288,13 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
     return info
 
 
-def check_fixed_budget(fixed: dict[str, Any]) -> None:
-    """A budget that cannot work (max_samples with max_steps, a zero step count) fails before any trial runs."""
-    from trainer.budget import check_budget_fields
+def check_fixed_settings(fixed: dict[str, Any]) -> None:
+    """Fixed settings that cannot work (a zero batch, lr 0, an unknown fault, max_samples with max_steps)
+    fail here, before Ray starts, naming the setting: JobConfig checks its own values."""
     from trainer.job_config import JobConfig
 
-    defaults = JobConfig()
-    values = {name: fixed.get(name, getattr(defaults, name)) for name in (
-        "batch_size", "grad_accum", "epochs", "max_samples", "max_steps", "eval_every", "eval_every_samples")}
     try:
-        check_budget_fields(**values)
+        JobConfig.from_dict(fixed)
     except (ValueError, TypeError) as e:
         raise SweepError(f"job settings: {e}") from None
 

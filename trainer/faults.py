@@ -10,8 +10,6 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 FAULT_KINDS = ("oom", "nan", "crash")
 CRASH_EXIT_CODE = 71
 
@@ -35,6 +33,8 @@ class Fault:
         if step != self.step:
             return
         if self.kind == "oom":
+            import torch  # here, not at the top: JobConfig validates fault specs without torch
+
             raise torch.OutOfMemoryError(f"injected fault oom@{step}")
         if self.kind == "crash" and not resumed:
             os._exit(CRASH_EXIT_CODE)

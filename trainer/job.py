@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from trainer.batching import Batch, EncodedSample, collate, encode_samples
-from trainer.budget import check_budget_fields, plan_budget
+from trainer.budget import plan_budget
 from trainer.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint, trainable_state
 from trainer.data import load_samples, split_samples
 from trainer.evaluate import evaluate
@@ -60,7 +60,11 @@ class JobData:
 
 
 def resolve_device(requested: Optional[str]) -> torch.device:
-    return torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {requested}: torch {torch.__version__} sees no CUDA GPU here; "
+                         "use --device cpu or a machine with a GPU")
+    return device
 
 
 def resolve_precision(requested: Optional[str], device: torch.device) -> str:
@@ -121,7 +125,6 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     budget_fields = dict(batch_size=config.batch_size, grad_accum=config.grad_accum, epochs=config.epochs,
                          max_samples=config.max_samples, max_steps=config.max_steps, eval_every=config.eval_every,
                          eval_every_samples=config.eval_every_samples)
-    check_budget_fields(**budget_fields)  # before the model loads: a bad budget fails at once
 
     # capped before the model arrives, so its weights count against the cap like every later allocation
     cap = apply_gpu_cap(config.max_gpu_memory, device)

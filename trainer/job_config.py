@@ -6,8 +6,18 @@ validate configs without loading the model stack.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
+
+DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def _strip_optional(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp
 
 Outcome = Literal["ok", "oom", "diverged", "error"]
 OUTCOMES: tuple[str, ...] = ("ok", "oom", "diverged", "error")
@@ -68,6 +78,64 @@ class JobConfig:
                                         "crash@STEP (process exits; fresh starts only)")
     save_model: Optional[str] = _field(None, "directory to write the fine-tuned model to (official layout) "
                                              "when the job ends ok")
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every value that cannot work, each naming its field: one check for `train`, `run`, its
+        `--dry-run` and the space probe, so a bad setting fails before any trial is scheduled."""
+        from trainer.budget import check_budget_fields
+        from trainer.faults import Fault
+        from trainer.memory import cap_fraction
+        from trainer.tokenizer import PROMPT_TEMPLATES
+
+        found: list[str] = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                found.append(message)
+
+        def number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        need(number(self.lr) and self.lr > 0, f"lr must be a positive finite number, got {self.lr!r}")
+        need(number(self.val_fraction) and 0 < self.val_fraction < 1,
+             f"val_fraction must be between 0 and 1, got {self.val_fraction!r}")
+        need(number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1,
+             f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        need(number(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay must be ≥ 0, got {self.weight_decay!r}")
+        need(number(self.max_grad_norm) and self.max_grad_norm > 0,
+             f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
+        for name in ("diverge_patience", "max_new_tokens", "max_val_samples"):
+            value = getattr(self, name)
+            need(value is None or value >= 1, f"{name} must be ≥ 1, got {value!r}")
+        for name in ("attention", "attention_backend", "train_scope", "precision", "on_bad_sample"):
+            choices = typing.get_args(_strip_optional(typing.get_type_hints(JobConfig)[name]))
+            value = getattr(self, name)
+            need(value in choices or (value is None and name == "precision"),
+                 f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        need(self.prompt_template in PROMPT_TEMPLATES,
+             f"prompt_template must be one of {', '.join(PROMPT_TEMPLATES)}, got {self.prompt_template!r}")
+        need(self.device is None or bool(DEVICE.match(str(self.device))),
+             f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        checks = (
+            ("", lambda: check_budget_fields(
+                batch_size=self.batch_size, grad_accum=self.grad_accum, epochs=self.epochs,
+                max_samples=self.max_samples, max_steps=self.max_steps, eval_every=self.eval_every,
+                eval_every_samples=self.eval_every_samples)),
+            ("", lambda: Fault.parse(self.fault)),
+            ("max_gpu_memory: ", lambda: self.max_gpu_memory is None or cap_fraction(self.max_gpu_memory, 2 ** 60)),
+        )
+        for label, check in checks:
+            try:
+                check()
+            except (ValueError, TypeError) as e:
+                found.append(f"{label}{e}")
+        return found
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,67 @@
+"""JobConfig checks its own values, so train, run, --dry-run and the space probe reject them alike."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.job_config import JobConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(lr=float("inf")), "lr must be a positive finite number"),
+    (dict(lr=0.0), "lr must be a positive finite number"),
+    (dict(batch_size=0), "batch_size must be ≥ 1"),
+    (dict(max_steps=0), "max_steps must be ≥ 1"),
+    (dict(max_steps=-3), "max_steps must be ≥ 1"),
+    (dict(max_samples=100, max_steps=5), "not both"),
+    (dict(fault="explode@3"), "fault 'explode@3' must be KIND@STEP"),
+    (dict(max_gpu_memory="abc"), "max_gpu_memory: cannot read 'abc' as a size"),
+    (dict(device="tpu"), "device must be cpu, cuda or cuda:N"),
+    (dict(attention="bidirectional"), "attention must be one of causal, prefix"),
+    (dict(val_fraction=1.0), "val_fraction must be between 0 and 1"),
+    (dict(warmup_ratio=-0.1), "warmup_ratio must be in"),
+    (dict(prompt_template="chatml"), "prompt_template must be one of"),
+])
+def test_values_that_cannot_work_are_named(values, message):
+    with pytest.raises(ValueError, match=message):
+        JobConfig(**values)
+
+
+def test_good_values_pass():
+    JobConfig(lr=1e-3, max_gpu_memory="16GiB", device="cuda:1", fault="oom@3", max_samples=100,
+              eval_every_samples=50)
+    JobConfig(max_gpu_memory="0.25", precision="bf16")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "inf"], "lr must be a positive finite number"),
+    (["--max-steps", "0"], "max_steps must be ≥ 1"),
+    (["--device", "tpu"], "device must be cpu, cuda or cuda:N"),
+    (["--device", "cuda"], "sees no CUDA GPU here"),
+])
+def test_train_says_one_line_instead_of_a_traceback(tmp_path, captcha_parquet, flags, message):
+    proc = _cli("train", "--train-data", str(captcha_parquet), "--out", str(tmp_path / "o"), *flags)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "batch_size must be ≥ 1"),
+    (["--set", "fault=explode@3"], "fault 'explode@3'"),
+    (["--set", "max_gpu_memory=abc"], "max_gpu_memory: cannot read 'abc'"),
+])
+def test_a_dry_run_rejects_bad_fixed_settings_before_ray_starts(tmp_path, captcha_parquet, flags, message):
+    proc = _cli("run", "--dry-run", "--train-data", str(captcha_parquet), "--storage", str(tmp_path / "s"),
+                "--results", str(tmp_path / "r"), *flags)
+    assert proc.returncode == 2 and f"job settings: {message}" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr
