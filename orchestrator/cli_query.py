@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    if args.top is not None and args.top < 1:
+        print(f"mdsweep query: error: --top must be ≥ 1, got {args.top}", file=sys.stderr)
+        return 2
     import pyarrow as pa
     import pyarrow.compute as pc
 

@@ -62,17 +62,24 @@ def _load_table_once(results: str | Path, table: str, sweeps: Optional[Sequence[
     root = Path(results) / table
     if not root.is_dir():
         raise QueryError(f"RESULTS: no {table} table under {results} (expected {root}/sweep=NAME/*.parquet)")
-    partitioning = ds.partitioning(pa.schema([("sweep", pa.string())]), flavor="hive")
-    dataset = ds.dataset(root, format="parquet", partitioning=partitioning)
-    files = dataset.files
+    present = sorted(d.name.removeprefix("sweep=") for d in root.glob("sweep=*") if d.is_dir())
+    missing = [name for name in sweeps or () if name not in present]
+    if missing:
+        raise QueryError(f"--sweep {missing[0]}: no such sweep in {results}; sweeps: {', '.join(present) or 'none'}")
+    # only *.parquet: a stray file (a note, an editor's backup) in a partition must not break every query
+    # and never a hidden temporary file of a write in progress
+    files = sorted(str(f) for f in root.glob("sweep=*/*.parquet") if not f.name.startswith("."))
     if not files:
         return pa.table({"sweep": pa.array([], pa.string())})
+    partitioning = ds.partitioning(pa.schema([("sweep", pa.string())]), flavor="hive")
+    dataset = ds.dataset(files, format="parquet", partitioning=partitioning, partition_base_dir=str(root))
     # Files written by different schema versions may differ in columns: unify them.
     schemas = {str(f.physical_schema): f.physical_schema for f in dataset.get_fragments()}
     if len(schemas) > 1:
         unified = pa.unify_schemas(list(schemas.values()), promote_options="permissive")
         unified = unified.append(pa.field("sweep", pa.string()))
-        dataset = ds.dataset(root, format="parquet", partitioning=partitioning, schema=unified)
+        dataset = ds.dataset(files, format="parquet", partitioning=partitioning, partition_base_dir=str(root),
+                             schema=unified)
     flt = None
     if sweeps:
         flt = pc.field("sweep").isin(list(sweeps))

@@ -222,3 +222,21 @@ def test_bad_constant_arithmetic_is_a_message_not_a_traceback_or_a_hang(text, me
 def test_large_integer_powers_compare_as_floats():
     table = pa.table({"lr": [1e-4, 1e40]})
     assert Q.apply_where(table, "lr < 2**100").column("lr").to_pylist() == [1e-4]
+
+
+def test_an_unknown_sweep_is_an_error_naming_the_sweeps(tmp_path, capsys):
+    write_atomic(rows_to_table([{"trial_id": "t1", "outcome": "ok"}], schema_for("trials")),
+                 partition_dir(tmp_path, "trials", "real") / "t1.parquet")
+    assert main(["query", str(tmp_path), "--sweep", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "--sweep nosuch: no such sweep" in err and "sweeps: real" in err
+    assert main(["query", str(tmp_path), "--top=-1"]) == 2
+
+
+def test_a_stray_file_in_a_partition_does_not_break_queries(tmp_path, capsys):
+    folder = partition_dir(tmp_path, "trials", "real")
+    write_atomic(rows_to_table([{"trial_id": "t1", "outcome": "ok"}], schema_for("trials")), folder / "t1.parquet")
+    (folder / "notes.txt").write_text("not parquet")
+    (folder / ".t2.parquet.tmp.parquet").write_bytes(b"half a file")
+    assert main(["query", str(tmp_path), "--format", "csv"]) == 0
+    assert "t1" in capsys.readouterr().out
