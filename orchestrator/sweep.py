@@ -262,6 +262,8 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
     if not s.fixed.get("train_data"):
         raise SweepError("--train-data is required (a Parquet file/dir, image folder or JSONL/CSV manifest)")
     check_fixed_settings(s.fixed)
+    for flag, value in (("--results", s.results), ("--storage", s.storage)):
+        check_local_directory(flag, value)
     try:
         info = validate_space(s.space, s.fixed, seed=s.search_seed)
     except SpaceError as e:
@@ -286,6 +288,19 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
     except ValueError as e:
         raise SweepError(str(e)) from None
     return info
+
+
+def check_local_directory(flag: str, value: str) -> None:
+    """A local output path must be (or be creatable as) a directory: a file there is an error up front,
+    not a traceback halfway through starting the sweep."""
+    if cluster_mod.is_remote_storage(value):
+        return
+    path = Path(value)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise SweepError(f"{flag} {value}: {candidate} is a file, not a directory")
+            return
 
 
 def check_fixed_settings(fixed: dict[str, Any]) -> None:
@@ -439,41 +454,61 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
             return SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results,
                                 status="dry-run", counts={}, resources=req)
         _prepare_env(s, req)
-        from ray import tune
-
-        from orchestrator.progress import ProgressTable
-        from orchestrator.early_stopping import make_scheduler
-        from orchestrator.search import make_searcher
-        from orchestrator.sink import ParquetSink, write_sweep_row
-        from orchestrator.trainable import trial_dirname
-
         write_manifest(s)
-        write_sweep_row(s.results, s.name, {
-            "status": "running", "experiment_path": s.experiment_path(), "space": s.space, "metric": s.metric,
-            "mode": s.mode, "num_samples": s.num_samples, "replicates": s.replicates,
-            "cross_json": json.dumps(s.cross, default=str), "fixed_json": json.dumps(s.fixed, default=str),
-            "resources_json": json.dumps(req.to_dict(), default=str), "argv": s.argv})
-        searcher = make_searcher(s.space, s.metric, s.mode, s.search_seed, expansions, s.max_concurrent)
-        scheduler = make_scheduler(s.early_stop, s.metric, s.mode, s.fixed, s.asha_grace,
-                                   s.asha_reduction_factor)
-        total = s.num_samples * len(expansions)
-        sink = ParquetSink(s.results, s.name, s.fixed, searched, s.metric, s.mode, req.max_gpu_memory)
-        progress = ProgressTable(s.metric, searched, interval_s=0 if quiet else s.progress_interval, total=total,
-                                 mode=s.mode)
-        tuner = tune.Tuner(
-            _trainable(s, req),
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
-                                        reuse_actors=False, trial_dirname_creator=trial_dirname),
-            run_config=tune.RunConfig(
-                name=s.name, storage_path=s.storage, callbacks=[sink, progress], verbose=0,
-                failure_config=tune.FailureConfig(max_failures=s.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
-        )
-        _say(f"sweep {s.name}: experiment {s.experiment_path()}, results {s.results}", quiet)
-        grid = tuner.fit()
+        try:
+            grid, searcher = _start_tuner(s, req, searched, expansions, quiet)
+        except BaseException:
+            _forget_unstarted(s)
+            raise
         return _finish(s, grid, searcher, started, req, quiet)
     finally:
         handle.shutdown()
+
+
+def _forget_unstarted(s: SweepSettings) -> None:
+    """A sweep that failed before Ray Tune saved any state cannot be resumed: drop its settings file so the
+    name can be used again (otherwise `run` says "resume it" and `resume` says "no state")."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(s.experiment_path()):
+        fs, path = _fs_and_path(s.experiment_path())
+        fs.delete_file(f"{path}/{MANIFEST}")
+
+
+def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], expansions: list[dict[str, Any]],
+                 quiet: bool) -> tuple[Any, Any]:
+    """Write the sweep's row, build the searcher, scheduler, sink and Tuner, and run it: (result grid, searcher)."""
+    from ray import tune
+
+    from orchestrator.progress import ProgressTable
+    from orchestrator.early_stopping import make_scheduler
+    from orchestrator.search import make_searcher
+    from orchestrator.sink import ParquetSink, write_sweep_row
+    from orchestrator.trainable import trial_dirname
+
+    write_sweep_row(s.results, s.name, {
+        "status": "running", "experiment_path": s.experiment_path(), "space": s.space, "metric": s.metric,
+        "mode": s.mode, "num_samples": s.num_samples, "replicates": s.replicates,
+        "cross_json": json.dumps(s.cross, default=str), "fixed_json": json.dumps(s.fixed, default=str),
+        "resources_json": json.dumps(req.to_dict(), default=str), "argv": s.argv})
+    searcher = make_searcher(s.space, s.metric, s.mode, s.search_seed, expansions, s.max_concurrent)
+    scheduler = make_scheduler(s.early_stop, s.metric, s.mode, s.fixed, s.asha_grace,
+                               s.asha_reduction_factor)
+    total = s.num_samples * len(expansions)
+    sink = ParquetSink(s.results, s.name, s.fixed, searched, s.metric, s.mode, req.max_gpu_memory)
+    progress = ProgressTable(s.metric, searched, interval_s=0 if quiet else s.progress_interval, total=total,
+                             mode=s.mode)
+    tuner = tune.Tuner(
+        _trainable(s, req),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
+                                    reuse_actors=False, trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(
+            name=s.name, storage_path=s.storage, callbacks=[sink, progress], verbose=0,
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+    )
+    _say(f"sweep {s.name}: experiment {s.experiment_path()}, results {s.results}", quiet)
+    return tuner.fit(), searcher
 
 
 def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpus: Optional[int] = None,

@@ -129,3 +129,29 @@ def test_repair_recreates_the_checkpoint_a_killed_driver_left_pointing_at(tmp_pa
     assert not (root / "trial_done" / "checkpoint_000001").exists()
     drop_repair_copies(str(root), ["trial_race"])
     assert sorted(p.name for p in (root / "trial_race").iterdir()) == ["checkpoint_000002"]
+
+
+@pytest.mark.parametrize("flag", ["--results", "--storage"])
+def test_an_output_path_that_is_a_file_is_one_line_before_anything_starts(tmp_path, captcha_parquet, flag):
+    from orchestrator.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    others = {"--results": str(tmp_path / "r"), "--storage": str(tmp_path / "s")}
+    others[flag] = str(blocker / "sub")
+    argv = ["run", "--name", "x", "--train-data", str(captcha_parquet)]
+    for k, v in others.items():
+        argv += [k, v]
+    assert main(argv) == 2
+    assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
+
+
+def test_a_sweep_that_failed_before_tune_saved_state_does_not_burn_its_name(tmp_path):
+    from orchestrator.sweep import SweepSettings, _forget_unstarted, manifest_exists, write_manifest
+
+    s = SweepSettings(name="burnt", storage=str(tmp_path / "s"), results=str(tmp_path / "r"),
+                      fixed={"train_data": "x"})
+    write_manifest(s)
+    assert manifest_exists(s.storage, "burnt")
+    _forget_unstarted(s)
+    assert not manifest_exists(s.storage, "burnt")
