@@ -116,3 +116,25 @@ def test_resuming_a_finished_checkpoint_returns_its_evaluation(captcha_parquet, 
     assert again.outcome == "ok" and again.step == 4
     assert again.final_metrics == full.final_metrics
     assert again.predictions == full.predictions
+
+
+def _with_labels(source: Path, target: Path, labels: dict[int, str]) -> Path:
+    table = pq.read_table(source)
+    solutions = table.column("solution").to_pylist()
+    for row, label in labels.items():
+        solutions[row] = label
+    table = table.set_column(table.schema.get_field_index("solution"), "solution", pa.array(solutions))
+    pq.write_table(table, target)
+    return target
+
+
+def test_labels_the_model_cannot_write_are_named_or_skipped(captcha_parquet, tmp_path):
+    # a character outside the char tokenizer, and an answer longer than tiny's 256-token context allows
+    bad = _with_labels(captcha_parquet, tmp_path / "labels.parquet", {3: "12日4", 7: "9" * 300})
+    with pytest.raises(DataError, match=r"sample 7: label '9+' is 302 tokens with its end token, the context "
+                                        r"leaves room for 147"):
+        run_job(_config(bad))
+    with pytest.raises(DataError, match=r"sample 3: label '12日4' cannot be encoded: character '日'"):
+        run_job(_config(_with_labels(captcha_parquet, tmp_path / "one.parquet", {3: "12日4"})))
+    result = run_job(_config(bad, on_bad_sample="skip", max_steps=2, eval_every=2))
+    assert result.outcome == "ok" and result.final_metrics["skipped_samples"] == 2

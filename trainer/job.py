@@ -20,7 +20,7 @@ import torch
 from trainer.batching import Batch, EncodedSample, collate, encode_samples
 from trainer.budget import plan_budget
 from trainer.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint, trainable_state
-from trainer.data import load_samples, split_samples
+from trainer.data import DataError, load_samples, split_samples
 from trainer.evaluate import evaluate
 from trainer.faults import Fault
 from trainer.job_config import JobConfig, JobResult, Prediction
@@ -28,7 +28,7 @@ from trainer.loading import LoadedModel, load_model, save_model
 from trainer.memory import apply_gpu_cap, peak_bytes, reset_peak
 from trainer.model import MoondreamModel
 from trainer.schedule import warmup_cosine
-from trainer.tokenizer import get_template
+from trainer.tokenizer import PromptTemplate, Tokenizer, get_template
 
 Reporter = Callable[[dict[str, Any], Optional[Path]], None]
 StepCallback = Callable[[dict[str, Any]], None]
@@ -95,12 +95,40 @@ def prepare_data(config: JobConfig, loaded: LoadedModel) -> JobData:
     if config.max_val_samples is not None:
         val_samples = val_samples[: config.max_val_samples]
     template = get_template(config.prompt_template)
-    vision = loaded.model.config.vision
+    model_config = loaded.model.config
+    # what a sequence holds besides the answer: BOS, the image tokens and the prompt
+    room = model_config.text.max_context - 1 - model_config.vision.n_image_tokens \
+        - len(template.prompt_ids(loaded.tokenizer, config.question))
 
     def encode(samples):
-        return encode_samples(samples, vision, loaded.tokenizer, template, config.question)
+        kept = []
+        for sample in samples:
+            why = label_problem(sample.text, loaded.tokenizer, template, room)
+            if why is None:
+                kept.append(sample)
+            elif config.on_bad_sample == "error":
+                raise DataError(f"sample {sample.sample_id}: {why} (pass on_bad_sample=skip, --on-bad-sample skip, "
+                                "to drop such rows)")
+        return encode_samples(kept, model_config.vision, loaded.tokenizer, template, config.question), \
+            len(samples) - len(kept)
 
-    return JobData(encode(train_samples), encode(val_samples), skipped)
+    (train, train_bad), (val, val_bad) = encode(train_samples), encode(val_samples)
+    if not train or not val:
+        raise DataError(f"no {'training' if not train else 'validation'} sample left after skipping labels the "
+                        "model cannot read or write")
+    return JobData(train, val, skipped + train_bad + val_bad)
+
+
+def label_problem(text: str, tokenizer: Tokenizer, template: PromptTemplate, room: int) -> Optional[str]:
+    """Why a label cannot be trained on (a character the tokenizer lacks, an answer longer than the
+    context leaves room for), or None."""
+    try:
+        length = len(template.answer_ids(tokenizer, text))
+    except ValueError as e:
+        return f"label {text!r} cannot be encoded: {e}"
+    if length > room:
+        return f"label {text!r} is {length} tokens with its end token, the context leaves room for {room}"
+    return None
 
 
 def micro_batches(data: list[EncodedSample], batch_size: int, seed: int, start: int, pad_id: int) -> Iterator[Batch]:
