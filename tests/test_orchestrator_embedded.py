@@ -273,9 +273,11 @@ def test_sweep_prints_what_it_found(sweep):
     assert "Best: trial" in out and "Its model: mdsweep export" in out
 
 
-def test_a_sweep_in_which_no_trial_works_exits_non_zero_with_the_first_error(tmp_path, captcha_parquet):
+def test_a_sweep_in_which_no_trial_works_exits_non_zero_with_the_first_error(tmp_path):
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"not parquet at all")
     proc = mdsweep("run", "--name", "broken", "--space", "smoke", "--num-samples", "1", "--storage",
                    str(tmp_path / "s"), "--results", str(tmp_path / "r"), "--num-cpus", "2",
-                   "--progress-interval", "0", *job_flags(captcha_parquet), "--set", "fault=explode@3")
+                   "--progress-interval", "0", *job_flags(corrupt))
     assert proc.returncode == 3, proc.stderr[-2000:]
-    assert "1 error" in proc.stdout and "First failure, trial" in proc.stdout and "explode" in proc.stdout
+    assert "1 error" in proc.stdout and "First failure, trial" in proc.stdout and "corrupt.parquet" in proc.stdout
