@@ -150,9 +150,6 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     autocast_dtype = AUTOCAST_DTYPES[precision]
-    budget_fields = dict(batch_size=config.batch_size, grad_accum=config.grad_accum, epochs=config.epochs,
-                         max_samples=config.max_samples, max_steps=config.max_steps, eval_every=config.eval_every,
-                         eval_every_samples=config.eval_every_samples)
 
     # capped before the model arrives, so its weights count against the cap like every later allocation
     cap = apply_gpu_cap(config.max_gpu_memory, device)
@@ -171,7 +168,9 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     data = prepare_data(config, loaded)
     pad_id = loaded.tokenizer.eos_id
 
-    budget = plan_budget(len(data.train), **budget_fields)
+    budget = plan_budget(len(data.train), batch_size=config.batch_size, grad_accum=config.grad_accum,
+                         epochs=config.epochs, max_samples=config.max_samples, max_steps=config.max_steps,
+                         eval_every=config.eval_every, eval_every_samples=config.eval_every_samples)
     total_steps = budget.total_steps
 
     params = [p for p in model.parameters() if p.requires_grad]
