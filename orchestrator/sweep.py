@@ -303,6 +303,20 @@ def check_local_directory(flag: str, value: str) -> None:
             return
 
 
+def check_data_paths(fixed: dict[str, Any]) -> None:
+    """A data path that does not exist here, or holds no dataset format, fails before Ray starts (the
+    driver sees the same files as the trials: local runs, or shared storage on a cluster)."""
+    from trainer.data import DataError, detect_format
+
+    for flag, key in (("--train-data", "train_data"), ("--val-data", "val_data")):
+        value = fixed.get(key)
+        if value and "://" not in str(value):
+            try:
+                detect_format(value)
+            except DataError as e:
+                raise SweepError(f"{flag}: {e}") from None
+
+
 def check_fixed_settings(fixed: dict[str, Any]) -> None:
     """Fixed settings that cannot work (a zero batch, lr 0, an unknown fault, max_samples with max_steps)
     fail here, before Ray starts, naming the setting: JobConfig checks its own values."""
@@ -438,6 +452,7 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
     s.storage = normalize_storage(s.storage)
     s.results = str(Path(s.results).expanduser().resolve())
     info = check_settings(s)
+    check_data_paths(s.fixed)
     searched = searched_columns(s, info)
     if manifest_exists(s.storage, s.name):
         raise SweepError(f"--name {s.name}: a sweep of that name exists in {s.storage}; continue it with "

@@ -155,3 +155,17 @@ def test_a_sweep_that_failed_before_tune_saved_state_does_not_burn_its_name(tmp_
     assert manifest_exists(s.storage, "burnt")
     _forget_unstarted(s)
     assert not manifest_exists(s.storage, "burnt")
+
+
+@pytest.mark.parametrize("flag", ["--train-data", "--val-data"])
+def test_a_missing_data_path_fails_before_anything_starts(tmp_path, captcha_parquet, flag, capsys):
+    from orchestrator.cli import main
+
+    paths = {"--train-data": str(captcha_parquet), "--val-data": str(captcha_parquet)}
+    paths[flag] = str(tmp_path / "nowhere.parquet")
+    argv = ["run", "--name", "x", "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r")]
+    for k, v in paths.items():
+        argv += [k, v]
+    assert main(argv) == 2
+    assert f"{flag}: {tmp_path / 'nowhere.parquet'}: path does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
