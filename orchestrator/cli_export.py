@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from orchestrator.cluster import is_remote_storage
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,8 +40,7 @@ def local_checkpoint(row: dict[str, Any], experiment_path: str | None) -> Iterat
     if Path(recorded).is_dir():
         yield Path(recorded)
         return
-    remote = experiment_path and "://" in experiment_path
-    if not remote:
+    if not (experiment_path and is_remote_storage(experiment_path)):
         raise FileNotFoundError(f"checkpoint {recorded} of trial {row['trial_id']} is missing: was the sweep's "
                                 "--storage moved or deleted?")
     import pyarrow.fs as pafs
@@ -76,7 +76,6 @@ def run_export(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.force:
         return fail(f"--out {out} already holds files; pass --force to replace them")
 
-    from trainer.checkpoint import load_checkpoint
     from trainer.export import export_checkpoint
     from trainer.job_config import JobConfig
     from trainer.weights import CheckpointError
@@ -94,13 +93,8 @@ def run_export(args: argparse.Namespace) -> int:
     }
     try:
         with local_checkpoint(row, experiment_path) as checkpoint:
-            step = load_checkpoint(checkpoint)["progress"]["step"]
-            if step != row.get("steps_completed"):
-                return fail(f"trial {row['trial_id']}'s checkpoint is at step {step}, but the trial ran to step "
-                            f"{row.get('steps_completed')}; its final weights were not kept")
-            if args.force and out.exists():
-                shutil.rmtree(out)
-            export_checkpoint(checkpoint, config, out, card)
+            export_checkpoint(checkpoint, config, out, card, final_step=row.get("steps_completed"),
+                              replace=args.force)
     except (FileNotFoundError, CheckpointError) as e:
         return fail(str(e))
     print(f"exported trial {row['trial_id']} of sweep {args.sweep}: {describe_trial(row, row.get('searched') or [])}")

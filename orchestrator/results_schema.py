@@ -19,15 +19,13 @@ searched or fixed), so filters read naturally: `attention == 'prefix' and lr < 1
 """
 from __future__ import annotations
 
-import dataclasses
 import re
-import types
 import typing
 from typing import Any
 
 import pyarrow as pa
 
-from trainer.job_config import JobConfig
+from trainer.job_config import field_types as job_field_types
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"mdsweep.schema_version"
@@ -75,21 +73,6 @@ def validate_sweep_name(name: str, flag: str = "--name") -> str:
             "folder name and a hive partition value"
         )
     return name
-
-
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        if len(rest) == 1:
-            return rest[0], True
-    return tp, False
-
-
-def job_field_types() -> dict[str, tuple[Any, bool]]:
-    """JobConfig field name -> (base type, optional). Literal[...] is kept as is."""
-    hints = typing.get_type_hints(JobConfig)
-    return {f.name: _unwrap_optional(hints[f.name]) for f in dataclasses.fields(JobConfig)}
 
 
 def arrow_type_for(tp: Any) -> pa.DataType:

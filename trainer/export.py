@@ -9,6 +9,7 @@ which sweep, trial, settings and metrics it came from.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,18 @@ from trainer.weights import CheckpointError
 MODEL_CARD = "model_card.json"
 
 
-def export_checkpoint(checkpoint_dir: Path, config: JobConfig, out: Path, card: dict[str, Any]) -> Path:
-    """Write base + trained weights, config, tokenizer and `model_card.json` to `out`; returns `out`."""
+def export_checkpoint(checkpoint_dir: Path, config: JobConfig, out: Path, card: dict[str, Any],
+                      final_step: int, replace: bool = False) -> Path:
+    """Write base + trained weights, config, tokenizer and `model_card.json` to `out`; returns `out`.
+
+    `final_step` is the step the trial ran to: a checkpoint from an earlier step does not hold its
+    final weights, and is refused before anything is written or, with `replace`, removed from `out`.
+    """
     state = load_checkpoint(checkpoint_dir)
+    step = state["progress"]["step"]
+    if step != final_step:
+        raise CheckpointError(f"{checkpoint_dir}: the checkpoint is at step {step}, but the trial ran to step "
+                              f"{final_step}; its final weights were not kept")
     trained = state.get("model") or {}
     seed_everything(config.seed)  # a preset base is seeded random weights: rebuild the same ones
     loaded = load_model(config.model, revision=config.revision, attention_backend=config.attention_backend)
@@ -38,6 +48,8 @@ def export_checkpoint(checkpoint_dir: Path, config: JobConfig, out: Path, card: 
                                   f"model {config.model!r} has {tuple(current[key].shape)}")
         current[key].copy_(tensor)
     out = Path(out)
+    if replace and out.exists():
+        shutil.rmtree(out)
     save_model(loaded, out)
     card = {**card, "base_model": config.model, "trained_tensors": len(trained),
             "job_config": config.to_dict()}

@@ -6,18 +6,15 @@ validate configs without loading the model stack.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-
-
-def _strip_optional(tp: Any) -> Any:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp
 
 Outcome = Literal["ok", "oom", "diverged", "error"]
 OUTCOMES: tuple[str, ...] = ("ok", "oom", "diverged", "error")
@@ -114,7 +111,7 @@ class JobConfig:
             value = getattr(self, name)
             need(value is None or value >= 1, f"{name} must be ≥ 1, got {value!r}")
         for name in ("attention", "attention_backend", "train_scope", "precision", "on_bad_sample"):
-            choices = typing.get_args(_strip_optional(typing.get_type_hints(JobConfig)[name]))
+            choices = typing.get_args(field_types()[name][0])
             value = getattr(self, name)
             need(value in choices or (value is None and name == "precision"),
                  f"{name} must be one of {', '.join(choices)}, got {value!r}")
@@ -171,3 +168,19 @@ class JobResult:
     error: Optional[str] = None
     predictions: list[Prediction] = field(default_factory=list)
     wall_time_s: float = 0.0
+
+
+@functools.lru_cache(maxsize=1)
+def field_types() -> dict[str, tuple[Any, bool]]:
+    """JobConfig field name -> (base type, optional), Literal[...] kept as is: the one reading of the
+    annotations, for the config's own checks, CLI values and the Parquet schema. Read-only."""
+    def unwrap(tp: Any) -> tuple[Any, bool]:
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+            rest = [a for a in args if a is not type(None)]
+            if len(rest) == 1:
+                return rest[0], True
+        return tp, False
+
+    hints = typing.get_type_hints(JobConfig)
+    return {f.name: unwrap(hints[f.name]) for f in dataclasses.fields(JobConfig)}
