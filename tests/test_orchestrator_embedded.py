@@ -181,7 +181,7 @@ def test_exported_weights_reload_bit_identical_to_the_trial(sweep, exported):
 
     from trainer.checkpoint import load_checkpoint
     from trainer.export import read_model_card
-    from trainer.job import seed_everything
+    from trainer.job_model import seed_everything
     from trainer.loading import load_model
 
     out = exported[0]

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from trainer.checkpoint import load_checkpoint
-from trainer.job import seed_everything
 from trainer.job_config import JobConfig
-from trainer.loading import save_model, load_model
+from trainer.job_model import trained_model
+from trainer.loading import save_model
 from trainer.weights import CheckpointError
 
 MODEL_CARD = "model_card.json"
@@ -35,18 +35,7 @@ def export_checkpoint(checkpoint_dir: Path, config: JobConfig, out: Path, card: 
         raise CheckpointError(f"{checkpoint_dir}: the checkpoint is at step {step}, but the trial ran to step "
                               f"{final_step}; its final weights were not kept")
     trained = state.get("model") or {}
-    seed_everything(config.seed)  # a preset base is seeded random weights: rebuild the same ones
-    loaded = load_model(config.model, revision=config.revision, attention_backend=config.attention_backend)
-    current = loaded.model.state_dict()
-    unknown = sorted(set(trained) - set(current))
-    if unknown:
-        raise CheckpointError(f"{checkpoint_dir}: tensor {unknown[0]!r} is not in model {config.model!r} "
-                              f"({len(unknown)} such); was the base model changed since the sweep?")
-    for key, tensor in trained.items():
-        if tuple(tensor.shape) != tuple(current[key].shape):
-            raise CheckpointError(f"{checkpoint_dir}: tensor {key!r} has shape {tuple(tensor.shape)}, the base "
-                                  f"model {config.model!r} has {tuple(current[key].shape)}")
-        current[key].copy_(tensor)
+    loaded = trained_model(config, trained, str(checkpoint_dir))
     out = Path(out)
     if replace and out.exists():
         shutil.rmtree(out)

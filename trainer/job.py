@@ -8,13 +8,11 @@ Anything else (a bug, bad input) raises.
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-import numpy as np
 import torch
 
 from trainer.batching import Batch, EncodedSample, collate, encode_samples
@@ -24,16 +22,19 @@ from trainer.data import DataError, load_samples, split_samples
 from trainer.evaluate import evaluate
 from trainer.faults import Fault
 from trainer.job_config import JobConfig, JobResult, Prediction
-from trainer.loading import LoadedModel, load_model, save_model
+from trainer.job_model import build_job_model, trained_model
+from trainer.loading import LoadedModel, save_model
 from trainer.memory import apply_gpu_cap, peak_bytes, reset_peak
 from trainer.model import MoondreamModel
+from trainer.optimizers import build_optimizer
+from trainer.precision import PrecisionPlan, plan_precision
 from trainer.schedule import warmup_cosine
 from trainer.tokenizer import PromptTemplate, Tokenizer, get_template
 
 Reporter = Callable[[dict[str, Any], Optional[Path]], None]
 StepCallback = Callable[[dict[str, Any]], None]
 
-AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class Diverged(Exception):
@@ -67,17 +68,12 @@ def resolve_device(requested: Optional[str]) -> torch.device:
     return device
 
 
-def resolve_precision(requested: Optional[str], device: torch.device) -> str:
-    precision = requested or ("fp16" if device.type == "cuda" else "fp32")
-    if precision not in AUTOCAST_DTYPES:
-        raise ValueError(f"unknown precision {precision!r}; choose from {sorted(AUTOCAST_DTYPES)}")
-    return precision
+def resolve_precision(config: JobConfig, device: torch.device) -> PrecisionPlan:
+    return plan_precision(config.precision, config.trained_dtype, config.frozen_dtype, device.type == "cuda")
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def autocast_dtype_of(plan: PrecisionPlan) -> Optional[torch.dtype]:
+    return None if plan.compute == "fp32" else TORCH_DTYPES[plan.compute]
 
 
 def prepare_data(config: JobConfig, loaded: LoadedModel) -> JobData:
@@ -148,16 +144,15 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     started = time.time()
     fault = Fault.parse(config.fault)
     device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
-    autocast_dtype = AUTOCAST_DTYPES[precision]
+    precision = resolve_precision(config, device)
+    autocast_dtype = autocast_dtype_of(precision)
 
     # capped before the model arrives, so its weights count against the cap like every later allocation
     cap = apply_gpu_cap(config.max_gpu_memory, device)
     reset_peak(device)
-    seed_everything(config.seed)
-    loaded = load_model(config.model, revision=config.revision, attention_backend=config.attention_backend)
+    loaded = build_job_model(config)
     model = loaded.model
-    model.set_train_scope(config.train_scope)
+    model.store_weights(TORCH_DTYPES[precision.trained], TORCH_DTYPES[precision.frozen])
     model.set_gradient_checkpointing(config.gradient_checkpointing)
     try:
         model.to(device).train()
@@ -174,10 +169,10 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     total_steps = budget.total_steps
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(config.optimizer, params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, round(config.warmup_ratio * total_steps)))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.uses_loss_scaler)
     progress = Progress()
     final: dict[str, Any] = {}
     predictions: list[Prediction] = []
@@ -260,7 +255,9 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     except Diverged as exc:
         return result("diverged", str(exc))
     if config.save_model:
-        save_model(loaded, Path(config.save_model))
+        # rebuilt in fp32 with the trained tensors laid over it, as an export does: frozen parts kept in
+        # half precision for training are not written rounded
+        save_model(trained_model(config, trainable_state(model), "this job"), Path(config.save_model))
     return result("ok")
 
 

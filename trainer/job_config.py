@@ -19,6 +19,9 @@ DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 Outcome = Literal["ok", "oom", "diverged", "error"]
 OUTCOMES: tuple[str, ...] = ("ok", "oom", "diverged", "error")
 
+# every linear layer of a Phi decoder block: attention projections and the MLP
+LORA_TARGETS = "q_proj,k_proj,v_proj,dense,fc1,fc2"
+
 
 def _field(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
@@ -58,7 +61,23 @@ class JobConfig:
                                                               "ways, text causal)")
     attention_backend: Literal["sdpa", "flex", "eager-4d"] = _field(
         "sdpa", "sdpa (default), flex (FlexAttention, CUDA only), eager-4d (naive float mask; benchmarks only)")
-    train_scope: Literal["text", "text+projection", "all"] = _field("text", "what trains; the rest is frozen")
+    train_scope: Literal["text", "text+projection", "all", "lora"] = _field(
+        "text", "what trains; the rest is frozen. lora: low-rank adapters on the text decoder only (the "
+                "least memory; exported merged into plain weights)")
+    lora_rank: int = _field(16, "rank of the LoRA adapters (train_scope=lora)")
+    lora_alpha: float = _field(32.0, "LoRA scaling numerator: adapters are scaled by lora_alpha / lora_rank")
+    lora_targets: str = _field(LORA_TARGETS, "comma-separated names of the decoder's linear layers that get "
+                                             "adapters")
+    optimizer: Literal["adamw", "adamw-fused", "adamw8bit"] = _field(
+        "adamw", "adamw (torch), adamw-fused (one fused kernel: faster on CUDA, same memory), adamw8bit "
+                 "(bitsandbytes: optimizer states in 8 bits, a quarter of the memory)")
+    trained_dtype: Literal["fp32", "fp16", "bf16"] = _field(
+        "fp32", "storage of the trained weights: fp32 master weights, or half (as the official notebook): "
+                "half their memory, but updates below the weight's precision are lost and fp16 has no loss "
+                "scaler")
+    frozen_dtype: Optional[Literal["fp16", "bf16", "fp32"]] = _field(
+        None, "storage of the frozen weights; default: the compute precision (fp16 on CUDA), which autocast "
+              "casts them to anyway")
     precision: Optional[Literal["fp16", "bf16", "fp32"]] = _field(None, "fp16 (autocast + loss scaling), bf16 or "
                                                                         "fp32; default fp16 on CUDA, fp32 on CPU")
     gradient_checkpointing: bool = _field(True, "recompute activations in backward to save memory")
@@ -87,6 +106,7 @@ class JobConfig:
         from trainer.budget import check_budget_fields
         from trainer.faults import Fault
         from trainer.memory import cap_fraction
+        from trainer.precision import precision_problem
         from trainer.tokenizer import PROMPT_TEMPLATES
 
         found: list[str] = []
@@ -110,11 +130,17 @@ class JobConfig:
         for name in ("diverge_patience", "max_new_tokens", "max_val_samples"):
             value = getattr(self, name)
             need(value is None or value >= 1, f"{name} must be ≥ 1, got {value!r}")
-        for name in ("attention", "attention_backend", "train_scope", "precision", "on_bad_sample"):
-            choices = typing.get_args(field_types()[name][0])
-            value = getattr(self, name)
-            need(value in choices or (value is None and name == "precision"),
-                 f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        for name, (kind, optional) in field_types().items():
+            if typing.get_origin(kind) is Literal:
+                choices, value = typing.get_args(kind), getattr(self, name)
+                need(value in choices or (value is None and optional),
+                     f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        need(isinstance(self.lora_rank, int) and self.lora_rank >= 1, f"lora_rank must be ≥ 1, got {self.lora_rank!r}")
+        need(number(self.lora_alpha) and self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        need(any(name.strip() for name in str(self.lora_targets).split(",")),
+             f"lora_targets must name at least one layer (e.g. {LORA_TARGETS}), got {self.lora_targets!r}")
+        need(precision_problem(self.precision, self.trained_dtype) is None,
+             str(precision_problem(self.precision, self.trained_dtype)))
         need(self.prompt_template in PROMPT_TEMPLATES,
              f"prompt_template must be one of {', '.join(PROMPT_TEMPLATES)}, got {self.prompt_template!r}")
         need(self.device is None or bool(DEVICE.match(str(self.device))),

@@ -17,8 +17,8 @@ from trainer.attention import TRANSFORMERS_IMPLEMENTATION, AttentionBackend, Att
 from trainer.config import MoondreamConfig
 from trainer.image_crops import pool_to_grid, stitch_local_features
 
-TrainScope = Literal["text", "text+projection", "all"]
-TRAIN_SCOPES: tuple[str, ...] = ("text", "text+projection", "all")
+TrainScope = Literal["text", "text+projection", "all", "lora"]
+TRAIN_SCOPES: tuple[str, ...] = ("text", "text+projection", "all", "lora")
 
 
 class ProjectionMLP(nn.Module):
@@ -59,11 +59,26 @@ class MoondreamModel(nn.Module):
     # -- configuration -------------------------------------------------------------
 
     def set_train_scope(self, scope: TrainScope) -> None:
+        """What trains; `lora` trains only adapters already added to the text decoder (trainer.lora)."""
         if scope not in TRAIN_SCOPES:
             raise ValueError(f"unknown train scope {scope!r}; choose from {TRAIN_SCOPES}")
         self.vision.requires_grad_(scope == "all")
         self.projection.requires_grad_(scope in ("text+projection", "all"))
-        self.text.requires_grad_(True)
+        self.text.requires_grad_(scope != "lora")
+        if scope == "lora":
+            adapters = [p for name, p in self.text.named_parameters() if ".lora_" in name]
+            if not adapters:
+                raise ValueError("train scope 'lora' needs adapters on the text decoder (trainer.lora.add_lora)")
+            for p in adapters:
+                p.requires_grad_(True)
+
+    def store_weights(self, trained: torch.dtype, frozen: torch.dtype) -> None:
+        """Keep trained and frozen parameters in their own types (see trainer.precision); call after
+        set_train_scope. Buffers (rotary frequencies) stay as they are."""
+        for p in self.parameters():
+            dtype = trained if p.requires_grad else frozen
+            if p.dtype != dtype:
+                p.data = p.data.to(dtype)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         for tower in (self.vision, self.text):
@@ -83,7 +98,9 @@ class MoondreamModel(nn.Module):
         v = self.config.vision
         vision_trains = any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trains):
-            features = self.vision(pixel_values=crops).last_hidden_state
+            # the tower's own storage type: frozen towers may be kept in half precision
+            pixels = crops.to(self.vision.embeddings.patch_embedding.weight.dtype)
+            features = self.vision(pixel_values=pixels).last_hidden_state
         combined = []
         start = 0
         for rows, cols in tilings:
@@ -96,7 +113,7 @@ class MoondreamModel(nn.Module):
             raise ValueError(f"tilings account for {start} crops but {crops.shape[0]} were given")
         projection_trains = any(p.requires_grad for p in self.projection.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and projection_trains):
-            return self.projection(torch.stack(combined))
+            return self.projection(torch.stack(combined).to(self.projection.fc1.weight.dtype))
 
     # -- text side -----------------------------------------------------------------
 

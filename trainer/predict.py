@@ -15,9 +15,10 @@ from trainer.attention import AttentionMode
 from trainer.batching import encode_samples
 from trainer.data import Sample
 from trainer.evaluate import evaluate
-from trainer.job import resolve_device, resolve_precision, AUTOCAST_DTYPES
+from trainer.job import autocast_dtype_of, resolve_device
 from trainer.job_config import Prediction
 from trainer.loading import LoadedModel
+from trainer.precision import plan_precision
 from trainer.tokenizer import get_template
 
 
@@ -38,7 +39,7 @@ def predict(loaded: LoadedModel, samples: Sequence[Sample], settings: PredictSet
     if settings.batch_size < 1:
         raise ValueError(f"batch size must be ≥ 1, got {settings.batch_size}")
     device = resolve_device(settings.device)
-    autocast_dtype = AUTOCAST_DTYPES[resolve_precision(settings.precision, device)]
+    autocast_dtype = autocast_dtype_of(plan_precision(settings.precision, "fp32", None, device.type == "cuda"))
     model = loaded.model.to(device)
     encoded = encode_samples(samples, model.config.vision, loaded.tokenizer, get_template(settings.prompt_template),
                              settings.question)

@@ -1,0 +1,38 @@
+"""The optimizers a job can use, each a memory/speed trade-off with the same AdamW update rule.
+
+- `adamw`: torch's AdamW (multi-tensor `foreach` on CUDA); two states per trained
+  value, in the trained weights' type (fp32: 8 bytes per value).
+- `adamw-fused`: the same update in one fused kernel per step; same memory, faster
+  on CUDA.
+- `adamw8bit`: bitsandbytes' AdamW8bit, the optimizer of the official Moondream
+  fine-tuning notebook: both states quantised blockwise to 8 bits (about 2 bytes per
+  value with the block scales), a quarter of fp32 AdamW. bitsandbytes rather than
+  torchao because it runs on CPU without compiling anything, so the same option is
+  tested here, and it is what Moondream users already run. Tensors under 4 096
+  values (biases, norms) keep 32-bit states, as bitsandbytes does by default.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw-fused", "adamw8bit")
+# bitsandbytes keeps 32-bit states for tensors smaller than this (its `min_8bit_size` default)
+MIN_8BIT_SIZE = 4096
+# bitsandbytes' blockwise quantisation: one fp32 scale per this many values of each state
+BLOCK_SIZE_8BIT = 256
+
+
+def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], *, lr: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    params = list(params)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw-fused":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    if name == "adamw8bit":
+        import bitsandbytes  # imported here: it takes seconds and only this option needs it
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, min_8bit_size=MIN_8BIT_SIZE)
+    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
