@@ -9,11 +9,16 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import PhiConfig, SiglipVisionConfig
+if TYPE_CHECKING:
+    from transformers import PhiConfig, SiglipVisionConfig
 
 CONFIG_FILE = "mdsweep_config.json"
+WEIGHTS_FILE = "model.safetensors"
+# Pretrained bases that ship with the project (`models/NAME/`), loaded by name like a preset
+# but through the official-layout path, exactly as a downloaded Moondream2 checkpoint.
+SHIPPED_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,8 @@ class MoondreamConfig:
     tokenizer: str = "bpe"
 
     def siglip_config(self, attn_implementation: str) -> SiglipVisionConfig:
+        from transformers import SiglipVisionConfig  # here, so sizes can be read without loading torch
+
         v = self.vision
         return SiglipVisionConfig(
             hidden_size=v.enc_dim,
@@ -76,6 +83,8 @@ class MoondreamConfig:
         )
 
     def phi_config(self, attn_implementation: str) -> PhiConfig:
+        from transformers import PhiConfig
+
         t = self.text
         return PhiConfig(
             vocab_size=t.vocab_size,
@@ -139,3 +148,21 @@ PRESETS: dict[str, MoondreamConfig] = {
         tokenizer="char",
     ),
 }
+
+
+def shipped_models() -> list[str]:
+    if not SHIPPED_MODELS_DIR.is_dir():
+        return []
+    return sorted(d.name for d in SHIPPED_MODELS_DIR.iterdir() if (d / WEIGHTS_FILE).is_file())
+
+
+def model_config_of(spec: str) -> MoondreamConfig:
+    """The sizes a model spec will load with, read without loading weights: a preset, a shipped model or
+    a local directory with its config; anything else (a hub id, an official directory) is Moondream2."""
+    if spec in PRESETS:
+        return PRESETS[spec]
+    directory = SHIPPED_MODELS_DIR / spec if spec in shipped_models() else Path(spec).expanduser()
+    path = directory / CONFIG_FILE
+    if path.is_file():
+        return MoondreamConfig.from_dict(json.loads(path.read_text()))
+    return PRESETS["moondream2"]

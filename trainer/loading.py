@@ -8,22 +8,12 @@ from pathlib import Path
 from typing import Optional
 
 from trainer.attention import AttentionBackend
-from trainer.config import CONFIG_FILE, PRESETS, MoondreamConfig
+from trainer.config import CONFIG_FILE, PRESETS, SHIPPED_MODELS_DIR, MoondreamConfig, shipped_models
 from trainer.model import MoondreamModel
 from trainer.tokenizer import Tokenizer, load_tokenizer
 from trainer.weights import HUB_ID, WEIGHTS_FILE, CheckpointError, fetch_from_hub, load_official_weights, \
     read_safetensors, save_official_weights
 
-
-# Pretrained bases that ship with the project (`models/NAME/`), loaded by name like a preset
-# but through the official-layout path, exactly as a downloaded Moondream2 checkpoint.
-SHIPPED_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
-
-
-def shipped_models() -> list[str]:
-    if not SHIPPED_MODELS_DIR.is_dir():
-        return []
-    return sorted(d.name for d in SHIPPED_MODELS_DIR.iterdir() if (d / WEIGHTS_FILE).is_file())
 
 
 @dataclass

@@ -44,6 +44,7 @@ class MoondreamModel(nn.Module):
         self.config = config
         self.bos_id = bos_id
         self.attention_backend = attention_backend
+        self.gradient_checkpointing = False
         self.vision = SiglipVisionModel(config.siglip_config(implementation))
         v = config.vision
         self.projection = ProjectionMLP(2 * v.enc_dim, v.proj_inner_dim, v.proj_out_dim)
@@ -81,6 +82,7 @@ class MoondreamModel(nn.Module):
                 p.data = p.data.to(dtype)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.gradient_checkpointing = enabled
         for tower in (self.vision, self.text):
             if enabled:
                 tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

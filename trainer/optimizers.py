@@ -13,19 +13,24 @@
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw-fused", "adamw8bit")
 # bitsandbytes keeps 32-bit states for tensors smaller than this (its `min_8bit_size` default)
 MIN_8BIT_SIZE = 4096
-# bitsandbytes' blockwise quantisation: one fp32 scale per this many values of each state
+# bitsandbytes' blockwise quantisation: one fp32 scale per this many values of each state,
+# and per state a fp32 quantile map of this many values
 BLOCK_SIZE_8BIT = 256
+QUANTILE_MAP_VALUES = 256
 
 
 def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], *, lr: float,
                     weight_decay: float) -> torch.optim.Optimizer:
+    import torch  # here, so the memory model can read the constants above without torch
+
     params = list(params)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

@@ -16,9 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from trainer.config import MoondreamConfig
+from trainer.config import WEIGHTS_FILE, MoondreamConfig
 
-WEIGHTS_FILE = "model.safetensors"
 # official keys for parts this project does not model (the object-detection region head)
 IGNORED_PREFIXES = ("model.region.",)
 
