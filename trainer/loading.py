@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -10,7 +11,7 @@ from typing import Optional
 from trainer.attention import AttentionBackend
 from trainer.config import CONFIG_FILE, PRESETS, SHIPPED_MODELS_DIR, MoondreamConfig, shipped_models
 from trainer.model import MoondreamModel
-from trainer.tokenizer import Tokenizer, load_tokenizer
+from trainer.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 from trainer.weights import HUB_ID, WEIGHTS_FILE, CheckpointError, fetch_from_hub, load_official_weights, \
     read_safetensors, save_official_weights
 
@@ -29,7 +30,7 @@ def load_model(spec: str, *, revision: Optional[str] = None,
     hub id loads weights."""
     if spec in PRESETS:
         config = PRESETS[spec]
-        tokenizer = load_tokenizer(config.tokenizer, None)
+        tokenizer = preset_tokenizer(spec)
         return LoadedModel(MoondreamModel(config, bos_id=tokenizer.bos_id, attention_backend=attention_backend),
                            tokenizer, None)
     directory = Path(spec).expanduser()
@@ -55,6 +56,19 @@ def load_model(spec: str, *, revision: Optional[str] = None,
     model = MoondreamModel(config, bos_id=tokenizer.bos_id, attention_backend=attention_backend)
     load_official_weights(model, weights, tensors)
     return LoadedModel(model, tokenizer, directory)
+
+
+def preset_tokenizer(name: str) -> Tokenizer:
+    """A preset's tokenizer. The real-size preset has fresh weights and no tokenizer.json to go with them, so
+    the character tokenizer stands in (its ids lie inside the real vocabulary): memory and speed of the real
+    model can then be measured anywhere, while its answers mean nothing."""
+    config = PRESETS[name]
+    if config.tokenizer == "bpe":
+        print(f"mdsweep: model {name!r} is the real-size preset with fresh weights and no tokenizer.json: a "
+              f"character tokenizer stands in ({CharTokenizer().vocab_size} of the {config.text.vocab_size} "
+              "ids); memory and speed are representative, answers are not", file=sys.stderr, flush=True)
+        return CharTokenizer()
+    return load_tokenizer(config.tokenizer, None)
 
 
 def save_model(loaded: LoadedModel, directory: Path) -> None:

@@ -56,6 +56,10 @@ PLANNING_CROPS_PER_IMAGE = 2
 # bytes saved per token per unit of model width, by compute size (see the module docstring)
 D_BYTES = {4: 28, 2: 22}
 FF_VALUES = 5
+# the JobConfig fields `estimate_memory` reads: configurations equal in these need the same memory
+MEMORY_FIELDS: tuple[str, ...] = ("model", "train_scope", "lora_rank", "lora_targets", "optimizer", "precision",
+                                  "trained_dtype", "frozen_dtype", "batch_size", "grad_accum",
+                                  "gradient_checkpointing", "attention_backend")
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,7 @@ class MemoryEstimate:
     weights: int
     gradients: int
     optimizer_states: int
-    activations: int  # the most the activations (and optimizer-step temporaries) take at one time
+    transient: int  # the most activations or optimizer-step temporaries take at one time, beyond gradients
     allocator_peak: int  # what `torch.cuda.max_memory_allocated` should read; what `max_gpu_memory` must allow
     cuda_context: int
 
@@ -217,5 +221,5 @@ def estimate_memory(config: JobConfig, model: Optional[MoondreamConfig] = None,
     }
     peak_phase = max(phases.values())
     return MemoryEstimate(weights=weights, gradients=gradients, optimizer_states=states,
-                          activations=peak_phase - gradients if peak_phase > gradients else 0,
+                          transient=max(peak_phase - gradients, 0),
                           allocator_peak=weights + states + peak_phase, cuda_context=CUDA_CONTEXT_BYTES)

@@ -1,0 +1,138 @@
+"""The GPU check: real-size Moondream2 (fresh weights) training steps, measured peak memory against the memory
+model's prediction, per batch size, attention mode, backend, optimizer, scope and precision; then four capped
+jobs sharing one GPU.
+
+Each case runs in its own process (clean CUDA context and peak statistics) through the trainer's own
+`run_job`: three optimizer steps and an evaluation on a few synthetic captchas.
+
+    python bench/gpu_check.py              # on a CUDA machine: about 5 minutes on one H100
+    python bench/gpu_check.py --dry-run    # anywhere: the tiny model on CPU, checks the script itself
+
+Copy the printed table into bench/RESULTS.md with the device and the date.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.job_config import JobConfig  # noqa: E402
+from trainer.memory_model import GIB, estimate_memory  # noqa: E402
+
+LEAN = dict(train_scope="text", optimizer="adamw8bit")
+CASES: list[tuple[str, dict[str, Any]]] = [
+    ("lean b1 causal", dict(LEAN, batch_size=1, attention="causal")),
+    ("lean b1 prefix", dict(LEAN, batch_size=1, attention="prefix")),
+    ("lean b8 causal", dict(LEAN, batch_size=8, attention="causal")),
+    ("lean b8 prefix", dict(LEAN, batch_size=8, attention="prefix")),
+    ("lean b8 prefix eager-4d", dict(LEAN, batch_size=8, attention="prefix", attention_backend="eager-4d")),
+    ("lean b8 prefix flex", dict(LEAN, batch_size=8, attention="prefix", attention_backend="flex")),
+    ("lean b8 no checkpointing", dict(LEAN, batch_size=8, gradient_checkpointing=False)),
+    ("adamw b8", dict(train_scope="text", optimizer="adamw", batch_size=8)),
+    ("adamw-fused b8", dict(train_scope="text", optimizer="adamw-fused", batch_size=8)),
+    ("fp16 weights + 8-bit b8", dict(LEAN, batch_size=8, trained_dtype="fp16")),
+    ("lora b8", dict(train_scope="lora", optimizer="adamw", batch_size=8)),
+    ("lean b8 bf16", dict(LEAN, batch_size=8, precision="bf16")),
+]
+# the dry run checks the script, not memory: one case per code path, no flex (no backward on CPU)
+DRY_RUN_CASES = ("lean b8 prefix", "lean b8 prefix eager-4d", "fp16 weights + 8-bit b8", "lora b8")
+SHARED = 4  # jobs sharing one GPU in the last check
+MARGIN = 1.15  # cap = prediction x this, for the shared jobs
+
+
+def job_config(case: dict[str, Any], data: Path, dry_run: bool, **extra: Any) -> JobConfig:
+    base = dict(model="tiny" if dry_run else "moondream2", train_data=str(data), val_fraction=0.25,
+                max_steps=3, eval_every=3, max_val_samples=8, max_new_tokens=8, lr=1e-5)
+    if dry_run:
+        base["device"] = "cpu"
+    return JobConfig(**{**base, **case, **extra})
+
+
+def run_one(config: dict[str, Any]) -> None:
+    """Child process: one job, one JSON line."""
+    from trainer.job import run_job
+
+    steps: list[dict[str, Any]] = []
+    started = time.time()
+    result = run_job(JobConfig(**config), on_step=steps.append)
+    print(json.dumps({"outcome": result.outcome, "error": result.error, "peak": result.peak_memory_bytes,
+                      "samples_per_s": steps[-1]["samples_per_s"] if steps else None,
+                      "scaler_skipped": steps[-1]["scaler_skipped_steps"] if steps else None,
+                      "seconds": time.time() - started}))
+
+
+def launch(config: JobConfig) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, "--one", json.dumps(config.to_dict())],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def collect(process: subprocess.Popen, timeout_s: float) -> dict[str, Any]:
+    try:
+        out, err = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return {"outcome": "timeout"}
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if process.returncode != 0 or not lines:
+        return {"outcome": "crash", "error": (err.strip().splitlines() or ["?"])[-1]}
+    return json.loads(lines[-1])
+
+
+def gib(value: Any) -> str:
+    return f"{value / GIB:.2f}" if isinstance(value, (int, float)) and value else "-"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="tiny model on CPU: check the script, not a GPU")
+    parser.add_argument("--timeout", type=float, default=150.0, help="seconds per case (default 150)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        run_one(json.loads(args.one))
+        return 0
+
+    from trainer.synth import synthesize
+
+    data = Path(tempfile.mkdtemp(prefix="gpu-check-")) / "captchas.parquet"
+    synthesize(64, data, length=6, seed=0)
+    what = "measured: CPU peak RSS (dry run: not comparable)" if args.dry_run else "measured: max_memory_allocated"
+    print(f"{'case':<28} {'predicted GiB':>13} {'measured GiB':>12} {'ratio':>6} {'samples/s':>9} "
+          f"{'outcome':>8}   ({what})")
+    failures = 0
+    for label, case in CASES:
+        if args.dry_run and label not in DRY_RUN_CASES:
+            continue
+        config = job_config(case, data, args.dry_run)
+        predicted = estimate_memory(config).allocator_peak
+        row = collect(launch(config), args.timeout)
+        peak = row.get("peak")
+        ratio = f"{peak / predicted:.2f}" if peak and not args.dry_run else "-"
+        rate = f"{row['samples_per_s']:.1f}" if row.get("samples_per_s") else "-"
+        failures += row["outcome"] != "ok"
+        print(f"{label:<28} {gib(predicted):>13} {gib(peak):>12} {ratio:>6} {rate:>9} {row['outcome']:>8}"
+              + (f"   {row.get('error')}" if row["outcome"] != "ok" else ""), flush=True)
+
+    # four jobs on one GPU, each capped at its prediction plus a margin: all must end ok
+    config = job_config(dict(LEAN, batch_size=8), data, args.dry_run)
+    cap = int(estimate_memory(config).allocator_peak * MARGIN)
+    shared = [launch(job_config(dict(LEAN, batch_size=8), data, args.dry_run, seed=i,
+                                max_gpu_memory=None if args.dry_run else str(cap)))
+              for i in range(2 if args.dry_run else SHARED)]
+    rows = [collect(p, args.timeout * 2) for p in shared]
+    outcomes = [r["outcome"] for r in rows]
+    failures += sum(o != "ok" for o in outcomes)
+    print(f"\n{len(shared)} lean b8 jobs sharing the GPU, each capped at {gib(cap)} GiB: outcomes {outcomes}, "
+          f"peaks {[gib(r.get('peak')) for r in rows]} GiB")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

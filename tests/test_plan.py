@@ -1,0 +1,61 @@
+"""`mdsweep plan` on real spaces, the real-size preset's stand-in tokenizer, and the GPU check's dry run."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from orchestrator.cli import main
+from orchestrator.memory_plan import plan_space
+from trainer.loading import preset_tokenizer
+from trainer.memory_model import Workload
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_plan_groups_configurations_by_memory_shape_not_learning_rate():
+    plans = plan_space("demo:paired", {"model": "moondream2", "train_data": "x", "train_scope": "text"},
+                       cross=[("attention_backend", ["sdpa", "eager-4d"])], probes=30, workload=Workload())
+    # demo searches lr (continuous) and grad_accum (1, 2, 4): three accumulations x two backends
+    assert len(plans) == 6 and sum(p.configurations for p in plans) == 60
+    assert [p.estimate.device_total for p in plans] == sorted((p.estimate.device_total for p in plans), reverse=True)
+    assert plans[0].shape["attention_backend"] == "eager-4d"
+
+
+def test_plan_prints_trials_per_gpu_and_the_shapes_that_fit_nowhere(capsys, tmp_path):
+    space = tmp_path / "space.py"
+    space.write_text("def space(trial):\n"
+                     "    return {'train_scope': trial.suggest_categorical('train_scope', ['text', 'lora']),\n"
+                     "            'lr': trial.suggest_float('lr', 1e-6, 1e-3, log=True)}\n")
+    code = main(["plan", "--model", "moondream2", "--space", f"{space}:space", "--batch-size", "8",
+                 "--set", "optimizer=adamw8bit", "--gpu-type", "8GiB", "--gpu-type", "80GiB", "--probes", "20"])
+    out = capsys.readouterr().out
+    assert code == 0
+    header, text_row, lora_row = [line for line in out.splitlines() if line.strip().startswith(("train_scope",
+                                                                                               "text", "lora"))]
+    assert header.endswith("per 8GiB  per 80GiB")
+    assert text_row.split()[-2:] == ["0", "4"]  # the lean text fine-tune: four per 80 GiB, none on 8 GiB
+    assert int(lora_row.split()[-2]) >= 1
+    assert "every shape fits at least one of these GPUs" in out
+
+    assert main(["plan", "--model", "moondream2", "--space", f"{space}:space", "--batch-size", "8",
+                 "--set", "optimizer=adamw8bit", "--gpu-type", "8GiB", "--probes", "20"]) == 0
+    assert "1 shape(s) fit no GPU of 8GiB: train_scope=text" in capsys.readouterr().out
+
+
+def test_plan_names_a_bad_flag(capsys):
+    assert main(["plan", "--space", "demo", "--gpu-type", "lots"]) == 2
+    assert "--gpu-type" in capsys.readouterr().err
+
+
+def test_real_size_preset_runs_with_a_stand_in_tokenizer_and_says_so(capsys):
+    tokenizer = preset_tokenizer("moondream2")
+    assert max(tokenizer.encode("What does the text say? 123456")) < 51200
+    assert "stands in" in capsys.readouterr().err
+
+
+def test_gpu_check_dry_run_completes():
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry-run"], capture_output=True,
+                         text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+    assert run.stdout.count(" ok") >= 4 and "outcomes ['ok', 'ok']" in run.stdout
