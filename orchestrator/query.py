@@ -263,7 +263,7 @@ def default_trial_columns(table: pa.Table) -> list[str]:
             metric = vals[0]
     wanted = ["sweep", "trial_id", "outcome", *searched, "seed", "objective", f"best_{metric}",
               f"final_{metric}", f"final_{metric}_low", f"final_{metric}_high", "steps_completed",
-              "peak_memory_bytes", "wall_time_s", "node_ip", "gpu_ids"]
+              "peak_memory_bytes", "predicted_peak_bytes", "wall_time_s", "node_ip", "gpu_ids"]
     seen, cols = set(), []
     for c in wanted:
         if c in table.column_names and c not in seen:

@@ -91,6 +91,7 @@ class TrialResources:
     max_gpu_memory: Optional[str] = None  # what JobConfig.max_gpu_memory gets
     notes: list[str] = field(default_factory=list)
     capacity: Optional[int] = None  # trials the cluster can hold at once (set after the fit check)
+    auto_gpu_bytes: Optional[int] = None  # with --gpu-memory-per-trial auto: the GPU size shares are taken of
 
     def ray_resources(self) -> dict[str, float]:
         res: dict[str, float] = {"cpu": float(self.cpus), "gpu": float(self.gpus)}
@@ -142,11 +143,14 @@ def plan_resources(
             raise ResourceError(f"--gpus-per-trial {g:g}: above 1 it must be a whole number of GPUs")
         r.gpus = round_gpu_fraction(g) if 0 < g < 1 else g
     if gpu_memory_per_trial:
-        want = parse_size(gpu_memory_per_trial, "--gpu-memory-per-trial")
-        r.gpu_memory_bytes = want
-        r.max_gpu_memory = str(want)
+        auto = gpu_memory_per_trial.strip().lower() == "auto"
+        want = 0 if auto else parse_size(gpu_memory_per_trial, "--gpu-memory-per-trial")
+        r.gpu_memory_bytes = want or None
+        r.max_gpu_memory = "auto" if auto else str(want)
         if not gpu_nodes:
             raise ResourceError("--gpu-memory-per-trial: the cluster has no GPUs")
+        if auto and gpus_per_trial is not None:
+            raise ResourceError("--gpu-memory-per-trial auto sets each trial's GPU share; drop --gpus-per-trial")
         if node_gpu_memory:
             per_gpu = parse_size(node_gpu_memory, "--node-gpu-memory")
             for n in gpu_nodes:
@@ -156,6 +160,11 @@ def plan_resources(
             raise ResourceError(
                 "--gpu-memory-per-trial: the GPU memory of the cluster's nodes is unknown "
                 "(could not be measured); give it with --node-gpu-memory, e.g. 80GiB")
+        if auto:
+            # shares are taken of the smallest GPU, so a trial fits wherever it lands; set per trial later
+            r.auto_gpu_bytes = min(sizes)
+            r.gpus = 1.0
+            return r
         fitting = [s for s in sizes if s >= want]
         if not fitting:
             raise ResourceError(

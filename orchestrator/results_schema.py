@@ -117,6 +117,7 @@ def trials_schema() -> pa.Schema:
         pa.field("steps_completed", pa.int64()),
         pa.field("n_reports", pa.int64()),
         pa.field("peak_memory_bytes", pa.int64()),
+        pa.field("predicted_peak_bytes", pa.int64()),  # the memory model's GPU peak (trainer/memory_model.py)
         pa.field("job_wall_time_s", pa.float64()),
         pa.field("wall_time_s", pa.float64()),
         pa.field("node_id", pa.string()),

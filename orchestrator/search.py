@@ -1,13 +1,15 @@
 """The Optuna searcher of a sweep, and the groups (replicates, crossed factors) it runs.
 
 `SweepSearcher` wraps Ray Tune's `OptunaSearch` (TPE, seeded, constant liar for
-parallel trials) and adds three things:
+parallel trials) and adds four things:
 - outcomes: `ok` is told to Optuna as COMPLETE with the metric, `oom` and
   `error` as FAIL, `diverged` and trials stopped by the scheduler as PRUNED;
 - groups: with `--replicates K` and/or `--cross FIELD`, every suggestion runs
   once per seed / per value of FIELD, and Optuna is told the group's mean;
 - the concurrency limit, with its state saved with the experiment (so a resumed
-  sweep neither forgets running trials nor exceeds the limit).
+  sweep neither forgets running trials nor exceeds the limit);
+- memory: measured peaks and out-of-memory shapes go into the sweep's MemoryBook
+  (orchestrator.gpu_memory), and a proposal whose shape cannot fit is not run.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import copy
 import itertools
 import math
 import numbers
+import sys
 from typing import Any, Optional, Sequence
 
 from orchestrator.job_values import literal_choices, parse_value
@@ -66,13 +69,15 @@ def _finite(x: Any) -> bool:
 
 
 def make_searcher(space: str, metric: str, mode: str, seed: int, expansions: list[dict[str, Any]],
-                  max_concurrent: Optional[int]) -> "Any":
+                  max_concurrent: Optional[int], sweep: Optional[str] = None,
+                  fixed: Optional[dict[str, Any]] = None) -> "Any":
     from optuna.samplers import TPESampler
     from ray.tune.search.optuna import OptunaSearch
 
     sampler = TPESampler(seed=seed, constant_liar=True)
     inner = OptunaSearch(space=SpaceFunction(space), metric=metric, mode=mode, sampler=sampler)
-    return SweepSearcher(inner, metric=metric, mode=mode, expansions=expansions, max_concurrent=max_concurrent)
+    return SweepSearcher(inner, metric=metric, mode=mode, expansions=expansions, max_concurrent=max_concurrent,
+                         sweep=sweep, fixed=fixed)
 
 
 def _searcher_base():
@@ -81,12 +86,23 @@ def _searcher_base():
     return Searcher
 
 
+# proposals in a row whose memory shape cannot fit, after which the search stops instead of spinning
+MAX_REJECTED_IN_A_ROW = 50
+
+
 class SweepSearcher(_searcher_base()):
-    """OptunaSearch plus outcomes, replicate/cross groups and a saved concurrency limit."""
+    """OptunaSearch plus outcomes, replicate/cross groups, a saved concurrency limit, and memory: proposals whose
+    shape ran out of memory (or fits no GPU) are told to Optuna as failed and resampled, not run."""
 
     def __init__(self, searcher: Any, metric: str, mode: str, expansions: Optional[list[dict]] = None,
-                 max_concurrent: Optional[int] = None):
+                 max_concurrent: Optional[int] = None, sweep: Optional[str] = None,
+                 fixed: Optional[dict[str, Any]] = None):
+        from orchestrator.gpu_memory import book_for
+
         super().__init__(metric=metric, mode=mode)
+        self.sweep = sweep
+        self.fixed = dict(fixed or {})
+        self.book = book_for(sweep) if sweep else None
         self.searcher = searcher  # the attribute name SearchGenerator looks for to save wrappers
         self.expansions = expansions or [{}]
         self.max_concurrent = max_concurrent
@@ -111,7 +127,11 @@ class SweepSearcher(_searcher_base()):
         return copy.deepcopy(state)
 
     def set_state(self, state: dict) -> None:
+        from orchestrator.gpu_memory import register_book
+
         self.__dict__.update(state)
+        if getattr(self, "book", None) is not None:
+            register_book(self.sweep, self.book)  # the resource function finds the restored book by name
 
     def save(self, checkpoint_path: str):
         self.searcher.save(checkpoint_path)
@@ -124,12 +144,19 @@ class SweepSearcher(_searcher_base()):
         if self.max_concurrent and len(self.live) >= self.max_concurrent:
             return None
         if not self.queue:
-            inner_id = f"g{self._counter:05d}"
-            config = self.searcher.suggest(inner_id)
-            if config is None or config == self.FINISHED:
-                return config
-            self._counter += 1
-            params, _meta = split_suggestion(config)
+            for _ in range(MAX_REJECTED_IN_A_ROW):
+                inner_id = f"g{self._counter:05d}"
+                config = self.searcher.suggest(inner_id)
+                if config is None or config == self.FINISHED:
+                    return config
+                self._counter += 1
+                params, _meta = split_suggestion(config)
+                if not self._reject(inner_id, params):
+                    break
+            else:
+                print(f"mdsweep: the last {MAX_REJECTED_IN_A_ROW} proposals all had memory shapes that ran out of "
+                      "memory or fit no GPU; stopping the search", file=sys.stderr, flush=True)
+                return self.FINISHED
             number = self.searcher._ot_trials[inner_id].number
             self.groups[inner_id] = {"number": number, "params": params, "size": len(self.expansions),
                                      "done": {}}
@@ -139,6 +166,34 @@ class SweepSearcher(_searcher_base()):
         self.trial_member[trial_id] = (inner_id, member)
         self.live.add(trial_id)
         return {**group["params"], **self.expansions[member], GROUP_KEY: group["number"], MEMBER_KEY: member}
+
+    def _configs(self, params: dict[str, Any]) -> list[Any]:
+        from orchestrator.gpu_memory import job_config
+
+        return [job_config(self.fixed, {**params, **expansion}) for expansion in self.expansions]
+
+    def _reject(self, inner_id: str, params: dict[str, Any]) -> bool:
+        """Tell Optuna a proposal failed without running it when one of its runs cannot fit."""
+        if self.book is None:
+            return False
+        why = next((w for w in map(self.book.cannot_fit, self._configs(params)) if w), None)
+        if why is None:
+            return False
+        self.book.rejected += 1
+        self.told[inner_id] = ("FAIL", None)
+        self.searcher.on_trial_complete(inner_id, result=None, error=True)
+        print(f"mdsweep: not running {params}: {why}", file=sys.stderr, flush=True)
+        return True
+
+    def _observe(self, inner_id: str, member: int, result: Optional[dict]) -> None:
+        """Record a finished run's measured GPU peak (when it ran on a GPU) or its out-of-memory outcome."""
+        if self.book is None or not result:
+            return
+        outcome = result.get("outcome")
+        if outcome != "oom" and not result.get("gpu_ids"):
+            return  # a CPU run's peak is host memory, not a GPU reading
+        config = self._configs(self.groups[inner_id]["params"])[member]
+        self.book.observe(config, outcome, result.get("peak_memory_bytes"))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         where = self.trial_member.get(trial_id)
@@ -175,6 +230,7 @@ class SweepSearcher(_searcher_base()):
         group = self.groups[inner_id]
         if member in group["done"] or inner_id in self.told:
             return
+        self._observe(inner_id, member, result)
         group["done"][member] = self.classify(result, error)
         if len(group["done"]) < group["size"]:
             return

@@ -231,7 +231,8 @@ class ParquetSink(_tune_callback_base()):
         # it), so that the experiment state and Tune's own loggers never carry them.
         predictions = result.pop(PREDICTIONS_KEY, None)
         row = self._trial_row(trial)
-        for k in ("node_id", "node_ip", "hostname", "gpu_ids"):
+        # where the trial ran, what memory it was predicted, and the cap it ran under (set in the trial with auto)
+        for k in ("node_id", "node_ip", "hostname", "gpu_ids", "predicted_peak_bytes", "max_gpu_memory"):
             if result.get(k) not in (None, ""):
                 row[k] = result[k]
         if result.get("restored_from_step") is not None:

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator import cluster as cluster_mod
-from orchestrator.resources import ResourceError, TrialResources, check_fit, concurrency_capacity, plan_resources
+from orchestrator.resources import (ResourceError, TrialResources, check_fit, concurrency_capacity, format_size,
+                                    plan_resources)
 from orchestrator.results_schema import METRICS, validate_sweep_name
 from orchestrator.search import build_expansions
 from orchestrator.spaces import SpaceError, SpaceInfo, validate_space
@@ -336,27 +337,53 @@ def searched_columns(s: SweepSettings, info: SpaceInfo) -> list[str]:
     return cols
 
 
-def resolve_resources(s: SweepSettings, handle: cluster_mod.ClusterHandle) -> tuple[TrialResources, list[str]]:
+def resolve_resources(s: SweepSettings, handle: cluster_mod.ClusterHandle,
+                      samples: Optional[list[dict[str, Any]]] = None) -> tuple[TrialResources, list[str]]:
+    """Per-trial resources against the cluster; `samples` (probed suggestions) size `auto` GPU shares."""
     from orchestrator.resources import probe_gpu_memory
 
     nodes = handle.nodes()
     if s.gpu_memory_per_trial and not s.node_gpu_memory:
         probe_gpu_memory(nodes)
+    notes: list[str] = []
     try:
         req = plan_resources(nodes, cpus_per_trial=s.cpus_per_trial, gpus_per_trial=s.gpus_per_trial,
                              gpu_memory_per_trial=s.gpu_memory_per_trial, memory_per_trial=s.memory_per_trial,
                              node_gpu_memory=s.node_gpu_memory)
+        if req.auto_gpu_bytes:
+            notes.append(auto_shares(s, req, samples or [{}]))
         if not s.skip_fit_check:
             check_fit(req, nodes)
     except ResourceError as e:
         raise SweepError(str(e)) from None
-    notes = list(req.notes) + cluster_mod.storage_notes(s.storage, nodes) + list(handle.notes)
+    notes = list(req.notes) + notes + cluster_mod.storage_notes(s.storage, nodes) + list(handle.notes)
     cap = concurrency_capacity(req, nodes)
     if cap == 0 and not s.skip_fit_check:
         raise SweepError(f"no trial of {req.describe()} fits the cluster")
     notes.append(f"{len(nodes)} node(s); each trial gets {req.describe()}; up to {cap} trial(s) at once")
     req.capacity = cap
     return req, notes
+
+
+def auto_shares(s: SweepSettings, req: TrialResources, samples: list[dict[str, Any]]) -> str:
+    """With `auto`: the GPU shares the space's probed configurations would get, for the capacity estimate and the
+    user; fails when none fits a GPU."""
+    from orchestrator.gpu_memory import AutoGpuResources, book_for, job_config
+
+    book_for(s.name).gpu_bytes = req.auto_gpu_bytes
+    resources = AutoGpuResources(s.name, s.fixed, req.cpus, int(req.auto_gpu_bytes))
+    needs = [book_for(s.name).need(job_config(s.fixed, sample)) for sample in samples]
+    fitting = [n for n in needs if n <= req.auto_gpu_bytes]
+    size = format_size(req.auto_gpu_bytes)
+    if not fitting:
+        raise ResourceError(f"--gpu-memory-per-trial auto: no configuration of --space {s.space} is predicted to "
+                            f"fit a {size} GPU (smallest need {format_size(min(needs))}); see `mdsweep plan`")
+    req.gpus = resources.fraction_of(min(fitting))
+    return (f"--gpu-memory-per-trial auto: each trial gets its predicted memory plus a margin, "
+            f"{format_size(min(fitting))} to {format_size(max(fitting))} of a {size} GPU "
+            f"({req.gpus:g} to {resources.fraction_of(max(fitting)):g} of it)"
+            + (f"; {len(needs) - len(fitting)} of {len(needs)} probed configurations fit no GPU and will not run"
+               if len(fitting) < len(needs) else ""))
 
 
 # ---------------------------------------------------------------- building the Tuner pieces
@@ -374,6 +401,11 @@ def _trainable(s: SweepSettings, req: TrialResources):
 
     from orchestrator.trainable import make_trainable
 
+    if req.auto_gpu_bytes:
+        from orchestrator.gpu_memory import AutoGpuResources
+
+        resources = AutoGpuResources(s.name, s.fixed, req.cpus, req.auto_gpu_bytes, req.memory_bytes)
+        return tune.with_resources(make_trainable(_trial_spec(s, req)), resources)
     return tune.with_resources(make_trainable(_trial_spec(s, req)), req.ray_resources())
 
 
@@ -460,7 +492,7 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
     expansions = build_expansions(s.replicates, int(s.fixed.get("seed", 0) or 0), s.cross)
     handle = cluster_mod.connect(s.address, num_cpus=s.num_cpus, num_gpus=s.num_gpus, log_to_driver=s.worker_logs)
     try:
-        req, notes = resolve_resources(s, handle)
+        req, notes = resolve_resources(s, handle, info.samples)
         for n in notes:
             _say(n, quiet)
         _say(f"space {s.space}: searches {', '.join(searched)}; {s.num_samples} suggestion(s) x "
@@ -506,7 +538,8 @@ def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], exp
         "mode": s.mode, "num_samples": s.num_samples, "replicates": s.replicates,
         "cross_json": json.dumps(s.cross, default=str), "fixed_json": json.dumps(s.fixed, default=str),
         "resources_json": json.dumps(req.to_dict(), default=str), "argv": s.argv})
-    searcher = make_searcher(s.space, s.metric, s.mode, s.search_seed, expansions, s.max_concurrent)
+    searcher = make_searcher(s.space, s.metric, s.mode, s.search_seed, expansions, s.max_concurrent,
+                             sweep=s.name, fixed=s.fixed)
     scheduler = make_scheduler(s.early_stop, s.metric, s.mode, s.fixed, s.asha_grace,
                                s.asha_reduction_factor)
     total = s.num_samples * len(expansions)
@@ -538,7 +571,7 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
     check_settings(s)
     handle = cluster_mod.connect(address, num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=s.worker_logs)
     try:
-        req, notes = resolve_resources(s, handle)
+        req, notes = resolve_resources(s, handle, info.samples)
         for n in notes:
             _say(n, quiet)
         _prepare_env(s, req)

@@ -54,15 +54,33 @@ def load_callable(path: str) -> Callable:
 
 
 def build_job_config(spec: TrialSpec, config: dict[str, Any]):
-    """JobConfig from the fixed settings, the suggestion, and the GPU cap."""
+    """JobConfig from the fixed settings, the suggestion, and the GPU cap (under `auto`: the GPU share Ray gave
+    this trial, which came from its predicted memory)."""
     from trainer.job_config import JobConfig
 
     params, _meta = split_suggestion(config)
     values = dict(spec.fixed)
     values.update({k: normalize_value(k, v) for k, v in params.items()})
     if spec.max_gpu_memory and values.get("max_gpu_memory") is None:
-        values["max_gpu_memory"] = spec.max_gpu_memory
+        values["max_gpu_memory"] = assigned_gpu_share() if spec.max_gpu_memory == "auto" else spec.max_gpu_memory
     return JobConfig.from_dict(values)
+
+
+def assigned_gpu_share() -> Optional[str]:
+    import ray
+
+    share = ray.get_runtime_context().get_assigned_resources().get("GPU")
+    return f"{share:g}" if share and share < 1 else None
+
+
+def predicted_peak(job_config: Any) -> Optional[int]:
+    """The memory model's GPU peak for this trial, reported next to the measured one."""
+    from trainer.memory_model import estimate_memory
+
+    try:
+        return estimate_memory(job_config).allocator_peak
+    except Exception:  # a model whose sizes cannot be read without loading it: nothing to predict
+        return None
 
 
 def placement() -> dict[str, Any]:
@@ -113,6 +131,7 @@ def run_trial(spec: TrialSpec, config: dict[str, Any]) -> None:
     started = time.time()
     job_config = build_job_config(spec, config)
     where = placement()
+    where.update(predicted_peak_bytes=predicted_peak(job_config), max_gpu_memory=job_config.max_gpu_memory)
     job_fn = load_callable(spec.job_fn)  # imports torch for the real job
     if spec.cpus >= 1 and "torch" in sys.modules:
         with contextlib.suppress(Exception):

@@ -173,3 +173,39 @@ def test_a_killed_driver_is_resumed_with_nothing_lost_or_duplicated(cluster, tmp
     assert {p["trial_id"] for p in preds} == set(trials)
     (sweep_row,) = read_partition(results, "sweeps", "killed")
     assert sweep_row["status"] == "finished"
+
+
+OOM_AT_BATCH_4 = """
+def space(trial):
+    batch = trial.suggest_categorical("batch_size", [2, 4])
+    return {"lr": trial.suggest_float("lr", 1e-5, 1e-4, log=True), "batch_size": batch,
+            "fault": "oom@1" if batch == 4 else None}
+"""
+
+
+def test_auto_gpu_memory_packs_by_prediction_and_never_reruns_an_oom_shape(cluster, tmp_path, captcha_parquet):
+    from orchestrator.sweep import SweepSettings, run_sweep
+    from orchestrator.trainable import assigned_gpu_share  # noqa: F401  (the trial side of auto)
+
+    space = tmp_path / "space.py"
+    space.write_text(OOM_AT_BATCH_4)
+    settings = SweepSettings(
+        name="auto", storage=str(tmp_path / "sweeps"), results=str(tmp_path / "results"), space=f"{space}:space",
+        fixed={"model": "tiny", "train_data": str(captcha_parquet), "max_steps": 2, "eval_every": 2,
+               "max_val_samples": 4, "max_new_tokens": 5},
+        num_samples=6, max_concurrent=1, gpu_memory_per_trial="auto", node_gpu_memory="2GiB",
+        address=cluster.address, progress_interval=0, job_fn="tests.gpu_readings:run_job_with_half_the_predicted_peak")
+    outcome = run_sweep(settings, quiet=True)
+    rows = read_partition(tmp_path / "results", "trials", "auto")
+    assert outcome.status == "finished" and rows
+    # at most one trial of the shape that ran out of memory: later proposals of it were rejected, not run
+    assert sum(r["batch_size"] == 4 for r in rows) <= 1
+    assert [r["outcome"] for r in rows if r["batch_size"] == 2] == ["ok"] * sum(r["batch_size"] == 2 for r in rows)
+    for r in rows:
+        # each trial ran capped at its own GPU share, from its predicted memory (plus margin and context)
+        share = float(r["max_gpu_memory"])
+        assert 0 < share < 1 and r["predicted_peak_bytes"] > 0
+        assert share * 2 * GiB >= r["predicted_peak_bytes"] * 0.5
+    ok = sorted((r for r in rows if r["outcome"] == "ok"), key=lambda r: r["start_time"])
+    # after the first measured peak (half the prediction), later trials of the shape got a smaller share
+    assert float(ok[-1]["max_gpu_memory"]) < float(ok[0]["max_gpu_memory"])

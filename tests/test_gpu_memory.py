@@ -1,0 +1,74 @@
+"""`--gpu-memory-per-trial auto` on the driver: shares from predictions, tightened or raised by measured peaks,
+out-of-memory shapes rejected by the searcher, and the book kept across a searcher save/restore."""
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.gpu_memory import AutoGpuResources, MemoryBook, book_for, job_config, register_book
+from orchestrator.resources import NodeInfo, ResourceError, plan_resources
+from orchestrator.search import make_searcher
+from trainer.memory_model import CUDA_CONTEXT_BYTES, estimate_memory
+
+GiB = 2 ** 30
+FIXED = {"model": "moondream2", "train_data": "x", "train_scope": "text", "optimizer": "adamw8bit"}
+
+
+def _share(sweep: str, **params) -> float:
+    return AutoGpuResources(sweep, FIXED, cpus=1, gpu_bytes=80 * GiB)({"lr": 1e-5, **params})["gpu"]
+
+
+def test_each_trial_asks_for_its_own_predicted_memory():
+    register_book("shares", MemoryBook())
+    small, large = _share("shares", batch_size=1), _share("shares", batch_size=32)
+    predicted = estimate_memory(job_config(FIXED, {"batch_size": 1})).allocator_peak
+    assert small == pytest.approx((predicted * 1.15 + CUDA_CONTEXT_BYTES) / (80 * GiB), abs=2e-4)
+    assert small < large < 1
+
+
+def test_measured_peaks_tighten_unmeasured_shapes_and_never_go_below_a_measurement():
+    book = MemoryBook()
+    register_book("calibrated", book)
+    before = {b: _share("calibrated", batch_size=b) for b in (1, 8)}
+    config = job_config(FIXED, {"batch_size": 8})
+    book.observe(config, "ok", estimate_memory(config).allocator_peak // 2)  # the model over-predicted 2x
+    assert _share("calibrated", batch_size=1) < before[1]  # tightened although batch 1 never ran
+    book.observe(config, "ok", int(estimate_memory(config).allocator_peak * 1.5))  # a later run peaked higher
+    assert _share("calibrated", batch_size=8) > before[8]  # never below what was observed for the shape
+
+
+def test_the_searcher_does_not_propose_a_shape_that_ran_out_of_memory(tmp_path):
+    space = tmp_path / "space.py"
+    space.write_text("def space(trial):\n"
+                     "    return {'batch_size': trial.suggest_categorical('batch_size', [8, 16]),\n"
+                     "            'lr': trial.suggest_float('lr', 1e-6, 1e-4, log=True)}\n")
+    searcher = make_searcher(f"{space}:space", "val_exact_match", "max", 0, [{}], None, sweep="oomy",
+                             fixed=FIXED)
+    first = searcher.suggest("t0")
+    searcher.on_trial_complete("t0", {"outcome": "oom", "val_exact_match": float("nan"), "gpu_ids": "0"})
+    assert book_for("oomy").out_of_memory
+    later = [searcher.suggest(f"t{i}") for i in range(1, 8)]
+    for i in range(1, 8):
+        searcher.on_trial_complete(f"t{i}", {"outcome": "ok", "val_exact_match": 0.5, "gpu_ids": "0",
+                                             "peak_memory_bytes": 10 * GiB})
+    assert all(c["batch_size"] != first["batch_size"] for c in later)
+    assert book_for("oomy").rejected >= 1
+
+    restored = make_searcher(f"{space}:space", "val_exact_match", "max", 0, [{}], None, sweep="oomy2", fixed=FIXED)
+    restored.set_state(searcher.get_state())
+    assert book_for("oomy").out_of_memory == restored.book.out_of_memory
+
+
+def test_a_shape_predicted_to_fit_no_gpu_is_not_run():
+    book = MemoryBook(gpu_bytes=24 * GiB)
+    assert book.cannot_fit(job_config(FIXED, {"batch_size": 8})) is None
+    assert "more than a whole 24 GiB GPU" in book.cannot_fit(job_config({**FIXED, "optimizer": "adamw"}, {}))
+
+
+def test_auto_needs_gpus_and_does_not_mix_with_a_fixed_share():
+    gpu_node = [NodeInfo("n1", "10.0.0.1", cpus=8, gpus=1, memory=64 * GiB)]
+    req = plan_resources(gpu_node, gpu_memory_per_trial="auto", node_gpu_memory="80GiB")
+    assert req.auto_gpu_bytes == 80 * GiB and req.max_gpu_memory == "auto"
+    with pytest.raises(ResourceError, match="drop --gpus-per-trial"):
+        plan_resources(gpu_node, gpu_memory_per_trial="auto", gpus_per_trial=0.5, node_gpu_memory="80GiB")
+    with pytest.raises(ResourceError, match="no GPUs"):
+        plan_resources([NodeInfo("n2", "10.0.0.2", cpus=8)], gpu_memory_per_trial="auto")
