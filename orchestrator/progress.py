@@ -16,6 +16,10 @@ def _tune_callback_base():
     return Callback
 
 
+def _gib(n: Any) -> str:
+    return f"{n / 2**30:.2f}" if isinstance(n, (int, float)) and n else "-"
+
+
 def _short(v: Any) -> str:
     if isinstance(v, float):
         if math.isnan(v):
@@ -54,7 +58,8 @@ class ProgressTable(_tune_callback_base()):
         e = self._state.get(trial.trial_id)
         if e is None:
             params, _ = split_suggestion(dict(trial.config))
-            e = {"params": params, "status": "pending", "step": None, "value": None, "best": None}
+            e = {"params": params, "status": "pending", "step": None, "value": None, "best": None,
+                 "peak": None, "predicted": None}
             self._state[trial.trial_id] = e
         return e
 
@@ -65,6 +70,8 @@ class ProgressTable(_tune_callback_base()):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         e = self._entry(trial)
         e["step"] = result.get("step", e["step"])
+        e["peak"] = result.get("peak_memory_bytes") or e["peak"]
+        e["predicted"] = result.get("predicted_peak_bytes") or e["predicted"]
         v = result.get(self.metric)
         if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
             e["value"] = v
@@ -109,7 +116,7 @@ class ProgressTable(_tune_callback_base()):
         head = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         total = f" of {self.total}" if self.total else ""
         lines = [f"[{time.strftime('%H:%M:%S')}] trials{total}: {head}"]
-        cols = ["trial", "status", *self.searched, "step", self.metric]
+        cols = ["trial", "status", *self.searched, "step", self.metric, "peak/predicted GiB"]
         items = sorted(self._state.items())
         hidden = 0
         if len(items) > self.max_rows:
@@ -124,7 +131,7 @@ class ProgressTable(_tune_callback_base()):
         rows = []
         for tid, e in items:
             rows.append([tid, e["status"], *(_short(e["params"].get(p)) for p in self.searched), _short(e["step"]),
-                         _short(e["value"])])
+                         _short(e["value"]), f"{_gib(e['peak'])}/{_gib(e['predicted'])}"])
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
         lines.extend("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows)

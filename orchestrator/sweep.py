@@ -568,7 +568,7 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
     s = read_manifest(storage, name)
     s.storage = storage
     s.address, s.num_cpus, s.num_gpus = address, num_cpus, num_gpus
-    check_settings(s)
+    info = check_settings(s)
     handle = cluster_mod.connect(address, num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=s.worker_logs)
     try:
         req, notes = resolve_resources(s, handle, info.samples)

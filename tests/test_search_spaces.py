@@ -13,7 +13,7 @@ FIXED = {"train_data": "/data/train.parquet"}
 
 def test_every_shipped_space_validates():
     names = list_spaces()
-    assert {"captcha", "captcha_wide", "smoke"} <= set(names)
+    assert {"captcha", "captcha_wide", "lean", "smoke"} <= set(names)
     for name in names:
         info = validate_space(name, FIXED)
         assert info.searched, name
@@ -61,6 +61,15 @@ def test_wide_space_is_conditional():
 def test_smoke_space_keeps_trials_short():
     assert {s["grad_accum"] for s in _samples("smoke", 32)} <= {1, 2}
     assert all(math.isfinite(s["lr"]) for s in _samples("smoke", 4))
+
+
+def test_lean_space_searches_lora_rank_only_under_lora():
+    samples = _samples("lean", 64)
+    assert {s["train_scope"] for s in samples} == {"text", "lora"}
+    for s in samples:
+        assert ("lora_rank" in s) == (s["train_scope"] == "lora")
+        assert s["optimizer"] in ("adamw8bit", "adamw")
+        assert s["lr"] <= (1e-3 if s["train_scope"] == "lora" else 1e-4)
 
 
 @pytest.mark.parametrize("name", ["captcha", "captcha_wide", "smoke"])
