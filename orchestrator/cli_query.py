@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="compare the levels of FACTOR (e.g. attention) over pairs of ok trials identical in every "
                         "other setting: per-sample agreement on the same validation samples, exact-match "
                         "difference with a 95%% interval, exact McNemar p-value")
+    q.add_argument("--pareto", nargs="?", const="", default=None, metavar="METRIC:MODE,...",
+                   help="only the ok trials on the Pareto front of these objectives (default: the sweep's own "
+                        "--objective list), e.g. --pareto val_exact_match:max,peak_memory_bytes:min")
     q.add_argument("--sort", default=None, metavar="COL[:asc|desc],...",
                    help="sort order (default for trials: objective, best first)")
     q.add_argument("--top", type=int, default=None, metavar="N", help="only the first N rows")
@@ -53,6 +56,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         if "objective_mode" in table.column_names:
             modes = [m for m in pc.unique(table.column("objective_mode")).to_pylist() if m]
             mode = modes[0] if len(modes) == 1 else "max"
+        if args.pareto is not None:
+            table = pareto_table(args, table)
         if args.paired:
             if args.table != "trials":
                 raise Q.QueryError("--paired works on the trials table")
@@ -92,3 +97,39 @@ def cmd_query(args: argparse.Namespace) -> int:
         print(f"mdsweep query: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def pareto_table(args: argparse.Namespace, table):
+    """The trials on the Pareto front: of the objectives given, or of the selected sweep's own."""
+    import json
+
+    import pyarrow as pa
+
+    from orchestrator import query as Q
+    from orchestrator.objectives import parse_objective, pareto_front
+
+    if args.table != "trials":
+        raise Q.QueryError("--pareto works on the trials table")
+    if args.pareto:
+        try:
+            objectives = [parse_objective(t, "--pareto") for t in args.pareto.split(",") if t.strip()]
+        except ValueError as e:
+            raise Q.QueryError(str(e)) from None
+    else:
+        sweeps = Q.load_table(args.results, "sweeps", args.sweep or None)
+        found = {o for o in sweeps.column("objectives_json").to_pylist() if o} \
+            if "objectives_json" in sweeps.column_names else set()
+        if len(found) != 1:
+            raise Q.QueryError("--pareto: give the objectives (METRIC:MODE,...), or select one sweep run with "
+                               "several --objective")
+        objectives = [tuple(o) for o in json.loads(found.pop())]
+    if len(objectives) < 2:
+        raise Q.QueryError(f"--pareto needs two or more objectives, got {objectives}")
+    missing = [m for m, _ in objectives if f"final_{m}" not in table.column_names]
+    if missing:
+        raise Q.QueryError(f"--pareto: {', '.join(missing)} is not a reported metric")
+    front = pa.Table.from_pylist(pareto_front(table.to_pylist(), objectives), schema=table.schema)
+    if not args.columns:
+        wanted = [*Q.default_trial_columns(front), *(f"final_{m}" for m, _ in objectives)]
+        args.columns = ",".join(dict.fromkeys(c for c in wanted if c in front.column_names and c != "objective"))
+    return front

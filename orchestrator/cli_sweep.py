@@ -72,6 +72,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="metric to optimise, as reported at each evaluation (default val_exact_match)")
     g.add_argument("--mode", choices=("max", "min"), default=None,
                    help="max or min (default: max, min for losses and error rates such as val_cer)")
+    g.add_argument("--objective", action="append", default=[], metavar="METRIC[:max|min]",
+                   help="an objective; give two or more (e.g. --objective val_exact_match:max --objective "
+                        "peak_memory_bytes:min) for a multi-objective search of their Pareto front, printed at "
+                        "the end and by `mdsweep query --pareto`; the first one acts as --metric")
     g.add_argument("--replicates", type=_positive_int, default=1,
                    help="run every proposal with K seeds (seed, seed+1, ...): the seed as a replicate factor; "
                         "Optuna learns from the mean (default 1)")
@@ -156,15 +160,20 @@ def fixed_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.cluster import ClusterError
+    from orchestrator.objectives import parse_objective
     from orchestrator.search import parse_cross
     from orchestrator.sweep import SweepError, SweepSettings, run_sweep, utc_stamp
 
     try:
         fixed = fixed_settings(args)
         cross = parse_cross(args.cross)
+        objectives = [parse_objective(text) for text in args.objective]
+        metric, mode = objectives[0] if objectives else (args.metric, args.mode)
+        if objectives and (args.metric != "val_exact_match" or args.mode):
+            raise ValueError("--objective sets the metric; drop --metric/--mode")
         settings = SweepSettings(
             name=args.name or f"sweep-{utc_stamp()}", storage=args.storage, results=args.results, fixed=fixed,
-            space=args.space, metric=args.metric, mode=args.mode, num_samples=args.num_samples,
+            space=args.space, metric=metric, mode=mode, objectives=objectives, num_samples=args.num_samples,
             replicates=args.replicates, cross=cross, search_seed=args.search_seed,
             max_concurrent=args.max_concurrent, early_stop=args.early_stop, asha_grace=args.asha_grace,
             asha_reduction_factor=args.asha_reduction_factor, max_failures=args.max_failures,

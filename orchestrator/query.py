@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from orchestrator.objectives import default_mode
 from orchestrator.results_schema import TABLES, job_field_types
 
 
@@ -344,16 +345,9 @@ def paired_difference_ci(n11: int, n10: int, n01: int, n00: int, level: float = 
 # ---------------------------------------------------------------- grouping
 
 
-LOWER_IS_BETTER = ("train_loss", "val_cer", "cer", "grad_norm", "peak_memory_bytes", "elapsed_s", "skipped_samples",
-                   "wall_time_s", "job_wall_time_s")
-
-
 def value_mode(value: str, objective_mode: str = "max") -> str:
     """Which way is better for `value`: the objective's mode, or min for losses/error rates/costs."""
-    if value == "objective":
-        return objective_mode
-    base = value.removeprefix("best_").removeprefix("final_")
-    return "min" if base in LOWER_IS_BETTER else "max"
+    return objective_mode if value == "objective" else default_mode(value)
 
 
 def group_summary(table: pa.Table, by: Sequence[str], value: str, mode: str = "max") -> pa.Table:

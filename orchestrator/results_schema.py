@@ -173,6 +173,7 @@ def sweeps_schema() -> pa.Schema:
         pa.field("num_samples", pa.int64()),
         pa.field("replicates", pa.int64()),
         pa.field("cross_json", pa.string()),
+        pa.field("objectives_json", pa.string()),  # [[metric, mode], ...]: several for a multi-objective sweep
         pa.field("fixed_json", pa.string()),  # the fixed JobConfig settings, same for every trial
         pa.field("resources_json", pa.string()),
         pa.field("argv", pa.string()),

@@ -70,14 +70,22 @@ def _finite(x: Any) -> bool:
 
 def make_searcher(space: str, metric: str, mode: str, seed: int, expansions: list[dict[str, Any]],
                   max_concurrent: Optional[int], sweep: Optional[str] = None,
-                  fixed: Optional[dict[str, Any]] = None) -> "Any":
+                  fixed: Optional[dict[str, Any]] = None,
+                  objectives: Sequence[tuple[str, str]] = ()) -> "Any":
+    """The sweep's searcher; two or more `objectives` make Optuna search for their Pareto front (multi-objective
+    TPE) while `metric` stays the one the scheduler and the tables rank by."""
     from optuna.samplers import TPESampler
     from ray.tune.search.optuna import OptunaSearch
 
+    objectives = list(objectives) if len(objectives) > 1 else [(metric, mode)]
     sampler = TPESampler(seed=seed, constant_liar=True)
-    inner = OptunaSearch(space=SpaceFunction(space), metric=metric, mode=mode, sampler=sampler)
+    if len(objectives) > 1:
+        inner = OptunaSearch(space=SpaceFunction(space), metric=[m for m, _ in objectives],
+                             mode=[d for _, d in objectives], sampler=sampler)
+    else:
+        inner = OptunaSearch(space=SpaceFunction(space), metric=metric, mode=mode, sampler=sampler)
     return SweepSearcher(inner, metric=metric, mode=mode, expansions=expansions, max_concurrent=max_concurrent,
-                         sweep=sweep, fixed=fixed)
+                         sweep=sweep, fixed=fixed, objectives=objectives)
 
 
 def _searcher_base():
@@ -96,10 +104,11 @@ class SweepSearcher(_searcher_base()):
 
     def __init__(self, searcher: Any, metric: str, mode: str, expansions: Optional[list[dict]] = None,
                  max_concurrent: Optional[int] = None, sweep: Optional[str] = None,
-                 fixed: Optional[dict[str, Any]] = None):
+                 fixed: Optional[dict[str, Any]] = None, objectives: Sequence[tuple[str, str]] = ()):
         from orchestrator.gpu_memory import book_for
 
         super().__init__(metric=metric, mode=mode)
+        self.objectives = [tuple(o) for o in objectives] or [(metric, mode)]
         self.sweep = sweep
         self.fixed = dict(fixed or {})
         self.book = book_for(sweep) if sweep else None
@@ -197,8 +206,10 @@ class SweepSearcher(_searcher_base()):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         where = self.trial_member.get(trial_id)
-        if where is None or len(self.expansions) != 1:
-            return  # groups: intermediate values of several runs would collide in one Optuna trial
+        if where is None or len(self.expansions) != 1 or len(self.objectives) > 1:
+            # groups: intermediate values of several runs would collide in one Optuna trial; several objectives:
+            # Optuna keeps no intermediate values for them
+            return
         value = result.get(self.metric)
         if not _finite(value) or result.get("outcome", "running") != "running":
             return
@@ -208,15 +219,16 @@ class SweepSearcher(_searcher_base()):
         except Exception:
             pass  # intermediate values are informative only
 
-    def classify(self, result: Optional[dict], error: bool) -> tuple[str, Optional[float]]:
+    def classify(self, result: Optional[dict], error: bool) -> tuple[str, Optional[tuple[float, ...]]]:
+        """(Optuna state, the objectives' values for COMPLETE)."""
         if error:
             return "FAIL", None
         if not result:
             return "PRUNED", None
         outcome = result.get("outcome")
-        value = result.get(self.metric)
+        values = [result.get(metric) for metric, _ in self.objectives]
         if outcome == "ok":
-            return ("COMPLETE", float(value)) if _finite(value) else ("FAIL", None)
+            return ("COMPLETE", tuple(float(v) for v in values)) if all(map(_finite, values)) else ("FAIL", None)
         if outcome in ("oom", "error"):
             return "FAIL", None
         return "PRUNED", None  # diverged, or stopped early by the scheduler
@@ -236,15 +248,16 @@ class SweepSearcher(_searcher_base()):
             return
         states = list(group["done"].values())
         values = [v for s, v in states if s == "COMPLETE"]
-        if values:
-            state, value = "COMPLETE", sum(values) / len(values)
+        if values:  # the group's mean, per objective
+            state, value = "COMPLETE", tuple(sum(column) / len(values) for column in zip(*values))
         elif any(s == "PRUNED" for s, _ in states):
             state, value = "PRUNED", None
         else:
             state, value = "FAIL", None
         self.told[inner_id] = (state, value)
         if state == "COMPLETE":
-            self.searcher.on_trial_complete(inner_id, result={self.metric: value}, error=False)
+            self.searcher.on_trial_complete(
+                inner_id, result={metric: v for (metric, _), v in zip(self.objectives, value)}, error=False)
         else:
             self.searcher.on_trial_complete(inner_id, result=None, error=(state == "FAIL"))
 

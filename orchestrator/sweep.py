@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator import cluster as cluster_mod
+from orchestrator.objectives import default_mode
 from orchestrator.resources import (ResourceError, TrialResources, check_fit, concurrency_capacity, format_size,
                                     plan_resources)
 from orchestrator.results_schema import METRICS, validate_sweep_name
@@ -30,7 +31,6 @@ MANIFEST = "mdsweep_sweep.json"
 MANIFEST_VERSION = 1
 
 # Metrics where lower is better; anything else defaults to max.
-MIN_METRICS = {"train_loss", "val_cer", "grad_norm", "peak_memory_bytes", "elapsed_s", "skipped_samples"}
 
 
 class SweepError(RuntimeError):
@@ -46,6 +46,7 @@ class SweepSettings:
     space: str = "captcha"
     metric: str = "val_exact_match"
     mode: Optional[str] = None
+    objectives: list[tuple[str, str]] = field(default_factory=list)  # two or more: a multi-objective search
     num_samples: int = 8
     replicates: int = 1
     cross: list[tuple[str, list[Any]]] = field(default_factory=list)
@@ -81,6 +82,7 @@ class SweepSettings:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d["cross"] = [(name, list(vals)) for name, vals in d.get("cross") or []]
+        d["objectives"] = [tuple(o) for o in d.get("objectives") or []]
         return cls(**d)
 
     def experiment_path(self) -> str:
@@ -239,10 +241,6 @@ def drop_repair_copies(experiment_path: str, repaired: list[str]) -> None:
 # ---------------------------------------------------------------- checks
 
 
-def default_mode(metric: str) -> str:
-    return "min" if metric in MIN_METRICS else "max"
-
-
 def check_settings(s: SweepSettings) -> SpaceInfo:
     """Everything that needs no cluster. Returns the validated space."""
     try:
@@ -254,6 +252,15 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
     s.mode = s.mode or default_mode(s.metric)
     if s.mode not in ("max", "min"):
         raise SweepError(f"--mode {s.mode!r}: choose max or min")
+    for metric, mode in s.objectives:
+        if metric not in METRICS:
+            raise SweepError(f"--objective {metric!r}: not a reported metric; choose from {', '.join(METRICS)}")
+        if mode not in ("max", "min"):
+            raise SweepError(f"--objective {metric}:{mode}: choose max or min")
+    if len({m for m, _ in s.objectives}) < len(s.objectives):
+        raise SweepError("--objective: a metric is given twice")
+    if len(s.objectives) > 1 and s.early_stop != "none":
+        raise SweepError("--early-stop with several --objective: early stopping judges one metric; drop one")
     if s.num_samples < 1:
         raise SweepError("--num-samples must be >= 1")
     if s.max_concurrent is not None and s.max_concurrent < 1:
@@ -476,6 +483,23 @@ def found_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
         lines.append(f"Spread over {len(scores)} ok trials: {min(scores):.3f} to {max(scores):.3f} "
                      f"({s.metric}); `mdsweep query {s.results} --sweep {s.name} --group-by ...` breaks it down")
     lines.append(f"Its model: mdsweep export {s.results} --sweep {s.name} --best --out models/{s.name}-best")
+    if len(s.objectives) > 1:
+        lines.append(pareto_summary(rows, s))
+    return "\n".join(lines)
+
+
+def pareto_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
+    """A multi-objective sweep's answer: the trials no other trial beats on every objective."""
+    from orchestrator.objectives import pareto_front
+    from orchestrator.trial_pick import describe_trial
+
+    front = pareto_front(rows, s.objectives)
+    names = ", ".join(f"{m} ({mode})" for m, mode in s.objectives)
+    lines = [f"Pareto front over {names}: {len(front)} of {sum(r.get('outcome') == 'ok' for r in rows)} ok trials"]
+    for row in front:
+        values = "  ".join(f"{m}={row[f'final_{m}']:.4g}" for m, _ in s.objectives)
+        lines.append(f"  {row['trial_id']}: {values}  ({describe_trial(row, list(row.get('searched') or []))})")
+    lines.append(f"The front as a table: mdsweep query {s.results} --sweep {s.name} --pareto")
     return "\n".join(lines)
 
 
@@ -537,9 +561,10 @@ def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], exp
         "status": "running", "experiment_path": s.experiment_path(), "space": s.space, "metric": s.metric,
         "mode": s.mode, "num_samples": s.num_samples, "replicates": s.replicates,
         "cross_json": json.dumps(s.cross, default=str), "fixed_json": json.dumps(s.fixed, default=str),
+        "objectives_json": json.dumps(s.objectives or [[s.metric, s.mode]]),
         "resources_json": json.dumps(req.to_dict(), default=str), "argv": s.argv})
     searcher = make_searcher(s.space, s.metric, s.mode, s.search_seed, expansions, s.max_concurrent,
-                             sweep=s.name, fixed=s.fixed)
+                             sweep=s.name, fixed=s.fixed, objectives=s.objectives)
     scheduler = make_scheduler(s.early_stop, s.metric, s.mode, s.fixed, s.asha_grace,
                                s.asha_reduction_factor)
     total = s.num_samples * len(expansions)

@@ -281,3 +281,21 @@ def test_a_sweep_in_which_no_trial_works_exits_non_zero_with_the_first_error(tmp
                    "--progress-interval", "0", *job_flags(corrupt))
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "1 error" in proc.stdout and "First failure, trial" in proc.stdout and "corrupt.parquet" in proc.stdout
+
+
+def test_a_multi_objective_sweep_prints_its_pareto_front(tmp_path, captcha_parquet):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    where = ["--storage", str(tmp_path / "sweeps")]
+    proc = mdsweep("run", "--name", "pareto", "--space", "smoke", "--num-samples", "3", *where,
+                   "--results", str(tmp_path / "results"), "--num-cpus", "2", "--progress-interval", "0",
+                   "--objective", "val_exact_match:max", "--objective", "elapsed_s:min",
+                   *job_flags(captcha_parquet), env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = proc.stdout + proc.stderr
+    assert "Pareto front over val_exact_match (max), elapsed_s (min)" in summary
+    front = mdsweep("query", str(tmp_path / "results"), "--sweep", "pareto", "--pareto", "--format", "csv", env=env)
+    assert front.returncode == 0, front.stderr
+    header, *lines = front.stdout.strip().splitlines()
+    assert "final_val_exact_match" in header and "final_elapsed_s" in header and 1 <= len(lines) <= 3
+    sweep_row = pq.read_table(tmp_path / "results" / "sweeps").to_pylist()[0]
+    assert sweep_row["objectives_json"] == '[["val_exact_match", "max"], ["elapsed_s", "min"]]'

@@ -8,11 +8,11 @@ import pytest
 
 from orchestrator.cli import build_parser
 from orchestrator.cli_sweep import fixed_settings
+from orchestrator.objectives import default_mode
 from orchestrator.sweep import (
     SweepError,
     SweepSettings,
     check_settings,
-    default_mode,
     drop_repair_copies,
     read_manifest,
     repair_checkpoints,
