@@ -201,6 +201,15 @@ def is_remote_storage(storage: str) -> bool:
     return storage.startswith(CLOUD_SCHEMES)
 
 
+def storage_filesystem(uri: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path in it) for a local path or an s3://, gs://... URI."""
+    import pyarrow.fs as pafs
+
+    if is_remote_storage(uri):
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), uri
+
+
 def storage_notes(storage: str, nodes: list[NodeInfo]) -> list[str]:
     """Warn when a local storage path is used on a multi-node cluster."""
     if is_remote_storage(storage) or len(nodes) <= 1:

@@ -22,7 +22,7 @@ from typing import Any, Optional
 from orchestrator import cluster as cluster_mod
 from orchestrator.objectives import default_mode
 from orchestrator.resources import (ResourceError, TrialResources, check_fit, concurrency_capacity, format_size,
-                                    plan_resources)
+                                    parse_size, plan_resources)
 from orchestrator.results_schema import METRICS, validate_sweep_name
 from orchestrator.search import build_expansions
 from orchestrator.spaces import SpaceError, SpaceInfo, validate_space
@@ -115,16 +115,9 @@ def join_storage(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}"
 
 
-def _fs_and_path(uri: str):
-    import pyarrow.fs as pafs
-
-    if cluster_mod.is_remote_storage(uri):
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), uri
-
 
 def write_manifest(settings: SweepSettings) -> None:
-    fs, path = _fs_and_path(settings.experiment_path())
+    fs, path = cluster_mod.storage_filesystem(settings.experiment_path())
     fs.create_dir(path, recursive=True)
     data = json.dumps(settings.to_json(), indent=1, default=str).encode()
     tmp = f"{path}/.{MANIFEST}.tmp"
@@ -136,7 +129,7 @@ def write_manifest(settings: SweepSettings) -> None:
 def read_manifest(storage: str, name: str) -> SweepSettings:
     import pyarrow.fs as pafs
 
-    fs, path = _fs_and_path(join_storage(storage, name))
+    fs, path = cluster_mod.storage_filesystem(join_storage(storage, name))
     target = f"{path}/{MANIFEST}"
     if fs.get_file_info(target).type != pafs.FileType.File:
         raise SweepError(f"NAME: no sweep {name!r} in --storage {storage} (no {target})")
@@ -147,7 +140,7 @@ def read_manifest(storage: str, name: str) -> SweepSettings:
 def manifest_exists(storage: str, name: str) -> bool:
     import pyarrow.fs as pafs
 
-    fs, path = _fs_and_path(join_storage(storage, name))
+    fs, path = cluster_mod.storage_filesystem(join_storage(storage, name))
     return fs.get_file_info(f"{path}/{MANIFEST}").type == pafs.FileType.File
 
 
@@ -190,7 +183,7 @@ def repair_checkpoints(experiment_path: str) -> list[str]:
 
     import pyarrow.fs as pafs
 
-    fs, root = _fs_and_path(experiment_path)
+    fs, root = cluster_mod.storage_filesystem(experiment_path)
     repaired = []
     pattern = re.compile(r"^checkpoint_(\d{6})$")
     unfinished = _unfinished_trials(fs, root)
@@ -229,7 +222,7 @@ def drop_repair_copies(experiment_path: str, repaired: list[str]) -> None:
 
     import pyarrow.fs as pafs
 
-    fs, root = _fs_and_path(experiment_path)
+    fs, root = cluster_mod.storage_filesystem(experiment_path)
     pattern = re.compile(r"^checkpoint_(\d{6})$")
     for name in repaired:
         entries = fs.get_file_info(pafs.FileSelector(f"{root}/{name}"))
@@ -267,6 +260,13 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
         raise SweepError("--max-concurrent must be >= 1")
     if s.max_failures < 0:
         raise SweepError("--max-failures must be >= 0")
+    for flag, size in (("--gpu-memory-per-trial", s.gpu_memory_per_trial), ("--node-gpu-memory", s.node_gpu_memory),
+                       ("--memory-per-trial", s.memory_per_trial)):
+        if size and not (flag == "--gpu-memory-per-trial" and size.strip().lower() == "auto"):
+            try:
+                parse_size(size, flag)
+            except ResourceError as e:
+                raise SweepError(str(e)) from None
     if not s.fixed.get("train_data"):
         raise SweepError("--train-data is required (a Parquet file/dir, image folder or JSONL/CSV manifest)")
     check_fixed_settings(s.fixed)
@@ -311,18 +311,28 @@ def check_local_directory(flag: str, value: str) -> None:
             return
 
 
-def check_data_paths(fixed: dict[str, Any]) -> None:
-    """A data path that does not exist here, or holds no dataset format, fails before Ray starts (the
-    driver sees the same files as the trials: local runs, or shared storage on a cluster)."""
-    from trainer.data import DataError, detect_format
+def check_data(fixed: dict[str, Any]) -> Optional[str]:
+    """Load the training and validation data once on the driver, as a trial will (same columns, same handling
+    of bad rows), so that a missing, corrupt or empty dataset fails before Ray starts instead of in every trial.
+    The driver must see the data where the trials do (local runs, or shared storage on a cluster); URIs are left
+    to the trials. Returns a line for the user."""
+    from trainer.data import DataError, load_samples
 
+    read = {"text_column": fixed.get("text_column"), "image_column": fixed.get("image_column"),
+            "on_bad_sample": fixed.get("on_bad_sample") or "error"}
+    counts = []
+    started = time.time()
     for flag, key in (("--train-data", "train_data"), ("--val-data", "val_data")):
         value = fixed.get(key)
-        if value and "://" not in str(value):
-            try:
-                detect_format(value)
-            except DataError as e:
-                raise SweepError(f"{flag}: {e}") from None
+        if not value or "://" in str(value):
+            continue
+        try:
+            loaded = load_samples(value, **read)
+        except DataError as e:
+            raise SweepError(f"{flag}: {e}") from None
+        skipped = f" ({loaded.skipped} bad rows skipped)" if loaded.skipped else ""
+        counts.append(f"{flag.removeprefix('--')} {len(loaded.samples)} samples{skipped}")
+    return f"data checked in {time.time() - started:.1f} s: {', '.join(counts)}" if counts else None
 
 
 def check_fixed_settings(fixed: dict[str, Any]) -> None:
@@ -508,7 +518,7 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
     s.storage = normalize_storage(s.storage)
     s.results = str(Path(s.results).expanduser().resolve())
     info = check_settings(s)
-    check_data_paths(s.fixed)
+    data_note = check_data(s.fixed)
     searched = searched_columns(s, info)
     if manifest_exists(s.storage, s.name):
         raise SweepError(f"--name {s.name}: a sweep of that name exists in {s.storage}; continue it with "
@@ -517,7 +527,7 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
     handle = cluster_mod.connect(s.address, num_cpus=s.num_cpus, num_gpus=s.num_gpus, log_to_driver=s.worker_logs)
     try:
         req, notes = resolve_resources(s, handle, info.samples)
-        for n in notes:
+        for n in [data_note, *notes] if data_note else notes:
             _say(n, quiet)
         _say(f"space {s.space}: searches {', '.join(searched)}; {s.num_samples} suggestion(s) x "
              f"{len(expansions)} run(s) each = {s.num_samples * len(expansions)} trial(s)", quiet)
@@ -542,7 +552,7 @@ def _forget_unstarted(s: SweepSettings) -> None:
     from ray import tune
 
     if not tune.Tuner.can_restore(s.experiment_path()):
-        fs, path = _fs_and_path(s.experiment_path())
+        fs, path = cluster_mod.storage_filesystem(s.experiment_path())
         fs.delete_file(f"{path}/{MANIFEST}")
 
 
@@ -555,6 +565,7 @@ def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], exp
     from orchestrator.early_stopping import make_scheduler
     from orchestrator.search import make_searcher
     from orchestrator.sink import ParquetSink, write_sweep_row
+    from orchestrator.state_backup import StateBackup
     from orchestrator.trainable import trial_dirname
 
     write_sweep_row(s.results, s.name, {
@@ -576,7 +587,8 @@ def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], exp
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
                                     reuse_actors=False, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
-            name=s.name, storage_path=s.storage, callbacks=[sink, progress], verbose=0,
+            name=s.name, storage_path=s.storage, callbacks=[sink, progress, StateBackup(s.experiment_path())],
+            verbose=0,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
@@ -589,6 +601,10 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
                  quiet: bool = False) -> SweepOutcome:
     """Continue an interrupted sweep from Ray Tune's experiment state; finished trials stay finished."""
     started = time.time()
+    try:
+        validate_sweep_name(name, "NAME")
+    except ValueError as e:
+        raise SweepError(str(e)) from None
     storage = normalize_storage(storage)
     s = read_manifest(storage, name)
     s.storage = storage
@@ -603,8 +619,13 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
         from ray import tune
 
         from orchestrator.sink import write_sweep_row
+        from orchestrator.state_backup import restore_incomplete
 
         path = s.experiment_path()
+        restored = restore_incomplete(path)
+        if restored:
+            _say(f"the driver was killed while writing {', '.join(restored)}: put back its last complete copy",
+                 quiet)
         if not tune.Tuner.can_restore(path):
             raise SweepError(f"NAME: {path} holds no Ray Tune experiment state to resume")
         write_sweep_row(s.results, s.name, {"status": "running"})

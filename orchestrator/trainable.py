@@ -141,13 +141,16 @@ def run_trial(spec: TrialSpec, config: dict[str, Any]) -> None:
     state: dict[str, Any] = {"last": None, "restored_from_step": 0}
     checkpoint = tune.get_checkpoint()
 
-    def on_report(metrics: dict[str, Any], ckpt_dir: Optional[Path]) -> None:
-        row = clean_metrics(metrics)
-        row.setdefault(spec.metric, float("nan"))
-        state["last"] = dict(row)
-        row.update(where)
-        row.update(outcome="running", restored_from_step=state["restored_from_step"])
+    def eval_row(metrics: dict[str, Any]) -> dict[str, Any]:
+        row = {**metrics, **where, "outcome": "running", "restored_from_step": state["restored_from_step"]}
         row[KIND_KEY] = "eval"
+        return row
+
+    def on_report(metrics: dict[str, Any], ckpt_dir: Optional[Path]) -> None:
+        metrics = clean_metrics(metrics)
+        metrics.setdefault(spec.metric, float("nan"))
+        state["last"] = dict(metrics)
+        row = eval_row(metrics)
         if ckpt_dir is not None and Path(ckpt_dir).is_dir():
             (Path(ckpt_dir) / SIDECAR).write_text(json.dumps({"last": state["last"]}))
             tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
@@ -164,6 +167,11 @@ def run_trial(spec: TrialSpec, config: dict[str, Any]) -> None:
                 if side.is_file():
                     state["last"] = json.loads(side.read_text()).get("last")
                     state["restored_from_step"] = int((state["last"] or {}).get("step") or 0)
+                    if state["last"]:
+                        # the report this checkpoint belongs to may never have reached the results: a driver
+                        # killed after Tune registered the checkpoint but before the sink wrote the report. Send it
+                        # again; the sink keeps one row per step, so a report it already has is not duplicated.
+                        tune.report(eval_row(state["last"]))
             result = job_fn(job_config, on_report=on_report, checkpoint_dir=checkpoint_dir,
                             resume_from=Path(resume_dir) if resume_dir is not None else None)
         outcome = result.outcome

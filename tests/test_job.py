@@ -138,3 +138,12 @@ def test_labels_the_model_cannot_write_are_named_or_skipped(captcha_parquet, tmp
         run_job(_config(_with_labels(captcha_parquet, tmp_path / "one.parquet", {3: "12日4"})))
     result = run_job(_config(bad, on_bad_sample="skip", max_steps=2, eval_every=2))
     assert result.outcome == "ok" and result.final_metrics["skipped_samples"] == 2
+
+
+def test_bad_data_fails_before_the_model_is_built(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,text\nnowhere.png,123\n")
+    with pytest.raises(DataError, match="nowhere.png.*--on-bad-sample skip for `mdsweep train`"):
+        # the real-size model takes many seconds to build and says so on stderr: it must not be reached
+        run_job(JobConfig(model="moondream2", train_data=str(bad), device="cpu"))
+    assert "stands in" not in capsys.readouterr().err

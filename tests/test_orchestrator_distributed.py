@@ -151,6 +151,7 @@ def test_a_killed_driver_is_resumed_with_nothing_lost_or_duplicated(cluster, tmp
     before = {t["trial_id"]: t for t in read_partition(results, "trials", "killed")}
     (first,) = [tid for tid, t in before.items() if t["outcome"] == "ok"]
     (interrupted,) = [tid for tid, t in before.items() if t["outcome"] == "running"]
+    _lose_the_reports_of_the_checkpoints(tmp_path, interrupted)
 
     # resume through RAY_ADDRESS this time
     proc = mdsweep("resume", "killed", "--storage", str(tmp_path / "sweeps"), env={"RAY_ADDRESS": cluster.address})
@@ -173,6 +174,23 @@ def test_a_killed_driver_is_resumed_with_nothing_lost_or_duplicated(cluster, tmp
     assert {p["trial_id"] for p in preds} == set(trials)
     (sweep_row,) = read_partition(results, "sweeps", "killed")
     assert sweep_row["status"] == "finished"
+
+
+def _lose_the_reports_of_the_checkpoints(tmp_path: Path, trial_id: str) -> None:
+    """Leave the results as Tune's kill window does: the driver killed after a checkpoint of the trial reached
+    storage (registered, or written by a worker that outlived the driver) but before the sink wrote that
+    checkpoint's report. Whichever checkpoint the resumed trial continues from, its row is not in `steps`."""
+    import json
+
+    import pyarrow as pa
+
+    (trial_dir,) = (tmp_path / "sweeps" / "killed").glob(f"trial_{trial_id}*")
+    steps = {json.loads((c / "mdsweep_report.json").read_text())["last"]["step"]
+             for c in trial_dir.glob("checkpoint_*")}
+    path = tmp_path / "results" / "steps" / "sweep=killed" / f"{trial_id}.parquet"
+    table = pq.read_table(path)
+    kept = [r for r in table.to_pylist() if r["step"] not in steps]
+    pq.write_table(pa.Table.from_pylist(kept, schema=table.schema), path)
 
 
 OOM_AT_BATCH_4 = """

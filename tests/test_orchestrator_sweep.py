@@ -56,6 +56,11 @@ def test_default_modes():
     ({"space": "no_such_space"}, "--space"),
     ({"fixed": {"train_data": "x", "lr": 1e-4}}, "searches lr, which is also fixed"),
     ({"early_stop": "hyperband"}, "--early-stop"),
+    ({"gpu_memory_per_trial": "lots"}, "--gpu-memory-per-trial: cannot read 'lots'"),
+    ({"node_gpu_memory": "80 bananas"}, "--node-gpu-memory"),
+    ({"objectives": [("val_exact_match", "max"), ("accuracy", "min")]}, "--objective 'accuracy'"),
+    ({"objectives": [("val_exact_match", "max"), ("elapsed_s", "min")], "early_stop": "asha"},
+     "--early-stop with several --objective"),
 ])
 def test_settings_are_checked_before_any_cluster(tmp_path, kw, match):
     with pytest.raises(SweepError, match=match):
@@ -169,3 +174,23 @@ def test_a_missing_data_path_fails_before_anything_starts(tmp_path, captcha_parq
     assert main(argv) == 2
     assert f"{flag}: {tmp_path / 'nowhere.parquet'}: path does not exist" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_resume_names_a_bad_sweep_name_before_anything_else(tmp_path):
+    from orchestrator.sweep import resume_sweep
+
+    with pytest.raises(SweepError, match="NAME: sweep name '9lives'"):
+        resume_sweep("9lives", str(tmp_path / "sweeps"))
+
+
+def test_corrupt_training_data_fails_before_ray_starts(tmp_path):
+    import ray
+
+    from orchestrator.sweep import run_sweep
+
+    data = tmp_path / "labels.csv"
+    data.write_text("image,text\nmissing.png,123\n")
+    with pytest.raises(SweepError, match="--train-data: .*missing.png"):
+        run_sweep(_settings(tmp_path, fixed={"train_data": str(data)}), quiet=True)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "sweeps" / "demo").exists()

@@ -52,6 +52,9 @@ DEFAULT_IMAGE_COLUMN = "image"
 MANIFEST_SUFFIXES: dict[str, str] = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 KNOWN_SPLITS: frozenset[str] = frozenset({"train", "test", "validation", "valid", "val", "dev"})
 MAX_REASONS = 10
+# every command that reads data can drop bad rows; the message says how in each
+SKIP_HINT = ("(to drop and count such rows: --on-bad-sample skip for `mdsweep train`, --set on_bad_sample=skip "
+             "for `mdsweep run`, --skip-bad for `mdsweep data check`)")
 
 OnBadSample = Literal["error", "skip"]
 PathLike = Union[str, Path]
@@ -164,7 +167,7 @@ class _Collector:
     def bad(self, where: str, reason: str) -> None:
         message = f"{where}: {reason}"
         if not self.skip:
-            raise DataError(message + " (pass on_bad_sample='skip' to skip bad rows)")
+            raise DataError(f"{message} {SKIP_HINT}")
         self.skipped += 1
         if len(self.reasons) < MAX_REASONS:
             self.reasons.append(message)

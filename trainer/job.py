@@ -18,7 +18,7 @@ import torch
 from trainer.batching import Batch, EncodedSample, collate, encode_samples
 from trainer.budget import plan_budget
 from trainer.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint, trainable_state
-from trainer.data import DataError, load_samples, split_samples
+from trainer.data import SKIP_HINT, DataError, Sample, load_samples, split_samples
 from trainer.evaluate import evaluate
 from trainer.faults import Fault
 from trainer.job_config import JobConfig, JobResult, Prediction
@@ -76,8 +76,15 @@ def autocast_dtype_of(plan: PrecisionPlan) -> Optional[torch.dtype]:
     return None if plan.compute == "fp32" else TORCH_DTYPES[plan.compute]
 
 
-def prepare_data(config: JobConfig, loaded: LoadedModel) -> JobData:
-    """Load, validate, split and encode the datasets once; every epoch reuses the encoding."""
+@dataclass
+class RawData:
+    train: list[Sample]
+    val: list[Sample]
+    skipped: int
+
+
+def read_data(config: JobConfig) -> RawData:
+    """Load, validate and split the datasets: before the model is built, so a bad file fails in seconds."""
     read = dict(text_column=config.text_column, image_column=config.image_column,
                 on_bad_sample=config.on_bad_sample)
     train_set = load_samples(config.train_data, **read)
@@ -90,6 +97,13 @@ def prepare_data(config: JobConfig, loaded: LoadedModel) -> JobData:
         train_samples, val_samples = split_samples(train_set.samples, config.val_fraction, config.split_seed)
     if config.max_val_samples is not None:
         val_samples = val_samples[: config.max_val_samples]
+    return RawData(train_samples, val_samples, skipped)
+
+
+def prepare_data(config: JobConfig, loaded: LoadedModel, raw: RawData) -> JobData:
+    """Encode the samples once for this model (crops, prompt and answer ids); every epoch reuses the encoding.
+    Labels the model cannot read or write are named, or skipped with on_bad_sample=skip."""
+    train_samples, val_samples, skipped = raw.train, raw.val, raw.skipped
     template = get_template(config.prompt_template)
     model_config = loaded.model.config
     # what a sequence holds besides the answer: BOS, the image tokens and the prompt
@@ -103,8 +117,7 @@ def prepare_data(config: JobConfig, loaded: LoadedModel) -> JobData:
             if why is None:
                 kept.append(sample)
             elif config.on_bad_sample == "error":
-                raise DataError(f"sample {sample.sample_id}: {why} (pass on_bad_sample=skip, --on-bad-sample skip, "
-                                "to drop such rows)")
+                raise DataError(f"sample {sample.sample_id}: {why} {SKIP_HINT}")
         return encode_samples(kept, model_config.vision, loaded.tokenizer, template, config.question), \
             len(samples) - len(kept)
 
@@ -148,6 +161,7 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     autocast_dtype = autocast_dtype_of(precision)
 
     # capped before the model arrives, so its weights count against the cap like every later allocation
+    raw = read_data(config)
     cap = apply_gpu_cap(config.max_gpu_memory, device)
     reset_peak(device)
     loaded = build_job_model(config)
@@ -160,7 +174,7 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
         return JobResult(outcome="oom", step=0, peak_memory_bytes=peak_bytes(device),
                          error=f"out of memory moving the model to {device} (cap {cap} bytes)",
                          wall_time_s=time.time() - started)
-    data = prepare_data(config, loaded)
+    data = prepare_data(config, loaded, raw)
     pad_id = loaded.tokenizer.eos_id
 
     budget = plan_budget(len(data.train), batch_size=config.batch_size, grad_accum=config.grad_accum,

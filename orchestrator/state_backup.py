@@ -1,0 +1,117 @@
+"""A last-known-good copy of Ray Tune's experiment state, so a driver killed mid-write can still be resumed.
+
+Tune uploads its state (`experiment_state-*.json`, the searcher's `search_gen_state-*.json`
+and `searcher-state-*.pkl`) by overwriting the files on storage in place. A driver
+killed during that write leaves an empty or truncated file, and `Tuner.restore` then
+fails with a JSON error: the whole sweep cannot be resumed (seen here in about one
+kill in five). The driver therefore copies every complete state file to
+`.mdsweep-state/` (write to a temporary name, then rename), and `mdsweep resume` puts
+a copy back wherever the file on storage is incomplete.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import time
+from typing import Any, Optional
+
+from orchestrator.cluster import storage_filesystem
+
+BACKUP_DIR = ".mdsweep-state"
+STATE_FILES = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+
+
+def complete(name: str, data: bytes) -> bool:
+    """Whether a state file's bytes are whole: JSON that parses, or a pickle that ends with its STOP opcode."""
+    if not data:
+        return False
+    if name.endswith(".json"):
+        try:
+            json.loads(data)
+        except ValueError:
+            return False
+        return True
+    return data.endswith(b".")
+
+
+def _state_files(fs: Any, root: str) -> list[Any]:
+    import pyarrow.fs as pafs
+
+    return [info for info in fs.get_file_info(pafs.FileSelector(root))
+            if info.type == pafs.FileType.File and any(fnmatch.fnmatch(info.base_name, p) for p in STATE_FILES)]
+
+
+def _read(fs: Any, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _write_atomic(fs: Any, path: str, data: bytes) -> None:
+    with fs.open_output_stream(path + ".tmp") as f:
+        f.write(data)
+    fs.move(path + ".tmp", path)
+
+
+def back_up(experiment_path: str, seen: Optional[dict[str, tuple]] = None) -> int:
+    """Copy every complete state file that changed since `seen` (name -> (size, mtime), updated in place) into
+    the backup folder; returns how many were copied."""
+    fs, root = storage_filesystem(experiment_path)
+    seen = {} if seen is None else seen
+    copied = 0
+    for info in _state_files(fs, root):
+        stamp = (info.size, info.mtime_ns)
+        if seen.get(info.base_name) == stamp:
+            continue
+        data = _read(fs, info.path)
+        if not complete(info.base_name, data):
+            continue  # being written right now: the next pass takes it
+        fs.create_dir(f"{root}/{BACKUP_DIR}", recursive=True)
+        _write_atomic(fs, f"{root}/{BACKUP_DIR}/{info.base_name}", data)
+        seen[info.base_name] = stamp
+        copied += 1
+    return copied
+
+
+def restore_incomplete(experiment_path: str) -> list[str]:
+    """Put the backup copy back over every state file on storage that is incomplete; returns their names."""
+    fs, root = storage_filesystem(experiment_path)
+    restored = []
+    for info in _state_files(fs, root):
+        if complete(info.base_name, _read(fs, info.path)):
+            continue
+        backup = f"{root}/{BACKUP_DIR}/{info.base_name}"
+        try:
+            data = _read(fs, backup)
+        except (FileNotFoundError, OSError):
+            continue
+        if complete(info.base_name, data):
+            _write_atomic(fs, info.path, data)
+            restored.append(info.base_name)
+    return restored
+
+
+def _tune_callback_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+class StateBackup(_tune_callback_base()):
+    """Backs the experiment state up while the sweep runs (at most every `interval_s`) and when it ends."""
+
+    def __init__(self, experiment_path: str, interval_s: float = 2.0) -> None:
+        self.experiment_path = experiment_path
+        self.interval_s = interval_s
+        self._seen: dict[str, tuple] = {}
+        self._last = 0.0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_seen": {}, "_last": 0.0}
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.time() - self._last >= self.interval_s:
+            self._last = time.time()
+            back_up(self.experiment_path, self._seen)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        back_up(self.experiment_path, self._seen)
