@@ -104,7 +104,7 @@ def render_plan(plans, columns: list[str], gpus: dict[str, int], args: argparse.
     common = ", ".join(f"{k}={'default' if first[k] is None else first[k]}" for k in first
                        if k not in columns and (lora or not k.startswith("lora_")))
     lines = [f"space {args.space}: {sum(p.configurations for p in plans)} probed configurations, "
-             f"{len(plans)} memory shape(s); {workload.text_tokens} text tokens and {workload.crops_per_image} "
+             f"{len(plans)} memory shape(s) (rows needing the same memory merged); {workload.text_tokens} text tokens and {workload.crops_per_image} "
              f"crops per image",
              f"same in every shape: {common}", ""]
     header = columns + ["weights", "grads", "optimizer", "transient", "peak", "+context"] + \
@@ -112,10 +112,13 @@ def render_plan(plans, columns: list[str], gpus: dict[str, int], args: argparse.
     rows = []
     for plan in plans:
         e = plan.estimate
-        rows.append([str(plan.shape[c]) for c in columns]
+        shape = {c: "-" if c.startswith("lora_") and plan.shape["train_scope"] != "lora" else str(plan.shape[c])
+                 for c in columns}
+        rows.append([shape[c] for c in columns]
                     + [format_size(v) for v in (e.weights, e.gradients, e.optimizer_states, e.transient,
                                                 e.allocator_peak, e.device_total)]
                     + [str(plan.trials_per_gpu(size)) for size in gpus.values()])
+    rows = merge_equal_rows(rows, len(columns))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines.append("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
@@ -130,3 +133,19 @@ def render_plan(plans, columns: list[str], gpus: dict[str, int], args: argparse.
                  "max_gpu_memory must allow; +context: with the CUDA context, what a trial takes of its GPU. "
                  "Assumptions: README, 'Memory'.")
     return "\n".join(lines)
+
+
+def merge_equal_rows(rows: list[list[str]], n_shape_columns: int) -> list[list[str]]:
+    """Rows that differ in one shape column only and need the same memory become one row listing that column's
+    values (grad_accum 1,2,4 when accumulation does not change the peak)."""
+    for column in range(n_shape_columns):
+        merged: dict[tuple, list[str]] = {}
+        for row in rows:
+            key = tuple(v for i, v in enumerate(row) if i != column)
+            if key in merged:
+                values = merged[key][column].split(",") + [row[column]]
+                merged[key][column] = ",".join(sorted(set(values), key=lambda v: (len(v), v)))
+            else:
+                merged[key] = list(row)
+        rows = list(merged.values())
+    return rows
