@@ -104,8 +104,8 @@ def render_plan(plans, columns: list[str], gpus: dict[str, int], args: argparse.
     common = ", ".join(f"{k}={'default' if first[k] is None else first[k]}" for k in first
                        if k not in columns and (lora or not k.startswith("lora_")))
     lines = [f"space {args.space}: {sum(p.configurations for p in plans)} probed configurations, "
-             f"{len(plans)} memory shape(s) (rows needing the same memory merged); {workload.text_tokens} text tokens and {workload.crops_per_image} "
-             f"crops per image",
+             f"{len(plans)} memory shape(s) (rows needing the same memory merged); {workload.text_tokens} text "
+             f"tokens and {workload.crops_per_image} crops per image",
              f"same in every shape: {common}", ""]
     header = columns + ["weights", "grads", "optimizer", "transient", "peak", "+context"] + \
         [f"per {name}" for name in gpus]
