@@ -79,6 +79,25 @@ def _project_root() -> str:
     return str(Path(__file__).resolve().parent.parent)
 
 
+# not needed by a trial, and the bulk of the tree: reference fixtures, benchmarks, version control
+SHIP_EXCLUDES = [".git", "tests/fixtures", "bench", "*.egg-info", "__pycache__"]
+
+
+def project_runtime_env() -> dict[str, Any]:
+    """Ship this project's code to every worker the Ray way, so a node needs Ray and the dependencies but not
+    the project: from a source checkout, the tree as the job's working_dir (uploaded once to the cluster,
+    unpacked on each node, on the workers' path; .gitignore'd files such as .venv, data and results stay
+    behind); from an installed package, its three packages as py_modules."""
+    import orchestrator
+    import search_spaces
+    import trainer
+
+    root = Path(_project_root())
+    if (root / "pyproject.toml").is_file():
+        return {"working_dir": str(root), "excludes": list(SHIP_EXCLUDES)}
+    return {"py_modules": [orchestrator, trainer, search_spaces]}
+
+
 @dataclass
 class ClusterHandle:
     address: Optional[str]
@@ -131,11 +150,7 @@ def connect(
         return ClusterHandle(address=None, source="existing", owned=False)
 
     resolved, source = resolve_address(address)
-    # The driver's modules must be importable by every worker. Ray adds the driver's
-    # working directory; add this source tree explicitly so that running from another
-    # directory works too (multi-node clusters need the package installed on each node).
-    pythonpath = os.pathsep.join(p for p in (_project_root(), os.environ.get("PYTHONPATH", "")) if p)
-    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
+    runtime_env = project_runtime_env()
     notes: list[str] = []
     if resolved is None:
         kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=log_to_driver,

@@ -274,13 +274,28 @@ def test_sweep_prints_what_it_found(sweep):
 
 
 def test_a_sweep_in_which_no_trial_works_exits_non_zero_with_the_first_error(tmp_path):
+    from PIL import Image
+
+    # readable data (the driver's check passes) whose labels the model's tokenizer cannot write: every trial fails
+    folder = tmp_path / "unwritable"
+    folder.mkdir()
+    for i, label in enumerate(("日本", "東京", "大阪", "京都")):
+        Image.new("RGB", (200, 50), (255, 255, 255)).save(folder / f"{label}.png")
+    proc = mdsweep("run", "--name", "broken", "--space", "smoke", "--num-samples", "1", "--storage",
+                   str(tmp_path / "s"), "--results", str(tmp_path / "r"), "--num-cpus", "2",
+                   "--progress-interval", "0", *job_flags(folder), "--set", "val_fraction=0.5")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "1 error" in proc.stdout and "First failure, trial" in proc.stdout and "cannot be encoded" in proc.stdout
+
+
+def test_a_corrupt_dataset_fails_before_ray_starts_naming_the_flag(tmp_path):
     corrupt = tmp_path / "corrupt.parquet"
     corrupt.write_bytes(b"not parquet at all")
     proc = mdsweep("run", "--name", "broken", "--space", "smoke", "--num-samples", "1", "--storage",
                    str(tmp_path / "s"), "--results", str(tmp_path / "r"), "--num-cpus", "2",
                    "--progress-interval", "0", *job_flags(corrupt))
-    assert proc.returncode == 3, proc.stderr[-2000:]
-    assert "1 error" in proc.stdout and "First failure, trial" in proc.stdout and "corrupt.parquet" in proc.stdout
+    assert proc.returncode == 2 and "--train-data" in proc.stderr and "corrupt.parquet" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr and not (tmp_path / "s" / "broken").exists()
 
 
 def test_a_multi_objective_sweep_prints_its_pareto_front(tmp_path, captcha_parquet):

@@ -106,3 +106,23 @@ def test_explicit_auth_mode_is_respected(ray_head, captcha_parquet, tmp_path):
                    "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"),
                    env={**env, "RAY_AUTH_MODE": "disabled"}, timeout=120)
     assert proc.returncode == 2 and "token authentication" not in proc.stderr
+
+
+def test_trials_run_the_code_the_driver_ships_not_an_install_on_the_node(ray_head, tmp_path):
+    env, address = ray_head
+    code = (
+        "import ray\n"
+        "from orchestrator.cluster import connect\n"
+        f"with connect({address!r}):\n"
+        "    @ray.remote\n"
+        "    def where():\n"
+        "        import trainer, trainer.config\n"
+        "        return trainer.__file__, trainer.config.shipped_models()\n"
+        "    print(*ray.get(where.remote()))\n")
+    # the driver runs from elsewhere with no PYTHONPATH of ours: the head's workers get the code from Ray
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=str(tmp_path),
+                          env={**{k: v for k, v in env.items() if k != "PYTHONPATH"}})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path, models = proc.stdout.strip().rsplit(" ", 1)
+    assert "runtime_resources" in path and not path.startswith(str(ROOT)), path
+    assert "tiny-reader" in models
