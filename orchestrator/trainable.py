@@ -177,9 +177,15 @@ def run_trial(spec: TrialSpec, config: dict[str, Any]) -> None:
         outcome = result.outcome
         error = result.error
     except Exception as exc:  # the job's own failure: an outcome, not a retry
+        from trainer.data import DataError
+
         outcome = "oom" if _is_oom(exc) else "error"
-        error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        error += "\n" + "".join(traceback.format_tb(exc.__traceback__)[-5:])
+        if isinstance(exc, DataError):
+            # the data as this node sees it (a path another node reads may be missing here): one line, naming it
+            error = f"on node {where.get('hostname')} ({where.get('node_ip')}): {exc}"
+        else:
+            error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            error += "\n" + "".join(traceback.format_tb(exc.__traceback__)[-5:])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

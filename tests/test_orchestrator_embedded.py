@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import textwrap
@@ -286,6 +287,7 @@ def test_a_sweep_in_which_no_trial_works_exits_non_zero_with_the_first_error(tmp
                    "--progress-interval", "0", *job_flags(folder), "--set", "val_fraction=0.5")
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "1 error" in proc.stdout and "First failure, trial" in proc.stdout and "cannot be encoded" in proc.stdout
+    assert f"on node {socket.gethostname()}" in proc.stdout  # data errors name the node that read the data
 
 
 def test_a_corrupt_dataset_fails_before_ray_starts_naming_the_flag(tmp_path):
