@@ -126,3 +126,12 @@ def test_trials_run_the_code_the_driver_ships_not_an_install_on_the_node(ray_hea
     path, models = proc.stdout.strip().rsplit(" ", 1)
     assert "runtime_resources" in path and not path.startswith(str(ROOT)), path
     assert "tiny-reader" in models
+
+
+def test_auto_finds_the_head_started_on_this_machine(ray_head, captcha_parquet, tmp_path):
+    env, address = ray_head
+    proc = mdsweep("run", "--address", "auto", "--dry-run", "--train-data", str(captcha_parquet),
+                   "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    port = address.rsplit(":", 1)[1]
+    assert f":{port}" in proc.stderr and "1 node(s)" in proc.stderr  # this test's head, not another Ray
