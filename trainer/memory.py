@@ -1,4 +1,5 @@
-"""Memory sizes, the per-job GPU cap, and peak-memory readings on GPU or CPU.
+"""Memory sizes, the per-job GPU cap, peak-memory readings on GPU or CPU, and a tracker of the bytes torch
+allocates (the CPU measurement the memory model is checked against).
 
 torch is imported inside the functions that need it, so the sweep driver can parse
 sizes without loading it.
