@@ -225,6 +225,16 @@ def storage_filesystem(uri: str) -> tuple[Any, str]:
     return pafs.LocalFileSystem(), uri
 
 
+def write_file_atomic(fs: Any, path: str, data: bytes) -> None:
+    """Write to a hidden temporary name beside `path`, then move it there: a reader (or a kill) never meets a
+    half-written file."""
+    folder, _, name = path.rpartition("/")
+    tmp = f"{folder}/.{name}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
 def storage_notes(storage: str, nodes: list[NodeInfo]) -> list[str]:
     """Warn when a local storage path is used on a multi-node cluster."""
     if is_remote_storage(storage) or len(nodes) <= 1:

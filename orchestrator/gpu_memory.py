@@ -18,23 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from orchestrator.resources import round_gpu_fraction
-from orchestrator.spaces import split_suggestion
+from orchestrator.trainable import job_config_from
 from trainer.job_config import JobConfig
-from trainer.memory_model import CUDA_CONTEXT_BYTES, MEMORY_FIELDS, estimate_memory
+from trainer.memory_model import CUDA_CONTEXT_BYTES, estimate_memory, memory_shape
 
 MARGIN = 1.15  # headroom over a prediction or a measurement: allocator fragmentation, other libraries
-
-
-def job_config(fixed: dict[str, Any], config: dict[str, Any]) -> JobConfig:
-    """The trial's JobConfig as the memory model needs it (no cap, no device)."""
-    from orchestrator.job_values import normalize_value
-
-    params, _meta = split_suggestion(config)
-    return JobConfig.from_dict({**fixed, **{k: normalize_value(k, v) for k, v in params.items()}})
-
-
-def shape_key(config: JobConfig) -> str:
-    return "|".join(f"{name}={getattr(config, name)}" for name in MEMORY_FIELDS)
 
 
 @dataclass
@@ -42,9 +30,9 @@ class MemoryBook:
     """What a sweep has learnt about memory, by shape. Saved with the searcher, so a resumed sweep keeps it."""
 
     gpu_bytes: Optional[int] = None  # the smallest GPU trials may land on, when known
-    measured: dict[str, int] = field(default_factory=dict)  # shape -> largest peak measured
-    predicted: dict[str, int] = field(default_factory=dict)  # shape -> allocator peak predicted
-    out_of_memory: set[str] = field(default_factory=set)  # shapes that ended oom
+    measured: dict[tuple, int] = field(default_factory=dict)  # shape -> largest peak measured
+    predicted: dict[tuple, int] = field(default_factory=dict)  # shape -> allocator peak predicted
+    out_of_memory: set[tuple] = field(default_factory=set)  # shapes that ended oom
     rejected: int = 0  # proposals not run because their shape cannot fit
 
     def calibration(self) -> float:
@@ -55,13 +43,13 @@ class MemoryBook:
 
     def need(self, config: JobConfig) -> int:
         """Bytes of GPU this configuration should be given, context included."""
-        key = shape_key(config)
+        key = memory_shape(config)
         predicted = self.predicted.setdefault(key, estimate_memory(config).allocator_peak)
         allocator = max(predicted * self.calibration(), self.measured.get(key, 0))
         return int(allocator * MARGIN) + CUDA_CONTEXT_BYTES
 
     def observe(self, config: JobConfig, outcome: str, peak_bytes: Optional[int]) -> None:
-        key = shape_key(config)
+        key = memory_shape(config)
         self.predicted.setdefault(key, estimate_memory(config).allocator_peak)
         if outcome == "oom":
             self.out_of_memory.add(key)
@@ -70,7 +58,7 @@ class MemoryBook:
 
     def cannot_fit(self, config: JobConfig) -> Optional[str]:
         """Why this configuration is not worth running, or None."""
-        if shape_key(config) in self.out_of_memory:
+        if memory_shape(config) in self.out_of_memory:
             return "a trial of the same memory shape ran out of memory"
         if self.gpu_bytes and self.need(config) > self.gpu_bytes:
             return f"predicted to need more than a whole {self.gpu_bytes / 2**30:.0f} GiB GPU"
@@ -103,7 +91,7 @@ class AutoGpuResources:
         return min(1.0, round_gpu_fraction(need_bytes / self.gpu_bytes))
 
     def __call__(self, config: dict[str, Any]) -> dict[str, float]:
-        need = book_for(self.sweep).need(job_config(self.fixed, config))
+        need = book_for(self.sweep).need(job_config_from(self.fixed, config))
         resources = {"cpu": float(self.cpus), "gpu": self.fraction_of(need)}
         if self.memory_bytes:
             resources["memory"] = float(self.memory_bytes)

@@ -11,8 +11,9 @@ from typing import Any, Sequence
 
 from orchestrator.search import build_expansions
 from orchestrator.spaces import validate_space
+from orchestrator.trainable import job_config_from
 from trainer.job_config import JobConfig
-from trainer.memory_model import MEMORY_FIELDS, MemoryEstimate, Workload, estimate_memory
+from trainer.memory_model import MEMORY_FIELDS, MemoryEstimate, Workload, estimate_memory, memory_shape
 
 
 @dataclass(frozen=True)
@@ -25,23 +26,21 @@ class ShapePlan:
         return int(gpu_bytes // self.estimate.device_total)
 
 
-def shape_of(config: JobConfig) -> tuple[tuple[str, Any], ...]:
-    return tuple((name, getattr(config, name)) for name in MEMORY_FIELDS)
-
-
 def plan_space(space: str, fixed: dict[str, Any], cross: Sequence[tuple[str, list[Any]]] = (), probes: int = 200,
                workload: Workload = Workload()) -> list[ShapePlan]:
     """Probe the space (random Optuna trials covering its branches) and estimate every distinct shape,
     largest first."""
     info = validate_space(space, fixed, probes=probes)
     counts: dict[tuple, int] = {}
+    examples: dict[tuple, JobConfig] = {}  # one configuration per shape: all of a shape need the same memory
     for sample in info.samples:
         for expansion in build_expansions(1, 0, list(cross)):
-            config = JobConfig.from_dict({**fixed, **sample, **expansion})
-            key = shape_of(config)
+            config = job_config_from(fixed, {**sample, **expansion})
+            key = memory_shape(config)
             counts[key] = counts.get(key, 0) + 1
-    plans = [ShapePlan(dict(key), estimate_memory(JobConfig.from_dict({**fixed, **dict(key)}), workload=workload),
-                       count) for key, count in counts.items()]
+            examples.setdefault(key, config)
+    plans = [ShapePlan(dict(key), estimate_memory(examples[key], workload=workload), count)
+             for key, count in counts.items()]
     return sorted(plans, key=lambda p: (-p.estimate.device_total, str(sorted(p.shape.items()))))
 
 

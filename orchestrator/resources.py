@@ -41,6 +41,11 @@ def format_size(n: Optional[float]) -> str:
     return f"{n:.1f}TiB"
 
 
+def is_auto(gpu_memory_per_trial: Optional[str]) -> bool:
+    """`--gpu-memory-per-trial auto`: each trial's share from its predicted memory (orchestrator.gpu_memory)."""
+    return bool(gpu_memory_per_trial) and gpu_memory_per_trial.strip().lower() == "auto"
+
+
 def round_gpu_fraction(x: float) -> float:
     """Round a GPU share up to Ray's granularity (never down: rounding down could overpack)."""
     return math.ceil(x * GPU_GRANULARITY - 1e-9) / GPU_GRANULARITY
@@ -143,7 +148,7 @@ def plan_resources(
             raise ResourceError(f"--gpus-per-trial {g:g}: above 1 it must be a whole number of GPUs")
         r.gpus = round_gpu_fraction(g) if 0 < g < 1 else g
     if gpu_memory_per_trial:
-        auto = gpu_memory_per_trial.strip().lower() == "auto"
+        auto = is_auto(gpu_memory_per_trial)
         want = 0 if auto else parse_size(gpu_memory_per_trial, "--gpu-memory-per-trial")
         r.gpu_memory_bytes = want or None
         r.max_gpu_memory = "auto" if auto else str(want)

@@ -177,9 +177,9 @@ class SweepSearcher(_searcher_base()):
         return {**group["params"], **self.expansions[member], GROUP_KEY: group["number"], MEMBER_KEY: member}
 
     def _configs(self, params: dict[str, Any]) -> list[Any]:
-        from orchestrator.gpu_memory import job_config
+        from orchestrator.trainable import job_config_from
 
-        return [job_config(self.fixed, {**params, **expansion}) for expansion in self.expansions]
+        return [job_config_from(self.fixed, {**params, **expansion}) for expansion in self.expansions]
 
     def _reject(self, inner_id: str, params: dict[str, Any]) -> bool:
         """Tell Optuna a proposal failed without running it when one of its runs cannot fit."""

@@ -15,7 +15,7 @@ import json
 import time
 from typing import Any, Optional
 
-from orchestrator.cluster import storage_filesystem
+from orchestrator.cluster import storage_filesystem, write_file_atomic
 
 BACKUP_DIR = ".mdsweep-state"
 STATE_FILES = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
@@ -46,12 +46,6 @@ def _read(fs: Any, path: str) -> bytes:
         return f.read()
 
 
-def _write_atomic(fs: Any, path: str, data: bytes) -> None:
-    with fs.open_output_stream(path + ".tmp") as f:
-        f.write(data)
-    fs.move(path + ".tmp", path)
-
-
 def back_up(experiment_path: str, seen: Optional[dict[str, tuple]] = None) -> int:
     """Copy every complete state file that changed since `seen` (name -> (size, mtime), updated in place) into
     the backup folder; returns how many were copied."""
@@ -66,7 +60,7 @@ def back_up(experiment_path: str, seen: Optional[dict[str, tuple]] = None) -> in
         if not complete(info.base_name, data):
             continue  # being written right now: the next pass takes it
         fs.create_dir(f"{root}/{BACKUP_DIR}", recursive=True)
-        _write_atomic(fs, f"{root}/{BACKUP_DIR}/{info.base_name}", data)
+        write_file_atomic(fs, f"{root}/{BACKUP_DIR}/{info.base_name}", data)
         seen[info.base_name] = stamp
         copied += 1
     return copied
@@ -85,7 +79,7 @@ def restore_incomplete(experiment_path: str) -> list[str]:
         except (FileNotFoundError, OSError):
             continue
         if complete(info.base_name, data):
-            _write_atomic(fs, info.path, data)
+            write_file_atomic(fs, info.path, data)
             restored.append(info.base_name)
     return restored
 

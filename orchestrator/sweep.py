@@ -22,15 +22,13 @@ from typing import Any, Optional
 from orchestrator import cluster as cluster_mod
 from orchestrator.objectives import default_mode
 from orchestrator.resources import (ResourceError, TrialResources, check_fit, concurrency_capacity, format_size,
-                                    parse_size, plan_resources)
+                                    is_auto, parse_size, plan_resources)
 from orchestrator.results_schema import METRICS, validate_sweep_name
 from orchestrator.search import build_expansions
 from orchestrator.spaces import SpaceError, SpaceInfo, validate_space
 
 MANIFEST = "mdsweep_sweep.json"
 MANIFEST_VERSION = 1
-
-# Metrics where lower is better; anything else defaults to max.
 
 
 class SweepError(RuntimeError):
@@ -115,15 +113,11 @@ def join_storage(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}"
 
 
-
 def write_manifest(settings: SweepSettings) -> None:
     fs, path = cluster_mod.storage_filesystem(settings.experiment_path())
     fs.create_dir(path, recursive=True)
     data = json.dumps(settings.to_json(), indent=1, default=str).encode()
-    tmp = f"{path}/.{MANIFEST}.tmp"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, f"{path}/{MANIFEST}")
+    cluster_mod.write_file_atomic(fs, f"{path}/{MANIFEST}", data)
 
 
 def read_manifest(storage: str, name: str) -> SweepSettings:
@@ -262,7 +256,7 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
         raise SweepError("--max-failures must be >= 0")
     for flag, size in (("--gpu-memory-per-trial", s.gpu_memory_per_trial), ("--node-gpu-memory", s.node_gpu_memory),
                        ("--memory-per-trial", s.memory_per_trial)):
-        if size and not (flag == "--gpu-memory-per-trial" and size.strip().lower() == "auto"):
+        if size and not (flag == "--gpu-memory-per-trial" and is_auto(size)):
             try:
                 parse_size(size, flag)
             except ResourceError as e:
@@ -385,11 +379,12 @@ def resolve_resources(s: SweepSettings, handle: cluster_mod.ClusterHandle,
 def auto_shares(s: SweepSettings, req: TrialResources, samples: list[dict[str, Any]]) -> str:
     """With `auto`: the GPU shares the space's probed configurations would get, for the capacity estimate and the
     user; fails when none fits a GPU."""
-    from orchestrator.gpu_memory import AutoGpuResources, book_for, job_config
+    from orchestrator.gpu_memory import AutoGpuResources, book_for
+    from orchestrator.trainable import job_config_from
 
     book_for(s.name).gpu_bytes = req.auto_gpu_bytes
     resources = AutoGpuResources(s.name, s.fixed, req.cpus, int(req.auto_gpu_bytes))
-    needs = [book_for(s.name).need(job_config(s.fixed, sample)) for sample in samples]
+    needs = [book_for(s.name).need(job_config_from(s.fixed, sample)) for sample in samples]
     fitting = [n for n in needs if n <= req.auto_gpu_bytes]
     size = format_size(req.auto_gpu_bytes)
     if not fitting:

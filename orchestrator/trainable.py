@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -53,17 +53,23 @@ def load_callable(path: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def build_job_config(spec: TrialSpec, config: dict[str, Any]):
-    """JobConfig from the fixed settings, the suggestion, and the GPU cap (under `auto`: the GPU share Ray gave
-    this trial, which came from its predicted memory)."""
+def job_config_from(fixed: dict[str, Any], config: dict[str, Any]):
+    """JobConfig from the fixed settings and a trial's suggestion (bookkeeping keys dropped, values normalised):
+    the one reading of a trial's settings, for the trial itself, its GPU share and the searcher."""
     from trainer.job_config import JobConfig
 
     params, _meta = split_suggestion(config)
-    values = dict(spec.fixed)
-    values.update({k: normalize_value(k, v) for k, v in params.items()})
-    if spec.max_gpu_memory and values.get("max_gpu_memory") is None:
-        values["max_gpu_memory"] = assigned_gpu_share() if spec.max_gpu_memory == "auto" else spec.max_gpu_memory
-    return JobConfig.from_dict(values)
+    return JobConfig.from_dict({**fixed, **{k: normalize_value(k, v) for k, v in params.items()}})
+
+
+def build_job_config(spec: TrialSpec, config: dict[str, Any]):
+    """The trial's JobConfig with its GPU cap (under `auto`: the GPU share Ray gave this trial, which came from
+    its predicted memory)."""
+    job_config = job_config_from(spec.fixed, config)
+    if spec.max_gpu_memory and job_config.max_gpu_memory is None:
+        cap = assigned_gpu_share() if spec.max_gpu_memory == "auto" else spec.max_gpu_memory
+        job_config = replace(job_config, max_gpu_memory=cap)
+    return job_config
 
 
 def assigned_gpu_share() -> Optional[str]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.gpu_memory import AutoGpuResources, MemoryBook, book_for, job_config, register_book
+from orchestrator.gpu_memory import AutoGpuResources, MemoryBook, book_for, register_book
 from orchestrator.resources import NodeInfo, ResourceError, plan_resources
 from orchestrator.search import make_searcher
+from orchestrator.trainable import job_config_from
 from trainer.memory_model import CUDA_CONTEXT_BYTES, estimate_memory
 
 GiB = 2 ** 30
@@ -20,7 +21,7 @@ def _share(sweep: str, **params) -> float:
 def test_each_trial_asks_for_its_own_predicted_memory():
     register_book("shares", MemoryBook())
     small, large = _share("shares", batch_size=1), _share("shares", batch_size=32)
-    predicted = estimate_memory(job_config(FIXED, {"batch_size": 1})).allocator_peak
+    predicted = estimate_memory(job_config_from(FIXED, {"batch_size": 1})).allocator_peak
     assert small == pytest.approx((predicted * 1.15 + CUDA_CONTEXT_BYTES) / (80 * GiB), abs=2e-4)
     assert small < large < 1
 
@@ -29,7 +30,7 @@ def test_measured_peaks_tighten_unmeasured_shapes_and_never_go_below_a_measureme
     book = MemoryBook()
     register_book("calibrated", book)
     before = {b: _share("calibrated", batch_size=b) for b in (1, 8)}
-    config = job_config(FIXED, {"batch_size": 8})
+    config = job_config_from(FIXED, {"batch_size": 8})
     book.observe(config, "ok", estimate_memory(config).allocator_peak // 2)  # the model over-predicted 2x
     assert _share("calibrated", batch_size=1) < before[1]  # tightened although batch 1 never ran
     book.observe(config, "ok", int(estimate_memory(config).allocator_peak * 1.5))  # a later run peaked higher
@@ -60,8 +61,8 @@ def test_the_searcher_does_not_propose_a_shape_that_ran_out_of_memory(tmp_path):
 
 def test_a_shape_predicted_to_fit_no_gpu_is_not_run():
     book = MemoryBook(gpu_bytes=24 * GiB)
-    assert book.cannot_fit(job_config(FIXED, {"batch_size": 8})) is None
-    assert "more than a whole 24 GiB GPU" in book.cannot_fit(job_config({**FIXED, "optimizer": "adamw"}, {}))
+    assert book.cannot_fit(job_config_from(FIXED, {"batch_size": 8})) is None
+    assert "more than a whole 24 GiB GPU" in book.cannot_fit(job_config_from({**FIXED, "optimizer": "adamw"}, {}))
 
 
 def test_auto_needs_gpus_and_does_not_mix_with_a_fixed_share():

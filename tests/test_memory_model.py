@@ -10,9 +10,8 @@ import torch
 
 from trainer.batching import Batch
 from trainer.config import PRESETS
-from trainer.job import TORCH_DTYPES, accumulate_gradients, autocast_dtype_of, optimizer_step, resolve_precision
+from trainer.job import accumulate_gradients, autocast_dtype_of, optimizer_step, prepare_model, resolve_precision
 from trainer.job_config import JobConfig
-from trainer.job_model import build_job_model
 from trainer.memory import track_allocations
 from trainer.memory_model import GIB, Workload, estimate_memory, optimizer_state_bytes, parameter_tensors
 from trainer.model import MoondreamModel
@@ -24,10 +23,8 @@ TEXT_TOKENS = 12
 
 def _prepared(config: JobConfig):
     """The job's model with weights in their storage types, as run_job prepares it, and its trained params."""
-    model = build_job_model(config).model
     plan = resolve_precision(config, CPU)
-    model.store_weights(TORCH_DTYPES[plan.trained], TORCH_DTYPES[plan.frozen])
-    model.set_gradient_checkpointing(config.gradient_checkpointing)
+    model = prepare_model(config, plan).model
     return model.train(), plan, [p for p in model.parameters() if p.requires_grad]
 
 

@@ -76,6 +76,15 @@ def autocast_dtype_of(plan: PrecisionPlan) -> Optional[torch.dtype]:
     return None if plan.compute == "fp32" else TORCH_DTYPES[plan.compute]
 
 
+def prepare_model(config: JobConfig, precision: PrecisionPlan) -> LoadedModel:
+    """The job's model as it trains, still on the CPU: built (trainer.job_model), its weights in their storage
+    types, checkpointing as asked."""
+    loaded = build_job_model(config)
+    loaded.model.store_weights(TORCH_DTYPES[precision.trained], TORCH_DTYPES[precision.frozen])
+    loaded.model.set_gradient_checkpointing(config.gradient_checkpointing)
+    return loaded
+
+
 @dataclass
 class RawData:
     train: list[Sample]
@@ -160,14 +169,12 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     precision = resolve_precision(config, device)
     autocast_dtype = autocast_dtype_of(precision)
 
-    # capped before the model arrives, so its weights count against the cap like every later allocation
     raw = read_data(config)
+    # capped before the model arrives, so its weights count against the cap like every later allocation
     cap = apply_gpu_cap(config.max_gpu_memory, device)
     reset_peak(device)
-    loaded = build_job_model(config)
+    loaded = prepare_model(config, precision)
     model = loaded.model
-    model.store_weights(TORCH_DTYPES[precision.trained], TORCH_DTYPES[precision.frozen])
-    model.set_gradient_checkpointing(config.gradient_checkpointing)
     try:
         model.to(device).train()
     except torch.OutOfMemoryError:

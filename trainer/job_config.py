@@ -23,6 +23,11 @@ OUTCOMES: tuple[str, ...] = ("ok", "oom", "diverged", "error")
 LORA_TARGETS = "q_proj,k_proj,v_proj,dense,fc1,fc2"
 
 
+def lora_target_names(targets: str) -> list[str]:
+    """'q_proj, fc2' -> ['q_proj', 'fc2']: the one reading of `lora_targets`."""
+    return [name.strip() for name in str(targets).split(",") if name.strip()]
+
+
 def _field(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
@@ -137,7 +142,7 @@ class JobConfig:
                      f"{name} must be one of {', '.join(choices)}, got {value!r}")
         need(isinstance(self.lora_rank, int) and self.lora_rank >= 1, f"lora_rank must be ≥ 1, got {self.lora_rank!r}")
         need(number(self.lora_alpha) and self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
-        need(any(name.strip() for name in str(self.lora_targets).split(",")),
+        need(bool(lora_target_names(self.lora_targets)),
              f"lora_targets must name at least one layer (e.g. {LORA_TARGETS}), got {self.lora_targets!r}")
         need(precision_problem(self.precision, self.trained_dtype) is None,
              str(precision_problem(self.precision, self.trained_dtype)))

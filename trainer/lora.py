@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from trainer.job_config import lora_target_names
+
 
 def add_lora(text_decoder: nn.Module, *, rank: int, alpha: float, targets: str) -> None:
     """Inject rank-`rank` adapters into the decoder's layers named in `targets`; seeded by torch's RNG."""
     from peft import LoraConfig, inject_adapter_in_model  # imported here: seconds, and only LoRA needs it
 
-    names = [name.strip() for name in targets.split(",") if name.strip()]
+    names = lora_target_names(targets)
     present = {name.rsplit(".", 1)[-1] for name, module in text_decoder.named_modules()
                if isinstance(module, nn.Linear)}
     missing = sorted(set(names) - present)

@@ -40,10 +40,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Any, Optional
 
-from trainer.config import MoondreamConfig, model_config_of
-from trainer.job_config import JobConfig
+from trainer.config import MoondreamConfig, TextConfig, model_config_of
+from trainer.job_config import LORA_TARGETS, JobConfig, lora_target_names
 from trainer.optimizers import BLOCK_SIZE_8BIT, MIN_8BIT_SIZE, QUANTILE_MAP_VALUES
 from trainer.precision import BYTES_PER_VALUE, plan_precision
 
@@ -62,6 +62,11 @@ MEMORY_FIELDS: tuple[str, ...] = ("model", "train_scope", "lora_rank", "lora_tar
                                   "gradient_checkpointing", "attention_backend")
 
 
+def memory_shape(config: JobConfig) -> tuple[tuple[str, Any], ...]:
+    """What of a configuration decides its memory: configurations with equal shapes need the same."""
+    return tuple((name, getattr(config, name)) for name in MEMORY_FIELDS)
+
+
 @dataclass(frozen=True)
 class ParamTensor:
     part: str  # vision, projection, text or lora
@@ -77,8 +82,16 @@ def _norm(part: str, width: int, trains: bool) -> list[ParamTensor]:
     return [ParamTensor(part, width, trains), ParamTensor(part, width, trains)]
 
 
+def decoder_linears(text: TextConfig) -> dict[str, tuple[int, int]]:
+    """(inputs, outputs) of each linear layer of a Phi decoder block, by the name LoRA targets use."""
+    head_dim = text.dim // text.n_heads
+    return {"q_proj": (text.dim, text.n_heads * head_dim), "k_proj": (text.dim, text.n_kv_heads * head_dim),
+            "v_proj": (text.dim, text.n_kv_heads * head_dim), "dense": (text.n_heads * head_dim, text.dim),
+            "fc1": (text.dim, text.ff_dim), "fc2": (text.ff_dim, text.dim)}
+
+
 def parameter_tensors(model: MoondreamConfig, scope: str, lora_rank: int = 16,
-                      lora_targets: str = "q_proj,k_proj,v_proj,dense,fc1,fc2") -> list[ParamTensor]:
+                      lora_targets: str = LORA_TARGETS) -> list[ParamTensor]:
     """Every parameter tensor of the model (and its LoRA adapters), with whether it trains under `scope`."""
     v, t = model.vision, model.text
     vision_trains, projection_trains = scope == "all", scope in ("text+projection", "all")
@@ -96,15 +109,11 @@ def parameter_tensors(model: MoondreamConfig, scope: str, lora_rank: int = 16,
     tensors += _linear("projection", 2 * v.enc_dim, v.proj_inner_dim, projection_trains)
     tensors += _linear("projection", v.proj_inner_dim, v.proj_out_dim, projection_trains)
 
-    head_dim = t.dim // t.n_heads
-    shapes = {"q_proj": (t.dim, t.n_heads * head_dim), "k_proj": (t.dim, t.n_kv_heads * head_dim),
-              "v_proj": (t.dim, t.n_kv_heads * head_dim), "dense": (t.n_heads * head_dim, t.dim),
-              "fc1": (t.dim, t.ff_dim), "fc2": (t.ff_dim, t.dim)}
-    targets = {name.strip() for name in lora_targets.split(",") if name.strip()} if scope == "lora" else set()
+    targets = set(lora_target_names(lora_targets)) if scope == "lora" else set()
     tensors.append(ParamTensor("text", t.vocab_size * t.dim, text_trains))
     for _ in range(t.n_layers):
         tensors += _norm("text", t.dim, text_trains)
-        for name, (n_in, n_out) in shapes.items():
+        for name, (n_in, n_out) in decoder_linears(t).items():
             tensors += _linear("text", n_in, n_out, text_trains)
             if name in targets:
                 tensors += [ParamTensor("lora", lora_rank * n_in, True), ParamTensor("lora", n_out * lora_rank, True)]
@@ -131,9 +140,8 @@ def lora_inputs(config: JobConfig, model: MoondreamConfig) -> int:
     to the adapter's type."""
     if config.train_scope != "lora":
         return 0
-    widths = {"q_proj": model.text.dim, "k_proj": model.text.dim, "v_proj": model.text.dim,
-              "dense": model.text.dim, "fc1": model.text.dim, "fc2": model.text.ff_dim}
-    return sum(widths.get(name.strip(), 0) for name in config.lora_targets.split(","))
+    linears = decoder_linears(model.text)
+    return sum(linears[name][0] for name in lora_target_names(config.lora_targets) if name in linears)
 
 
 @dataclass(frozen=True)
