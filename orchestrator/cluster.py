@@ -3,14 +3,16 @@
 Address forms: `auto` (a head started with `ray start --head` on this machine),
 `host:port` (the head's GCS port, 6379 by default), `ray://host:port` (Ray
 Client; Ray documents it as unreliable for Tune: for a remote cluster prefer
-`ray job submit -- mdsweep run --address auto ...`, which runs the driver on the
+`ray job submit --working-dir . -- python -m orchestrator.cli run ...`, which runs the driver on the
 cluster). No address and no RAY_ADDRESS: an embedded Ray on this machine.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -92,10 +94,46 @@ def project_runtime_env() -> dict[str, Any]:
     import search_spaces
     import trainer
 
+    if _submitted_job_ships_code():
+        return {}
     root = Path(_project_root())
     if (root / "pyproject.toml").is_file():
         return {"working_dir": str(root), "excludes": list(SHIP_EXCLUDES)}
     return {"py_modules": [orchestrator, trainer, search_spaces]}
+
+
+def _submitted_job_runtime_env() -> Optional[dict[str, Any]]:
+    """The runtime env of the `ray job submit` that started this driver (Ray's job manager passes it in an
+    environment variable), or None outside a submitted job."""
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    return (json.loads(job_config).get("runtime_env") or {}) if job_config else None
+
+
+def _submitted_job_ships_code() -> bool:
+    """True in a driver started by `ray job submit --working-dir ...` (or `--runtime-env` with py_modules):
+    the job's runtime env already ships the code, and Ray refuses a second working_dir from ray.init."""
+    runtime_env = _submitted_job_runtime_env() or {}
+    return bool(runtime_env.get("working_dir") or runtime_env.get("py_modules"))
+
+
+def leave_job_working_dir() -> None:
+    """Move a submitted job's driver out of Ray's copy of its --working-dir. Ray re-extracts that copy in place
+    when the first worker with the same runtime env starts on the node (Ray >= 2.41 replaces a cached
+    working_dir rather than reuse it), which pulls the directory from under a driver standing in it: measured
+    here, the first sweep on a fresh cluster then died in torch's MKL ("Cannot load libtorch_cpu.so") or in
+    Tune (`os.getcwd()`: FileNotFoundError). Imports are unaffected: sys.path holds the path, which is
+    re-created with the same files."""
+    if (_submitted_job_runtime_env() or {}).get("working_dir"):
+        os.chdir(Path.home() if Path.home().is_dir() else tempfile.gettempdir())
+
+
+def check_output_outlives_job(flag: str, path: str) -> None:
+    """A driver started by `ray job submit --working-dir` runs in Ray's temporary copy of that directory,
+    deleted with the Ray session: a relative output path there would lose the sweep's results."""
+    if not Path(path).expanduser().is_absolute() and (_submitted_job_runtime_env() or {}).get("working_dir"):
+        raise ClusterError(f"{flag} {path}: relative, and this driver runs in Ray's temporary copy of the job's "
+                           "--working-dir, which Ray deletes; give an absolute path (shared storage on a "
+                           "multi-node cluster)")
 
 
 @dataclass
@@ -150,6 +188,7 @@ def connect(
         return ClusterHandle(address=None, source="existing", owned=False)
 
     resolved, source = resolve_address(address)
+    leave_job_working_dir()
     runtime_env = project_runtime_env()
     notes: list[str] = []
     if resolved is None:
@@ -169,9 +208,9 @@ def connect(
                            "an existing cluster, whose resources are its own")
     check_reachable(resolved, source)
     if resolved.startswith("ray://"):
-        notes.append("Ray Client (ray://) is documented as unreliable for Ray Tune; for a remote "
-                     "cluster prefer `ray job submit -- mdsweep run --address auto ...`")
-    if use_token_auth(resolved):
+        notes.append("Ray Client (ray://) is documented as unreliable for Ray Tune; for a remote cluster prefer "
+                     "`ray job submit --working-dir . -- python -m orchestrator.cli run ...` (README)")
+    if use_token_auth(resolved, source):
         notes.append("attaching with Ray token authentication (the token `ray start --head` saved)")
     try:
         ray.init(address=resolved, log_to_driver=log_to_driver, runtime_env=runtime_env)
@@ -182,34 +221,54 @@ def connect(
     return ClusterHandle(address=resolved, source=source, owned=True, notes=notes)
 
 
-def use_token_auth(address: str) -> bool:
+TOKEN_HELP = ("run `ray get-auth-token` on the head and save its output here as ~/.ray/auth_token "
+              "(or set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding it)")
+
+
+def use_token_auth(address: str, source: str = "--address") -> bool:
     """Turn on Ray's token authentication for a host:port attach to a head that requires it.
 
     `ray start --head` (Ray 2.5x+) enables token auth when a token exists (e.g. in
     ~/.ray/auth_token, which any earlier embedded Ray creates). A driver attaching
     with `address="auto"` switches token mode on by itself; one attaching by
     host:port does not, and fails after ~20 s with a misleading "previous Ray
-    instance that has since crashed". The head is asked first (one unauthenticated
-    GCS read, well under a second): token mode on a head without it would start
-    workers that cannot reach the driver. Ray's own helper does the switch (it also
-    refreshes Ray's cached config); an explicit RAY_AUTH_MODE is respected.
+    instance that has since crashed". So the head is asked first (one GCS read,
+    well under a second): token mode on a head without it would start workers that
+    cannot reach the driver, and a missing or wrong token is said in one line
+    instead of after Ray's 20 s of retries. Ray's own helper does the switch (it
+    also refreshes Ray's cached config); an explicit RAY_AUTH_MODE is respected.
     """
     if address == "auto" or address.startswith("ray://") or os.environ.get("RAY_AUTH_MODE") is not None:
         return False
     try:
         from ray._private.authentication.authentication_token_setup import \
             maybe_enable_token_auth_if_token_available
-        from ray._raylet import GcsClient
-        from ray.exceptions import AuthenticationError
     except ImportError:  # a Ray without token authentication
         return False
+    if _head_accepts(address) is not False:  # accepted, or unreachable / not a head: ray.init reports that
+        return False
+    if not maybe_enable_token_auth_if_token_available(warn_if_disabled=False):
+        raise ClusterError(f"{source} {address}: the head requires Ray token authentication and this machine "
+                           f"has no token; {TOKEN_HELP}")
+    if _head_accepts(address) is False:
+        raise ClusterError(f"{source} {address}: the head rejects this machine's Ray token (a token from "
+                           f"another cluster?); {TOKEN_HELP}")
+    return True
+
+
+def _head_accepts(address: str) -> Optional[bool]:
+    """True when the head at `address` answers a read, False when it refuses our (lack of a) token, None
+    when it cannot be asked."""
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
     try:
         GcsClient(address=address).internal_kv_get(b"mdsweep-auth-probe", None, timeout=5)
-        return False
+        return True
     except AuthenticationError:
-        return bool(maybe_enable_token_auth_if_token_available(warn_if_disabled=False))
-    except Exception:  # unreachable or not a Ray head: ray.init reports it
         return False
+    except Exception:
+        return None
 
 
 def is_remote_storage(storage: str) -> bool:

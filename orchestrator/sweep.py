@@ -106,6 +106,7 @@ class SweepOutcome:
 def normalize_storage(storage: str) -> str:
     if cluster_mod.is_remote_storage(storage):
         return storage.rstrip("/")
+    cluster_mod.check_output_outlives_job("--storage", storage)
     return str(Path(storage).expanduser().resolve())
 
 
@@ -511,6 +512,7 @@ def pareto_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
 def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> SweepOutcome:
     started = time.time()
     s.storage = normalize_storage(s.storage)
+    cluster_mod.check_output_outlives_job("--results", s.results)
     s.results = str(Path(s.results).expanduser().resolve())
     info = check_settings(s)
     data_note = check_data(s.fixed)
