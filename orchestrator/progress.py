@@ -20,6 +20,11 @@ def _gib(n: Any) -> str:
     return f"{n / 2**30:.2f}" if isinstance(n, (int, float)) and n else "-"
 
 
+def _peak(measured: Any, predicted: Any) -> str:
+    """The measured peak, with the memory model's prediction beside it where there is one (GPU trials)."""
+    return f"{_gib(measured)} of {_gib(predicted)} predicted" if predicted else _gib(measured)
+
+
 def _short(v: Any) -> str:
     if isinstance(v, float):
         if math.isnan(v):
@@ -116,7 +121,7 @@ class ProgressTable(_tune_callback_base()):
         head = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         total = f" of {self.total}" if self.total else ""
         lines = [f"[{time.strftime('%H:%M:%S')}] trials{total}: {head}"]
-        cols = ["trial", "status", *self.searched, "step", self.metric, "peak/predicted GiB"]
+        cols = ["trial", "status", *self.searched, "step", self.metric, "peak GiB"]
         items = sorted(self._state.items())
         hidden = 0
         if len(items) > self.max_rows:
@@ -131,7 +136,7 @@ class ProgressTable(_tune_callback_base()):
         rows = []
         for tid, e in items:
             rows.append([tid, e["status"], *(_short(e["params"].get(p)) for p in self.searched), _short(e["step"]),
-                         _short(e["value"]), f"{_gib(e['peak'])}/{_gib(e['predicted'])}"])
+                         _short(e["value"]), _peak(e["peak"], e["predicted"])])
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
         lines.extend("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows)

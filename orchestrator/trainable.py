@@ -137,7 +137,9 @@ def run_trial(spec: TrialSpec, config: dict[str, Any]) -> None:
     started = time.time()
     job_config = build_job_config(spec, config)
     where = placement()
-    where.update(predicted_peak_bytes=predicted_peak(job_config), max_gpu_memory=job_config.max_gpu_memory)
+    # a GPU peak is predicted only for a trial holding a GPU: on CPU the measured peak is the process's RSS
+    where.update(predicted_peak_bytes=predicted_peak(job_config) if where.get("gpu_ids") else None,
+                 max_gpu_memory=job_config.max_gpu_memory)
     job_fn = load_callable(spec.job_fn)  # imports torch for the real job
     if spec.cpus >= 1 and "torch" in sys.modules:
         with contextlib.suppress(Exception):

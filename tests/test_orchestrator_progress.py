@@ -22,17 +22,17 @@ def test_table_shows_status_params_step_and_metric():
         table.on_trial_start(0, [], t)
     table.on_trial_result(0, [], a, {"step": 20, "val_exact_match": 0.25, KIND_KEY: "eval",
                                      "peak_memory_bytes": 3 * 2**29, "predicted_peak_bytes": 2**31})
-    table.on_trial_result(0, [], b, {"step": 10, "val_exact_match": float("nan"), "outcome": "oom", KIND_KEY: "final"})
+    table.on_trial_result(0, [], b, {"step": 10, "val_exact_match": float("nan"), "outcome": "oom", KIND_KEY: "final",
+                                     "peak_memory_bytes": 2**30})  # a CPU trial: its RSS, nothing predicted
     table.on_trial_complete(0, [], b)
     table.on_trial_recover(0, [], c)
     table.print_table()
     text = out.getvalue()
     assert "trials of 3: 1 oom, 1 retrying, 1 running" in text
     lines = text.splitlines()
-    assert lines[1].split() == ["trial", "status", "lr", "attention", "step", "val_exact_match", "peak/predicted",
-                                "GiB"]
-    assert lines[2].split() == ["t0", "running", "0.0001", "prefix", "20", "0.25", "1.50/2.00"]
-    assert lines[3].split()[:2] == ["t1", "oom"]
+    assert lines[1].split() == ["trial", "status", "lr", "attention", "step", "val_exact_match", "peak", "GiB"]
+    assert lines[2].split() == ["t0", "running", "0.0001", "prefix", "20", "0.25", "1.50", "of", "2.00", "predicted"]
+    assert lines[3].split() == ["t1", "oom", "0.0002", "prefix", "10", "-", "1.00"]
 
 
 def test_long_sweeps_show_live_trials_and_the_best_finished():
