@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 COMMAND_MODULES: tuple[str, ...] = ("orchestrator.cli_train", "orchestrator.cli_data", "orchestrator.cli_sweep",
                                    "orchestrator.cli_query", "orchestrator.cli_export", "orchestrator.cli_predict",
-                                   "orchestrator.cli_plan")
+                                   "orchestrator.cli_plan", "orchestrator.cli_report")
 
 
 def build_parser() -> argparse.ArgumentParser:

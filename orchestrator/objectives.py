@@ -3,6 +3,7 @@ multi-objective sweep. Free of Ray and Optuna, so `mdsweep query` stays fast."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Sequence
 
 # metrics (and trial columns) where lower is better: losses, error rates, costs
@@ -25,8 +26,9 @@ def parse_objective(text: str, flag: str = "--objective") -> tuple[str, str]:
     return metric, mode
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def is_finite_number(value: Any) -> bool:
+    """A real number that is not NaN or infinite (bools are not numbers here): a value a trial can be ranked by."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def pareto_front(rows: Sequence[dict[str, Any]], objectives: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
@@ -37,7 +39,7 @@ def pareto_front(rows: Sequence[dict[str, Any]], objectives: Sequence[tuple[str,
         return tuple(row[f"final_{m}"] * (1 if mode == "max" else -1) for m, mode in objectives)
 
     scored = [r for r in rows if r.get("outcome") == "ok"
-              and all(_number(r.get(f"final_{m}")) for m, _ in objectives)]
+              and all(is_finite_number(r.get(f"final_{m}")) for m, _ in objectives)]
     points = [(values(r), r) for r in scored]
     front = [r for v, r in points
              if not any(all(a >= b for a, b in zip(w, v)) and w != v for w, _ in points)]

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
-import numbers
 import sys
 from typing import Any, Optional, Sequence
 
+from orchestrator.objectives import is_finite_number
 from orchestrator.job_values import literal_choices, parse_value
 from orchestrator.results_schema import job_field_types
 from orchestrator.spaces import GROUP_KEY, MEMBER_KEY, SpaceFunction, split_suggestion
@@ -64,8 +63,34 @@ def build_expansions(replicates: int, base_seed: int, cross: list[tuple[str, lis
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+State = tuple[str, Optional[tuple[float, ...]]]  # (Optuna trial state name, the objectives' values if COMPLETE)
+
+
+def member_state(result: Optional[dict[str, Any]], metrics: Sequence[str]) -> State:
+    """What one run of a proposal tells Optuna, from its final report: its values when it ended ok with
+    finite values; FAIL for oom, error or non-finite values; PRUNED for diverged, stopped early, or no report.
+    One definition for the searcher and for `mdsweep study`, which rebuilds the study from the results."""
+    if not result:
+        return "PRUNED", None
+    outcome = result.get("outcome")
+    values = [result.get(metric) for metric in metrics]
+    if outcome == "ok":
+        return ("COMPLETE", tuple(float(v) for v in values)) if all(map(is_finite_number, values)) else ("FAIL", None)
+    if outcome in ("oom", "error"):
+        return "FAIL", None
+    return "PRUNED", None
+
+
+def group_state(states: Sequence[State]) -> State:
+    """A proposal run several times (replicates, crossed values) is told the mean of its completed runs, per
+    objective; PRUNED when none completed and one was pruned; else FAIL."""
+    values = [v for s, v in states if s == "COMPLETE" and v is not None]
+    if values:
+        return "COMPLETE", tuple(sum(column) / len(values) for column in zip(*values))
+    if any(s == "PRUNED" for s, _ in states):
+        return "PRUNED", None
+    return "FAIL", None
 
 
 def make_searcher(space: str, metric: str, mode: str, seed: int, expansions: list[dict[str, Any]],
@@ -211,27 +236,13 @@ class SweepSearcher(_searcher_base()):
             # Optuna keeps no intermediate values for them
             return
         value = result.get(self.metric)
-        if not _finite(value) or result.get("outcome", "running") != "running":
+        if not is_finite_number(value) or result.get("outcome", "running") != "running":
             return
         try:
             self.searcher.on_trial_result(where[0], {**result, self.metric: float(value),
                                                      "training_iteration": int(result.get("step") or 0)})
         except Exception:
             pass  # intermediate values are informative only
-
-    def classify(self, result: Optional[dict], error: bool) -> tuple[str, Optional[tuple[float, ...]]]:
-        """(Optuna state, the objectives' values for COMPLETE)."""
-        if error:
-            return "FAIL", None
-        if not result:
-            return "PRUNED", None
-        outcome = result.get("outcome")
-        values = [result.get(metric) for metric, _ in self.objectives]
-        if outcome == "ok":
-            return ("COMPLETE", tuple(float(v) for v in values)) if all(map(_finite, values)) else ("FAIL", None)
-        if outcome in ("oom", "error"):
-            return "FAIL", None
-        return "PRUNED", None  # diverged, or stopped early by the scheduler
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         self.live.discard(trial_id)
@@ -243,17 +254,11 @@ class SweepSearcher(_searcher_base()):
         if member in group["done"] or inner_id in self.told:
             return
         self._observe(inner_id, member, result)
-        group["done"][member] = self.classify(result, error)
+        group["done"][member] = ("FAIL", None) if error else member_state(
+            result, [metric for metric, _ in self.objectives])
         if len(group["done"]) < group["size"]:
             return
-        states = list(group["done"].values())
-        values = [v for s, v in states if s == "COMPLETE"]
-        if values:  # the group's mean, per objective
-            state, value = "COMPLETE", tuple(sum(column) / len(values) for column in zip(*values))
-        elif any(s == "PRUNED" for s, _ in states):
-            state, value = "PRUNED", None
-        else:
-            state, value = "FAIL", None
+        state, value = group_state(list(group["done"].values()))
         self.told[inner_id] = (state, value)
         if state == "COMPLETE":
             self.searcher.on_trial_complete(

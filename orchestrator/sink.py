@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import os
 import uuid
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.objectives import is_finite_number
 from orchestrator.results_schema import (
     METADATA_KEY,
     METRICS,
@@ -43,9 +43,6 @@ from orchestrator.trainable import KIND_KEY, PREDICTIONS_KEY
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def partition_dir(root: Path | str, table: str, sweep: str) -> Path:
@@ -171,7 +168,7 @@ class ParquetSink(_tune_callback_base()):
         if not steps:
             return
         ordered = [steps[s] for s in sorted(steps)]
-        scored = [r for r in ordered if _finite(r.get(self.metric))]
+        scored = [r for r in ordered if is_finite_number(r.get(self.metric))]
         if scored:
             best = scored[0]
             for r in scored[1:]:  # strictly better only: ties go to the earlier step
@@ -261,10 +258,10 @@ class ParquetSink(_tune_callback_base()):
                 v = result.get(m)
                 # NaN is kept where it is a measurement (a diverged loss), dropped where it
                 # only stands for "never evaluated" (the trainable's placeholder)
-                if v is not None and (_finite(v) or m in ("train_loss", "grad_norm")):
+                if v is not None and (is_finite_number(v) or m in ("train_loss", "grad_norm")):
                     row[f"final_{m}"] = v
             value = result.get(self.metric)
-            row["objective"] = float(value) if _finite(value) and row["outcome"] == "ok" else None
+            row["objective"] = float(value) if is_finite_number(value) and row["outcome"] == "ok" else None
             if result.get("peak_memory_bytes") is not None:
                 row["peak_memory_bytes"] = max(int(result["peak_memory_bytes"]), int(row.get("peak_memory_bytes") or 0))
             row["job_wall_time_s"] = result.get("job_wall_time_s")

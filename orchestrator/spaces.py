@@ -134,6 +134,8 @@ class SpaceInfo:
     searched: list[str]  # config keys the space returns (on any probe)
     auxiliary: list[str]  # suggestions that are not config keys
     samples: list[dict[str, Any]] = field(default_factory=list)
+    # each Optuna parameter the space suggests, with its distribution (the union over the probes)
+    distributions: dict[str, Any] = field(default_factory=dict)
 
 
 def validate_space(spec: str, fixed: dict[str, Any], probes: int = 12, seed: int = 0) -> SpaceInfo:
@@ -155,6 +157,7 @@ def validate_space(spec: str, fixed: dict[str, Any], probes: int = 12, seed: int
         searched: set[str] = set()
         auxiliary: set[str] = set()
         samples = []
+        distributions: dict[str, Any] = {}
         for _i in range(max(1, probes)):
             trial = study.ask()
             try:
@@ -188,9 +191,11 @@ def validate_space(spec: str, fixed: dict[str, Any], probes: int = 12, seed: int
             searched.update(out)
             auxiliary.update(drop)
             samples.append(out)
+            distributions.update(trial.distributions)
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         if not searched:
             raise SpaceError(f"--space {spec!r}: the space chose no JobConfig parameter")
     finally:
         optuna.logging.set_verbosity(previous)
-    return SpaceInfo(spec=spec, searched=sorted(searched), auxiliary=sorted(auxiliary), samples=samples)
+    return SpaceInfo(spec=spec, searched=sorted(searched), auxiliary=sorted(auxiliary), samples=samples,
+                     distributions=distributions)

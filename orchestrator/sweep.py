@@ -461,15 +461,29 @@ def _finish(s: SweepSettings, grid: Any, searcher: Any, started: float, req: Tri
     outcome = SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results, status=status,
                            counts=counts, searcher=searcher, result_grid=grid, resources=req,
                            wall_time_s=time.time() - started)
+    report = _write_report(s)
     if not quiet:
         print(f"\nLeaderboard of sweep {s.name} ({s.metric}, {s.mode}; outcomes: "
               + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ")")
         print(leaderboard(s.results, s.name))
         print(found_summary(rows, s))
         print(f"\nresults: {s.results}  (mdsweep query {s.results} --sweep {s.name})")
+        print(f"report:  {report}")
         if status != "finished":
             print(f"sweep {s.name} is {status}: continue it with `mdsweep resume {s.name} --storage {s.storage}`")
     return outcome
+
+
+def _write_report(s: SweepSettings) -> str:
+    """The sweep's HTML report beside its results; a failure here must not fail a sweep whose results landed."""
+    from orchestrator.report_html import default_report_path, write_report
+
+    out = default_report_path(s.results, s.name)
+    try:
+        return f"{write_report(s.results, s.name, out)}  (open it in a browser; remake: mdsweep report " \
+               f"{s.results} --sweep {s.name})"
+    except Exception as e:
+        return f"not written ({type(e).__name__}: {e}); try: mdsweep report {s.results} --sweep {s.name}"
 
 
 def found_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:

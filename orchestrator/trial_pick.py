@@ -5,21 +5,18 @@ the same thing in both.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Sequence
+from orchestrator.objectives import is_finite_number
 
 
 class TrialPickError(ValueError):
     """No trial matches; the message says what exists instead."""
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
 
 def best_trial(rows: Sequence[dict[str, Any]]) -> Optional[dict[str, Any]]:
     """The `ok` trial with the best objective (ties: the lower trial id), or None."""
-    scored = [r for r in rows if r.get("outcome") == "ok" and _finite(r.get("objective"))]
+    scored = [r for r in rows if r.get("outcome") == "ok" and is_finite_number(r.get("objective"))]
     if not scored:
         return None
     sign = -1.0 if (scored[0].get("objective_mode") or "max") == "max" else 1.0
@@ -53,7 +50,7 @@ def describe_trial(row: dict[str, Any], searched: Sequence[str]) -> str:
     """`val_exact_match 0.955 [0.918, 0.976] (n=200) with lr=0.0012, grad_accum=2, attention=prefix`."""
     metric = row.get("objective_metric") or "val_exact_match"
     text = f"{metric} {row.get('objective', float('nan')):.3f}"
-    if metric == "val_exact_match" and _finite(row.get("final_val_exact_match_low")):
+    if metric == "val_exact_match" and is_finite_number(row.get("final_val_exact_match_low")):
         text += (f" [{row['final_val_exact_match_low']:.3f}, {row['final_val_exact_match_high']:.3f}]"
                  f" (n={row.get('final_val_n')})")
     settings = [f"{k}={_short(row.get(k))}" for k in searched if k in row]

@@ -1,0 +1,171 @@
+"""`mdsweep report` and `mdsweep study` on a real sweep: each section's data against the Parquet tables, the
+page in a real headless Chromium, the study through Optuna's own loader, and bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from orchestrator.query import PairedSpec, load_table, paired_comparison
+from orchestrator.trial_pick import best_trial
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# two proposals that train, and a third whose runs both run out of memory
+SPACE = """
+def space(trial):
+    return {"lr": trial.suggest_float("lr", 1e-4, 3e-3, log=True),
+            "grad_accum": trial.suggest_categorical("grad_accum", [1, 2]),
+            "fault": "oom@1" if trial.number == 2 else None}
+"""
+
+
+def mdsweep(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**env, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, captcha_parquet):
+    """Results of a sweep `report` has something to show for: every proposal under both attention layouts
+    (paired), evaluations along the way, an out-of-memory proposal; and of one where every trial failed."""
+    tmp = tmp_path_factory.mktemp("report")
+    (tmp / "space.py").write_text(textwrap.dedent(SPACE))
+    common = ["--train-data", str(captcha_parquet), "--model", "tiny-reader", "--max-steps", "4", "--eval-every",
+              "2", "--batch-size", "4", "--max-val-samples", "16", "--set", "max_new_tokens=5",
+              "--storage", str(tmp / "sweeps"), "--results", str(tmp / "results"), "--num-cpus", "2", "--quiet"]
+    proc = mdsweep("run", "--name", "rep", "--space", f"{tmp / 'space.py'}:space", "--cross", "attention",
+                   "--num-samples", "3", "--search-seed", "1", *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    failed = mdsweep("run", "--name", "allfail", "--space", "smoke:space", "--num-samples", "1",
+                     "--set", "fault=oom@1", *common)
+    assert failed.returncode == 3, failed.stderr[-3000:]
+    return tmp / "results"
+
+
+def test_each_section_matches_the_tables(swept):
+    from orchestrator.report_data import MAX_MISREAD, collect
+
+    data = collect(str(swept), "rep")
+    trials = load_table(swept, "trials", ["rep"]).to_pylist()
+    steps = load_table(swept, "steps", ["rep"]).to_pylist()
+    outcomes = sorted(t["outcome"] for t in trials)
+    assert outcomes == ["ok"] * 4 + ["oom"] * 2
+    assert data.summary["outcomes"] == {"ok": 4, "oom": 2} and data.summary["trials"] == 6
+    best = best_trial(trials)
+    assert data.summary["best"]["trial_id"] == best["trial_id"]
+    assert data.summary["best"]["low"] == best["final_val_exact_match_low"] < best["objective"] or \
+        best["objective"] == 0
+    assert data.leaderboard.rows[0]["trial_id"] == best["trial_id"]
+    assert [r["outcome"] for r in data.leaderboard.rows[-2:]] == ["oom", "oom"]  # no objective: last
+    assert len(data.curves.rows) == len(steps) and {r["attention"] for r in data.curves.rows} == {"causal", "prefix"}
+    assert sorted(r["objective"] for r in data.search.rows if r["objective"] is not None) == \
+        sorted(t["objective"] for t in trials if t["objective"] is not None)
+    expected_pairs = paired_comparison(load_table(swept, "trials", ["rep"]), load_table(swept, "predictions", ["rep"]),
+                                       PairedSpec("attention")).to_pylist()
+    assert len(data.paired.rows) == len(expected_pairs) == 2
+    assert {(r["trial_a"], r["trial_b"], r["mcnemar_p"]) for r in data.paired.rows} == \
+        {(r["trial_a"], r["trial_b"], r["mcnemar_p"]) for r in expected_pairs}
+    assert {r["param"] for r in data.importance.rows} == {"lr", "grad_accum"}
+    assert sum(r["importance"] for r in data.importance.rows) == pytest.approx(1.0)
+    assert {r["trial_id"] for r in data.cost.rows} == {t["trial_id"] for t in trials}
+    assert all(r["peak_gib"] > 0 for r in data.cost.rows)
+    predictions = [p for p in load_table(swept, "predictions", ["rep"]).to_pylist() if p["trial_id"] == best["trial_id"]]
+    last = max(p["step"] for p in predictions)
+    wrong = sorted(p["sample_id"] for p in predictions if p["step"] == last and not p["correct"])
+    assert [r["sample_id"] for r in data.misread.rows] == wrong[:MAX_MISREAD]
+    assert all(r["image"].startswith("data:image/png;base64,") for r in data.misread.rows)
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if not found:
+        pytest.skip("no Chromium here (.ci/run installs Debian's chromium)")
+    return found
+
+
+def test_the_page_renders_every_chart_in_headless_chromium_offline(swept, tmp_path):
+    out = tmp_path / "report.html"
+    proc = mdsweep("report", str(swept), "--sweep", "rep", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    page = out.read_text()
+    assert "cdn" not in page.lower().split("<script>", 1)[0] and 'src="http' not in page  # nothing fetched
+    charts = page.count('class="plotly-graph-div"')
+    assert charts == 6  # curves, search, paired, importance, slices, cost
+    browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               "--virtual-time-budget=10000", "--enable-logging=stderr", "--v=0"]
+    dom = subprocess.run([*browser, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    errors = [line for line in dom.stderr.splitlines() if "Uncaught" in line or "CONSOLE" in line and "rror" in line]
+    assert not errors, errors
+    assert f'data-plots="{charts}"' in dom.stdout  # every chart was drawn by plotly.js
+    shot = tmp_path / "shot.png"
+    subprocess.run([*browser, "--window-size=1280,3000", f"--screenshot={shot}", out.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    from PIL import Image
+
+    colours = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 200  # charts and images, not a blank page
+
+
+def test_study_opens_in_optuna_with_the_best_proposal_and_is_idempotent(swept, tmp_path):
+    import optuna
+
+    db = f"sqlite:///{tmp_path / 'sweeps.db'}"
+    for _ in range(2):  # a re-run replaces the study: same trials, not twice as many
+        proc = mdsweep("study", str(swept), "--sweep", "rep", "--storage", db)
+        assert proc.returncode == 0, proc.stderr
+    study = optuna.load_study(study_name="rep", storage=db)
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert set(study.trials[0].distributions) == {"lr", "grad_accum"}
+    assert isinstance(study.trials[0].distributions["lr"], optuna.distributions.FloatDistribution)
+    assert study.trials[0].distributions["lr"].log
+    # the best proposal: the best mean over its two runs (causal and prefix), as the searcher was told
+    trials = load_table(swept, "trials", ["rep"]).to_pylist()
+    means: dict[int, list[float]] = {}
+    for t in trials:
+        if t["outcome"] == "ok":
+            means.setdefault(t["group_id"], []).append(t["objective"])
+    best_group = max(sorted(means), key=lambda g: sum(means[g]) / len(means[g]))
+    assert study.best_trial.user_attrs["group_id"] == best_group
+    assert study.best_value == pytest.approx(sum(means[best_group]) / 2)
+    assert len(study.best_trial.intermediate_values) >= 2  # the dashboard's learning curve
+
+
+def test_the_best_trial_of_a_study_without_repeats_is_the_querys(tmp_path, captcha_parquet):
+    """Without --cross or --replicates, a proposal is one trial: the study's best is `mdsweep query`'s."""
+    results = tmp_path / "results"
+    proc = mdsweep("run", "--name", "plain", "--space", "smoke:space", "--num-samples", "3", "--search-seed", "2",
+                   "--train-data", str(captcha_parquet), "--max-steps", "2", "--eval-every", "2",
+                   "--batch-size", "4", "--max-val-samples", "16", "--set", "max_new_tokens=5",
+                   "--storage", str(tmp_path / "s"), "--results", str(results), "--num-cpus", "2", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from orchestrator.study import build_study
+
+    study = build_study(str(results), "plain").study
+    query = json.loads(mdsweep("query", str(results), "--sweep", "plain", "--where", "outcome == 'ok'",
+                               "--sort", "objective:desc,trial_id", "--top", "1", "--format", "json").stdout)
+    assert study.best_trial.user_attrs["trial_ids"] == [query[0]["trial_id"]]
+
+
+def test_bad_input_is_a_message_not_a_traceback(swept, tmp_path):
+    proc = mdsweep("report", str(swept), "--sweep", "nosuch")
+    assert proc.returncode == 2 and "no such sweep" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = mdsweep("report", str(tmp_path / "empty"), "--sweep", "rep")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "empty" in proc.stderr
+    proc = mdsweep("study", str(swept), "--sweep", "nosuch", "--storage", str(tmp_path / "x.db"))
+    assert proc.returncode == 2 and "no such sweep" in proc.stderr
+    out = tmp_path / "failed.html"
+    proc = mdsweep("report", str(swept), "--sweep", "allfail", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    page = out.read_text()
+    assert "none: no trial has ended ok yet" in page and "no trial ended ok" in page
