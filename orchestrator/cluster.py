@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,10 +145,6 @@ class ClusterHandle:
     @property
     def embedded(self) -> bool:
         return self.source == "embedded"
-
-    @property
-    def client(self) -> bool:
-        return bool(self.address and self.address.startswith("ray://"))
 
     def nodes(self) -> list[NodeInfo]:
         import ray
@@ -308,5 +303,3 @@ def storage_notes(storage: str, nodes: list[NodeInfo]) -> list[str]:
     ]
 
 
-def warn(msg: str) -> None:
-    print(f"mdsweep: warning: {msg}", file=sys.stderr)

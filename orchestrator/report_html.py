@@ -95,11 +95,11 @@ def default_report_path(results: str, sweep: str) -> Path:
 
 def write_report(results: str, sweep: str, out: Path) -> Path:
     """Collect, render and write atomically (a browser reloading it never sees half a page)."""
-    from orchestrator.cluster import storage_filesystem, write_file_atomic
+    from trainer.files import atomic_path
 
     page = render(collect(results, sweep))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_file_atomic(*storage_filesystem(str(out.resolve())), page.encode())
+    with atomic_path(out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return out
 
 

@@ -59,9 +59,6 @@ METRIC_TYPES: dict[str, pa.DataType] = {
 }
 METRICS: tuple[str, ...] = tuple(METRIC_TYPES)
 
-# Trial `outcome` values: the job's own outcomes plus two the sweep adds.
-TRIAL_OUTCOMES = ("running", "ok", "oom", "diverged", "error", "stopped")
-
 UTC_TS = pa.timestamp("us", tz="UTC")
 
 
@@ -233,15 +230,3 @@ def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
         values = [coerce_value(r.get(f.name), f.type) for r in rows]
         columns[f.name] = pa.array(values, type=f.type)
     return pa.Table.from_pydict(columns, schema=schema)
-
-
-def schema_markdown() -> str:
-    """The schema as markdown tables (for the README)."""
-    out = []
-    for name in TABLES:
-        out.append(f"#### `{name}`\n\n| column | type |\n|---|---|")
-        for f in schema_for(name):
-            out.append(f"| `{f.name}` | {f.type} |")
-        out.append("")
-    return "\n".join(out)
-

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,6 +35,7 @@ from orchestrator.results_schema import (
 from orchestrator.job_values import normalize_value
 from orchestrator.spaces import GROUP_KEY, MEMBER_KEY, split_suggestion
 from orchestrator.trainable import KIND_KEY, PREDICTIONS_KEY
+from trainer.files import atomic_path
 
 
 
@@ -51,14 +50,8 @@ def partition_dir(root: Path | str, table: str, sweep: str) -> Path:
 
 def write_atomic(table: pa.Table, path: Path) -> None:
     """Write `table` to `path` so that readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def read_partition(root: Path | str, table: str, sweep: str) -> list[dict[str, Any]]:
@@ -298,9 +291,6 @@ class ParquetSink(_tune_callback_base()):
         except OSError:
             pass
         return None
-
-    def trial_rows(self) -> list[dict[str, Any]]:
-        return list(self._trials.values())
 
 
 __all__ = ["ParquetSink", "write_atomic", "read_partition", "write_sweep_row", "partition_dir",

@@ -94,8 +94,6 @@ class SweepOutcome:
     results: str
     status: str  # finished, interrupted
     counts: dict[str, int]
-    searcher: Any = None
-    result_grid: Any = None
     resources: Optional[TrialResources] = None
     wall_time_s: float = 0.0
 
@@ -445,8 +443,7 @@ def _say(msg: str, quiet: bool = False) -> None:
         print(f"mdsweep: {msg}", file=sys.stderr, flush=True)
 
 
-def _finish(s: SweepSettings, grid: Any, searcher: Any, started: float, req: TrialResources,
-            quiet: bool) -> SweepOutcome:
+def _finish(s: SweepSettings, started: float, req: TrialResources, quiet: bool) -> SweepOutcome:
     from orchestrator.query import leaderboard
     from orchestrator.sink import read_partition, write_sweep_row
 
@@ -459,7 +456,7 @@ def _finish(s: SweepSettings, grid: Any, searcher: Any, started: float, req: Tri
     status = "finished" if not unfinished and len(rows) >= expected else "interrupted"
     write_sweep_row(s.results, s.name, {"status": status})
     outcome = SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results, status=status,
-                           counts=counts, searcher=searcher, result_grid=grid, resources=req,
+                           counts=counts, resources=req,
                            wall_time_s=time.time() - started)
     report = _write_report(s)
     if not quiet:
@@ -548,11 +545,11 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
         _prepare_env(s, req)
         write_manifest(s)
         try:
-            grid, searcher = _start_tuner(s, req, searched, expansions, quiet)
+            _start_tuner(s, req, searched, expansions, quiet)
         except BaseException:
             _forget_unstarted(s)
             raise
-        return _finish(s, grid, searcher, started, req, quiet)
+        return _finish(s, started, req, quiet)
     finally:
         handle.shutdown()
 
@@ -568,8 +565,9 @@ def _forget_unstarted(s: SweepSettings) -> None:
 
 
 def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], expansions: list[dict[str, Any]],
-                 quiet: bool) -> tuple[Any, Any]:
-    """Write the sweep's row, build the searcher, scheduler, sink and Tuner, and run it: (result grid, searcher)."""
+                 quiet: bool) -> None:
+    """Write the sweep's row, build the searcher, scheduler, sink and Tuner, and run it (results land through
+    the sink)."""
     from ray import tune
 
     from orchestrator.progress import ProgressTable
@@ -604,7 +602,7 @@ def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], exp
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
     _say(f"sweep {s.name}: experiment {s.experiment_path()}, results {s.results}", quiet)
-    return tuner.fit(), searcher
+    tuner.fit()
 
 
 def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpus: Optional[int] = None,
@@ -646,10 +644,10 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
         _say(f"resuming sweep {name} from {path}", quiet)
         tuner = tune.Tuner.restore(path, trainable=_trainable(s, req), resume_unfinished=True,
                                    resume_errored=resume_errored, restart_errored=restart_errored)
-        grid = tuner.fit()
+        tuner.fit()
         if repaired:
             drop_repair_copies(path, repaired)
-        return _finish(s, grid, None, started, req, quiet)
+        return _finish(s, started, req, quiet)
     finally:
         handle.shutdown()
 

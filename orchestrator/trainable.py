@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -45,7 +45,6 @@ class TrialSpec:
     max_gpu_memory: Optional[str] = None  # from --gpu-memory-per-trial or a GPU fraction
     cpus: float = 1.0
     job_fn: str = DEFAULT_JOB_FN
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def load_callable(path: str) -> Callable:

@@ -1,6 +1,7 @@
 """One fine-tuning job end to end on the tiny config (CPU)."""
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -81,12 +82,24 @@ def test_nonfinite_loss_ends_with_outcome_diverged(captcha_parquet):
     assert result.outcome == "diverged"
     assert result.step == 4  # steps 2, 3, 4 were non-finite
     assert "3 consecutive" in result.error
+    # reported as they happened: a finite first step, then NaN losses until the job gave up at the third
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert math.isfinite(steps[0]["train_loss"]) and all(math.isnan(s["train_loss"]) for s in steps[1:])
 
 
-def test_fp16_loss_scaling_runs_on_cpu(captcha_parquet):
-    result = run_job(_config(captcha_parquet, max_steps=2, eval_every=2, precision="fp16"))
+def test_fp16_scales_the_loss_and_still_learns_on_cpu(captcha_parquet, tmp_path):
+    steps, scalers = [], []
+
+    def keep_scaler(metrics, ckpt):
+        if ckpt is not None:
+            scalers.append(load_checkpoint(ckpt)["scaler"])
+    result = run_job(_config(captcha_parquet, max_steps=12, precision="fp16"), on_step=steps.append,
+                     on_report=keep_scaler, checkpoint_dir=tmp_path / "ckpt")
     assert result.outcome == "ok"
-    assert result.final_metrics["scaler_skipped_steps"] >= 0
+    assert sum(s["train_loss"] for s in steps[-3:]) < sum(s["train_loss"] for s in steps[:3])
+    # the scaler ran (a disabled one saves no state): it starts at 2**16 and halves on every skipped step
+    skipped = result.final_metrics["scaler_skipped_steps"]
+    assert scalers[-1]["scale"] == 2.0 ** 16 * 0.5 ** skipped
 
 
 def _with_bad_row(source: Path, target: Path) -> Path:

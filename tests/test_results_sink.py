@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.results_schema import METADATA_KEY, SCHEMA_VERSION, schema_for, schema_markdown
+from orchestrator.results_schema import METADATA_KEY, METRICS, SCHEMA_VERSION, TABLES, schema_for
 from orchestrator.spaces import GROUP_KEY, MEMBER_KEY
 from orchestrator.sink import ParquetSink, read_partition, write_atomic, write_sweep_row
 from orchestrator.trainable import KIND_KEY, PREDICTIONS_KEY
@@ -112,8 +113,19 @@ def test_files_carry_the_schema_version_and_declared_types(tmp_path):
         assert file_schema.metadata[METADATA_KEY] == str(SCHEMA_VERSION).encode()
         assert file_schema.remove_metadata().equals(schema_for(table).remove_metadata())
         assert "sweep" not in file_schema.names  # only in the folder name
-    md = schema_markdown()
-    assert "#### `trials`" in md and "| `best_val_exact_match` | double |" in md
+
+
+def test_the_readme_schema_names_every_column():
+    """The README's schema section is written for people; this keeps it from drifting from results_schema."""
+    from trainer.job_config import field_types
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Parquet schema", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([a-z_]+)`", section))
+    by_pattern = set(field_types()) | {f"{kind}_{m}" for kind in ("best", "final") for m in METRICS}
+    for table in TABLES:
+        missing = [f.name for f in schema_for(table) if f.name not in named and f.name not in by_pattern]
+        assert not missing, f"README schema section lacks {table} columns {missing}"
 
 
 def test_a_retried_trial_neither_duplicates_nor_loses_rows(tmp_path):

@@ -15,7 +15,7 @@ is ignored), so no per-sample padding mask is needed:
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -51,45 +51,30 @@ def build_mask(
     prefix_len: int,
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
-    key_padding: Optional[torch.Tensor] = None,
 ):
     """The `attention_mask` argument for the text decoder's forward pass.
 
-    `key_padding` (bool `[batch, S]`, True for real tokens) is only needed when
-    padding is not at the right end; the eager-4d baseline always folds it in, as
-    the naive approach did.
+    No key-padding mask: batches pad text at the right end only, where causal order already keeps real tokens
+    from attending to padding, and padded positions carry no loss.
     """
     if mode not in ATTENTION_MODES:
         raise ValueError(f"unknown attention mode {mode!r}; choose from {ATTENTION_MODES}")
     if backend == "sdpa":
-        if mode == "causal" and key_padding is None:
+        if mode == "causal":
             return None
-        mask = dense_allowed(mode, seq_len, prefix_len, device)[None, None]
-        if key_padding is not None:
-            mask = mask & key_padding[:, None, None, :].to(device)
-        return mask
+        return dense_allowed(mode, seq_len, prefix_len, device)[None, None]
     if backend == "flex":
-        return _block_mask(mode, batch_size, seq_len, prefix_len, device, key_padding)
+        return _block_mask(mode, seq_len, prefix_len, device)
     if backend == "eager-4d":
         keep = dense_allowed(mode, seq_len, prefix_len, device)[None, None].expand(batch_size, 1, seq_len, seq_len)
-        if key_padding is not None:
-            keep = keep & key_padding[:, None, None, :].to(device)
         mask = torch.zeros(batch_size, 1, seq_len, seq_len, dtype=dtype, device=device)
         return mask.masked_fill(~keep, torch.finfo(dtype).min)
     raise ValueError(f"unknown attention backend {backend!r}; choose from {ATTENTION_BACKENDS}")
 
 
-def _block_mask(mode, batch_size, seq_len, prefix_len, device, key_padding):
+def _block_mask(mode: AttentionMode, seq_len: int, prefix_len: int, device: torch.device | str):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    if key_padding is None:
-        def mask_mod(b, h, q_idx, kv_idx):
-            return allowed(mode, q_idx, kv_idx, prefix_len)
-        batch = None
-    else:
-        valid = key_padding.to(device)
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return allowed(mode, q_idx, kv_idx, prefix_len) & valid[b, kv_idx]
-        batch = batch_size
-    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed(mode, q_idx, kv_idx, prefix_len)
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)

@@ -6,13 +6,14 @@ only the text tower holds the text tower, optimizer and counters.
 """
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from trainer.files import atomic_path
 
 STATE_FILE = "state.pt"
 
@@ -39,10 +40,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(directory: Path, state: dict[str, Any]) -> None:
     """Write atomically: a reader (or a crash) never sees a half-written state file."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, directory / STATE_FILE)
+    with atomic_path(directory / STATE_FILE) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(directory: Path) -> dict[str, Any]:

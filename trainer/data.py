@@ -142,12 +142,6 @@ class LoadedDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def summary(self) -> str:
-        text = f"{len(self.samples)} samples from {self.source}"
-        if self.skipped:
-            text += f"; skipped {self.skipped} bad row(s), e.g. {self.skipped_reasons[0]}"
-        return text
-
 
 # --------------------------------------------------------------------------- collection
 

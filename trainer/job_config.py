@@ -17,7 +17,6 @@ from typing import Any, Literal, Optional
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 Outcome = Literal["ok", "oom", "diverged", "error"]
-OUTCOMES: tuple[str, ...] = ("ok", "oom", "diverged", "error")
 
 # every linear layer of a Phi decoder block: attention projections and the MLP
 LORA_TARGETS = "q_proj,k_proj,v_proj,dense,fc1,fc2"

@@ -7,7 +7,7 @@ projection MLP, and the `[BOS] + image + text` sequence with its attention layou
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
@@ -133,7 +133,6 @@ class MoondreamModel(nn.Module):
         mode: AttentionMode,
         *,
         logits_to_keep: int = 0,
-        key_padding: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits over the whole sequence, or only its last `logits_to_keep` positions.
 
@@ -142,7 +141,7 @@ class MoondreamModel(nn.Module):
         """
         embeds = self.embed_sequence(image_embeddings, text_ids)
         mask = build_mask(mode, self.attention_backend, batch_size=embeds.shape[0], seq_len=embeds.shape[1],
-                          prefix_len=self.prefix_len, device=embeds.device, key_padding=key_padding)
+                          prefix_len=self.prefix_len, device=embeds.device)
         return self.text(inputs_embeds=embeds, attention_mask=mask, use_cache=False,
                          logits_to_keep=logits_to_keep).logits
 

@@ -19,10 +19,11 @@ import io
 import json
 import os
 import random
-import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
+
+from trainer.files import atomic_path
 
 DIGITS = "0123456789"
 DEFAULT_LENGTH = 6
@@ -181,12 +182,8 @@ def synthesize(n: int, out_path: PathLike, *, length: int = DEFAULT_LENGTH, alph
 
     out = Path(out_path).expanduser()
     _check_options(n, length, alphabet, width, height, fonts)  # fail before creating anything
-    out.parent.mkdir(parents=True, exist_ok=True)
     schema = _hf_schema()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(out) as tmp:
         with pq.ParquetWriter(tmp, schema) as writer:
             images: list[dict] = []
             labels: list[str] = []
@@ -211,10 +208,4 @@ def synthesize(n: int, out_path: PathLike, *, length: int = DEFAULT_LENGTH, alph
                 if len(labels) >= _ROWS_PER_BATCH:
                     flush()
             flush()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
     return out

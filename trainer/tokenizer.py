@@ -99,8 +99,6 @@ PROMPT_TEMPLATES: dict[str, PromptTemplate] = {
     "moondream2-legacy": PromptTemplate(prefix="", question_format="\n\nQuestion: {q}\n\nAnswer:", suffix=""),
 }
 
-CAPTCHA_QUESTION = "What does the text say?"
-
 
 def get_template(name: str) -> PromptTemplate:
     try:
