@@ -58,20 +58,20 @@ def test_unreachable_address_fails_fast_naming_the_flag():
 def test_connect_to_unreachable_head_fails_before_ray_starts(monkeypatch):
     import ray
 
-    if ray.is_initialized():
-        pytest.skip("Ray already initialised in this process")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `mdsweep` process
+    started = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(kwargs))
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_closed_port()}")
     t0 = time.time()
     with pytest.raises(ClusterError, match="RAY_ADDRESS"):
         connect(None)
-    assert not ray.is_initialized() and time.time() - t0 < 5
+    assert not started and time.time() - t0 < 5
 
 
 def test_connect_rejects_sizing_an_existing_cluster(monkeypatch):
     import ray
 
-    if ray.is_initialized():
-        pytest.skip("Ray already initialised in this process")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `mdsweep` process
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(ClusterError, match="--num-cpus/--num-gpus size an embedded Ray only"):
         connect("auto", num_cpus=2)
@@ -82,8 +82,7 @@ def test_auto_without_a_local_head_is_a_clear_error(monkeypatch):
     # what ray.init says when none does.
     import ray
 
-    if ray.is_initialized():
-        pytest.skip("Ray already initialised in this process")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `mdsweep` process
 
     def no_head(*args, **kwargs):
         raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to.")
@@ -97,8 +96,7 @@ def test_auto_without_a_local_head_is_a_clear_error(monkeypatch):
 def test_embedded_ray_never_joins_a_running_cluster(monkeypatch):
     import ray
 
-    if ray.is_initialized():
-        pytest.skip("Ray already initialised in this process")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `mdsweep` process
     seen = {}
 
     def fake_init(**kwargs):

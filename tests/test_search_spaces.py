@@ -30,7 +30,7 @@ def _samples(spec: str, n: int = 64) -> list[dict]:
     return out
 
 
-def test_captcha_space_is_the_one_the_issue_asks_for():
+def test_captcha_space_searches_lr_on_a_log_scale_grad_accum_and_attention():
     samples = _samples("captcha")
     assert all(set(s) == {"lr", "grad_accum", "attention"} for s in samples)
     lrs = [s["lr"] for s in samples]
