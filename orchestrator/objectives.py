@@ -6,9 +6,11 @@ import math
 import numbers
 from typing import Any, Sequence
 
+from trainer.job_config import REPORT_METRICS
+
 # metrics (and trial columns) where lower is better: losses, error rates, costs
-LOWER_IS_BETTER = frozenset({"train_loss", "val_cer", "cer", "grad_norm", "peak_memory_bytes", "predicted_peak_bytes",
-                             "elapsed_s", "skipped_samples", "wall_time_s", "job_wall_time_s"})
+LOWER_IS_BETTER = frozenset({name for name, metric in REPORT_METRICS.items() if metric.lower_is_better}
+                            | {"cer", "predicted_peak_bytes", "wall_time_s", "job_wall_time_s"})
 
 
 def default_mode(metric: str) -> str:

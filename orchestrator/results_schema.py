@@ -25,6 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from trainer.job_config import REPORT_METRICS
 from trainer.job_config import field_types as job_field_types
 
 SCHEMA_VERSION = 1
@@ -36,27 +37,9 @@ TABLES = ("trials", "steps", "predictions", "sweeps")
 # starting with a letter so that no reader infers a number or a date from them.
 SWEEP_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
 
-# What the job reports at each evaluation (the contract in trainer/job.py), with types.
+# What the job reports at each evaluation, typed from the job's own table.
 METRIC_TYPES: dict[str, pa.DataType] = {
-    "step": pa.int64(),
-    "samples_seen": pa.int64(),
-    "epoch": pa.float64(),
-    "train_loss": pa.float64(),
-    "token_accuracy": pa.float64(),
-    "lr": pa.float64(),
-    "grad_norm": pa.float64(),
-    "scaler_skipped_steps": pa.int64(),
-    "samples_per_s": pa.float64(),
-    "tokens_per_s": pa.float64(),
-    "peak_memory_bytes": pa.int64(),
-    "val_exact_match": pa.float64(),
-    "val_exact_match_low": pa.float64(),
-    "val_exact_match_high": pa.float64(),
-    "val_cer": pa.float64(),
-    "val_n": pa.int64(),
-    "skipped_samples": pa.int64(),
-    "elapsed_s": pa.float64(),
-}
+    name: pa.int64() if metric.type is int else pa.float64() for name, metric in REPORT_METRICS.items()}
 METRICS: tuple[str, ...] = tuple(METRIC_TYPES)
 
 UTC_TS = pa.timestamp("us", tz="UTC")

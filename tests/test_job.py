@@ -13,7 +13,7 @@ import torch
 from trainer.checkpoint import load_checkpoint
 from trainer.data import DataError
 from trainer.job import run_job
-from trainer.job_config import JobConfig
+from trainer.job_config import REPORT_METRICS, JobConfig
 
 
 def _config(data: Path, **overrides) -> JobConfig:
@@ -31,9 +31,9 @@ def test_job_runs_end_to_end_and_the_loss_falls(captcha_parquet):
     assert [r["step"] for r in reports] == [4, 8, 12]
     assert sum(s["train_loss"] for s in steps[-3:]) < sum(s["train_loss"] for s in steps[:3])
     assert len(result.predictions) == reports[-1]["val_n"] == 24
-    for key in ("val_exact_match", "val_exact_match_low", "val_exact_match_high", "val_cer", "lr", "grad_norm",
-                "samples_per_s", "tokens_per_s", "peak_memory_bytes", "scaler_skipped_steps", "token_accuracy"):
-        assert key in reports[-1], key
+    # the contract: exactly the declared metrics, which the Parquet schema and the sweep's --metric read
+    assert all(set(r) == set(REPORT_METRICS) for r in reports), set(reports[-1]) ^ set(REPORT_METRICS)
+    assert all(isinstance(r[k], REPORT_METRICS[k].type) for r in reports for k in r), reports[-1]
     assert reports[-1]["val_exact_match_low"] <= reports[-1]["val_exact_match"] <= reports[-1]["val_exact_match_high"]
 
 

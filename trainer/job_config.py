@@ -188,6 +188,39 @@ class Prediction:
     cer: float
 
 
+@dataclass(frozen=True)
+class Metric:
+    """One number a job reports at each evaluation."""
+
+    type: type  # int or float: the Parquet column's type follows
+    lower_is_better: bool = False  # which way a sweep optimising it goes by default
+    help: str = ""
+
+
+# Everything `run_job` reports at an evaluation (a test holds it to exactly these keys): the Parquet schema,
+# the sweep's --metric choices and the default direction of each objective are all read from this table.
+REPORT_METRICS: dict[str, Metric] = {
+    "step": Metric(int, help="optimizer steps completed"),
+    "samples_seen": Metric(int, help="training samples so far"),
+    "epoch": Metric(float),
+    "train_loss": Metric(float, lower_is_better=True, help="mean loss over the steps since the last report"),
+    "token_accuracy": Metric(float),
+    "lr": Metric(float),
+    "grad_norm": Metric(float, lower_is_better=True),
+    "scaler_skipped_steps": Metric(int, lower_is_better=True, help="fp16 steps skipped for inf/NaN gradients"),
+    "samples_per_s": Metric(float),
+    "tokens_per_s": Metric(float),
+    "peak_memory_bytes": Metric(int, lower_is_better=True, help="GPU allocator peak; process RSS on CPU"),
+    "val_exact_match": Metric(float),
+    "val_exact_match_low": Metric(float, help="95 % Wilson interval"),
+    "val_exact_match_high": Metric(float, help="95 % Wilson interval"),
+    "val_cer": Metric(float, lower_is_better=True),
+    "val_n": Metric(int),
+    "skipped_samples": Metric(int, lower_is_better=True),
+    "elapsed_s": Metric(float, lower_is_better=True),
+}
+
+
 @dataclass
 class JobResult:
     outcome: Outcome
