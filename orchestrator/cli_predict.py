@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import typing
 from pathlib import Path
+
+from trainer.job_config import AttentionMode
 
 DEFAULT_SHOW = 20
 
@@ -31,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, default=None, help="predict only the first N samples")
     parser.add_argument("--show", type=int, default=DEFAULT_SHOW,
                         help=f"predictions to print (default {DEFAULT_SHOW}; 0: none, -1: all)")
-    parser.add_argument("--attention", choices=("causal", "prefix"), default=None,
+    parser.add_argument("--attention", choices=typing.get_args(AttentionMode), default=None,
                         help="attention layout (default: the exported trial's, else prefix)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="images per decoding batch (default: the exported trial's, else 8)")

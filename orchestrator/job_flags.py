@@ -10,24 +10,19 @@ import dataclasses
 import typing
 from typing import Any, Iterable, Optional
 
-from trainer.job_config import JobConfig
-
-_SCALARS = {"str": str, "int": int, "float": float}
+from trainer.job_config import JobConfig, field_types
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _kind(annotation: str) -> tuple[Any, tuple[str, ...] | None]:
-    """(converter, choices) for a field annotation such as 'Optional[int]' or 'Literal["a", "b"]'."""
-    inner = annotation.removeprefix("Optional[").removesuffix("]") if annotation.startswith("Optional[") \
-        else annotation
-    if inner.startswith("Literal["):
-        return str, typing.get_args(eval(inner, {"Literal": typing.Literal}))  # noqa: S307 - our own annotation
-    if inner == "bool":
-        return bool, None
-    return _SCALARS[inner], None
+def _kind(name: str) -> tuple[Any, tuple[str, ...] | None]:
+    """(converter, choices) for a JobConfig field, from the contract's one reading of its annotation."""
+    base, _optional = field_types()[name]
+    if typing.get_origin(base) is typing.Literal:
+        return str, typing.get_args(base)
+    return base, None
 
 
 def add_job_arguments(parser: argparse.ArgumentParser | Any, *, include: Optional[Iterable[str]] = None) -> None:
@@ -36,7 +31,7 @@ def add_job_arguments(parser: argparse.ArgumentParser | Any, *, include: Optiona
     for f in dataclasses.fields(JobConfig):
         if wanted is not None and f.name not in wanted:
             continue
-        convert, choices = _kind(str(f.type))
+        convert, choices = _kind(f.name)
         help_text = f.metadata["help"]
         if f.default not in (None, "") and "default" not in help_text:
             help_text += f" (default: {f.default})"

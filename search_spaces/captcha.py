@@ -6,11 +6,14 @@ attention`), which makes the causal/prefix comparison paired and fair.
 """
 from __future__ import annotations
 
+import typing
 from typing import Any
+
+from trainer.job_config import AttentionMode
 
 LR_RANGE = (1e-6, 1e-3)
 GRAD_ACCUM = (1, 2, 4, 8, 16)
-ATTENTION = ("causal", "prefix")
+ATTENTION: tuple[str, ...] = typing.get_args(AttentionMode)
 
 
 def suggest_lr_and_accum(trial: Any, lr_range: tuple[float, float] = LR_RANGE,

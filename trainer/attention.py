@@ -15,14 +15,14 @@ is ignored), so no per-sample padding mask is needed:
 """
 from __future__ import annotations
 
-from typing import Literal
+import typing
 
 import torch
 
-AttentionMode = Literal["causal", "prefix"]
-AttentionBackend = Literal["sdpa", "flex", "eager-4d"]
-ATTENTION_MODES: tuple[str, ...] = ("causal", "prefix")
-ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "flex", "eager-4d")
+from trainer.job_config import AttentionBackend, AttentionMode
+
+ATTENTION_MODES: tuple[str, ...] = typing.get_args(AttentionMode)
+ATTENTION_BACKENDS: tuple[str, ...] = typing.get_args(AttentionBackend)
 
 # the transformers attention implementation each backend runs on
 TRANSFORMERS_IMPLEMENTATION = {"sdpa": "sdpa", "flex": "flex_attention", "eager-4d": "eager"}

@@ -28,9 +28,11 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 from PIL import Image
+
+from trainer.job_config import OnBadSample
 
 __all__ = [
     "DataError",
@@ -56,7 +58,6 @@ MAX_REASONS = 10
 SKIP_HINT = ("(to drop and count such rows: --on-bad-sample skip for `mdsweep train`, --set on_bad_sample=skip "
              "for `mdsweep run`, --skip-bad for `mdsweep data check`)")
 
-OnBadSample = Literal["error", "skip"]
 PathLike = Union[str, Path]
 
 

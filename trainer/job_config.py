@@ -17,6 +17,14 @@ from typing import Any, Literal, Optional
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 Outcome = Literal["ok", "oom", "diverged", "error"]
+# The choices of the job's settings, defined here once; the modules that act on them read them with
+# typing.get_args (attention masks, model scopes, precisions, optimizers, data loading, search spaces, CLI).
+AttentionMode = Literal["causal", "prefix"]
+AttentionBackend = Literal["sdpa", "flex", "eager-4d"]
+TrainScope = Literal["text", "text+projection", "all", "lora"]
+OptimizerName = Literal["adamw", "adamw-fused", "adamw8bit"]
+DType = Literal["fp16", "bf16", "fp32"]
+OnBadSample = Literal["error", "skip"]
 
 # every linear layer of a Phi decoder block: attention projections and the MLP
 LORA_TARGETS = "q_proj,k_proj,v_proj,dense,fc1,fc2"
@@ -45,7 +53,7 @@ class JobConfig:
     split_seed: int = _field(0, "seed of that split; kept apart from `seed` so replicates share one validation set")
     text_column: Optional[str] = _field(None, "label column (default: solution, text or label)")
     image_column: Optional[str] = _field(None, "image column (default: image, else the first image-like column)")
-    on_bad_sample: Literal["error", "skip"] = _field("error", "error: stop on an unreadable row; skip: drop and "
+    on_bad_sample: OnBadSample = _field("error", "error: stop on an unreadable row; skip: drop and "
                                                               "count it (metric skipped_samples)")
     max_val_samples: Optional[int] = _field(None, "evaluate on at most this many validation samples")
     question: str = _field("What does the text say?", "the question asked about every image")
@@ -61,28 +69,28 @@ class JobConfig:
     warmup_ratio: float = _field(0.05, "fraction of steps with linear warmup before cosine decay")
     weight_decay: float = _field(0.0, "AdamW weight decay")
     max_grad_norm: float = _field(1.0, "gradient clipping norm")
-    attention: Literal["causal", "prefix"] = _field("prefix", "causal, or prefix (BOS + image tokens attend both "
+    attention: AttentionMode = _field("prefix", "causal, or prefix (BOS + image tokens attend both "
                                                               "ways, text causal)")
-    attention_backend: Literal["sdpa", "flex", "eager-4d"] = _field(
+    attention_backend: AttentionBackend = _field(
         "sdpa", "sdpa (default), flex (FlexAttention, CUDA only), eager-4d (naive float mask; benchmarks only)")
-    train_scope: Literal["text", "text+projection", "all", "lora"] = _field(
+    train_scope: TrainScope = _field(
         "text", "what trains; the rest is frozen. lora: low-rank adapters on the text decoder only (the "
                 "least memory; exported merged into plain weights)")
     lora_rank: int = _field(16, "rank of the LoRA adapters (train_scope=lora)")
     lora_alpha: float = _field(32.0, "LoRA scaling numerator: adapters are scaled by lora_alpha / lora_rank")
     lora_targets: str = _field(LORA_TARGETS, "comma-separated names of the decoder's linear layers that get "
                                              "adapters")
-    optimizer: Literal["adamw", "adamw-fused", "adamw8bit"] = _field(
+    optimizer: OptimizerName = _field(
         "adamw", "adamw (torch), adamw-fused (one fused kernel: faster on CUDA, same memory), adamw8bit "
                  "(bitsandbytes: optimizer states in 8 bits, a quarter of the memory)")
-    trained_dtype: Literal["fp32", "fp16", "bf16"] = _field(
+    trained_dtype: DType = _field(
         "fp32", "storage of the trained weights: fp32 master weights, or half (as the official notebook): "
                 "half their memory, but updates below the weight's precision are lost and fp16 has no loss "
                 "scaler")
-    frozen_dtype: Optional[Literal["fp16", "bf16", "fp32"]] = _field(
+    frozen_dtype: Optional[DType] = _field(
         None, "storage of the frozen weights; default: the compute precision (fp16 on CUDA), which autocast "
               "casts them to anyway")
-    precision: Optional[Literal["fp16", "bf16", "fp32"]] = _field(None, "fp16 (autocast + loss scaling), bf16 or "
+    precision: Optional[DType] = _field(None, "fp16 (autocast + loss scaling), bf16 or "
                                                                         "fp32; default fp16 on CUDA, fp32 on CPU")
     gradient_checkpointing: bool = _field(True, "recompute activations in backward to save memory")
     device: Optional[str] = _field(None, "cuda, cuda:N or cpu; default cuda when available")

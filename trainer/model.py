@@ -7,18 +7,19 @@ projection MLP, and the `[BOS] + image + text` sequence with its attention layou
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+import typing
+from typing import Sequence
 
 import torch
 from torch import nn
 from transformers import PhiForCausalLM, SiglipVisionModel
 
-from trainer.attention import TRANSFORMERS_IMPLEMENTATION, AttentionBackend, AttentionMode, build_mask
+from trainer.attention import TRANSFORMERS_IMPLEMENTATION, build_mask
 from trainer.config import MoondreamConfig
 from trainer.image_crops import pool_to_grid, stitch_local_features
+from trainer.job_config import AttentionBackend, AttentionMode, TrainScope
 
-TrainScope = Literal["text", "text+projection", "all", "lora"]
-TRAIN_SCOPES: tuple[str, ...] = ("text", "text+projection", "all", "lora")
+TRAIN_SCOPES: tuple[str, ...] = typing.get_args(TrainScope)
 
 
 class ProjectionMLP(nn.Module):

@@ -13,12 +13,15 @@
 """
 from __future__ import annotations
 
+import typing
 from typing import TYPE_CHECKING, Iterable
+
+from trainer.job_config import OptimizerName
 
 if TYPE_CHECKING:
     import torch
 
-OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw-fused", "adamw8bit")
+OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)
 # bitsandbytes keeps 32-bit states for tensors smaller than this (its `min_8bit_size` default)
 MIN_8BIT_SIZE = 4096
 # bitsandbytes' blockwise quantisation: one fp32 scale per this many values of each state,

@@ -18,10 +18,13 @@ the trainer uses.
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Optional
 
-DTYPES: tuple[str, ...] = ("fp16", "bf16", "fp32")
+from trainer.job_config import DType
+
+DTYPES: tuple[str, ...] = typing.get_args(DType)
 BYTES_PER_VALUE = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 
