@@ -71,7 +71,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from orchestrator.cluster import ClusterError
     from orchestrator.memory_plan import plan_space, varying_fields
     from orchestrator.resources import format_size, parse_size
-    from orchestrator.search import parse_cross
+    from orchestrator.groups import parse_cross
     from orchestrator.spaces import SpaceError
     from trainer.memory_model import PLANNING_CROPS_PER_IMAGE, PLANNING_TEXT_TOKENS, Workload
 

@@ -161,7 +161,7 @@ def fixed_settings(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.cluster import ClusterError
     from orchestrator.objectives import parse_objective
-    from orchestrator.search import parse_cross
+    from orchestrator.groups import parse_cross
     from orchestrator.sweep import SweepError, SweepSettings, run_sweep, utc_stamp
 
     try:

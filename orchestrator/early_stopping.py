@@ -3,14 +3,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-
-def _asha_base():
-    from ray.tune.schedulers import ASHAScheduler
-
-    return ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler
 
 
-class FinishingASHA(_asha_base()):
+class FinishingASHA(ASHAScheduler):
     """ASHA that never stops a trial at or past its last step.
 
     A trial's last evaluation is also its end: stopping it there (plain ASHA stops

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from orchestrator.search import build_expansions
+from orchestrator.groups import build_expansions
 from orchestrator.spaces import validate_space
 from orchestrator.trainable import job_config_from
 from trainer.job_config import JobConfig

@@ -6,14 +6,10 @@ import sys
 import time
 from typing import Any, Optional, TextIO
 
+from ray.tune import Callback
+
 from orchestrator.spaces import split_suggestion
 from orchestrator.trainable import KIND_KEY
-
-
-def _tune_callback_base():
-    from ray.tune import Callback
-
-    return Callback
 
 
 def _gib(n: Any) -> str:
@@ -33,7 +29,7 @@ def _short(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-class ProgressTable(_tune_callback_base()):
+class ProgressTable(Callback):
     """Prints one line per trial every `interval_s` seconds, and on every state change."""
 
     def __init__(self, metric: str, searched: list[str], interval_s: float = 15.0, total: Optional[int] = None,

@@ -1,11 +1,12 @@
-"""The Optuna searcher of a sweep, and the groups (replicates, crossed factors) it runs.
+"""The Optuna searcher of a sweep (Ray Tune's OptunaSearch, wrapped).
 
 `SweepSearcher` wraps Ray Tune's `OptunaSearch` (TPE, seeded, constant liar for
 parallel trials) and adds four things:
 - outcomes: `ok` is told to Optuna as COMPLETE with the metric, `oom` and
   `error` as FAIL, `diverged` and trials stopped by the scheduler as PRUNED;
 - groups: with `--replicates K` and/or `--cross FIELD`, every suggestion runs
-  once per seed / per value of FIELD, and Optuna is told the group's mean;
+  once per seed / per value of FIELD (orchestrator.groups), and Optuna is told the
+  group's mean;
 - the concurrency limit, with its state saved with the experiment (so a resumed
   sweep neither forgets running trials nor exceeds the limit);
 - memory: measured peaks and out-of-memory shapes go into the sweep's MemoryBook
@@ -14,84 +15,14 @@ parallel trials) and adds four things:
 from __future__ import annotations
 
 import copy
-import itertools
 import sys
 from typing import Any, Optional, Sequence
 
+from ray.tune.search import Searcher
+
+from orchestrator.groups import group_state, member_state
 from orchestrator.objectives import is_finite_number
-from orchestrator.job_values import literal_choices, parse_value
-from orchestrator.results_schema import job_field_types
 from orchestrator.spaces import GROUP_KEY, MEMBER_KEY, SpaceFunction, split_suggestion
-
-def parse_cross(items: Sequence[str]) -> list[tuple[str, list[Any]]]:
-    """'attention' -> ('attention', ['causal', 'prefix']); 'lr=1e-4,1e-5' -> explicit values."""
-    out = []
-    seen = set()
-    types_ = job_field_types()
-    for item in items or ():
-        name, sep, values = item.partition("=")
-        name = name.strip()
-        if name not in types_:
-            raise ValueError(f"--cross: {name!r} is not a JobConfig field")
-        if name in seen:
-            raise ValueError(f"--cross: {name} given twice")
-        seen.add(name)
-        if sep:
-            vals = [parse_value(name, v.strip(), "--cross") for v in values.split(",") if v.strip()]
-        else:
-            choices = literal_choices(types_[name][0])
-            if choices is None and types_[name][0] is bool:
-                choices = (False, True)
-            if choices is None:
-                raise ValueError(f"--cross {name}: give its values, e.g. --cross {name}=a,b")
-            vals = list(choices)
-        if len(vals) < 2:
-            raise ValueError(f"--cross {name}: needs at least two values")
-        out.append((name, vals))
-    return out
-
-
-def build_expansions(replicates: int, base_seed: int, cross: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
-    """Every suggestion runs once per element: seeds x crossed values (in that order)."""
-    if replicates < 1:
-        raise ValueError("--replicates must be >= 1")
-    axes: list[list[tuple[str, Any]]] = [[(name, v) for v in vals] for name, vals in cross]
-    if replicates > 1:
-        axes.append([("seed", base_seed + i) for i in range(replicates)])
-    if not axes:
-        return [{}]
-    return [dict(combo) for combo in itertools.product(*axes)]
-
-
-
-State = tuple[str, Optional[tuple[float, ...]]]  # (Optuna trial state name, the objectives' values if COMPLETE)
-
-
-def member_state(result: Optional[dict[str, Any]], metrics: Sequence[str]) -> State:
-    """What one run of a proposal tells Optuna, from its final report: its values when it ended ok with
-    finite values; FAIL for oom, error or non-finite values; PRUNED for diverged, stopped early, or no report.
-    One definition for the searcher and for `mdsweep study`, which rebuilds the study from the results."""
-    if not result:
-        return "PRUNED", None
-    outcome = result.get("outcome")
-    values = [result.get(metric) for metric in metrics]
-    if outcome == "ok":
-        return ("COMPLETE", tuple(float(v) for v in values)) if all(map(is_finite_number, values)) else ("FAIL", None)
-    if outcome in ("oom", "error"):
-        return "FAIL", None
-    return "PRUNED", None
-
-
-def group_state(states: Sequence[State]) -> State:
-    """A proposal run several times (replicates, crossed values) is told the mean of its completed runs, per
-    objective; PRUNED when none completed and one was pruned; else FAIL."""
-    values = [v for s, v in states if s == "COMPLETE" and v is not None]
-    if values:
-        return "COMPLETE", tuple(sum(column) / len(values) for column in zip(*values))
-    if any(s == "PRUNED" for s, _ in states):
-        return "PRUNED", None
-    return "FAIL", None
-
 
 def make_searcher(space: str, metric: str, mode: str, seed: int, expansions: list[dict[str, Any]],
                   max_concurrent: Optional[int], sweep: Optional[str] = None,
@@ -113,17 +44,11 @@ def make_searcher(space: str, metric: str, mode: str, seed: int, expansions: lis
                          sweep=sweep, fixed=fixed, objectives=objectives)
 
 
-def _searcher_base():
-    from ray.tune.search import Searcher
-
-    return Searcher
-
-
 # proposals in a row whose memory shape cannot fit, after which the search stops instead of spinning
 MAX_REJECTED_IN_A_ROW = 50
 
 
-class SweepSearcher(_searcher_base()):
+class SweepSearcher(Searcher):
     """OptunaSearch plus outcomes, replicate/cross groups, a saved concurrency limit, and memory: proposals whose
     shape ran out of memory (or fits no GPU) are told to Optuna as failed and resampled, not run."""
 

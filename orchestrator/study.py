@@ -23,8 +23,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from orchestrator.groups import group_state, member_state
 from orchestrator.query import QueryError, load_table
-from orchestrator.search import group_state, member_state
 
 
 class StudyError(ValueError):

@@ -24,7 +24,7 @@ from orchestrator.objectives import default_mode
 from orchestrator.resources import (ResourceError, TrialResources, check_fit, concurrency_capacity, format_size,
                                     is_auto, parse_size, plan_resources)
 from orchestrator.results_schema import METRICS, validate_sweep_name
-from orchestrator.search import build_expansions
+from orchestrator.groups import build_expansions
 from orchestrator.spaces import SpaceError, SpaceInfo, validate_space
 
 MANIFEST = "mdsweep_sweep.json"

@@ -10,7 +10,8 @@ from optuna.trial import TrialState
 
 from orchestrator.early_stopping import make_scheduler
 from orchestrator.job_values import parse_assignments, parse_value
-from orchestrator.search import build_expansions, make_searcher, parse_cross
+from orchestrator.groups import build_expansions, parse_cross
+from orchestrator.search import make_searcher
 from orchestrator.spaces import (
     DROP_KEY,
     GROUP_KEY,
