@@ -48,10 +48,11 @@ def cmd_query(args: argparse.Namespace) -> int:
     import pyarrow.compute as pc
 
     from orchestrator import query as Q
+    from orchestrator.query_filter import apply_where
 
     try:
         table = Q.load_table(args.results, args.table, args.sweep or None)
-        table = Q.apply_where(table, args.where)
+        table = apply_where(table, args.where)
         mode = "max"
         if "objective_mode" in table.column_names:
             modes = [m for m in pc.unique(table.column("objective_mode")).to_pylist() if m]

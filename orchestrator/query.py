@@ -1,36 +1,28 @@
-"""Read the Parquet results: filters, grouping, sorting, paired comparisons, output.
+"""Read the Parquet results into tables: loading, sorting, grouping, paired comparisons, output.
 
-Only pyarrow is needed (no pandas, no Ray). Filters use a small, safe expression
-form compiled to pyarrow compute expressions (nothing is `eval`ed):
-
-    attention == 'prefix' and lr < 1e-4
-    outcome in ['ok', 'diverged'] and not (grad_accum >= 8)
-    peak_memory_bytes / 2**30 > 6 or error is not None
+Only pyarrow is needed (no pandas, no Ray). Filters are in orchestrator.query_filter, the statistics in
+orchestrator.intervals.
 """
 from __future__ import annotations
 
-import ast
 import csv
 import io
 import json
 import math
-import statistics
 import time
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from orchestrator.intervals import mcnemar_exact, mean_interval, paired_difference_ci
 from orchestrator.objectives import default_mode
+from orchestrator.query_filter import QueryError
 from orchestrator.results_schema import TABLES, job_field_types
 
-
-class QueryError(ValueError):
-    """A query that cannot run; the message names the flag at fault."""
 
 
 # ---------------------------------------------------------------- loading
@@ -88,139 +80,6 @@ def _load_table_once(results: str | Path, table: str, sweeps: Optional[Sequence[
     # put `sweep` first
     names = ["sweep"] + [n for n in out.column_names if n != "sweep"]
     return out.select(names)
-
-
-# ---------------------------------------------------------------- safe expressions
-
-_CMP = {
-    ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b, ast.Lt: lambda a, b: a < b,
-    ast.LtE: lambda a, b: a <= b, ast.Gt: lambda a, b: a > b, ast.GtE: lambda a, b: a >= b,
-}
-_ARITH = {ast.Add: pc.add, ast.Sub: pc.subtract, ast.Mult: pc.multiply, ast.Div: pc.divide, ast.Pow: pc.power}
-
-
-def _const(node: ast.AST, flag: str) -> Any:
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool, type(None))):
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        v = _const(node.operand, flag)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return -v
-    if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
-        return [_const(e, flag) for e in node.elts]
-    if isinstance(node, ast.BinOp) and type(node.op) in _ARITH:
-        a, b = _const(node.left, flag), _const(node.right, flag)
-        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)):
-            return _fold(type(node.op), a, b, ast.unparse(node), flag)
-    raise _NotConst
-
-
-def _fold(op: type, a: float, b: float, text: str, flag: str) -> float:
-    """Constant arithmetic that always ends quickly: an integer power beyond 64 bits is taken in floats
-    (never an unbounded integer), and every result is a finite number Arrow can compare with (or a
-    QueryError naming the constant)."""
-    small_int_power = (op is ast.Pow and isinstance(a, int) and isinstance(b, int) and b >= 0
-                       and (abs(a) <= 1 or b * math.log2(abs(a)) < 63))
-    if small_int_power:  # stays an int, so integer columns divide by it exactly
-        return a ** b
-    try:
-        result = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
-                  ast.Div: lambda: a / b, ast.Pow: lambda: float(a) ** float(b)}[op]()
-    except ZeroDivisionError:
-        raise QueryError(f"{flag}: {text}: division by zero") from None
-    except OverflowError:
-        raise QueryError(f"{flag}: {text}: too large a number") from None
-    if isinstance(result, complex) or not math.isfinite(result) or abs(result) > 1.7e308:
-        raise QueryError(f"{flag}: {text}: not a finite real number")
-    return float(result) if isinstance(result, int) and abs(result) >= 2 ** 63 else result
-
-
-class _NotConst(Exception):
-    pass
-
-
-def compile_where(text: str, columns: Iterable[str], flag: str = "--where") -> pc.Expression:
-    """Compile a filter expression to a pyarrow Expression; raises QueryError."""
-    columns = list(columns)
-    try:
-        tree = ast.parse(text, mode="eval")
-    except SyntaxError as e:
-        raise QueryError(f"{flag}: cannot parse {text!r}: {e.msg}") from None
-
-    def value(node: ast.AST) -> Any:
-        try:
-            return _const(node, flag)
-        except _NotConst:
-            pass
-        if isinstance(node, ast.Name):
-            if node.id in ("true", "false", "none", "null"):
-                return {"true": True, "false": False}.get(node.id)
-            if node.id not in columns:
-                raise QueryError(f"{flag}: unknown column {node.id!r}; columns: {', '.join(columns)}")
-            return pc.field(node.id)
-        if isinstance(node, ast.BinOp) and type(node.op) in _ARITH:
-            operands = [value(node.left), value(node.right)]
-            if any(not isinstance(v, (pc.Expression, int, float)) or isinstance(v, bool) for v in operands):
-                raise QueryError(f"{flag}: {ast.unparse(node)!r}: arithmetic needs numbers or numeric columns")
-            return _ARITH[type(node.op)](*operands)
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return pc.negate(value(node.operand))
-        return boolean(node)
-
-    def compare(op: ast.cmpop, left: Any, right_node: ast.AST) -> pc.Expression:
-        if isinstance(op, (ast.Is, ast.IsNot)):
-            if not (isinstance(right_node, ast.Constant) and right_node.value is None):
-                raise QueryError(f"{flag}: 'is' only compares with None")
-            e = left.is_null() if isinstance(left, pc.Expression) else pc.scalar(left is None)
-            return e if isinstance(op, ast.Is) else ~e
-        right = value(right_node)
-        if isinstance(op, (ast.In, ast.NotIn)):
-            if not isinstance(right, list):
-                raise QueryError(f"{flag}: 'in' needs a list of constants, e.g. attention in ['causal', 'prefix']")
-            e = left.isin(right)
-            return e if isinstance(op, ast.In) else ~e
-        if right is None and isinstance(op, (ast.Eq, ast.NotEq)):
-            e = left.is_null()
-            return e if isinstance(op, ast.Eq) else ~e
-        if type(op) not in _CMP:
-            raise QueryError(f"{flag}: unsupported comparison {type(op).__name__}")
-        return _CMP[type(op)](left, right)
-
-    def boolean(node: ast.AST) -> pc.Expression:
-        if isinstance(node, ast.BoolOp):
-            parts = [boolean(v) for v in node.values]
-            out = parts[0]
-            for p in parts[1:]:
-                out = (out & p) if isinstance(node.op, ast.And) else (out | p)
-            return out
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-            return ~boolean(node.operand)
-        if isinstance(node, ast.Compare):
-            left = value(node.left)
-            out = None
-            for op, right_node in zip(node.ops, node.comparators):
-                e = compare(op, left, right_node)
-                out = e if out is None else (out & e)
-                left = value(right_node)
-            return out
-        if isinstance(node, ast.Name):
-            return value(node)  # a boolean column
-        if isinstance(node, ast.Constant) and isinstance(node.value, bool):
-            return pc.scalar(node.value)
-        raise QueryError(f"{flag}: unsupported expression {ast.unparse(node)!r}; use comparisons "
-                         "(==, !=, <, <=, >, >=, in, is None) joined by and/or/not")
-
-    return boolean(tree.body)
-
-
-def apply_where(table: pa.Table, text: Optional[str], flag: str = "--where") -> pa.Table:
-    if not text:
-        return table
-    expr = compile_where(text, table.column_names, flag)
-    try:
-        return table.filter(expr)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
-        raise QueryError(f"{flag}: {text!r}: {e}") from None
 
 
 # ---------------------------------------------------------------- sorting, selecting
@@ -285,61 +144,6 @@ def select_columns(table: pa.Table, text: Optional[str], default: Optional[list[
     if missing:
         raise QueryError(f"--columns: unknown column(s) {', '.join(missing)}; columns: {', '.join(table.column_names)}")
     return table.select(names)
-
-
-# ---------------------------------------------------------------- statistics
-
-
-def t_quantile(p: float, df: int) -> float:
-    """Student t quantile (exact for df 1 and 2, Cornish-Fisher expansion beyond)."""
-    if df <= 0:
-        return math.nan
-    if df == 1:
-        return math.tan(math.pi * (p - 0.5))
-    if df == 2:
-        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
-    z = statistics.NormalDist().inv_cdf(p)
-    g1 = (z**3 + z) / 4
-    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
-    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
-
-
-def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float, float]:
-    """(mean, sd, low, high) with a t interval for the mean; nan where undefined."""
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan, math.nan, math.nan
-    mean = sum(values) / n
-    if n == 1:
-        return mean, math.nan, math.nan, math.nan
-    sd = statistics.stdev(values)
-    half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-    return mean, sd, mean - half, mean + half
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar test: binomial test of b successes in b + c at 1/2."""
-    m = b + c
-    if m == 0:
-        return 1.0
-    k = min(b, c)
-    tail = sum(math.comb(m, i) for i in range(k + 1))
-    return float(min(Fraction(1), Fraction(2 * tail, 2**m)))
-
-
-def paired_difference_ci(n11: int, n10: int, n01: int, n00: int, level: float = 0.95) -> tuple[float, float]:
-    """Agresti-Min adjusted Wald interval for a difference of paired proportions."""
-    n = n11 + n10 + n01 + n00
-    if n == 0:
-        return math.nan, math.nan
-    z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
-    nn = n + 2
-    p10, p01 = (n10 + 0.5) / nn, (n01 + 0.5) / nn
-    diff = p10 - p01
-    se = math.sqrt(max(p10 + p01 - diff**2, 0.0) / nn)
-    return max(-1.0, diff - z * se), min(1.0, diff + z * se)
 
 
 # ---------------------------------------------------------------- grouping

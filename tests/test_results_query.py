@@ -7,6 +7,7 @@ import math
 import pyarrow as pa
 import pytest
 
+from orchestrator import intervals, query_filter
 from orchestrator import query as Q
 from orchestrator.cli import main
 from orchestrator.results_schema import rows_to_table, schema_for
@@ -43,7 +44,7 @@ def _table():
 ])
 def test_where_expressions(expr, expected):
     t = _table().append_column("i", pa.array(range(5)))
-    assert Q.apply_where(t, expr)["i"].to_pylist() == expected
+    assert query_filter.apply_where(t, expr)["i"].to_pylist() == expected
 
 
 @pytest.mark.parametrize("expr,match", [
@@ -58,38 +59,38 @@ def test_where_expressions(expr, expected):
 ])
 def test_where_rejects_anything_but_the_small_language(expr, match):
     with pytest.raises(Q.QueryError, match=f"--where.*{match}"):
-        Q.apply_where(_table(), expr)
+        query_filter.apply_where(_table(), expr)
 
 
 def test_t_quantiles_match_tables():
     for df, t in [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (5, 2.571), (10, 2.228), (30, 2.042),
                   (100, 1.984)]:
-        assert Q.t_quantile(0.975, df) == pytest.approx(t, abs=0.01 if df > 2 else 1e-3)
+        assert intervals.t_quantile(0.975, df) == pytest.approx(t, abs=0.01 if df > 2 else 1e-3)
 
 
 def test_mean_interval():
-    mean, sd, low, high = Q.mean_interval([0.2, 0.4, 0.6])
+    mean, sd, low, high = intervals.mean_interval([0.2, 0.4, 0.6])
     assert mean == pytest.approx(0.4) and sd == pytest.approx(0.2)
     assert (low, high) == pytest.approx((0.4 - 4.303 * 0.2 / math.sqrt(3), 0.4 + 4.303 * 0.2 / math.sqrt(3)),
                                         abs=1e-3)
-    assert math.isnan(Q.mean_interval([0.5])[2])
+    assert math.isnan(intervals.mean_interval([0.5])[2])
 
 
 def test_exact_mcnemar():
-    assert Q.mcnemar_exact(0, 0) == 1.0
-    assert Q.mcnemar_exact(3, 3) == 1.0
-    assert Q.mcnemar_exact(0, 5) == pytest.approx(2 / 32)
-    assert Q.mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)
-    assert Q.mcnemar_exact(9, 1) == Q.mcnemar_exact(1, 9)
-    assert Q.mcnemar_exact(200, 300) < 1e-5  # big counts stay exact (no float overflow)
+    assert intervals.mcnemar_exact(0, 0) == 1.0
+    assert intervals.mcnemar_exact(3, 3) == 1.0
+    assert intervals.mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    assert intervals.mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)
+    assert intervals.mcnemar_exact(9, 1) == intervals.mcnemar_exact(1, 9)
+    assert intervals.mcnemar_exact(200, 300) < 1e-5  # big counts stay exact (no float overflow)
 
 
 def test_paired_interval_contains_the_difference_and_shrinks_with_n():
-    low, high = Q.paired_difference_ci(10, 8, 2, 10)
+    low, high = intervals.paired_difference_ci(10, 8, 2, 10)
     assert low < 6 / 30 < high
-    low2, high2 = Q.paired_difference_ci(100, 80, 20, 100)
+    low2, high2 = intervals.paired_difference_ci(100, 80, 20, 100)
     assert high2 - low2 < high - low
-    assert -1 <= Q.paired_difference_ci(0, 0, 5, 0)[0] and Q.paired_difference_ci(0, 5, 0, 0)[1] <= 1
+    assert -1 <= intervals.paired_difference_ci(0, 0, 5, 0)[0] and intervals.paired_difference_ci(0, 5, 0, 0)[1] <= 1
 
 
 def test_group_summary():
@@ -202,7 +203,7 @@ def test_query_reads_files_of_different_schema_versions(results):
     write_atomic(old, partition_dir(results, "trials", "s0") / "old.parquet")
     t = Q.load_table(results, "trials")
     assert t.num_rows == 7
-    row = t.filter(Q.compile_where("trial_id == 'old'", t.column_names)).to_pylist()[0]
+    row = t.filter(query_filter.compile_where("trial_id == 'old'", t.column_names)).to_pylist()[0]
     assert row["sweep"] == "s0" and row["lr"] == 1e-3 and row["attention"] is None
 
 
@@ -216,12 +217,12 @@ def test_query_reads_files_of_different_schema_versions(results):
 ])
 def test_bad_constant_arithmetic_is_a_message_not_a_traceback_or_a_hang(text, message):
     with pytest.raises(Q.QueryError, match=message):
-        Q.compile_where(text, ["lr", "attention"])
+        query_filter.compile_where(text, ["lr", "attention"])
 
 
 def test_large_integer_powers_compare_as_floats():
     table = pa.table({"lr": [1e-4, 1e40]})
-    assert Q.apply_where(table, "lr < 2**100").column("lr").to_pylist() == [1e-4]
+    assert query_filter.apply_where(table, "lr < 2**100").column("lr").to_pylist() == [1e-4]
 
 
 def test_an_unknown_sweep_is_an_error_naming_the_sweeps(tmp_path, capsys):
