@@ -63,7 +63,8 @@ def sleep_job(config: Any, on_report: Optional[Callable] = None, checkpoint_dir:
 def run_sweep_once(name: str, *, trials: int, concurrency: int, fixed: dict[str, Any], job_fn: str,
                    work: Path) -> tuple[float, list[dict[str, Any]]]:
     from orchestrator.sink import read_partition
-    from orchestrator.sweep import SweepSettings, run_sweep
+    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep_settings import SweepSettings
 
     settings = SweepSettings(name=name, storage=str(work / "sweeps"), results=str(work / "results"), fixed=fixed,
                              space="smoke", num_samples=trials, max_concurrent=concurrency, cpus_per_trial=1,

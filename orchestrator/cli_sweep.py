@@ -162,7 +162,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.cluster import ClusterError
     from orchestrator.objectives import parse_objective
     from orchestrator.groups import parse_cross
-    from orchestrator.sweep import SweepError, SweepSettings, run_sweep, utc_stamp
+    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep_settings import SweepError, SweepSettings, utc_stamp
 
     try:
         fixed = fixed_settings(args)
@@ -202,7 +203,8 @@ def exit_code(outcome: Any) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from orchestrator.cluster import ClusterError
-    from orchestrator.sweep import SweepError, resume_sweep
+    from orchestrator.sweep import resume_sweep
+    from orchestrator.sweep_settings import SweepError
 
     try:
         outcome = resume_sweep(args.name, args.storage, address=args.address, num_cpus=args.num_cpus,

@@ -4,18 +4,16 @@ Order of work in `run_sweep`: everything that can be checked without a cluster
 (sweep name, metric/mode, fixed settings, search space, groups) is checked first;
 then Ray is attached or started, the per-trial resources are resolved and checked
 against the nodes; only then is anything scheduled. The settings are saved next
-to Ray Tune's experiment state (`STORAGE/NAME/mdsweep_sweep.json`) so that
-`resume` rebuilds the same trainable.
+to Ray Tune's experiment state (orchestrator.sweep_settings) so that `resume`
+rebuilds the same trainable.
 """
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,66 +24,9 @@ from orchestrator.resources import (ResourceError, TrialResources, check_fit, co
 from orchestrator.results_schema import METRICS, validate_sweep_name
 from orchestrator.groups import build_expansions
 from orchestrator.spaces import SpaceError, SpaceInfo, validate_space
-
-MANIFEST = "mdsweep_sweep.json"
-MANIFEST_VERSION = 1
-
-
-class SweepError(RuntimeError):
-    """A sweep that cannot start or resume; the message names the flag at fault."""
-
-
-@dataclass
-class SweepSettings:
-    name: str
-    storage: str
-    results: str
-    fixed: dict[str, Any]
-    space: str = "captcha"
-    metric: str = "val_exact_match"
-    mode: Optional[str] = None
-    objectives: list[tuple[str, str]] = field(default_factory=list)  # two or more: a multi-objective search
-    num_samples: int = 8
-    replicates: int = 1
-    cross: list[tuple[str, list[Any]]] = field(default_factory=list)
-    search_seed: int = 0
-    max_concurrent: Optional[int] = None
-    early_stop: str = "none"
-    asha_grace: Optional[int] = None
-    asha_reduction_factor: float = 3.0
-    max_failures: int = 2
-    cpus_per_trial: Optional[float] = None
-    gpus_per_trial: Optional[float] = None
-    gpu_memory_per_trial: Optional[str] = None
-    memory_per_trial: Optional[str] = None
-    node_gpu_memory: Optional[str] = None
-    skip_fit_check: bool = False
-    address: Optional[str] = None
-    num_cpus: Optional[int] = None
-    num_gpus: Optional[int] = None
-    progress_interval: float = 15.0
-    worker_logs: bool = False
-    job_fn: str = "trainer.job:run_job"
-    argv: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["manifest_version"] = MANIFEST_VERSION
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "SweepSettings":
-        d = dict(d)
-        d.pop("manifest_version", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        d["cross"] = [(name, list(vals)) for name, vals in d.get("cross") or []]
-        d["objectives"] = [tuple(o) for o in d.get("objectives") or []]
-        return cls(**d)
-
-    def experiment_path(self) -> str:
-        return join_storage(self.storage, self.name)
-
+from orchestrator.sweep_settings import (MANIFEST, SweepError, SweepSettings, manifest_exists, normalize_storage,
+                                         read_manifest, write_manifest)
+from orchestrator.tune_state import drop_repair_copies, repair_checkpoints
 
 @dataclass
 class SweepOutcome:
@@ -96,132 +37,6 @@ class SweepOutcome:
     counts: dict[str, int]
     resources: Optional[TrialResources] = None
     wall_time_s: float = 0.0
-
-
-# ---------------------------------------------------------------- storage helpers
-
-
-def normalize_storage(storage: str) -> str:
-    if cluster_mod.is_remote_storage(storage):
-        return storage.rstrip("/")
-    cluster_mod.check_output_outlives_job("--storage", storage)
-    return str(Path(storage).expanduser().resolve())
-
-
-def join_storage(storage: str, name: str) -> str:
-    return f"{storage.rstrip('/')}/{name}"
-
-
-def write_manifest(settings: SweepSettings) -> None:
-    fs, path = cluster_mod.storage_filesystem(settings.experiment_path())
-    fs.create_dir(path, recursive=True)
-    data = json.dumps(settings.to_json(), indent=1, default=str).encode()
-    cluster_mod.write_file_atomic(fs, f"{path}/{MANIFEST}", data)
-
-
-def read_manifest(storage: str, name: str) -> SweepSettings:
-    import pyarrow.fs as pafs
-
-    fs, path = cluster_mod.storage_filesystem(join_storage(storage, name))
-    target = f"{path}/{MANIFEST}"
-    if fs.get_file_info(target).type != pafs.FileType.File:
-        raise SweepError(f"NAME: no sweep {name!r} in --storage {storage} (no {target})")
-    with fs.open_input_stream(target) as f:
-        return SweepSettings.from_json(json.loads(f.read().decode()))
-
-
-def manifest_exists(storage: str, name: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, path = cluster_mod.storage_filesystem(join_storage(storage, name))
-    return fs.get_file_info(f"{path}/{MANIFEST}").type == pafs.FileType.File
-
-
-def _unfinished_trials(fs: Any, root: str) -> Optional[dict[str, Optional[str]]]:
-    """Trial folder -> checkpoint folder the newest experiment state restores it from
-    (None when it does not say), for trials that state has not finished; None if unreadable."""
-    import pyarrow.fs as pafs
-
-    try:
-        states = sorted(e.path for e in fs.get_file_info(pafs.FileSelector(root))
-                        if e.base_name.startswith("experiment_state-") and e.base_name.endswith(".json"))
-        if not states:
-            return None
-        with fs.open_input_stream(states[-1]) as f:
-            data = json.loads(f.read().decode())
-        out: dict[str, Optional[str]] = {}
-        for entry in data["trial_data"]:
-            trial = json.loads(entry[0])
-            if trial.get("status") == "TERMINATED":
-                continue
-            meta = json.loads(entry[1]) if len(entry) > 1 else {}
-            last = meta.get("last_result") or {}
-            out[trial.get("custom_dirname") or trial.get("relative_logdir")] = last.get("checkpoint_dir_name")
-        return out
-    except Exception:
-        return None  # an unknown format: consider every trial
-
-
-def repair_checkpoints(experiment_path: str) -> list[str]:
-    """Undo Tune's one unsafe window before a resume; returns the trial folders repaired.
-
-    With `num_to_keep=1`, registering a trial's checkpoint N deletes N-1 at once,
-    while the experiment state that still points at N-1 reaches storage a moment
-    later. A driver killed in between leaves a state whose trial cannot be restored
-    ("checkpoint ... does not exist on storage anymore"). N is complete (it is
-    registered only once fully written), so the missing folder is recreated as a
-    copy of N: the trial continues from its newest state.
-    """
-    import re
-
-    import pyarrow.fs as pafs
-
-    fs, root = cluster_mod.storage_filesystem(experiment_path)
-    repaired = []
-    pattern = re.compile(r"^checkpoint_(\d{6})$")
-    unfinished = _unfinished_trials(fs, root)
-    for trial_dir in fs.get_file_info(pafs.FileSelector(root)):
-        if trial_dir.type != pafs.FileType.Directory:
-            continue
-        if unfinished is not None and trial_dir.base_name not in unfinished:
-            continue  # finished trials are not restored: nothing to repair
-        indices = []
-        for entry in fs.get_file_info(pafs.FileSelector(trial_dir.path)):
-            m = pattern.match(entry.base_name)
-            if m and entry.type == pafs.FileType.Directory:
-                indices.append(int(m.group(1)))
-        if not indices:
-            continue
-        newest = max(indices)
-        wanted = unfinished.get(trial_dir.base_name) if unfinished is not None else None
-        if wanted is None:  # the state does not say: assume the one before the newest
-            if newest == 0:
-                continue
-            wanted = f"checkpoint_{newest - 1:06d}"
-        m = pattern.match(wanted)
-        if not m or int(m.group(1)) >= newest or int(m.group(1)) in indices:
-            continue
-        src = f"{trial_dir.path}/checkpoint_{newest:06d}"
-        dst = f"{trial_dir.path}/{wanted}"
-        fs.create_dir(dst, recursive=True)
-        pafs.copy_files(src, dst, source_filesystem=fs, destination_filesystem=fs)
-        repaired.append(trial_dir.base_name)
-    return repaired
-
-
-def drop_repair_copies(experiment_path: str, repaired: list[str]) -> None:
-    """After the resumed run: remove repair copies that a newer checkpoint made redundant."""
-    import re
-
-    import pyarrow.fs as pafs
-
-    fs, root = cluster_mod.storage_filesystem(experiment_path)
-    pattern = re.compile(r"^checkpoint_(\d{6})$")
-    for name in repaired:
-        entries = fs.get_file_info(pafs.FileSelector(f"{root}/{name}"))
-        indices = sorted(int(m.group(1)) for e in entries if (m := pattern.match(e.base_name)))
-        for i in indices[:-1]:  # Tune keeps one checkpoint per trial: anything older is a leftover copy
-            fs.delete_dir(f"{root}/{name}/checkpoint_{i:06d}")
 
 
 # ---------------------------------------------------------------- checks
@@ -574,7 +389,7 @@ def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], exp
     from orchestrator.early_stopping import make_scheduler
     from orchestrator.search import make_searcher
     from orchestrator.sink import ParquetSink, write_sweep_row
-    from orchestrator.state_backup import StateBackup
+    from orchestrator.tune_state import StateBackup
     from orchestrator.trainable import trial_dirname
 
     write_sweep_row(s.results, s.name, {
@@ -628,7 +443,7 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
         from ray import tune
 
         from orchestrator.sink import write_sweep_row
-        from orchestrator.state_backup import restore_incomplete
+        from orchestrator.tune_state import restore_incomplete
 
         path = s.experiment_path()
         restored = restore_incomplete(path)
@@ -650,7 +465,3 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
         return _finish(s, started, req, quiet)
     finally:
         handle.shutdown()
-
-
-def utc_stamp() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")

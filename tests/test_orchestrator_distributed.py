@@ -202,7 +202,8 @@ def space(trial):
 
 
 def test_auto_gpu_memory_packs_by_prediction_and_never_reruns_an_oom_shape(cluster, tmp_path, captcha_parquet):
-    from orchestrator.sweep import SweepSettings, run_sweep
+    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep_settings import SweepSettings
     from orchestrator.trainable import assigned_gpu_share  # noqa: F401  (the trial side of auto)
 
     space = tmp_path / "space.py"

@@ -9,16 +9,9 @@ import pytest
 from orchestrator.cli import build_parser
 from orchestrator.cli_sweep import fixed_settings
 from orchestrator.objectives import default_mode
-from orchestrator.sweep import (
-    SweepError,
-    SweepSettings,
-    check_settings,
-    drop_repair_copies,
-    read_manifest,
-    repair_checkpoints,
-    searched_columns,
-    write_manifest,
-)
+from orchestrator.sweep import check_settings, searched_columns
+from orchestrator.sweep_settings import SweepError, SweepSettings, read_manifest, write_manifest
+from orchestrator.tune_state import drop_repair_copies, repair_checkpoints
 
 
 def _settings(tmp_path, **kw) -> SweepSettings:
@@ -152,7 +145,8 @@ def test_an_output_path_that_is_a_file_is_one_line_before_anything_starts(tmp_pa
 
 
 def test_a_sweep_that_failed_before_tune_saved_state_does_not_burn_its_name(tmp_path):
-    from orchestrator.sweep import SweepSettings, _forget_unstarted, manifest_exists, write_manifest
+    from orchestrator.sweep import _forget_unstarted
+    from orchestrator.sweep_settings import SweepSettings, manifest_exists, write_manifest
 
     s = SweepSettings(name="burnt", storage=str(tmp_path / "s"), results=str(tmp_path / "r"),
                       fixed={"train_data": "x"})
