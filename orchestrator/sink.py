@@ -14,6 +14,7 @@ globs (`*.parquet`) all skip.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from pathlib import Path
@@ -32,9 +33,8 @@ from orchestrator.results_schema import (
     schema_for,
     validate_sweep_name,
 )
-from orchestrator.job_values import normalize_value
 from orchestrator.spaces import GROUP_KEY, MEMBER_KEY, split_suggestion
-from orchestrator.trainable import KIND_KEY, PREDICTIONS_KEY
+from orchestrator.trainable import JOB_CONFIG_KEY, KIND_KEY, PREDICTIONS_KEY, job_config_from
 from trainer.files import atomic_path
 
 
@@ -138,14 +138,12 @@ class ParquetSink(_tune_callback_base()):
             params, meta = split_suggestion(dict(trial.config))
             row = {"trial_id": trial.trial_id, "outcome": "running", "attempts": 0, "num_failures": 0}
             types_ = job_field_types()
-            config = dict(self.fixed)
-            config.update({k: normalize_value(k, v) for k, v in params.items() if k in types_})
-            if self.max_gpu_memory and config.get("max_gpu_memory") is None:
-                config["max_gpu_memory"] = self.max_gpu_memory
-            from trainer.job_config import JobConfig
-
-            full = {**JobConfig().to_dict(), **config}
-            row.update({k: full.get(k) for k in types_})
+            # what the trial will run, until it reports what it ran (JOB_CONFIG_KEY): the same reading; a config
+            # JobConfig rejects fails in the trial, which says why, and must not stop the sink
+            with contextlib.suppress(ValueError):
+                row.update(job_config_from(self.fixed, trial.config).to_dict())
+            if self.max_gpu_memory and row.get("max_gpu_memory") is None:
+                row["max_gpu_memory"] = self.max_gpu_memory
             row["searched"] = sorted(k for k in params if k in types_)
             row["params_json"] = json.dumps({k: v for k, v in trial.config.items() if not k.startswith("_")},
                                             default=str, sort_keys=True)
@@ -221,6 +219,9 @@ class ParquetSink(_tune_callback_base()):
         # it), so that the experiment state and Tune's own loggers never carry them.
         predictions = result.pop(PREDICTIONS_KEY, None)
         row = self._trial_row(trial)
+        ran = result.pop(JOB_CONFIG_KEY, None)
+        if isinstance(ran, dict):  # the config the trial actually ran, as the trainable built it
+            row.update({k: ran[k] for k in job_field_types() if k in ran})
         # where the trial ran, what memory it was predicted, and the cap it ran under (set in the trial with auto)
         for k in ("node_id", "node_ip", "hostname", "gpu_ids", "predicted_peak_bytes", "max_gpu_memory"):
             if result.get(k) not in (None, ""):

@@ -33,6 +33,7 @@ from orchestrator.spaces import split_suggestion
 DEFAULT_JOB_FN = "trainer.job:run_job"
 PREDICTIONS_KEY = "mdsweep_predictions"
 KIND_KEY = "mdsweep_kind"  # "eval" for a report at an evaluation, "final" for the trial's last one
+JOB_CONFIG_KEY = "mdsweep_job_config"  # the JobConfig the trial ran, as a dict: the trials table records it
 SIDECAR = "mdsweep_report.json"  # written into each checkpoint: the report it belongs to
 
 
@@ -139,6 +140,7 @@ def run_trial(spec: TrialSpec, config: dict[str, Any]) -> None:
     # a GPU peak is predicted only for a trial holding a GPU: on CPU the measured peak is the process's RSS
     where.update(predicted_peak_bytes=predicted_peak(job_config) if where.get("gpu_ids") else None,
                  max_gpu_memory=job_config.max_gpu_memory)
+    where[JOB_CONFIG_KEY] = job_config.to_dict()
     job_fn = load_callable(spec.job_fn)  # imports torch for the real job
     if spec.cpus >= 1 and "torch" in sys.modules:
         with contextlib.suppress(Exception):

@@ -15,7 +15,7 @@ import pytest
 from orchestrator.results_schema import METADATA_KEY, METRICS, SCHEMA_VERSION, TABLES, schema_for
 from orchestrator.spaces import GROUP_KEY, MEMBER_KEY
 from orchestrator.sink import ParquetSink, read_partition, write_atomic, write_sweep_row
-from orchestrator.trainable import KIND_KEY, PREDICTIONS_KEY
+from orchestrator.trainable import JOB_CONFIG_KEY, KIND_KEY, PREDICTIONS_KEY, job_config_from
 
 FIXED = {"train_data": "/data/train.parquet", "model": "tiny", "max_steps": 4, "eval_every": 2}
 
@@ -337,3 +337,20 @@ def test_readable_by_duckdb(tmp_path):
     n = con.execute(f"SELECT count(*) FROM read_parquet('{root}/steps/*/*.parquet', hive_partitioning = true)"
                     ).fetchone()[0]
     assert n == 6
+
+
+def test_the_trials_row_records_the_config_the_trial_reports_it_ran(tmp_path):
+    """The trial's own JobConfig (JOB_CONFIG_KEY) is what lands in the config columns, e.g. the GPU share an
+    `auto` trial was given, not the sink's guess from the suggestion; and it stays out of Tune's result."""
+    sink = ParquetSink(str(tmp_path / "results"), "demo", FIXED, ["lr", "attention"], "val_exact_match", "max",
+                       max_gpu_memory="auto")
+    trial = _trial()
+    sink.on_trial_start(0, [], trial)
+    assert read_partition(tmp_path / "results", "trials", "demo")[0]["max_gpu_memory"] == "auto"
+    ran = job_config_from(FIXED, trial.config).to_dict() | {"max_gpu_memory": "0.3125", "seed": 7}
+    result = _eval(2, 0.25, **{JOB_CONFIG_KEY: ran})
+    sink.on_trial_result(0, [], trial, result)
+    assert JOB_CONFIG_KEY not in result
+    row = read_partition(tmp_path / "results", "trials", "demo")[0]
+    assert row["max_gpu_memory"] == "0.3125" and row["lr"] == 1e-4 and row["attention"] == "prefix"
+    assert row["model"] == "tiny" and row["max_steps"] == 4 and row["seed"] == 7  # as reported, not guessed
