@@ -183,7 +183,7 @@ def importance(results: str, sweep: str, trials: list[dict[str, Any]]) -> Sectio
         notes.append(f"with {len(complete)} completed proposals PED-ANOVA cannot tell the settings apart (it "
                      "compares the best tenth with the rest): the importances are equal; the slices below show "
                      "the raw points")
-    rows = [{"param": k, "importance": v} for k, v in values.items()]
+    rows = [{"param": k, "importance": v, "proposals": len(complete)} for k, v in values.items()]
     return Section(rows=rows, note="; ".join(notes) or None)
 
 

@@ -23,7 +23,7 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; 
 h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; font-size: 0.9em; } td, th { padding: 3px 9px; border-bottom: 1px solid #eee; }
 th { text-align: left; background: #f6f6f6; } table.sortable th { cursor: pointer; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; } .wide { overflow-x: auto; }
 .note { color: #666; font-style: italic; } .outcome-ok { color: #2a7d2a; }
 .outcome-oom, .outcome-error, .outcome-diverged { color: #b22222; font-weight: bold; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: 12px; }
@@ -76,8 +76,8 @@ def table_html(rows: list[dict[str, Any]], columns: list[str], sortable: bool = 
             cells.append(f'<td class="{cls}" data-v="{html.escape(str(v if v is not None else ""))}">'
                          f"{html.escape(fmt(v))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<table class="{"sortable" if sortable else ""}"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{''.join(body)}</tbody></table>")
+    return (f'<div class="wide"><table class="{"sortable" if sortable else ""}"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
 def note_html(section: Section) -> str:
@@ -226,7 +226,7 @@ def paired_html(data: ReportData) -> str:
     a, b = rows[0]["a"], rows[0]["b"]
     fig.update_xaxes(title_text=f"exact match {a} − {b} (95 % interval)")
     fig.update_layout(height=120 + 40 * len(rows), margin={"t": 20, "b": 40})
-    columns = [c for c in rows[0] if c not in ("factor", "a", "b")]
+    columns = [c for c in rows[0] if c not in ("factor", "a", "b", "trial_a", "trial_b")]  # ids label the chart
     return (figure_html(fig, "paired") + "<p>Each pair: the same proposal trained under both layouts, scored on "
             "the same validation samples; McNemar's exact test on the samples they disagree on.</p>"
             + table_html(rows, columns, headers={"em_a": f"EM {a}", "em_b": f"EM {b}", "diff": f"{a} − {b}",
@@ -241,7 +241,8 @@ def importance_html(data: ReportData, metric: str) -> str:
     rows = data.importance.rows
     if rows:
         fig = go.Figure(go.Bar(x=[r["importance"] for r in rows], y=[r["param"] for r in rows], orientation="h"))
-        fig.update_xaxes(title_text="importance (Optuna, PED-ANOVA)")
+        fig.update_xaxes(title_text=f"importance (Optuna, PED-ANOVA, from {data.importance.rows[0]['proposals']} "
+                                    "completed proposals)")
         fig.update_layout(height=100 + 40 * len(rows), margin={"t": 20, "b": 40}, yaxis={"autorange": "reversed"})
         parts.append(figure_html(fig, "importance"))
     parts.append(note_html(data.importance))
