@@ -8,28 +8,31 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    report = subparsers.add_parser(
-        "report", help="write a sweep's report: one HTML file with its charts, opens offline",
-        description="One self-contained HTML file (no CDN, no server) with the sweep's summary, leaderboard, "
-                    "learning curves, the search, the paired attention comparison, setting importances, memory "
-                    "and throughput, and the best trial's misread samples. Works on a sweep still running: it "
-                    "shows what has landed.")
-    report.add_argument("results", metavar="RESULTS", help="the sweep's Parquet results directory (run --results)")
-    report.add_argument("--sweep", required=True, help="sweep name (run --name)")
+    report = _sweep_command(
+        subparsers, "report", "write a sweep's report: one HTML file with its charts, opens offline",
+        "One self-contained HTML file (no CDN, no server) with the sweep's summary, leaderboard, learning curves, "
+        "the search, the paired attention comparison, setting importances, memory and throughput, and the best "
+        "trial's misread samples. Works on a sweep still running: it shows what has landed.")
     report.add_argument("--out", type=Path, help="HTML file to write (default: RESULTS/report-SWEEP.html)")
     report.set_defaults(func=cmd_report)
 
-    study = subparsers.add_parser(
-        "study", help="write a sweep as an Optuna study (for optuna-dashboard, optuna.visualization)",
-        description="Rebuild the sweep as an Optuna study named after it: one Optuna trial per proposal, with "
-                    "its parameters, distributions, state and value (the mean over a proposal's runs when it "
-                    "ran several times, as the searcher was told). A study of that name in STORAGE is "
-                    "replaced, so re-running gives the same study.")
-    study.add_argument("results", metavar="RESULTS", help="the sweep's Parquet results directory (run --results)")
-    study.add_argument("--sweep", required=True, help="sweep name (run --name); also the study's name")
+    study = _sweep_command(
+        subparsers, "study", "write a sweep as an Optuna study (for optuna-dashboard, optuna.visualization)",
+        "Rebuild the sweep as an Optuna study named after it: one Optuna trial per proposal, with its parameters, "
+        "distributions, state and value (the mean over a proposal's runs when it ran several times, as the "
+        "searcher was told). A study of that name in STORAGE is replaced, so re-running gives the same study.")
     study.add_argument("--storage", required=True,
                        help="Optuna storage URL, e.g. sqlite:///sweeps.db (a file path is taken as sqlite)")
     study.set_defaults(func=cmd_study)
+
+
+def _sweep_command(subparsers: argparse._SubParsersAction, name: str, help: str,
+                   description: str) -> argparse.ArgumentParser:
+    """A command on one sweep of a results dataset: RESULTS and --sweep."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    parser.add_argument("results", metavar="RESULTS", help="the sweep's Parquet results directory (run --results)")
+    parser.add_argument("--sweep", required=True, help="sweep name (run --name)")
+    return parser
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -153,7 +153,11 @@ def test_the_best_trial_of_a_study_without_repeats_is_the_querys(tmp_path, captc
     study = build_study(str(results), "plain").study
     query = json.loads(mdsweep("query", str(results), "--sweep", "plain", "--where", "outcome == 'ok'",
                                "--sort", "objective:desc,trial_id", "--top", "1", "--format", "json").stdout)
-    assert study.best_trial.user_attrs["trial_ids"] == [query[0]["trial_id"]]
+    # the same best value; on a tie (short runs often score alike) Optuna names the earliest proposal, the query
+    # the lowest trial id: either way the query's best is one of the study's best proposals
+    assert study.best_value == query[0]["objective"]
+    tied = [t.user_attrs["trial_ids"][0] for t in study.trials if t.value == study.best_value]
+    assert query[0]["trial_id"] in tied
 
 
 def test_bad_input_is_a_message_not_a_traceback(swept, tmp_path):
