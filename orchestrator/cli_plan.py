@@ -5,8 +5,9 @@ import argparse
 import sys
 from typing import Any, Optional
 
-from orchestrator.cli_sweep import JOB_FLAG_FIELDS, _positive_int
+from orchestrator.cli_sweep import JOB_FLAG_FIELDS
 from orchestrator.job_flags import add_job_arguments
+from orchestrator.sweep_settings import positive_int
 
 DEFAULT_GPU_TYPES = ("24GiB", "80GiB")
 
@@ -30,12 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "each GPU node or given with --node-gpu-memory")
     p.add_argument("--node-gpu-memory", default=None, metavar="SIZE",
                    help="memory of one GPU of the cluster (for logical GPUs, or when it cannot be measured)")
-    p.add_argument("--probes", type=_positive_int, default=200,
+    p.add_argument("--probes", type=positive_int, default=200,
                    help="random configurations drawn from the space to find its shapes (default 200)")
-    p.add_argument("--text-tokens", type=_positive_int, default=None,
+    p.add_argument("--text-tokens", type=positive_int, default=None,
                    help="text tokens per sequence (prompt + answer + end), besides BOS and the image tokens "
                         "(default 24)")
-    p.add_argument("--crops-per-image", type=_positive_int, default=None,
+    p.add_argument("--crops-per-image", type=positive_int, default=None,
                    help="crops per image: 2 for a captcha (global + one tile), up to 13 for large photos "
                         "(default 2)")
     g = p.add_argument_group("job settings (fixed: the same for every trial, as for `mdsweep run`)")

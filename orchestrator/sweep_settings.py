@@ -2,6 +2,7 @@
 from which `mdsweep resume` rebuilds the same sweep."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime as dt
 import json
@@ -19,38 +20,91 @@ class SweepError(RuntimeError):
     """A sweep that cannot start or resume; the message names the flag at fault."""
 
 
+def positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def nonneg_float(text: str) -> float:
+    v = float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _flag(default: Any, group: str, help: str, **argparse_kwargs: Any) -> Any:
+    """A setting that is also a `mdsweep run` flag (`--field-name`): its group in the help, its help text and
+    any argparse keywords live here, next to the setting, as JobConfig's do (orchestrator.cli_sweep reads them)."""
+    return field(default=default, metadata={"group": group, "help": help, "argparse": argparse_kwargs})
+
+
 @dataclass
 class SweepSettings:
+    """How a sweep runs. Saved beside Ray Tune's state (MANIFEST) so that `resume` rebuilds the same sweep."""
+
     name: str
-    storage: str
-    results: str
-    fixed: dict[str, Any]
-    space: str = "captcha"
-    metric: str = "val_exact_match"
-    mode: Optional[str] = None
+    storage: str = _flag("./sweeps", "cluster",
+                         "where Ray Tune keeps experiment state and checkpoints (default ./sweeps). Multi-node "
+                         "clusters need shared storage: an NFS path mounted identically on every node, or "
+                         "s3://..., gs://...")
+    results: str = _flag("./results", "output", "Parquet results dataset directory (default ./results)")
+    fixed: dict[str, Any] = field(default_factory=dict)  # JobConfig settings shared by every trial
+    space: str = _flag("captcha", "search",
+                       "search space: a module of search_spaces/ (captcha, captcha:paired, captcha_wide), "
+                       "package.module:function, or path/to/file.py:function; an Optuna define-by-run function "
+                       "returning a dict of JobConfig fields (default captcha)")
+    metric: str = _flag("val_exact_match", "search",
+                        "metric to optimise, as reported at each evaluation (default val_exact_match)")
+    mode: Optional[str] = _flag(None, "search", "max or min (default: max, min for losses and error rates such "
+                                "as val_cer)", choices=("max", "min"))
     objectives: list[tuple[str, str]] = field(default_factory=list)  # two or more: a multi-objective search
-    num_samples: int = 8
-    replicates: int = 1
-    cross: list[tuple[str, list[Any]]] = field(default_factory=list)
-    search_seed: int = 0
-    max_concurrent: Optional[int] = None
-    early_stop: str = "none"
-    asha_grace: Optional[int] = None
-    asha_reduction_factor: float = 3.0
-    max_failures: int = 2
-    cpus_per_trial: Optional[float] = None
-    gpus_per_trial: Optional[float] = None
-    gpu_memory_per_trial: Optional[str] = None
-    memory_per_trial: Optional[str] = None
-    node_gpu_memory: Optional[str] = None
-    skip_fit_check: bool = False
-    address: Optional[str] = None
-    num_cpus: Optional[int] = None
-    num_gpus: Optional[int] = None
-    progress_interval: float = 15.0
-    worker_logs: bool = False
-    job_fn: str = "trainer.job:run_job"
-    argv: str = ""
+    num_samples: int = _flag(8, "search", "how many configurations Optuna proposes (each runs --replicates x "
+                             "--cross times; default 8)", type=positive_int)
+    replicates: int = _flag(1, "search", "run every proposal with K seeds (seed, seed+1, ...): the seed as a "
+                            "replicate factor; Optuna learns from the mean (default 1)", type=positive_int)
+    cross: list[tuple[str, list[Any]]] = field(default_factory=list)  # crossed factors, as parsed from --cross
+    search_seed: int = _flag(0, "search", "seed of the TPE sampler (default 0)", type=int)
+    max_concurrent: Optional[int] = _flag(None, "search", "at most this many trials at once (default: as many "
+                                          "as the resources allow)", type=positive_int)
+    early_stop: str = _flag("none", "search", "early stopping on --metric: asha (asynchronous successive "
+                            "halving) or none (default)", choices=("none", "asha"))
+    asha_grace: Optional[int] = _flag(None, "search", "ASHA: samples (with --max-samples) or steps (with "
+                                      "--max-steps) a trial runs before it can be stopped (default: the trial "
+                                      "length / 8)", type=positive_int)
+    asha_reduction_factor: float = _flag(3.0, "search", "ASHA: keep the best 1/F at each rung (default 3)",
+                                         type=float)
+    max_failures: int = _flag(2, "output", "retries of a trial lost to a worker or node failure, from its last "
+                              "checkpoint (default 2); oom, diverged and error outcomes are never retried", type=int)
+    cpus_per_trial: Optional[float] = _flag(None, "resources", "CPUs per trial (default 1)", type=nonneg_float)
+    gpus_per_trial: Optional[float] = _flag(
+        None, "resources", "GPUs per trial; a fraction packs trials on one GPU (0.25: four per GPU) and caps each "
+        "trial's allocator at that fraction (default: 1 if the cluster has GPUs, else 0)", type=nonneg_float)
+    gpu_memory_per_trial: Optional[str] = _flag(
+        None, "resources", "GPU memory per trial, e.g. 16GiB: sets the GPU fraction Ray schedules by (from the GPU "
+        "memory of the cluster's nodes) and the job's allocator cap (max_gpu_memory); auto: each trial's "
+        "predicted peak (mdsweep plan) plus margin", metavar="SIZE")
+    memory_per_trial: Optional[str] = _flag(None, "resources", "host RAM per trial (Ray's memory resource, "
+                                            "admission control), e.g. 24GiB", metavar="SIZE")
+    node_gpu_memory: Optional[str] = _flag(None, "resources", "memory of one GPU in the cluster, e.g. 80GiB, for "
+                                           "--gpu-memory-per-trial (default: measured with nvidia-smi on each "
+                                           "GPU node); needed for logical GPUs", metavar="SIZE")
+    skip_fit_check: bool = _flag(False, "resources", "do not fail when no current node can hold a trial "
+                                 "(autoscaling clusters)")
+    address: Optional[str] = _flag(None, "cluster",
+                                   "Ray cluster to attach to: auto (a `ray start --head` on this machine), "
+                                   "host:port (the head's GCS port) or ray://host:port (Ray Client). Default: "
+                                   "$RAY_ADDRESS if set, else an embedded Ray on this machine")
+    num_cpus: Optional[int] = _flag(None, "cluster", "logical CPUs of the embedded Ray (default: all); not with "
+                                    "--address", type=positive_int)
+    num_gpus: Optional[int] = _flag(None, "cluster", "logical GPUs of the embedded Ray (default: detected); not "
+                                    "with --address", type=int)
+    progress_interval: float = _flag(15.0, "output", "seconds between progress tables (0: none; default 15)",
+                                     type=nonneg_float)
+    worker_logs: bool = _flag(False, "output", "forward the trials' stdout/stderr to this terminal")
+    job_fn: str = "trainer.job:run_job"  # the job each trial runs (tests substitute an instrumented one)
+    argv: str = ""  # the command line that started the sweep
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
