@@ -9,7 +9,7 @@ import pytest
 from orchestrator.cli import build_parser
 from orchestrator.cli_sweep import fixed_settings
 from orchestrator.objectives import default_mode
-from orchestrator.sweep import check_settings, searched_columns
+from orchestrator.sweep_checks import check_settings, searched_columns
 from orchestrator.sweep_settings import SweepError, SweepSettings, read_manifest, write_manifest
 from orchestrator.tune_state import drop_repair_copies, repair_checkpoints
 

@@ -1,0 +1,133 @@
+"""What `mdsweep run` checks before Ray starts: the settings, the space, the output paths and the data, each
+failing with a message that names its flag, so that nothing is scheduled that cannot work."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from orchestrator import cluster as cluster_mod
+from orchestrator.objectives import default_mode
+from orchestrator.resources import ResourceError, is_auto, parse_size
+from orchestrator.results_schema import METRICS, validate_sweep_name
+from orchestrator.spaces import SpaceError, SpaceInfo, validate_space
+from orchestrator.sweep_settings import SweepError, SweepSettings
+
+def check_settings(s: SweepSettings) -> SpaceInfo:
+    """Everything that needs no cluster. Returns the validated space."""
+    try:
+        validate_sweep_name(s.name)
+    except ValueError as e:
+        raise SweepError(str(e)) from None
+    if s.metric not in METRICS:
+        raise SweepError(f"--metric {s.metric!r}: not a reported metric; choose from {', '.join(METRICS)}")
+    s.mode = s.mode or default_mode(s.metric)
+    if s.mode not in ("max", "min"):
+        raise SweepError(f"--mode {s.mode!r}: choose max or min")
+    for metric, mode in s.objectives:
+        if metric not in METRICS:
+            raise SweepError(f"--objective {metric!r}: not a reported metric; choose from {', '.join(METRICS)}")
+        if mode not in ("max", "min"):
+            raise SweepError(f"--objective {metric}:{mode}: choose max or min")
+    if len({m for m, _ in s.objectives}) < len(s.objectives):
+        raise SweepError("--objective: a metric is given twice")
+    if len(s.objectives) > 1 and s.early_stop != "none":
+        raise SweepError("--early-stop with several --objective: early stopping judges one metric; drop one")
+    if s.num_samples < 1:
+        raise SweepError("--num-samples must be >= 1")
+    if s.max_concurrent is not None and s.max_concurrent < 1:
+        raise SweepError("--max-concurrent must be >= 1")
+    if s.max_failures < 0:
+        raise SweepError("--max-failures must be >= 0")
+    for flag, size in (("--gpu-memory-per-trial", s.gpu_memory_per_trial), ("--node-gpu-memory", s.node_gpu_memory),
+                       ("--memory-per-trial", s.memory_per_trial)):
+        if size and not (flag == "--gpu-memory-per-trial" and is_auto(size)):
+            try:
+                parse_size(size, flag)
+            except ResourceError as e:
+                raise SweepError(str(e)) from None
+    if not s.fixed.get("train_data"):
+        raise SweepError("--train-data is required (a Parquet file/dir, image folder or JSONL/CSV manifest)")
+    check_fixed_settings(s.fixed)
+    for flag, value in (("--results", s.results), ("--storage", s.storage)):
+        check_local_directory(flag, value)
+    try:
+        info = validate_space(s.space, s.fixed, seed=s.search_seed)
+    except SpaceError as e:
+        raise SweepError(str(e)) from None
+    for name, _vals in s.cross:
+        if name in info.searched:
+            raise SweepError(f"--cross {name}: the space {s.space!r} also searches {name}; use a space without it "
+                             f"(e.g. captcha:paired for attention)")
+        if name in s.fixed:
+            raise SweepError(f"--cross {name}: {name} is also fixed by a flag")
+    if s.replicates > 1 and "seed" in info.searched:
+        raise SweepError("--replicates: the space already searches seed")
+    if s.replicates > 1 and any(n == "seed" for n, _ in s.cross):
+        raise SweepError("--replicates and --cross seed both vary the seed; use one")
+    if s.early_stop not in ("none", "asha"):
+        raise SweepError(f"--early-stop {s.early_stop!r}: choose none or asha")
+    try:
+        from orchestrator.early_stopping import make_scheduler
+
+        make_scheduler(s.early_stop, s.metric, s.mode, s.fixed, s.asha_grace,
+                       s.asha_reduction_factor)
+    except ValueError as e:
+        raise SweepError(str(e)) from None
+    return info
+
+
+def check_local_directory(flag: str, value: str) -> None:
+    """A local output path must be (or be creatable as) a directory: a file there is an error up front,
+    not a traceback halfway through starting the sweep."""
+    if cluster_mod.is_remote_storage(value):
+        return
+    path = Path(value)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise SweepError(f"{flag} {value}: {candidate} is a file, not a directory")
+            return
+
+
+def check_data(fixed: dict[str, Any]) -> Optional[str]:
+    """Load the training and validation data once on the driver, as a trial will (same columns, same handling
+    of bad rows), so that a missing, corrupt or empty dataset fails before Ray starts instead of in every trial.
+    The driver must see the data where the trials do (local runs, or shared storage on a cluster); URIs are left
+    to the trials. Returns a line for the user."""
+    from trainer.data import DataError, load_samples
+
+    read = {"text_column": fixed.get("text_column"), "image_column": fixed.get("image_column"),
+            "on_bad_sample": fixed.get("on_bad_sample") or "error"}
+    counts = []
+    started = time.time()
+    for flag, key in (("--train-data", "train_data"), ("--val-data", "val_data")):
+        value = fixed.get(key)
+        if not value or "://" in str(value):
+            continue
+        try:
+            loaded = load_samples(value, **read)
+        except DataError as e:
+            raise SweepError(f"{flag}: {e}") from None
+        skipped = f" ({loaded.skipped} bad rows skipped)" if loaded.skipped else ""
+        counts.append(f"{flag.removeprefix('--')} {len(loaded.samples)} samples{skipped}")
+    return f"data checked in {time.time() - started:.1f} s: {', '.join(counts)}" if counts else None
+
+
+def check_fixed_settings(fixed: dict[str, Any]) -> None:
+    """Fixed settings that cannot work (a zero batch, lr 0, an unknown fault, max_samples with max_steps)
+    fail here, before Ray starts, naming the setting: JobConfig checks its own values."""
+    from trainer.job_config import JobConfig
+
+    try:
+        JobConfig.from_dict(fixed)
+    except (ValueError, TypeError) as e:
+        raise SweepError(f"job settings: {e}") from None
+
+
+def searched_columns(s: SweepSettings, info: SpaceInfo) -> list[str]:
+    cols = list(info.searched)
+    cols += [n for n, _ in s.cross if n not in cols]
+    if s.replicates > 1 and "seed" not in cols:
+        cols.append("seed")
+    return cols
