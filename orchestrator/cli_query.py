@@ -53,10 +53,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     try:
         table = Q.load_table(args.results, args.table, args.sweep or None)
         table = apply_where(table, args.where)
-        mode = "max"
-        if "objective_mode" in table.column_names:
-            modes = [m for m in pc.unique(table.column("objective_mode")).to_pylist() if m]
-            mode = modes[0] if len(modes) == 1 else "max"
+        mode = Q.objective_mode(table)
         if args.pareto is not None:
             table = pareto_table(args, table)
         if args.paired:

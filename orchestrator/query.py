@@ -149,6 +149,15 @@ def select_columns(table: pa.Table, text: Optional[str], default: Optional[list[
 # ---------------------------------------------------------------- grouping
 
 
+def objective_mode(trials: pa.Table) -> str:
+    """The direction of the objective the trials were ranked by (max when the table does not say, or when it
+    mixes sweeps of both directions)."""
+    if "objective_mode" not in trials.column_names:
+        return "max"
+    modes = [m for m in pc.unique(trials.column("objective_mode")).to_pylist() if m]
+    return modes[0] if len(modes) == 1 else "max"
+
+
 def value_mode(value: str, objective_mode: str = "max") -> str:
     """Which way is better for `value`: the objective's mode, or min for losses/error rates/costs."""
     return objective_mode if value == "objective" else default_mode(value)
@@ -318,10 +327,8 @@ def leaderboard(results: str | Path, sweep: str, top: int = 10) -> str:
     trials = load_table(results, "trials", [sweep])
     if trials.num_rows == 0:
         return "(no trials)"
-    mode = "max"
-    if "objective_mode" in trials.column_names:
-        modes = [m for m in pc.unique(trials.column("objective_mode")).to_pylist() if m]
-        mode = modes[0] if modes else "max"
-    trials = sort_table(trials, [("objective", "descending" if mode == "max" else "ascending"), ("trial_id", "ascending")])
+    mode = objective_mode(trials)
+    trials = sort_table(trials, [("objective", "descending" if mode == "max" else "ascending"),
+                                 ("trial_id", "ascending")])
     cols = default_trial_columns(trials)
     return format_table(trials.select(cols).slice(0, top))

@@ -30,7 +30,6 @@ from orchestrator.results_schema import METRICS
 from orchestrator.job_values import normalize_value
 from orchestrator.spaces import split_suggestion
 
-DEFAULT_JOB_FN = "trainer.job:run_job"
 PREDICTIONS_KEY = "mdsweep_predictions"
 KIND_KEY = "mdsweep_kind"  # "eval" for a report at an evaluation, "final" for the trial's last one
 JOB_CONFIG_KEY = "mdsweep_job_config"  # the JobConfig the trial ran, as a dict: the trials table records it
@@ -42,10 +41,10 @@ class TrialSpec:
     """Everything a trial needs besides its suggested parameters (same for every trial)."""
 
     fixed: dict[str, Any]
-    metric: str = "val_exact_match"
-    max_gpu_memory: Optional[str] = None  # from --gpu-memory-per-trial or a GPU fraction
-    cpus: float = 1.0
-    job_fn: str = DEFAULT_JOB_FN
+    metric: str
+    max_gpu_memory: Optional[str]  # from --gpu-memory-per-trial or a GPU fraction
+    cpus: float
+    job_fn: str  # "module:function", SweepSettings.job_fn
 
 
 def load_callable(path: str) -> Callable:
