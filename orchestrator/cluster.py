@@ -101,17 +101,17 @@ def project_runtime_env() -> dict[str, Any]:
     return {"py_modules": [orchestrator, trainer, search_spaces]}
 
 
-def _submitted_job_runtime_env() -> Optional[dict[str, Any]]:
+def _submitted_job_runtime_env() -> dict[str, Any]:
     """The runtime env of the `ray job submit` that started this driver (Ray's job manager passes it in an
-    environment variable), or None outside a submitted job."""
+    environment variable); empty outside a submitted job."""
     job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    return (json.loads(job_config).get("runtime_env") or {}) if job_config else None
+    return (json.loads(job_config).get("runtime_env") or {}) if job_config else {}
 
 
 def _submitted_job_ships_code() -> bool:
     """True in a driver started by `ray job submit --working-dir ...` (or `--runtime-env` with py_modules):
     the job's runtime env already ships the code, and Ray refuses a second working_dir from ray.init."""
-    runtime_env = _submitted_job_runtime_env() or {}
+    runtime_env = _submitted_job_runtime_env()
     return bool(runtime_env.get("working_dir") or runtime_env.get("py_modules"))
 
 
@@ -122,14 +122,14 @@ def leave_job_working_dir() -> None:
     here, the first sweep on a fresh cluster then died in torch's MKL ("Cannot load libtorch_cpu.so") or in
     Tune (`os.getcwd()`: FileNotFoundError). Imports are unaffected: sys.path holds the path, which is
     re-created with the same files."""
-    if (_submitted_job_runtime_env() or {}).get("working_dir"):
+    if _submitted_job_runtime_env().get("working_dir"):
         os.chdir(Path.home() if Path.home().is_dir() else tempfile.gettempdir())
 
 
 def check_output_outlives_job(flag: str, path: str) -> None:
     """A driver started by `ray job submit --working-dir` runs in Ray's temporary copy of that directory,
     deleted with the Ray session: a relative output path there would lose the sweep's results."""
-    if not Path(path).expanduser().is_absolute() and (_submitted_job_runtime_env() or {}).get("working_dir"):
+    if not Path(path).expanduser().is_absolute() and _submitted_job_runtime_env().get("working_dir"):
         raise ClusterError(f"{flag} {path}: relative, and this driver runs in Ray's temporary copy of the job's "
                            "--working-dir, which Ray deletes; give an absolute path (shared storage on a "
                            "multi-node cluster)")

@@ -14,9 +14,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import pyarrow as pa
+
 from orchestrator.objectives import is_finite_number
 from orchestrator.query import PairedSpec, QueryError, load_table, paired_comparison
-from orchestrator.study import StudyError, build_study, sweep_objectives, sweep_record
+from orchestrator.study import StudyError, study_from_rows, sweep_objectives, sweep_record
 from orchestrator.trial_pick import best_trial
 
 FAILED_OUTCOMES = ("oom", "diverged", "error")
@@ -59,6 +61,7 @@ def collect(results: str, sweep: str) -> ReportData:
     except (QueryError, StudyError, FileNotFoundError) as e:
         raise ReportError(str(e)) from None
     steps = _rows(results, "steps", sweep)
+    predictions = _rows(results, "predictions", sweep)
     objectives = sweep_objectives(record)
     metric, mode = objectives[0]
     best = best_trial(trials)
@@ -68,10 +71,10 @@ def collect(results: str, sweep: str) -> ReportData:
         leaderboard=leaderboard(trials, metric, mode),
         curves=curves(trials, steps, metric),
         search=search_points(trials),
-        paired=paired(results, sweep, trials, record),
-        importance=importance(results, sweep, trials),
-        cost=cost(trials, record),
-        misread=misread(results, sweep, best, record))
+        paired=paired(trials, predictions),
+        importance=importance(results, sweep, record, trials, steps),
+        cost=cost(trials),
+        misread=misread(best, predictions, record))
 
 
 
@@ -143,27 +146,28 @@ def search_points(trials: list[dict[str, Any]]) -> Section:
     return Section(rows=rows, note=None if rows else "no trials")
 
 
-def paired(results: str, sweep: str, trials: list[dict[str, Any]], record: dict[str, Any]) -> Section:
+def paired(trials: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> Section:
     if len({t.get("attention") for t in trials if t.get("outcome") == "ok"}) < 2:
         return Section(note="no pairs: run with `--cross attention` (e.g. `--space captcha:paired`) to compare "
                             "the attention layouts on the same samples")
     try:
-        table = paired_comparison(load_table(results, "trials", [sweep]), load_table(results, "predictions", [sweep]),
+        table = paired_comparison(pa.Table.from_pylist(trials), pa.Table.from_pylist(predictions),
                                   PairedSpec("attention"))
-    except (QueryError, FileNotFoundError) as e:
+    except QueryError as e:
         return Section(note=f"no pairs: {e}")
     rows = table.to_pylist()
     return Section(rows=rows, note=None if rows else "no finished pair of trials yet")
 
 
-def importance(results: str, sweep: str, trials: list[dict[str, Any]]) -> Section:
+def importance(results: str, sweep: str, record: dict[str, Any], trials: list[dict[str, Any]],
+               steps: list[dict[str, Any]]) -> Section:
     """Optuna's PED-ANOVA importances (its default evaluator; fANOVA would need scikit-learn) on the sweep as a
     study, for the first objective; it needs at least two completed proposals. PED-ANOVA asks which settings
     the best (lowest) values share, so a maximised metric is negated for it."""
     import optuna
 
     try:
-        built = build_study(results, sweep)
+        built = study_from_rows(results, sweep, record, trials, steps)
     except StudyError as e:
         return Section(note=str(e))
     complete = built.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -187,7 +191,7 @@ def importance(results: str, sweep: str, trials: list[dict[str, Any]]) -> Sectio
     return Section(rows=rows, note="; ".join(notes) or None)
 
 
-def cost(trials: list[dict[str, Any]], record: dict[str, Any]) -> Section:
+def cost(trials: list[dict[str, Any]]) -> Section:
     rows = [{"trial_id": t["trial_id"], "attention": t.get("attention"), "outcome": t.get("outcome"),
              "peak_gib": t["peak_memory_bytes"] / 2**30 if t.get("peak_memory_bytes") else None,
              "predicted_gib": t["predicted_peak_bytes"] / 2**30 if t.get("predicted_peak_bytes") else None,
@@ -196,11 +200,11 @@ def cost(trials: list[dict[str, Any]], record: dict[str, Any]) -> Section:
     return Section(rows=rows, note=None if rows else "no trials")
 
 
-def misread(results: str, sweep: str, best: Optional[dict[str, Any]], record: dict[str, Any]) -> Section:
+def misread(best: Optional[dict[str, Any]], predictions: list[dict[str, Any]], record: dict[str, Any]) -> Section:
     """The best trial's wrong answers at its last evaluation, with their images (at most MAX_MISREAD)."""
     if best is None:
         return Section(note="no trial ended ok")
-    preds = [p for p in _rows(results, "predictions", sweep) if p["trial_id"] == best["trial_id"]]
+    preds = [p for p in predictions if p["trial_id"] == best["trial_id"]]
     if not preds:
         return Section(note=f"trial {best['trial_id']} saved no predictions")
     last = max(p["step"] or 0 for p in preds)

@@ -54,14 +54,20 @@ def sweep_objectives(record: dict[str, Any]) -> list[tuple[str, str]]:
 def build_study(results: str, sweep: str, storage: Optional[str] = None) -> SweepStudy:
     """The sweep as a study named after it, in `storage` (an Optuna storage URL; None keeps it in memory).
     A study of that name already in the storage is replaced, so a re-run gives the same study."""
-    import optuna
-
     try:
         record = sweep_record(results, sweep)
         trials = load_table(results, "trials", [sweep]).to_pylist()
         steps = load_table(results, "steps", [sweep]).to_pylist() if trials else []
     except QueryError as e:
         raise StudyError(str(e)) from None
+    return study_from_rows(str(results), sweep, record, trials, steps, storage)
+
+
+def study_from_rows(results: str, sweep: str, record: dict[str, Any], trials: list[dict[str, Any]],
+                    steps: list[dict[str, Any]], storage: Optional[str] = None) -> SweepStudy:
+    """`build_study` from the sweep's rows already read (the report has them)."""
+    import optuna
+
     objectives = sweep_objectives(record)
     notes: list[str] = []
     distributions = _space_distributions(record, notes)
@@ -74,7 +80,7 @@ def build_study(results: str, sweep: str, storage: Optional[str] = None) -> Swee
         optuna.delete_study(study_name=sweep, storage=storage)
     study = optuna.create_study(study_name=sweep, storage=storage,
                                 directions=["maximize" if mode == "max" else "minimize" for _, mode in objectives])
-    study.set_user_attr("results", str(results))
+    study.set_user_attr("results", results)
     study.set_user_attr("space", record.get("space"))
     with warnings.catch_warnings():  # experimental in Optuna 3-5, and what optuna-dashboard labels axes with
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
