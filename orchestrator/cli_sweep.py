@@ -6,7 +6,7 @@ import dataclasses
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 from orchestrator.job_flags import add_job_arguments, job_overrides
 
@@ -29,7 +29,7 @@ def settings_flags() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(SweepSettings) if "argparse" in f.metadata]
 
 
-def add_settings_flags(groups: dict[str, Any], only: Optional[set[str]] = None) -> None:
+def add_settings_flags(groups: dict[str, Any], only: Optional[Collection[str]] = None) -> None:
     """One flag per SweepSettings field that declares one, in its group, with its help text."""
     for f in settings_flags():
         if only is not None and f.name not in only:
@@ -41,10 +41,13 @@ def add_settings_flags(groups: dict[str, Any], only: Optional[set[str]] = None) 
                                                  help=f.metadata["help"], **kwargs)
 
 
-def add_cluster_flags(p: argparse.ArgumentParser, groups: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    groups = dict(groups or {})
-    groups["cluster"] = p.add_argument_group("cluster")
-    add_settings_flags(groups, only={"address", "storage", "num_cpus", "num_gpus"})
+# the settings `run` and `resume` share: where the cluster and the experiment state are
+CLUSTER_SETTINGS = frozenset({"address", "storage", "num_cpus", "num_gpus"})
+
+
+def add_cluster_flags(p: argparse.ArgumentParser) -> dict[str, Any]:
+    groups = {"cluster": p.add_argument_group("cluster")}
+    add_settings_flags(groups, only=CLUSTER_SETTINGS)
     groups["cluster"].add_argument("--quiet", action="store_true", help="no progress table or leaderboard")
     return groups
 
@@ -61,8 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     groups = add_cluster_flags(run)
     for key in ("search", "job", "resources", "output"):
         groups[key] = run.add_argument_group(GROUP_TITLES[key])
-    add_settings_flags(groups, only={f.name for f in settings_flags()} - {"address", "storage", "num_cpus",
-                                                                           "num_gpus"})
+    add_settings_flags(groups, only={f.name for f in settings_flags()} - CLUSTER_SETTINGS)
     search = groups["search"]
     search.add_argument("--objective", action="append", default=[], metavar="METRIC[:max|min]",
                         help="an objective; give two or more (e.g. --objective val_exact_match:max --objective "
