@@ -3,6 +3,8 @@
 - `mdsweep data synth --n 6000 --out captchas.parquet`: seeded synthetic captchas
   (Parquet, Hugging Face layout: `image` {bytes, path} + `solution`).
 - `mdsweep data check PATH`: load a dataset the way a trial would and summarise it.
+- `mdsweep data prepare PATH... --model M`: build this node's preprocessing cache entries (crops made once,
+  read from disk by every trial) ahead of a sweep.
 """
 from __future__ import annotations
 
@@ -62,6 +64,34 @@ def register(subparsers: Any) -> None:
     check.add_argument("--skip-bad", action="store_true",
                        help="skip and count bad rows (corrupt image, empty label) instead of failing")
     check.set_defaults(func=_check)
+
+    from trainer.job_config import JobConfig
+
+    prepare = commands.add_parser(
+        "prepare",
+        help="crop datasets into this node's preprocessing cache ahead of a sweep",
+        description=(
+            "Crop every image of each dataset at the model's geometry into the preprocessing cache, as the "
+            "first trial on a node would. Every trial on this node that reads the same data for a model of the "
+            "same geometry then reads the crops from disk instead of making them. An entry that already exists "
+            "and passes its checks is kept; a truncated or altered one is rebuilt. Each node of a cluster has "
+            "its own cache unless --cache-dir is on a shared filesystem."
+        ),
+    )
+    prepare.add_argument("paths", nargs="+", metavar="PATH", help="datasets (train, validation, test)")
+    prepare.add_argument("--model", default=JobConfig.model,
+                         help="the model the sweep trains, for its crop geometry: a preset, a local directory or "
+                              "a hub id (default: %(default)s, as for mdsweep run)")
+    prepare.add_argument("--cache-dir", default=None,
+                         help="cache directory (default: $MDSWEEP_CACHE_DIR, else ~/.cache/mdsweep/crops), as "
+                              "--cache-dir of run and train")
+    prepare.add_argument("--text-column", default=None, help="text column, as for the sweep (default: the first "
+                                                             "of solution, text, label)")
+    prepare.add_argument("--image-column", default=None, help="image column, as for the sweep")
+    prepare.add_argument("--skip-bad", action="store_true",
+                         help="skip and count bad rows, as a sweep with --set on_bad_sample=skip does (the entry "
+                              "is only used by jobs that skip too)")
+    prepare.set_defaults(func=_prepare)
 
 
 class _Progress:
@@ -132,4 +162,30 @@ def _check(args: argparse.Namespace) -> int:
     print("lengths:  " + ", ".join(f"{k}: {v}" for k, v in sorted(lengths.items())))
     print(f"charset:  {''.join(chars)!r} ({len(chars)} characters)")
     print(f"first:    {samples[0].sample_id} -> {samples[0].text!r}, {first.size[0]}x{first.size[1]}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from orchestrator.resources import format_size
+    from trainer.config import model_config_of
+    from trainer.crop_cache import ReadOptions, geometry_of, open_cached
+    from trainer.data import DataError
+
+    vision = model_config_of(args.model).vision
+    read = ReadOptions(args.text_column, args.image_column, "skip" if args.skip_bad else "error")
+    geometry = ", ".join(f"{k} {v}" for k, v in geometry_of(vision).items())
+    print(f"model {args.model}: {geometry}")
+    for path in args.paths:
+        started = time.monotonic()
+        try:
+            store = open_cached(path, vision, read, Path(args.cache_dir) if args.cache_dir else None)
+        except DataError as exc:
+            print(f"mdsweep data prepare: error: {exc}", file=sys.stderr)
+            return 1
+        meta = store.meta
+        skipped = f", {meta['skipped']} bad rows skipped" if meta["skipped"] else ""
+        print(f"{path}: {len(store)} samples{skipped}, {format_size(meta['crops_bytes'])} of crops "
+              f"in {store.directory} (ready in {time.monotonic() - started:.1f} s)")
     return 0

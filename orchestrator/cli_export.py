@@ -7,14 +7,11 @@ and writes the official Moondream2 layout plus a JSON model card.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
 
-from orchestrator.cluster import is_remote_storage
+from orchestrator.trial_checkpoint import job_config_of, local_checkpoint
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,31 +26,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True, help="directory to write the model to")
     parser.add_argument("--force", action="store_true", help="replace --out if it already holds files")
     parser.set_defaults(func=run_export)
-
-
-@contextlib.contextmanager
-def local_checkpoint(row: dict[str, Any], experiment_path: str | None) -> Iterator[Path]:
-    """The trial's checkpoint as a local directory (copied from s3://, gs://, ... storage)."""
-    recorded = row.get("checkpoint_path")
-    if not recorded:
-        raise FileNotFoundError(f"trial {row['trial_id']} has no checkpoint recorded in the trials table")
-    if Path(recorded).is_dir():
-        yield Path(recorded)
-        return
-    if not (experiment_path and is_remote_storage(experiment_path)):
-        raise FileNotFoundError(f"checkpoint {recorded} of trial {row['trial_id']} is missing: was the sweep's "
-                                "--storage moved or deleted?")
-    import pyarrow.fs as pafs
-
-    # Tune records bucket paths without the scheme: rebuild the URI from the experiment path
-    relative = "/".join(Path(recorded).parts[-2:])  # trial_<id>/checkpoint_<n>
-    uri = f"{experiment_path.rstrip('/')}/{relative}"
-    with tempfile.TemporaryDirectory(prefix="mdsweep-export-") as tmp:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        if fs.get_file_info(path).type != pafs.FileType.Directory:
-            raise FileNotFoundError(f"checkpoint {uri} of trial {row['trial_id']} is missing from storage")
-        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        yield Path(tmp)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -77,13 +49,12 @@ def run_export(args: argparse.Namespace) -> int:
         return fail(f"--out {out} already holds files; pass --force to replace them")
 
     from trainer.export import export_checkpoint
-    from trainer.job_config import JobConfig
     from trainer.weights import CheckpointError
     from orchestrator.results_schema import METRICS
 
     sweep_rows = read_partition(results, "sweeps", args.sweep)
     experiment_path = sweep_rows[0].get("experiment_path") if sweep_rows else None
-    config = JobConfig.from_dict({name: row[name] for name in JobConfig().to_dict() if name in row})
+    config = job_config_of(row)
     card = {
         "sweep": args.sweep, "trial_id": row["trial_id"], "group_id": row.get("group_id"),
         "objective_metric": row.get("objective_metric"), "objective": row.get("objective"),

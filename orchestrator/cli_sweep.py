@@ -13,8 +13,8 @@ from orchestrator.job_flags import add_job_arguments, job_overrides
 # JobConfig fields with their own flag on `mdsweep run` (help texts come from JobConfig);
 # every other field is reachable through --set
 JOB_FLAG_FIELDS = ("model", "train_data", "val_data", "max_val_samples", "max_samples", "max_steps", "epochs",
-                   "batch_size", "eval_every_samples", "eval_every", "seed", "device")
-PATH_FIELDS = ("train_data", "val_data", "model")
+                   "batch_size", "eval_every_samples", "eval_every", "seed", "device", "cache_dir")
+PATH_FIELDS = ("train_data", "val_data", "test_data", "model", "cache_dir")
 
 
 GROUP_TITLES = {"cluster": "cluster", "search": "search",
@@ -134,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if objectives and (args.metric != "val_exact_match" or args.mode):
             raise ValueError("--objective sets the metric; drop --metric/--mode")
         flags = {f.name: getattr(args, f.name) for f in settings_flags()}
-        flags.update(metric=metric, mode=mode)
+        flags.update(metric=metric, mode=mode, test_data=_absolutize("test_data", args.test_data))
         settings = SweepSettings(name=args.name or f"sweep-{utc_stamp()}", fixed=fixed, objectives=objectives,
                                  cross=cross, argv=" ".join(shlex.quote(a) for a in sys.argv), **flags)
         outcome = run_sweep(settings, quiet=args.quiet, dry_run=args.dry_run)

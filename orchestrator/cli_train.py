@@ -6,6 +6,9 @@ Output directory:
   reports.parquet      one row per evaluation (rewritten after each one)
   predictions.parquet  the last evaluation, one row per validation sample
   checkpoint/          the latest checkpoint (`--resume` continues from it)
+
+With --test-data, the final model is tested once on that held-out set; its test_*
+numbers are printed and written to result.json (test_metrics).
 """
 from __future__ import annotations
 
@@ -30,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="output directory (default: runs/train-YYYYmmdd-HHMMSS)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT/checkpoint if it exists (same flags as the interrupted run)")
+    parser.add_argument("--test-data", default=None, metavar="PATH",
+                        help="held-out test set (same formats as --train-data): the final model is tested on it "
+                             "once, when the job ends ok; it never steers training")
     add_job_arguments(parser.add_argument_group("job settings"))
     parser.set_defaults(func=run_train)
 
@@ -87,7 +93,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     try:
         result = run_job(config, on_report=on_report, checkpoint_dir=checkpoint, resume_from=resume_from,
-                         on_step=on_step)
+                         on_step=on_step, test_data=args.test_data)
     except (DataError, CheckpointError, ValueError, FileNotFoundError) as exc:
         bar.close()
         print(f"mdsweep train: error: {exc}", file=sys.stderr)
@@ -100,10 +106,15 @@ def run_train(args: argparse.Namespace) -> int:
     summary = {"outcome": result.outcome, "step": result.step, "error": result.error,
                "wall_time_s": result.wall_time_s, "peak_memory_bytes": result.peak_memory_bytes,
                "final_metrics": result.final_metrics, "best_metrics": result.best_metrics,
-               "config": config.to_dict()}
+               "test_metrics": result.test_metrics, "test_data": args.test_data, "config": config.to_dict()}
     (out / "result.json").write_text(json.dumps(summary, indent=1))
     print(f"{result.outcome}: {result.step} steps in {result.wall_time_s:.0f}s; "
           f"val exact match {result.final_metrics.get('val_exact_match', float('nan')):.3f}; results in {out}")
+    if result.test_metrics:
+        t = result.test_metrics
+        print(f"held-out test ({args.test_data}): exact match {t['test_exact_match']:.3f} "
+              f"[{t['test_exact_match_low']:.3f}, {t['test_exact_match_high']:.3f}] (n={t['test_n']}), "
+              f"CER {t['test_cer']:.3f}")
     if result.error:
         print(result.error, file=sys.stderr)
     return 0 if result.outcome == "ok" else EXIT_FAILED_OUTCOME

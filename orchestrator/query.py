@@ -124,6 +124,9 @@ def default_trial_columns(table: pa.Table) -> list[str]:
     wanted = ["sweep", "trial_id", "outcome", *searched, "seed", "objective", f"best_{metric}",
               f"final_{metric}", f"final_{metric}_low", f"final_{metric}_high", "steps_completed",
               "peak_memory_bytes", "predicted_peak_bytes", "wall_time_s", "node_ip", "gpu_ids"]
+    if "test_n" in table.column_names and table.column("test_n").null_count < table.num_rows:
+        at = wanted.index("steps_completed")  # a sweep run with --test-data: its tested trials' numbers
+        wanted[at:at] = ["test_exact_match", "test_exact_match_low", "test_exact_match_high"]
     seen, cols = set(), []
     for c in wanted:
         if c in table.column_names and c not in seen:

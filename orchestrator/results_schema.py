@@ -25,7 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from trainer.job_config import REPORT_METRICS
+from trainer.job_config import REPORT_METRICS, TEST_METRICS
 from trainer.job_config import field_types as job_field_types
 
 SCHEMA_VERSION = 1
@@ -41,6 +41,9 @@ SWEEP_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
 METRIC_TYPES: dict[str, pa.DataType] = {
     name: pa.int64() if metric.type is int else pa.float64() for name, metric in REPORT_METRICS.items()}
 METRICS: tuple[str, ...] = tuple(METRIC_TYPES)
+# A held-out test of a sweep's best trials (--test-data): null for the trials not tested.
+TEST_METRIC_TYPES: dict[str, pa.DataType] = {
+    name: pa.int64() if metric.type is int else pa.float64() for name, metric in TEST_METRICS.items()}
 
 UTC_TS = pa.timestamp("us", tz="UTC")
 
@@ -94,6 +97,8 @@ def trials_schema() -> pa.Schema:
         pa.field("objective", pa.float64()),  # the value Optuna was told (final evaluation)
         *[pa.field(f"best_{m}", t) for m, t in METRIC_TYPES.items()],
         *[pa.field(f"final_{m}", t) for m, t in METRIC_TYPES.items()],
+        *[pa.field(m, t) for m, t in TEST_METRIC_TYPES.items()],
+        pa.field("test_data", pa.string()),  # what the test_* columns were measured on
         pa.field("steps_completed", pa.int64()),
         pa.field("n_reports", pa.int64()),
         pa.field("peak_memory_bytes", pa.int64()),

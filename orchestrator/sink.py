@@ -80,6 +80,15 @@ def write_sweep_row(root: Path | str, sweep: str, row: dict[str, Any]) -> None:
     write_atomic(rows_to_table([merged], schema_for("sweeps")), partition_dir(root, "sweeps", sweep) / "sweep.parquet")
 
 
+def update_trial_row(root: Path | str, sweep: str, trial_id: str, values: dict[str, Any]) -> None:
+    """Add `values` to one trial's row after its run (the held-out test at the end of a sweep)."""
+    path = partition_dir(root, "trials", sweep) / f"{trial_id}.parquet"
+    with open(path, "rb") as handle:
+        row = pq.read_table(handle).to_pylist()[0]
+    row.update(values)
+    write_atomic(rows_to_table([row], schema_for("trials")), path)
+
+
 def _tune_callback_base():
     from ray.tune import Callback
 

@@ -135,9 +135,12 @@ def _say(msg: str, quiet: bool = False) -> None:
 
 
 def _finish(s: SweepSettings, started: float, req: TrialResources, quiet: bool) -> SweepOutcome:
+    from orchestrator.held_out import test_best_trials
     from orchestrator.query import leaderboard
     from orchestrator.sink import read_partition, write_sweep_row
 
+    if s.test_data:
+        test_best_trials(s, req, lambda message: _say(message, quiet))
     rows = read_partition(s.results, "trials", s.name)
     counts: dict[str, int] = {}
     for r in rows:
@@ -187,6 +190,11 @@ def found_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
     searched = list(best.get("searched") or [])
     scores = [r["objective"] for r in rows if r.get("outcome") == "ok" and r.get("objective") is not None]
     lines = [f"\nBest: trial {best['trial_id']}: {describe_trial(best, searched)}"]
+    if best.get("test_n"):
+        lines.append(f"  on held-out --test-data: exact match {best['test_exact_match']:.3f} "
+                     f"[{best['test_exact_match_low']:.3f}, {best['test_exact_match_high']:.3f}] "
+                     f"(n={best['test_n']}), CER {best['test_cer']:.3f}: the estimate to quote; "
+                     f"the validation number chose it")
     if len(scores) > 1:
         lines.append(f"Spread over {len(scores)} ok trials: {min(scores):.3f} to {max(scores):.3f} "
                      f"({s.metric}); `mdsweep query {s.results} --sweep {s.name} --group-by ...` breaks it down")
@@ -217,7 +225,7 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
     cluster_mod.check_output_outlives_job("--results", s.results)
     s.results = str(Path(s.results).expanduser().resolve())
     info = check_settings(s)
-    data_note = check_data(s.fixed)
+    data_note = check_data(s.fixed, s.test_data)
     searched = searched_columns(s, info)
     if manifest_exists(s.storage, s.name):
         raise SweepError(f"--name {s.name}: a sweep of that name exists in {s.storage}; continue it with "

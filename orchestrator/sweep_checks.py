@@ -90,7 +90,7 @@ def check_local_directory(flag: str, value: str) -> None:
             return
 
 
-def check_data(fixed: dict[str, Any]) -> Optional[str]:
+def check_data(fixed: dict[str, Any], test_data: Optional[str] = None) -> Optional[str]:
     """Load the training and validation data once on the driver, as a trial will (same columns, same handling
     of bad rows), so that a missing, corrupt or empty dataset fails before Ray starts instead of in every trial.
     The driver must see the data where the trials do (local runs, or shared storage on a cluster); URIs are left
@@ -101,8 +101,8 @@ def check_data(fixed: dict[str, Any]) -> Optional[str]:
             "on_bad_sample": fixed.get("on_bad_sample") or "error"}
     counts = []
     started = time.time()
-    for flag, key in (("--train-data", "train_data"), ("--val-data", "val_data")):
-        value = fixed.get(key)
+    for flag, value in (("--train-data", fixed.get("train_data")), ("--val-data", fixed.get("val_data")),
+                        ("--test-data", test_data)):
         if not value or "://" in str(value):
             continue
         try:

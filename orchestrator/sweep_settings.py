@@ -75,6 +75,11 @@ class SweepSettings:
                                       "length / 8)", type=positive_int)
     asha_reduction_factor: float = _flag(3.0, "search", "ASHA: keep the best 1/F at each rung (default 3)",
                                          type=float)
+    test_data: Optional[str] = _flag(
+        None, "output", "held-out test set (same formats as --train-data): the --test-top best trials are tested "
+        "on it once when the sweep ends (test_* columns); it never steers the search", metavar="PATH")
+    test_top: int = _flag(1, "output", "how many of the best trials to test on --test-data (default 1)",
+                          type=positive_int)
     max_failures: int = _flag(2, "output", "retries of a trial lost to a worker or node failure, from its last "
                               "checkpoint (default 2); oom, diverged and error outcomes are never retried", type=int)
     cpus_per_trial: Optional[float] = _flag(None, "resources", "CPUs per trial (default 1)", type=nonneg_float)

@@ -14,13 +14,19 @@ class TrialPickError(ValueError):
 
 
 
-def best_trial(rows: Sequence[dict[str, Any]]) -> Optional[dict[str, Any]]:
-    """The `ok` trial with the best objective (ties: the lower trial id), or None."""
+def ranked_trials(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The `ok` trials with an objective, best first (ties: the lower trial id)."""
     scored = [r for r in rows if r.get("outcome") == "ok" and is_finite_number(r.get("objective"))]
     if not scored:
-        return None
+        return []
     sign = -1.0 if (scored[0].get("objective_mode") or "max") == "max" else 1.0
-    return min(scored, key=lambda r: (sign * r["objective"], r["trial_id"]))
+    return sorted(scored, key=lambda r: (sign * r["objective"], r["trial_id"]))
+
+
+def best_trial(rows: Sequence[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The `ok` trial with the best objective, or None."""
+    ranked = ranked_trials(rows)
+    return ranked[0] if ranked else None
 
 
 def find_trial(rows: Sequence[dict[str, Any]], sweep: str, *, trial_id: Optional[str], best: bool) -> dict[str, Any]:

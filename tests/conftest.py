@@ -18,3 +18,16 @@ def captcha_parquet(tmp_path_factory) -> Path:
     from trainer.synth import synthesize
 
     return synthesize(96, tmp_path_factory.mktemp("captchas") / "train.parquet", length=4, seed=0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def crop_cache_dir(tmp_path_factory) -> Path:
+    """Every test's preprocessing cache (and that of the Ray workers it starts, which inherit the environment) in
+    one session directory, never the user's ~/.cache."""
+    import os
+
+    from trainer.crop_cache import CACHE_DIR_ENV
+
+    path = tmp_path_factory.mktemp("crop-cache")
+    os.environ[CACHE_DIR_ENV] = str(path)
+    return path

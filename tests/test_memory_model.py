@@ -10,7 +10,8 @@ import torch
 
 from trainer.batching import Batch
 from trainer.config import PRESETS
-from trainer.job import accumulate_gradients, autocast_dtype_of, optimizer_step, prepare_model, resolve_precision
+from trainer.devices import autocast_dtype_of, resolve_precision
+from trainer.job import accumulate_gradients, optimizer_step, prepare_model
 from trainer.job_config import JobConfig
 from trainer.memory import track_allocations
 from trainer.memory_model import GIB, Workload, estimate_memory, optimizer_state_bytes, parameter_tensors

@@ -257,7 +257,7 @@ def test_export_refuses_a_trial_that_ran_out_of_memory(sweep, tmp_path):
 
 
 def test_export_says_when_storage_is_gone(tmp_path):
-    from orchestrator.cli_export import local_checkpoint
+    from orchestrator.trial_checkpoint import local_checkpoint
 
     with pytest.raises(FileNotFoundError, match="was the sweep's --storage moved or deleted"):
         with local_checkpoint({"trial_id": "t1", "checkpoint_path": str(tmp_path / "gone")}, str(tmp_path)):

@@ -36,6 +36,8 @@ __all__ = [
     "LoadedDataset",
     "load_samples",
     "split_samples",
+    "split_indices",
+    "read_rows",
     "decode_image",
     "detect_format",
     "IMAGE_EXTENSIONS",
@@ -90,6 +92,14 @@ def load_samples(path: PathLike, *, text_column: Optional[str] = None, image_col
     `split` picks one split from a Parquet directory that holds several.
     """
     collector = RowCollector(on_bad_sample)
+    source, fmt, rows = read_rows(path, collector, text_column=text_column, image_column=image_column, split=split)
+    return collector.finish(source, fmt, rows)
+
+
+def read_rows(path: PathLike, collector: RowCollector, *, text_column: Optional[str] = None,
+              image_column: Optional[str] = None, split: Optional[str] = None) -> tuple[str, str, int]:
+    """Feed every row under `path` to `collector`, which decides what becomes of it (kept, cropped into the
+    preprocessing cache, or only hashed); returns (source description, format, rows seen)."""
     fmt, target = detect_format(path)
     if split is not None and fmt != "parquet":
         raise DataError(f"{target}: split={split!r} applies only to a Parquet directory, this is {fmt}")
@@ -105,7 +115,7 @@ def load_samples(path: PathLike, *, text_column: Optional[str] = None, image_col
     else:
         rows = load_csv(target, collector, image_column, text_column)
         source = f"csv manifest {target}"
-    return collector.finish(source, fmt, rows)
+    return source, fmt, rows
 
 
 def split_samples(samples: Sequence[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -114,7 +124,12 @@ def split_samples(samples: Sequence[Sample], val_fraction: float, seed: int) -> 
     The validation split holds `round(len(samples) * val_fraction)` samples; both
     splits keep the input order. An empty split is a DataError.
     """
-    n = len(samples)
+    train_idx, val_idx = split_indices(len(samples), val_fraction, seed)
+    return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """`split_samples` on positions: the preprocessing cache splits its rows without loading them."""
     if not (isinstance(val_fraction, (int, float)) and math.isfinite(val_fraction) and 0.0 < val_fraction < 1.0):
         raise DataError(f"val_fraction must be strictly between 0 and 1, got {val_fraction!r}")
     n_val = int(math.floor(n * val_fraction + 0.5))
@@ -126,10 +141,8 @@ def split_samples(samples: Sequence[Sample], val_fraction: float, seed: int) -> 
         )
     order = list(range(n))
     random.Random(f"mdsweep-split:{seed}").shuffle(order)
-    val_idx = set(order[:n_val])
-    train = [s for i, s in enumerate(samples) if i not in val_idx]
-    val = [s for i, s in enumerate(samples) if i in val_idx]
-    return train, val
+    in_val = set(order[:n_val])
+    return [i for i in range(n) if i not in in_val], [i for i in range(n) if i in in_val]
 
 
 def load_unlabelled_images(paths: Sequence[PathLike]) -> list[Sample]:

@@ -25,10 +25,10 @@ def evaluate(model: MoondreamModel, samples: Sequence[EncodedSample], tokenizer:
     was_training = model.training
     model.eval()
     predictions: list[Prediction] = []
-    ordered = sorted(samples, key=lambda s: len(s.prompt_ids))  # equal prompt lengths per batch
-    for start in range(0, len(ordered), batch_size):
-        chunk = ordered[start: start + batch_size]
-        groups: dict[int, list[EncodedSample]] = {}
+    for start in range(0, len(samples), batch_size):
+        # a chunk at a time: a cached dataset reads its crops from disk only when indexed
+        chunk = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
+        groups: dict[int, list[EncodedSample]] = {}  # a batch shares one prompt length
         for s in chunk:
             groups.setdefault(len(s.prompt_ids), []).append(s)
         for group in groups.values():

@@ -16,7 +16,7 @@ from typing import Any
 from trainer.checkpoint import load_checkpoint
 from trainer.job_config import JobConfig
 from trainer.job_model import trained_model
-from trainer.loading import save_model
+from trainer.loading import LoadedModel, save_model
 from trainer.weights import CheckpointError
 
 MODEL_CARD = "model_card.json"
@@ -29,21 +29,28 @@ def export_checkpoint(checkpoint_dir: Path, config: JobConfig, out: Path, card: 
     `final_step` is the step the trial ran to: a checkpoint from an earlier step does not hold its
     final weights, and is refused before anything is written or, with `replace`, removed from `out`.
     """
+    loaded, n_trained = checkpoint_model(checkpoint_dir, config, final_step)
+    out = Path(out)
+    if replace and out.exists():
+        shutil.rmtree(out)
+    save_model(loaded, out)
+    card = {**card, "base_model": config.model, "trained_tensors": n_trained,
+            "job_config": config.to_dict()}
+    (out / MODEL_CARD).write_text(json.dumps(card, indent=1, default=str))
+    return out
+
+
+def checkpoint_model(checkpoint_dir: Path, config: JobConfig, final_step: int) -> tuple[LoadedModel, int]:
+    """The model a trial ended with, rebuilt from its checkpoint (base + trained tensors, fp32, LoRA merged), and
+    how many tensors it trained. `final_step` is the step the trial ran to: a checkpoint from an earlier step
+    does not hold its final weights, and is refused."""
     state = load_checkpoint(checkpoint_dir)
     step = state["progress"]["step"]
     if step != final_step:
         raise CheckpointError(f"{checkpoint_dir}: the checkpoint is at step {step}, but the trial ran to step "
                               f"{final_step}; its final weights were not kept")
     trained = state.get("model") or {}
-    loaded = trained_model(config, trained, str(checkpoint_dir))
-    out = Path(out)
-    if replace and out.exists():
-        shutil.rmtree(out)
-    save_model(loaded, out)
-    card = {**card, "base_model": config.model, "trained_tensors": len(trained),
-            "job_config": config.to_dict()}
-    (out / MODEL_CARD).write_text(json.dumps(card, indent=1, default=str))
-    return out
+    return trained_model(config, trained, str(checkpoint_dir)), len(trained)
 
 
 def read_model_card(model_dir: Path) -> dict[str, Any]:

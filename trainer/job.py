@@ -11,30 +11,29 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from trainer.batching import Batch, EncodedSample, collate, encode_samples
+from trainer.batching import Batch
 from trainer.budget import plan_budget
 from trainer.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint, trainable_state
-from trainer.data import SKIP_HINT, DataError, Sample, load_samples, split_samples
+from trainer.devices import TORCH_DTYPES, autocast_dtype_of, resolve_device, resolve_precision
 from trainer.evaluate import evaluate
 from trainer.faults import Fault
+from trainer.held_out import test_metrics
 from trainer.job_config import JobConfig, JobResult, Prediction
+from trainer.job_data import micro_batches, open_job_data, prepare_data
 from trainer.job_model import build_job_model, trained_model
 from trainer.loading import LoadedModel, save_model
 from trainer.memory import apply_gpu_cap, peak_bytes, reset_peak
 from trainer.model import MoondreamModel
 from trainer.optimizers import build_optimizer
-from trainer.precision import PrecisionPlan, plan_precision
+from trainer.precision import PrecisionPlan
 from trainer.schedule import warmup_cosine
-from trainer.tokenizer import PromptTemplate, Tokenizer, get_template
 
 Reporter = Callable[[dict[str, Any], Optional[Path]], None]
 StepCallback = Callable[[dict[str, Any]], None]
-
-TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class Diverged(Exception):
@@ -53,29 +52,6 @@ class Progress:
     best_metrics: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class JobData:
-    train: list[EncodedSample]
-    val: list[EncodedSample]
-    skipped_samples: int
-
-
-def resolve_device(requested: Optional[str]) -> torch.device:
-    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {requested}: torch {torch.__version__} sees no CUDA GPU here; "
-                         "use --device cpu or a machine with a GPU")
-    return device
-
-
-def resolve_precision(config: JobConfig, device: torch.device) -> PrecisionPlan:
-    return plan_precision(config.precision, config.trained_dtype, config.frozen_dtype, device.type == "cuda")
-
-
-def autocast_dtype_of(plan: PrecisionPlan) -> Optional[torch.dtype]:
-    return None if plan.compute == "fp32" else TORCH_DTYPES[plan.compute]
-
-
 def prepare_model(config: JobConfig, precision: PrecisionPlan) -> LoadedModel:
     """The job's model as it trains, still on the CPU: built (trainer.job_model), its weights in their storage
     types, checkpointing as asked."""
@@ -85,91 +61,21 @@ def prepare_model(config: JobConfig, precision: PrecisionPlan) -> LoadedModel:
     return loaded
 
 
-@dataclass
-class RawData:
-    train: list[Sample]
-    val: list[Sample]
-    skipped: int
-
-
-def read_data(config: JobConfig) -> RawData:
-    """Load, validate and split the datasets: before the model is built, so a bad file fails in seconds."""
-    read = dict(text_column=config.text_column, image_column=config.image_column,
-                on_bad_sample=config.on_bad_sample)
-    train_set = load_samples(config.train_data, **read)
-    skipped = train_set.skipped
-    if config.val_data:
-        val_set = load_samples(config.val_data, **read)
-        train_samples, val_samples = train_set.samples, val_set.samples
-        skipped += val_set.skipped
-    else:
-        train_samples, val_samples = split_samples(train_set.samples, config.val_fraction, config.split_seed)
-    if config.max_val_samples is not None:
-        val_samples = val_samples[: config.max_val_samples]
-    return RawData(train_samples, val_samples, skipped)
-
-
-def prepare_data(config: JobConfig, loaded: LoadedModel, raw: RawData) -> JobData:
-    """Encode the samples once for this model (crops, prompt and answer ids); every epoch reuses the encoding.
-    Labels the model cannot read or write are named, or skipped with on_bad_sample=skip."""
-    train_samples, val_samples, skipped = raw.train, raw.val, raw.skipped
-    template = get_template(config.prompt_template)
-    model_config = loaded.model.config
-    # what a sequence holds besides the answer: BOS, the image tokens and the prompt
-    room = model_config.text.max_context - 1 - model_config.vision.n_image_tokens \
-        - len(template.prompt_ids(loaded.tokenizer, config.question))
-
-    def encode(samples):
-        kept = []
-        for sample in samples:
-            why = label_problem(sample.text, loaded.tokenizer, template, room)
-            if why is None:
-                kept.append(sample)
-            elif config.on_bad_sample == "error":
-                raise DataError(f"sample {sample.sample_id}: {why} {SKIP_HINT}")
-        return encode_samples(kept, model_config.vision, loaded.tokenizer, template, config.question), \
-            len(samples) - len(kept)
-
-    (train, train_bad), (val, val_bad) = encode(train_samples), encode(val_samples)
-    if not train or not val:
-        raise DataError(f"no {'training' if not train else 'validation'} sample left after skipping labels the "
-                        "model cannot read or write")
-    return JobData(train, val, skipped + train_bad + val_bad)
-
-
-def label_problem(text: str, tokenizer: Tokenizer, template: PromptTemplate, room: int) -> Optional[str]:
-    """Why a label cannot be trained on (a character the tokenizer lacks, an answer longer than the
-    context leaves room for), or None."""
-    try:
-        length = len(template.answer_ids(tokenizer, text))
-    except ValueError as e:
-        return f"label {text!r} cannot be encoded: {e}"
-    if length > room:
-        return f"label {text!r} is {length} tokens with its end token, the context leaves room for {room}"
-    return None
-
-
-def micro_batches(data: list[EncodedSample], batch_size: int, seed: int, start: int, pad_id: int) -> Iterator[Batch]:
-    """Endless stream of batches: a fresh seeded permutation per epoch, resumable at any position."""
-    per_epoch = math.ceil(len(data) / batch_size)
-    epoch, position = divmod(start, per_epoch)
-    while True:
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-        for position in range(position, per_epoch):
-            yield collate([data[i] for i in order[position * batch_size: (position + 1) * batch_size]], pad_id)
-        epoch, position = epoch + 1, 0
-
-
 def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_dir: Optional[Path] = None,
-            resume_from: Optional[Path] = None, on_step: Optional[StepCallback] = None) -> JobResult:
-    """Run one job to its outcome; see the module docstring for what raises and what returns."""
+            resume_from: Optional[Path] = None, on_step: Optional[StepCallback] = None,
+            test_data: Optional[str] = None) -> JobResult:
+    """Run one job to its outcome; see the module docstring for what raises and what returns.
+
+    `test_data`: a held-out set the final model is evaluated on once, when the job ends ok (`test_*` metrics in
+    the result); it never steers training. A sweep does not pass it: it tests its best trials at the end.
+    """
     started = time.time()
     fault = Fault.parse(config.fault)
     device = resolve_device(config.device)
     precision = resolve_precision(config, device)
     autocast_dtype = autocast_dtype_of(precision)
 
-    raw = read_data(config)
+    opened = open_job_data(config)
     # capped before the model arrives, so its weights count against the cap like every later allocation
     cap = apply_gpu_cap(config.max_gpu_memory, device)
     reset_peak(device)
@@ -181,7 +87,7 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
         return JobResult(outcome="oom", step=0, peak_memory_bytes=peak_bytes(device),
                          error=f"out of memory moving the model to {device} (cap {cap} bytes)",
                          wall_time_s=time.time() - started)
-    data = prepare_data(config, loaded, raw)
+    data = prepare_data(config, loaded, opened)
     pad_id = loaded.tokenizer.eos_id
 
     budget = plan_budget(len(data.train), batch_size=config.batch_size, grad_accum=config.grad_accum,
@@ -212,10 +118,10 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     stream = micro_batches(data.train, config.batch_size, config.seed, progress.micro_batches, pad_id)
     window: list[dict[str, float]] = []
 
-    def result(outcome: str, error: Optional[str] = None) -> JobResult:
+    def result(outcome: str, error: Optional[str] = None, tested: Optional[dict[str, Any]] = None) -> JobResult:
         return JobResult(outcome=outcome, step=progress.step, final_metrics=final,
                          best_metrics=progress.best_metrics, peak_memory_bytes=peak_bytes(device), error=error,
-                         predictions=predictions, wall_time_s=time.time() - started)
+                         predictions=predictions, wall_time_s=time.time() - started, test_metrics=tested or {})
 
     try:
         while progress.step < total_steps:
@@ -279,7 +185,10 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
         # rebuilt in fp32 with the trained tensors laid over it, as an export does: frozen parts kept in
         # half precision for training are not written rounded
         save_model(trained_model(config, trainable_state(model), "this job"), Path(config.save_model))
-    return result("ok")
+    tested = None
+    if test_data:
+        tested, _ = test_metrics(model, loaded, config, test_data, device=device, autocast_dtype=autocast_dtype)
+    return result("ok", tested=tested)
 
 
 def accumulate_gradients(model: MoondreamModel, group: list[Batch], mode: str, scaler: torch.amp.GradScaler,

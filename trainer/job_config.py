@@ -56,6 +56,9 @@ class JobConfig:
     on_bad_sample: OnBadSample = _field("error", "error: stop on an unreadable row; skip: drop and "
                                                               "count it (metric skipped_samples)")
     max_val_samples: Optional[int] = _field(None, "evaluate on at most this many validation samples")
+    cache_dir: Optional[str] = _field(None, "directory of the preprocessing cache: every dataset's crops made once "
+                                            "per node and read from disk by every trial (default: "
+                                            "$MDSWEEP_CACHE_DIR, else ~/.cache/mdsweep/crops on each node)")
     question: str = _field("What does the text say?", "the question asked about every image")
     prompt_template: str = _field("moondream2-2025", "prompt layout: moondream2-2025 or moondream2-legacy")
     lr: float = _field(3e-5, "peak learning rate (AdamW)")
@@ -228,6 +231,16 @@ REPORT_METRICS: dict[str, Metric] = {
     "elapsed_s": Metric(float, lower_is_better=True),
 }
 
+# What a held-out test of a finished model gives (trainer.held_out): never reported during training, so never an
+# objective; a sweep measures it once for its best trials and adds it to their rows.
+TEST_METRICS: dict[str, Metric] = {
+    "test_exact_match": Metric(float, help="exact match on --test-data"),
+    "test_exact_match_low": Metric(float, help="95 % Wilson interval"),
+    "test_exact_match_high": Metric(float, help="95 % Wilson interval"),
+    "test_cer": Metric(float, lower_is_better=True),
+    "test_n": Metric(int, help="test samples"),
+}
+
 
 @dataclass
 class JobResult:
@@ -239,6 +252,7 @@ class JobResult:
     error: Optional[str] = None
     predictions: list[Prediction] = field(default_factory=list)
     wall_time_s: float = 0.0
+    test_metrics: dict[str, Any] = field(default_factory=dict)  # run_job(test_data=...): the final model's test_*
 
 
 @functools.lru_cache(maxsize=1)

@@ -15,7 +15,7 @@ from trainer.attention import AttentionMode
 from trainer.batching import encode_samples
 from trainer.data import Sample
 from trainer.evaluate import evaluate
-from trainer.job import autocast_dtype_of, resolve_device
+from trainer.devices import autocast_dtype_of, resolve_device
 from trainer.job_config import Prediction
 from trainer.loading import LoadedModel
 from trainer.precision import plan_precision

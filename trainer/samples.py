@@ -121,6 +121,7 @@ class RowCollector:
         self.samples: list[Sample] = []
         self.skipped = 0
         self.reasons: list[str] = []
+        self.kept = 0
         self._ids: set[str] = set()
 
     def bad(self, where: str, reason: str) -> None:
@@ -142,7 +143,7 @@ class RowCollector:
         if data is None:
             return self.bad(where, "no image data")
         try:
-            decode_image(data)
+            image = decode_image(data)
         except Image.UnidentifiedImageError:
             return self.bad(where, "unreadable image (not a recognised image format)")
         except Exception as exc:  # PIL raises many types for corrupt input
@@ -150,10 +151,16 @@ class RowCollector:
         if sample_id in self._ids:  # guard: every loader builds unique ids, keep it that way
             raise DataError(f"{where}: duplicate sample id {sample_id!r}")
         self._ids.add(sample_id)
-        self.samples.append(Sample(sample_id, data, text))
+        self.kept += 1
+        self.keep(Sample(sample_id, data, text), image)
+
+    def keep(self, sample: Sample, image: Image.Image) -> None:
+        """A row that passed the checks, with its decoded image. Kept in memory here; the preprocessing cache
+        overrides this to crop each row as it arrives, so a large dataset never sits in memory whole."""
+        self.samples.append(sample)
 
     def finish(self, source: str, fmt: str, rows_seen: int) -> LoadedDataset:
-        if not self.samples:
+        if not self.kept:
             if self.skipped:
                 raise DataError(
                     f"{source}: no usable samples, all {self.skipped} row(s) were bad; first: {self.reasons[0]}"
