@@ -20,6 +20,14 @@ def captcha_parquet(tmp_path_factory) -> Path:
     return synthesize(96, tmp_path_factory.mktemp("captchas") / "train.parquet", length=4, seed=0)
 
 
+@pytest.fixture(scope="session")
+def captcha_test_parquet(tmp_path_factory) -> Path:
+    """24 held-out captchas from another seed, for --test-data."""
+    from trainer.synth import synthesize
+
+    return synthesize(24, tmp_path_factory.mktemp("captchas-test") / "test.parquet", length=4, seed=7)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def crop_cache_dir(tmp_path_factory) -> Path:
     """Every test's preprocessing cache (and that of the Ray workers it starts, which inherit the environment) in

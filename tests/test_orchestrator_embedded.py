@@ -40,7 +40,7 @@ def job_flags(data: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, captcha_parquet):
+def sweep(tmp_path_factory, captcha_parquet, captcha_test_parquet):
     tmp = tmp_path_factory.mktemp("embedded")
     space = tmp / "fault_space.py"
     space.write_text(textwrap.dedent(FAULT_SPACE))
@@ -48,7 +48,8 @@ def sweep(tmp_path_factory, captcha_parquet):
     proc = subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", "run", "--name", "faults", "--space", f"{space}:space",
          "--num-samples", "4", "--storage", str(tmp / "sweeps"), "--results", str(tmp / "results"),
-         "--num-cpus", "2", "--max-failures", "1", "--progress-interval", "1", *job_flags(captcha_parquet)],
+         "--num-cpus", "2", "--max-failures", "1", "--progress-interval", "1", *job_flags(captcha_parquet),
+         "--test-data", str(captcha_test_parquet), "--test-top", "2"],
         capture_output=True, text=True, timeout=400, env={**env, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
     return tmp, proc
 
@@ -267,6 +268,30 @@ def test_export_says_when_storage_is_gone(tmp_path):
 def test_export_will_not_overwrite_without_force(sweep, exported):
     proc = mdsweep("export", str(sweep[0] / "results"), "--sweep", "faults", "--best", "--out", str(exported[0]))
     assert proc.returncode == 2 and "--force" in proc.stderr
+
+
+def test_the_best_trials_are_tested_on_held_out_data_as_their_export_scores(sweep, exported, captcha_test_parquet):
+    from trainer.data import load_samples
+    from trainer.export import read_model_card
+    from trainer.loading import load_model
+    from trainer.predict import PredictSettings, predict
+
+    trials = list(_trials(sweep[0]).values())
+    ranked = sorted((t for t in trials if t["outcome"] == "ok"), key=lambda t: (-t["objective"], t["trial_id"]))
+    tested = {t["trial_id"]: t for t in trials if t["test_n"] is not None}
+    assert len(ranked) >= 2 and set(tested) == {t["trial_id"] for t in ranked[:2]}  # --test-top 2, ok ones only
+    assert all(t["test_n"] == 24 and t["test_data"] == str(captcha_test_parquet) for t in tested.values())
+
+    card = read_model_card(exported[0])
+    config = card["job_config"]
+    settings = PredictSettings(attention=config["attention"], batch_size=config["batch_size"],
+                               max_new_tokens=config["max_new_tokens"])
+    metrics, _ = predict(load_model(str(exported[0])), load_samples(captcha_test_parquet).samples, settings)
+    best = tested[card["trial_id"]]
+    assert (metrics["val_exact_match"], metrics["val_cer"]) == (best["test_exact_match"], best["test_cer"])
+    out = sweep[1].stdout
+    assert "on held-out --test-data: exact match" in out and "test_exact_match" in out  # summary and leaderboard
+    assert f"testing the 2 best trial(s) on --test-data {captcha_test_parquet}" in sweep[1].stderr
 
 
 def test_sweep_prints_what_it_found(sweep):

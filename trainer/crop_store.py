@@ -88,10 +88,11 @@ class CropStore:
     """A finished entry, opened read-only; `crops(i)` reads sample i's crops from disk."""
 
     def __init__(self, directory: Path) -> None:
+        self._fd: Optional[int] = None
         self.directory = Path(directory)
         self.meta, self.samples = _read_checked(self.directory)
         self.crop_size = int(self.meta["crop_size"])
-        self._fd: Optional[int] = os.open(self.directory / CROPS_FILE, os.O_RDONLY)
+        self._fd = os.open(self.directory / CROPS_FILE, os.O_RDONLY)
 
     def __len__(self) -> int:
         return len(self.samples)
