@@ -1,8 +1,8 @@
-"""Per-sample preprocessing (done once per dataset) and batch assembly.
+"""A sample encoded for the model (uint8 crops, prompt and answer ids) and batch assembly.
 
-Cropping and tokenising an image costs far more than a tiny model's training step,
-so every sample is encoded once into uint8 crops and token ids, and epochs only
-shuffle and pad those.
+A job's samples come from the preprocessing cache (trainer.job_data), which crops
+every image once per node; `encode_samples` encodes in memory, for the few images
+`mdsweep predict` is given.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class EncodedSample:
 
 def encode_samples(samples: Sequence, vision: VisionConfig, tokenizer: Tokenizer, template: PromptTemplate,
                    question: str) -> list[EncodedSample]:
-    """Crop and tokenise `trainer.data.Sample`s; the prompt is shared, so it is tokenised once."""
+    """Crop and tokenise `trainer.data.Sample`s in memory; the prompt is shared, so it is tokenised once."""
     prompt = tuple(template.prompt_ids(tokenizer, question))
     encoded = []
     for sample in samples:

@@ -117,7 +117,8 @@ def load_parquet(path: Path, collector: RowCollector, image_column: Optional[str
     rows_seen = 0
     for file in files:
         try:
-            pf = pq.ParquetFile(file)
+            # without pre-buffering: it would read every row group of the file up front (a 200 MB file held whole)
+            pf = pq.ParquetFile(file, pre_buffer=False)
             schema = pf.schema_arrow
         except Exception as exc:
             raise DataError(f"{file}: cannot read Parquet file ({type(exc).__name__}: {exc})") from exc
