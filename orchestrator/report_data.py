@@ -99,7 +99,9 @@ def summary(record: dict[str, Any], trials: list[dict[str, Any]], best: Optional
             "trial_id": best["trial_id"], "objective": best["objective"],
             "low": best.get(f"final_{metric}_low"), "high": best.get(f"final_{metric}_high"),
             "n": best.get("final_val_n"),
-            "params": {k: best.get(k) for k in best.get("searched") or []}},
+            "params": {k: best.get(k) for k in best.get("searched") or []},
+            "test": None if best.get("test_n") is None else {
+                k: best[f"test_{k}"] for k in ("exact_match", "exact_match_low", "exact_match_high", "cer", "n")}},
     }
 
 
@@ -108,11 +110,13 @@ def leaderboard(trials: list[dict[str, Any]], metric: str, mode: str) -> Section
         return Section(note="no trials have started yet")
     searched = _searched(trials)
     sign = -1 if mode == "max" else 1
+    tested = any(t.get("test_n") is not None for t in trials)  # a sweep run with --test-data
     ordered = sorted(trials, key=lambda t: (not is_finite_number(t.get("objective")),
                                             sign * (t.get("objective") or 0), t["trial_id"]))
     rows = [{"trial_id": t["trial_id"], "outcome": t.get("outcome"), **{k: t.get(k) for k in searched},
              "objective": t.get("objective"), "low": t.get(f"final_{metric}_low"),
-             "high": t.get(f"final_{metric}_high"), "steps": t.get("steps_completed"),
+             "high": t.get(f"final_{metric}_high"),
+             **({"test": t.get("test_exact_match")} if tested else {}), "steps": t.get("steps_completed"),
              "peak_gib": (t.get("peak_memory_bytes") or 0) / 2**30 or None,
              "minutes": (t.get("wall_time_s") or 0) / 60,
              "error": t.get("error")} for t in ordered]

@@ -137,6 +137,11 @@ def summary_html(data: ReportData) -> str:
                     if best["low"] is not None and best["high"] is not None else "")
         params = ", ".join(f"{k}={fmt(v)}" for k, v in best["params"].items())
         rows.insert(4, ("best trial", f"{best['trial_id']}: {best['objective']:.4g}{interval}; {params}"))
+        if best["test"]:
+            t = best["test"]
+            rows.insert(5, ("held-out test", f"exact match {t['exact_match']:.3f} (95 % interval "
+                                             f"{t['exact_match_low']:.3f}–{t['exact_match_high']:.3f}, n = {t['n']}), "
+                                             f"CER {t['cer']:.3f}: the estimate to quote"))
     else:
         rows.insert(4, ("best trial", "none: no trial has ended ok yet"))
     return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(fmt(v))}</td></tr>"
@@ -149,7 +154,7 @@ def leaderboard_html(data: ReportData) -> str:
         return note_html(data.leaderboard)
     columns = [c for c in rows[0] if c != "error"] + (["error"] if any(r.get("error") for r in rows) else [])
     return table_html(rows, columns, sortable=True, headers={"peak_gib": "peak GiB", "low": "95 % low",
-                                                             "high": "95 % high"})
+                                                             "high": "95 % high", "test": "test exact match"})
 
 
 def curves_html(data: ReportData, metric: str) -> str:

@@ -292,6 +292,8 @@ def test_the_best_trials_are_tested_on_held_out_data_as_their_export_scores(swee
     out = sweep[1].stdout
     assert "on held-out --test-data: exact match" in out and "test_exact_match" in out  # summary and leaderboard
     assert f"testing the 2 best trial(s) on --test-data {captcha_test_parquet}" in sweep[1].stderr
+    page = (sweep[0] / "results" / "report-faults.html").read_text()
+    assert f"held-out test</th><td>exact match {best['test_exact_match']:.3f}" in page and "test exact match" in page
 
 
 def test_sweep_prints_what_it_found(sweep):
