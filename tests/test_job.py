@@ -160,3 +160,21 @@ def test_bad_data_fails_before_the_model_is_built(tmp_path, capsys):
         # the real-size model takes many seconds to build and says so on stderr: it must not be reached
         run_job(JobConfig(model="moondream2", train_data=str(bad), device="cpu"))
     assert "stands in" not in capsys.readouterr().err
+
+
+def test_train_test_data_scores_the_final_model_as_predict_does(captcha_parquet, captcha_test_parquet, tmp_path):
+    from trainer.data import load_samples
+    from trainer.job_config import TEST_METRICS
+    from trainer.loading import load_model
+    from trainer.predict import PredictSettings, predict
+
+    config = _config(captcha_parquet, save_model=str(tmp_path / "model"))
+    result = run_job(config, test_data=str(captcha_test_parquet))
+    tested = result.test_metrics
+    assert set(tested) == set(TEST_METRICS) and all(isinstance(tested[k], TEST_METRICS[k].type) for k in tested)
+    assert tested["test_n"] == 24 and "test_n" not in result.final_metrics  # validation stays validation
+    settings = PredictSettings(attention=config.attention, batch_size=config.batch_size,
+                               max_new_tokens=config.max_new_tokens)
+    metrics, _ = predict(load_model(config.save_model), load_samples(captcha_test_parquet).samples, settings)
+    assert (metrics["val_exact_match"], metrics["val_cer"]) == (tested["test_exact_match"], tested["test_cer"])
+    assert run_job(config).test_metrics == {}

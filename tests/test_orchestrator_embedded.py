@@ -153,6 +153,13 @@ def test_missing_train_data_names_the_flag(tmp_path):
     assert proc.returncode == 2 and "--train-data is required" in proc.stderr
 
 
+def test_missing_test_data_fails_before_ray_starts_naming_the_flag(tmp_path, captcha_parquet):
+    proc = mdsweep("run", "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"),
+                   *job_flags(captcha_parquet), "--test-data", str(tmp_path / "held-out.parquet"), timeout=60)
+    assert proc.returncode == 2 and f"--test-data: {tmp_path / 'held-out.parquet'}: path does not exist" in proc.stderr
+    assert "Ray" not in proc.stderr
+
+
 # --- the model out of the sweep: export, then predict --------------------------------------------------------
 
 

@@ -75,17 +75,17 @@ class _HashingCollector(RowCollector):
         super().__init__(on_bad_sample)
         self.digest = hashlib.sha256()
 
-    def _mix(self, *parts: object) -> None:
+    def mix(self, *parts: object) -> None:
         for part in parts:
             data = part if isinstance(part, bytes) else repr(part).encode()
             self.digest.update(len(data).to_bytes(8, "little"))
             self.digest.update(data)
 
     def add(self, sample_id: str, where: str, data: Optional[bytes], text: object) -> None:
-        self._mix("row", sample_id, text, data or b"")
+        self.mix("row", sample_id, text, data or b"")
 
     def bad(self, where: str, reason: str) -> None:
-        self._mix("bad", where, reason)
+        self.mix("bad", where, reason)
         super().bad(where, reason)
 
 
@@ -93,7 +93,7 @@ def entry_key(path: str, read: ReadOptions, vision: VisionConfig) -> str:
     """The content hash naming the entry of `path` read with `read` and cropped at `vision`'s geometry."""
     hasher = _HashingCollector(read.on_bad_sample)
     read_rows(path, hasher, text_column=read.text_column, image_column=read.image_column)
-    hasher._mix("crops", CROPS_VERSION, json.dumps(geometry_of(vision), sort_keys=True),
+    hasher.mix("crops", CROPS_VERSION, json.dumps(geometry_of(vision), sort_keys=True),
                 json.dumps(asdict(read), sort_keys=True))
     return hasher.digest.hexdigest()[:32]
 
