@@ -139,9 +139,9 @@ def summary_html(data: ReportData) -> str:
         rows.insert(4, ("best trial", f"{best['trial_id']}: {best['objective']:.4g}{interval}; {params}"))
         if best["test"]:
             t = best["test"]
-            rows.insert(5, ("held-out test", f"exact match {t['exact_match']:.3f} (95 % interval "
-                                             f"{t['exact_match_low']:.3f}–{t['exact_match_high']:.3f}, n = {t['n']}), "
-                                             f"CER {t['cer']:.3f}: the estimate to quote"))
+            test_interval = f"{t['exact_match_low']:.3f}–{t['exact_match_high']:.3f}"
+            rows.insert(5, ("held-out test", f"exact match {t['exact_match']:.3f} (95 % interval {test_interval}, "
+                                             f"n = {t['n']}), CER {t['cer']:.3f}: the estimate to quote"))
     else:
         rows.insert(4, ("best trial", "none: no trial has ended ok yet"))
     return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(fmt(v))}</td></tr>"
