@@ -65,7 +65,8 @@ def measure(spec: dict) -> dict:
         opened = open_job_data(config)
         prompt = tuple(template.prompt_ids(tokenizer, config.question))
         view = opened.train
-        data = SampleView(view.store, view.rows, prompt, [tuple(template.answer_ids(tokenizer, t)) for t in view.texts()])
+        answers = [tuple(template.answer_ids(tokenizer, text)) for text in view.texts()]
+        data = SampleView(view.store, view.rows, prompt, answers)
     stream = micro_batches(data, BATCH, 0, 0, tokenizer.eos_id)
     next(stream)
     ready = time.perf_counter()
