@@ -98,8 +98,9 @@ def test_a_cut_index_or_meta_is_rebuilt(captcha_parquet, tmp_path, capfd, damage
     assert "rebuilding" in err and len(again) == len(store)
 
 
-def test_an_altered_byte_is_caught_when_read(captcha_parquet, tmp_path):
-    store, _ = built(captcha_parquet, tmp_path)
+def test_an_altered_byte_is_caught_when_read_and_the_entry_rebuilt(captcha_parquet, tmp_path, capfd):
+    store, _ = built(captcha_parquet, tmp_path, capfd)
+    reference = store.crops(5).copy()
     with open(store.directory / CROPS_FILE, "r+b") as f:
         f.seek(store.samples[5].offset + 17)
         byte = f.read(1)
@@ -108,6 +109,9 @@ def test_an_altered_byte_is_caught_when_read(captcha_parquet, tmp_path):
     store.crops(4)
     with pytest.raises(CacheEntryInvalid, match=f"sample {store.samples[5].sample_id!r}.*checksum"):
         store.crops(5)
+    again, err = built(captcha_parquet, tmp_path, capfd)
+    assert "marked corrupt" in err and "preparing" in err
+    assert np.array_equal(again.crops(5), reference)
 
 
 def test_changed_data_or_geometry_gets_its_own_entry(tmp_path):

@@ -8,7 +8,8 @@ A reader fetches one sample's crops with a positioned read (`os.pread`), so a
 training process holds only the batch it works on, and the file's pages live once
 in the OS page cache however many trials on the node read them. Whether an entry
 can be trusted is checked when it is opened (every size adds up: a truncated file
-is caught) and each sample's CRC when it is read (a flipped byte is caught).
+is caught) and each sample's CRC when it is read (a flipped byte is caught, and
+the entry is marked so that the next open rebuilds it).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import numpy as np
 
 FORMAT_VERSION = 1
 CROPS_FILE, INDEX_FILE, META_FILE = "crops.u8", "index.parquet", "meta.json"
+CORRUPT_MARK = "corrupt"  # written into an entry found altered: the next open rebuilds it
 
 
 class CacheEntryInvalid(Exception):
@@ -102,9 +104,10 @@ class CropStore:
         size = s.n_crops * self.crop_size * self.crop_size * 3
         data = os.pread(self._fd, size, s.offset)
         if len(data) != size or zlib.crc32(data) != s.crc:
-            raise CacheEntryInvalid(f"{self.directory}: the crops of sample {s.sample_id!r} do not match their "
-                                    "checksum (the file was altered after it was written); delete this directory "
-                                    "and run again to rebuild it")
+            reason = f"the crops of sample {s.sample_id!r} do not match their checksum"
+            (self.directory / CORRUPT_MARK).write_text(reason)
+            raise CacheEntryInvalid(f"{self.directory}: {reason} (the file was altered after it was written); the "
+                                    "entry is marked, and the next job that opens it rebuilds it")
         return np.frombuffer(data, dtype=np.uint8).reshape(s.n_crops, self.crop_size, self.crop_size, 3)
 
     def close(self) -> None:
@@ -127,6 +130,8 @@ def _read_checked(directory: Path) -> tuple[dict[str, Any], list[StoredSample]]:
     """meta and index of an entry, after checking that they describe the crops file exactly."""
     import pyarrow.parquet as pq
 
+    if (directory / CORRUPT_MARK).exists():
+        raise CacheEntryInvalid(f"{directory}: marked corrupt ({(directory / CORRUPT_MARK).read_text()})")
     try:
         meta = json.loads((directory / META_FILE).read_text())
         index = pq.read_table(directory / INDEX_FILE).to_pydict()
