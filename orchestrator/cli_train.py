@@ -54,6 +54,7 @@ def write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from orchestrator.trial_pick import describe_test
     from trainer.data import DataError
     from trainer.job import run_job
     from trainer.job_config import JobConfig
@@ -111,10 +112,7 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"{result.outcome}: {result.step} steps in {result.wall_time_s:.0f}s; "
           f"val exact match {result.final_metrics.get('val_exact_match', float('nan')):.3f}; results in {out}")
     if result.test_metrics:
-        t = result.test_metrics
-        print(f"held-out test ({args.test_data}): exact match {t['test_exact_match']:.3f} "
-              f"[{t['test_exact_match_low']:.3f}, {t['test_exact_match_high']:.3f}] (n={t['test_n']}), "
-              f"CER {t['test_cer']:.3f}")
+        print(f"held-out test ({args.test_data}): {describe_test(result.test_metrics)}")
     if result.error:
         print(result.error, file=sys.stderr)
     return 0 if result.outcome == "ok" else EXIT_FAILED_OUTCOME

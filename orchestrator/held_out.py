@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from orchestrator.resources import TrialResources
 from orchestrator.sweep_settings import SweepSettings
-from orchestrator.trial_pick import ranked_trials
+from orchestrator.trial_pick import describe_test, ranked_trials
 
 
 def test_best_trials(s: SweepSettings, req: TrialResources, say: Callable[[str], None]) -> None:
@@ -39,9 +39,7 @@ def test_best_trials(s: SweepSettings, req: TrialResources, say: Callable[[str],
             say(f"test of trial {trial_id} failed: {last}")
             continue
         update_trial_row(s.results, s.name, trial_id, {**metrics, "test_data": s.test_data})
-        say(f"trial {trial_id}: test exact match {metrics['test_exact_match']:.3f} "
-            f"[{metrics['test_exact_match_low']:.3f}, {metrics['test_exact_match_high']:.3f}] "
-            f"(n={metrics['test_n']}), CER {metrics['test_cer']:.3f}")
+        say(f"trial {trial_id}: test {describe_test(metrics)}")
 
 
 def _test_trial(row: dict[str, Any], experiment_path: str, test_data: str) -> dict[str, Any]:

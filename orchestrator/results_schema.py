@@ -37,13 +37,17 @@ TABLES = ("trials", "steps", "predictions", "sweeps")
 # starting with a letter so that no reader infers a number or a date from them.
 SWEEP_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
 
+
+
+def _arrow_types(metrics: dict[str, Any]) -> dict[str, pa.DataType]:
+    return {name: pa.int64() if metric.type is int else pa.float64() for name, metric in metrics.items()}
+
+
 # What the job reports at each evaluation, typed from the job's own table.
-METRIC_TYPES: dict[str, pa.DataType] = {
-    name: pa.int64() if metric.type is int else pa.float64() for name, metric in REPORT_METRICS.items()}
+METRIC_TYPES: dict[str, pa.DataType] = _arrow_types(REPORT_METRICS)
 METRICS: tuple[str, ...] = tuple(METRIC_TYPES)
 # A held-out test of a sweep's best trials (--test-data): null for the trials not tested.
-TEST_METRIC_TYPES: dict[str, pa.DataType] = {
-    name: pa.int64() if metric.type is int else pa.float64() for name, metric in TEST_METRICS.items()}
+TEST_METRIC_TYPES: dict[str, pa.DataType] = _arrow_types(TEST_METRICS)
 
 UTC_TS = pa.timestamp("us", tz="UTC")
 

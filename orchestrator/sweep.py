@@ -179,7 +179,7 @@ def _write_report(s: SweepSettings) -> str:
 
 def found_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
     """What the sweep found: the best trial with its interval, the spread, and how to take the model out."""
-    from orchestrator.trial_pick import best_trial, describe_trial
+    from orchestrator.trial_pick import best_trial, describe_test, describe_trial
 
     best = best_trial(rows)
     if best is None:
@@ -191,9 +191,7 @@ def found_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
     scores = [r["objective"] for r in rows if r.get("outcome") == "ok" and r.get("objective") is not None]
     lines = [f"\nBest: trial {best['trial_id']}: {describe_trial(best, searched)}"]
     if best.get("test_n"):
-        lines.append(f"  on held-out --test-data: exact match {best['test_exact_match']:.3f} "
-                     f"[{best['test_exact_match_low']:.3f}, {best['test_exact_match_high']:.3f}] "
-                     f"(n={best['test_n']}), CER {best['test_cer']:.3f}: the estimate to quote; "
+        lines.append(f"  on held-out --test-data: {describe_test(best)}: the estimate to quote; "
                      f"the validation number chose it")
     if len(scores) > 1:
         lines.append(f"Spread over {len(scores)} ok trials: {min(scores):.3f} to {max(scores):.3f} "

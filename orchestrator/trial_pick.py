@@ -63,5 +63,11 @@ def describe_trial(row: dict[str, Any], searched: Sequence[str]) -> str:
     return text + (" with " + ", ".join(settings) if settings else "")
 
 
+def describe_test(values: dict[str, Any]) -> str:
+    """`exact match 0.398 [0.356, 0.442] (n=500), CER 0.173`: a held-out test, from its test_* values."""
+    return (f"exact match {values['test_exact_match']:.3f} [{values['test_exact_match_low']:.3f}, "
+            f"{values['test_exact_match_high']:.3f}] (n={values['test_n']}), CER {values['test_cer']:.3f}")
+
+
 def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -123,7 +123,7 @@ def open_cached(path: str, vision: VisionConfig, read: ReadOptions = ReadOptions
     root.mkdir(parents=True, exist_ok=True)
     key = entry_key(path, read, vision)
     entry = root / key
-    store = _open_valid(entry, say)
+    store = _open_valid(entry)  # the common case: built before, no lock needed
     if store is not None:
         return store
     with _locked(root / f"{key}.lock", lambda: say(f"waiting for another process preparing {path} ({entry})")):
@@ -134,13 +134,15 @@ def open_cached(path: str, vision: VisionConfig, read: ReadOptions = ReadOptions
     return store
 
 
-def _open_valid(entry: Path, say: Say) -> Optional[CropStore]:
+def _open_valid(entry: Path, say: Optional[Say] = None) -> Optional[CropStore]:
+    """The entry if it exists and passes its checks; else None, saying why through `say` when given."""
     if not entry.exists():
         return None
     try:
         return CropStore(entry)
     except CacheEntryInvalid as e:
-        say(f"cache entry not usable, rebuilding it: {e}")
+        if say is not None:
+            say(f"cache entry not usable, rebuilding it: {e}")
         return None
 
 

@@ -118,13 +118,6 @@ class CropStore:
     def __del__(self) -> None:
         self.close()
 
-    # a DataLoader worker or a pickled dataset opens its own descriptor
-    def __getstate__(self) -> dict[str, Any]:
-        return {"directory": self.directory}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["directory"])
-
 
 def _read_checked(directory: Path) -> tuple[dict[str, Any], list[StoredSample]]:
     """meta and index of an entry, after checking that they describe the crops file exactly."""

@@ -14,22 +14,23 @@ import torch
 from trainer.devices import autocast_dtype_of, resolve_device, resolve_precision
 from trainer.evaluate import evaluate
 from trainer.export import checkpoint_model
-from trainer.job_config import JobConfig, Prediction
+from trainer.job_config import JobConfig
 from trainer.job_data import SampleView, open_dataset, tokenised
 from trainer.loading import LoadedModel
 from trainer.model import MoondreamModel
 
+
 def test_metrics(model: MoondreamModel, loaded: LoadedModel, config: JobConfig, path: str, *, device: torch.device,
-                 autocast_dtype: Optional[torch.dtype]) -> tuple[dict[str, Any], list[Prediction]]:
+                 autocast_dtype: Optional[torch.dtype]) -> dict[str, Any]:
     """`model` (the trained one; `loaded` gives its tokenizer and config) on the dataset at `path`, read through
     the preprocessing cache like training data; labels it cannot write are handled per on_bad_sample."""
     store = open_dataset(path, config, loaded.model.config.vision)
     view, _unusable = tokenised(SampleView(store, list(range(len(store)))), config, loaded)
     with torch.inference_mode():
-        metrics, predictions = evaluate(model, view, loaded.tokenizer, config.attention,
+        metrics, _predictions = evaluate(model, view, loaded.tokenizer, config.attention,
                                         batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
                                         device=device, autocast_dtype=autocast_dtype)
-    return {"test_" + name.removeprefix("val_"): value for name, value in metrics.items()}, predictions
+    return {"test_" + name.removeprefix("val_"): value for name, value in metrics.items()}
 
 
 def test_checkpoint(checkpoint_dir: Path, config: JobConfig, path: str, final_step: int) -> dict[str, Any]:
@@ -37,6 +38,5 @@ def test_checkpoint(checkpoint_dir: Path, config: JobConfig, path: str, final_st
     device = resolve_device(config.device)
     loaded, _ = checkpoint_model(Path(checkpoint_dir), config, final_step)
     model = loaded.model.to(device)
-    metrics, _ = test_metrics(model, loaded, config, path, device=device,
-                              autocast_dtype=autocast_dtype_of(resolve_precision(config, device)))
-    return metrics
+    return test_metrics(model, loaded, config, path, device=device,
+                        autocast_dtype=autocast_dtype_of(resolve_precision(config, device)))

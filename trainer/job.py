@@ -185,9 +185,8 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
         # rebuilt in fp32 with the trained tensors laid over it, as an export does: frozen parts kept in
         # half precision for training are not written rounded
         save_model(trained_model(config, trainable_state(model), "this job"), Path(config.save_model))
-    tested = None
-    if test_data:
-        tested, _ = test_metrics(model, loaded, config, test_data, device=device, autocast_dtype=autocast_dtype)
+    tested = test_metrics(model, loaded, config, test_data, device=device,
+                          autocast_dtype=autocast_dtype) if test_data else {}
     return result("ok", tested=tested)
 
 
