@@ -55,7 +55,7 @@ def measure(spec: dict) -> dict:
     if spec["mode"] == "imports":
         return {"import_s": imported - started, "base_kib": base}
     config = JobConfig(model="moondream2", train_data=spec["data"], cache_dir=spec["cache"])
-    tokenizer, template = preset_tokenizer("tiny"), get_template(config.prompt_template)
+    tokenizer, template = preset_tokenizer("tiny"), get_template("moondream2-2025")
     if spec["mode"] == "memory":
         train, val = split_samples(load_samples(spec["data"]).samples, config.val_fraction, config.split_seed)
         vision = PRESETS["moondream2"].vision

@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 
 from trainer.job_config import AttentionMode
+from trainer.tokenizer import PROMPT_TEMPLATES
 
 DEFAULT_SHOW = 20
 
@@ -40,12 +41,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="images per decoding batch (default: the exported trial's, else 8)")
     parser.add_argument("--question", default=None, help="question asked (default: the trial's, else the "
                                                          "captcha question)")
-    parser.add_argument("--prompt-template", choices=("moondream2-2025", "moondream2-legacy"), default=None,
-                        help="prompt layout (default: the trial's, else moondream2-2025)")
+    parser.add_argument("--prompt-template", choices=tuple(PROMPT_TEMPLATES), default=None,
+                        help="prompt layout (default: the trial's, else the one that goes with the model's "
+                             "tokenizer)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: the trial's, "
                                                                          "else 16)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    parser.add_argument("--revision", default=None, help="hub revision when --model is a hub id")
+    parser.add_argument("--revision", default=None, help="hub revision when --model is a hub id; a dated revision "
+                                                         "also picks the tokenizer its official code used")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer: a directory holding tokenizer.json, a hub "
+                                                          "id or id@revision (default: the model's own, else the "
+                                                          "one its revision's official code used)")
     parser.set_defaults(func=run_predict)
 
 
@@ -70,7 +76,7 @@ def run_predict(args: argparse.Namespace) -> int:
         return fail(f"--batch-size must be ≥ 1, got {args.batch_size}")
     try:
         samples = load_samples(args.data).samples if args.data else load_unlabelled_images(args.images)
-        loaded = load_model(args.model, revision=args.revision)
+        loaded = load_model(args.model, revision=args.revision, tokenizer=args.tokenizer)
     except (DataError, CheckpointError) as e:
         return fail(str(e))
     samples = samples[: args.limit] if args.limit else samples
@@ -79,7 +85,7 @@ def run_predict(args: argparse.Namespace) -> int:
     settings = PredictSettings(
         attention=pick(args.attention, "attention", "prefix"), batch_size=pick(args.batch_size, "batch_size", 8),
         question=pick(args.question, "question", "What does the text say?"),
-        prompt_template=pick(args.prompt_template, "prompt_template", "moondream2-2025"),
+        prompt_template=pick(args.prompt_template, "prompt_template", None),
         max_new_tokens=pick(args.max_new_tokens, "max_new_tokens", 16), device=args.device)
     bar = tqdm(total=len(samples), desc="predict", unit="img", file=sys.stderr, dynamic_ncols=True)
     started = time.perf_counter()

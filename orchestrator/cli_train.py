@@ -1,7 +1,7 @@
 """`mdsweep train`: one fine-tuning job, no Ray, with a progress bar and files you can query.
 
 Output directory:
-  result.json          outcome, config, final and best metrics
+  result.json          outcome, config, final and best metrics, the tokenizer used
   steps.parquet        one row per optimizer step
   reports.parquet      one row per evaluation (rewritten after each one)
   predictions.parquet  the last evaluation, one row per validation sample
@@ -107,7 +107,8 @@ def run_train(args: argparse.Namespace) -> int:
     summary = {"outcome": result.outcome, "step": result.step, "error": result.error,
                "wall_time_s": result.wall_time_s, "peak_memory_bytes": result.peak_memory_bytes,
                "final_metrics": result.final_metrics, "best_metrics": result.best_metrics,
-               "test_metrics": result.test_metrics, "test_data": args.test_data, "config": config.to_dict()}
+               "test_metrics": result.test_metrics, "test_data": args.test_data, "tokenizer": result.tokenizer,
+               "config": config.to_dict()}
     (out / "result.json").write_text(json.dumps(summary, indent=1))
     print(f"{result.outcome}: {result.step} steps in {result.wall_time_s:.0f}s; "
           f"val exact match {result.final_metrics.get('val_exact_match', float('nan')):.3f}; results in {out}")

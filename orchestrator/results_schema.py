@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from trainer.job_config import REPORT_METRICS, TEST_METRICS
 from trainer.job_config import field_types as job_field_types
+from trainer.tokenizer_source import TOKENIZER_COLUMNS
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"mdsweep.schema_version"
@@ -103,6 +104,8 @@ def trials_schema() -> pa.Schema:
         *[pa.field(f"final_{m}", t) for m, t in METRIC_TYPES.items()],
         *[pa.field(m, t) for m, t in TEST_METRIC_TYPES.items()],
         pa.field("test_data", pa.string()),  # what the test_* columns were measured on
+        # the tokenizer the trial's job used, as resolved from the checkpoint and its revision (trainer.tokenizer_source)
+        *[pa.field(name, arrow_type_for(tp)) for name, tp in TOKENIZER_COLUMNS.items()],
         pa.field("steps_completed", pa.int64()),
         pa.field("n_reports", pa.int64()),
         pa.field("peak_memory_bytes", pa.int64()),

@@ -36,6 +36,7 @@ from orchestrator.results_schema import (
 from orchestrator.spaces import GROUP_KEY, MEMBER_KEY, split_suggestion
 from orchestrator.trainable import JOB_CONFIG_KEY, KIND_KEY, PREDICTIONS_KEY, job_config_from
 from trainer.files import atomic_path
+from trainer.tokenizer_source import TOKENIZER_COLUMNS
 
 
 
@@ -268,6 +269,7 @@ class ParquetSink(_tune_callback_base()):
             if result.get("peak_memory_bytes") is not None:
                 row["peak_memory_bytes"] = max(int(result["peak_memory_bytes"]), int(row.get("peak_memory_bytes") or 0))
             row["job_wall_time_s"] = result.get("job_wall_time_s")
+            row.update({k: result[k] for k in TOKENIZER_COLUMNS if result.get(k) is not None})
             if predictions and predictions.get("sample_id"):
                 n = len(predictions["sample_id"])
                 pred_rows = [{"trial_id": tid, "step": final_step, **{k: predictions[k][i] for k in predictions}}

@@ -21,7 +21,6 @@ from trainer.job import run_job
 from trainer.job_config import JobConfig
 from trainer.job_data import SampleView, micro_batches, open_job_data, prepare_data, tokenised
 from trainer.loading import load_model
-from trainer.tokenizer import get_template
 
 ROOT = Path(__file__).resolve().parent.parent
 VISION = PRESETS["tiny"].vision
@@ -41,7 +40,7 @@ def test_cached_batches_losses_and_predictions_equal_encoding_in_memory(captcha_
     data = prepare_data(config, loaded, open_job_data(config))
 
     train, val = split_samples(load_samples(captcha_parquet).samples, config.val_fraction, config.split_seed)
-    template = get_template(config.prompt_template)
+    template = loaded.template(config.prompt_template)
     in_memory = encode_samples(train, VISION, loaded.tokenizer, template, config.question)
     in_memory_val = encode_samples(val[:12], VISION, loaded.tokenizer, template, config.question)
     assert [s.sample_id for s in data.train] == [s.sample_id for s in in_memory]

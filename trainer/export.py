@@ -35,7 +35,7 @@ def export_checkpoint(checkpoint_dir: Path, config: JobConfig, out: Path, card: 
         shutil.rmtree(out)
     save_model(loaded, out)
     card = {**card, "base_model": config.model, "trained_tensors": n_trained,
-            "job_config": config.to_dict()}
+            **loaded.tokenizer_choice.as_record(), "job_config": config.to_dict()}
     (out / MODEL_CARD).write_text(json.dumps(card, indent=1, default=str))
     return out
 

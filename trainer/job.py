@@ -121,7 +121,8 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     def result(outcome: str, error: Optional[str] = None, tested: Optional[dict[str, Any]] = None) -> JobResult:
         return JobResult(outcome=outcome, step=progress.step, final_metrics=final,
                          best_metrics=progress.best_metrics, peak_memory_bytes=peak_bytes(device), error=error,
-                         predictions=predictions, wall_time_s=time.time() - started, test_metrics=tested or {})
+                         predictions=predictions, wall_time_s=time.time() - started, test_metrics=tested or {},
+                         tokenizer=loaded.tokenizer_choice.as_record())
 
     try:
         while progress.step < total_steps:

@@ -45,7 +45,12 @@ class JobConfig:
 
     model: str = _field("tiny", "a preset (tiny, small, moondream2: fresh weights), a local checkpoint "
                                 "directory, or a hub id such as vikhyatk/moondream2")
-    revision: Optional[str] = _field(None, "hub revision (branch, tag or commit) when `model` is a hub id")
+    revision: Optional[str] = _field(None, "hub revision (branch, tag or commit) when `model` is a hub id; a dated "
+                                           "revision (2025-01-09) also picks the tokenizer the official code of that "
+                                           "revision used when the checkpoint has no tokenizer.json")
+    tokenizer: Optional[str] = _field(None, "tokenizer to use: a directory holding tokenizer.json, a hub id or "
+                                            "id@revision (default: tokenizer.json beside the weights, else the one "
+                                            "the official code of `revision` loaded)")
     train_data: str = _field("", "training data: a Parquet file/dir, an image folder named by label, or a "
                                  "JSONL/CSV manifest")
     val_data: Optional[str] = _field(None, "validation data (same formats); default: split from train_data")
@@ -60,7 +65,10 @@ class JobConfig:
                                             "per node and read from disk by every trial (default: "
                                             "$MDSWEEP_CACHE_DIR, else ~/.cache/mdsweep/crops on each node)")
     question: str = _field("What does the text say?", "the question asked about every image")
-    prompt_template: str = _field("moondream2-2025", "prompt layout: moondream2-2025 or moondream2-legacy")
+    prompt_template: Optional[str] = _field(None, "prompt layout: moondream2-2025, moondream2-legacy or "
+                                                  "moondream2-starmie (default: the one that goes with the "
+                                                  "model's tokenizer: legacy for 2024 revisions, starmie for "
+                                                  "2025-06-21 and later, else 2025)")
     lr: float = _field(3e-5, "peak learning rate (AdamW)")
     grad_accum: int = _field(1, "micro-batches accumulated per optimizer step")
     batch_size: int = _field(8, "samples per micro-batch")
@@ -156,7 +164,7 @@ class JobConfig:
              f"lora_targets must name at least one layer (e.g. {LORA_TARGETS}), got {self.lora_targets!r}")
         need(precision_problem(self.precision, self.trained_dtype) is None,
              str(precision_problem(self.precision, self.trained_dtype)))
-        need(self.prompt_template in PROMPT_TEMPLATES,
+        need(self.prompt_template is None or self.prompt_template in PROMPT_TEMPLATES,
              f"prompt_template must be one of {', '.join(PROMPT_TEMPLATES)}, got {self.prompt_template!r}")
         need(self.device is None or bool(DEVICE.match(str(self.device))),
              f"device must be cpu, cuda or cuda:N, got {self.device!r}")
@@ -253,6 +261,7 @@ class JobResult:
     predictions: list[Prediction] = field(default_factory=list)
     wall_time_s: float = 0.0
     test_metrics: dict[str, Any] = field(default_factory=dict)  # run_job(test_data=...): the final model's test_*
+    tokenizer: dict[str, Any] = field(default_factory=dict)  # the tokenizer the job used (TokenizerChoice.as_record)
 
 
 @functools.lru_cache(maxsize=1)

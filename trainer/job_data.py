@@ -106,7 +106,7 @@ def prepare_data(config: JobConfig, loaded: LoadedModel, opened: OpenedData) -> 
 
 def tokenised(view: SampleView, config: JobConfig, loaded: LoadedModel) -> tuple[SampleView, int]:
     """`view` with prompt and answer ids for `loaded`'s tokenizer, minus unusable labels; and how many those were."""
-    template = get_template(config.prompt_template)
+    template = loaded.template(config.prompt_template)
     vision_tokens = loaded.model.config.vision.n_image_tokens
     prompt = tuple(template.prompt_ids(loaded.tokenizer, config.question))
     # what a sequence holds besides the answer: BOS, the image tokens and the prompt

@@ -27,7 +27,8 @@ def seed_everything(seed: int) -> None:
 def build_job_model(config: JobConfig) -> LoadedModel:
     """Base model (seeded), LoRA adapters when the scope asks for them, and the train scope set."""
     seed_everything(config.seed)
-    loaded = load_model(config.model, revision=config.revision, attention_backend=config.attention_backend)
+    loaded = load_model(config.model, revision=config.revision, tokenizer=config.tokenizer,
+                        attention_backend=config.attention_backend)
     if config.train_scope == "lora":
         add_lora(loaded.model.text, rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets)
     loaded.model.set_train_scope(config.train_scope)

@@ -11,10 +11,10 @@ from typing import Optional
 from trainer.attention import AttentionBackend
 from trainer.config import CONFIG_FILE, PRESETS, SHIPPED_MODELS_DIR, MoondreamConfig, shipped_models
 from trainer.model import MoondreamModel
-from trainer.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
-from trainer.weights import HUB_ID, WEIGHTS_FILE, CheckpointError, fetch_from_hub, load_official_weights, \
-    read_safetensors, save_official_weights
-
+from trainer.tokenizer import CharTokenizer, PromptTemplate, Tokenizer, get_template
+from trainer.tokenizer_source import TOKENIZER_FILE, TokenizerChoice, resolve_tokenizer
+from trainer.weights import HUB_ID, WEIGHTS_FILE, CheckpointError, checkpoint_keys, fetch_from_hub, \
+    load_official_weights, save_official_weights
 
 
 @dataclass
@@ -22,60 +22,93 @@ class LoadedModel:
     model: MoondreamModel
     tokenizer: Tokenizer
     source_dir: Optional[Path]  # where weights and tokenizer came from; None for a fresh preset
+    tokenizer_choice: TokenizerChoice  # which tokenizer, its bos/eos and template: recorded with results
+    layout: Optional[str] = None  # the checkpoint layout the weights were read in; None for a fresh preset
+
+    def template(self, name: Optional[str]) -> PromptTemplate:
+        """The prompt template `name`, or (None) the one that goes with this model's tokenizer."""
+        return get_template(name or self.tokenizer_choice.template)
 
 
-def load_model(spec: str, *, revision: Optional[str] = None,
+# Saved models record the tokenizer they were trained with here (inside mdsweep_config.json), so an export of a
+# starmie-era checkpoint keeps bos = eos = 0 and its template once the revision is no longer known.
+CHOICE_KEY = "tokenizer_choice"
+
+
+def load_model(spec: str, *, revision: Optional[str] = None, tokenizer: Optional[str] = None,
                attention_backend: AttentionBackend = "sdpa") -> LoadedModel:
     """A preset name gives fresh random weights (seed torch first); a shipped model's name, a directory or a
-    hub id loads weights."""
+    hub id loads weights, in any layout the official loader accepts. `tokenizer` overrides the checkpoint's
+    own (a directory, hub id or id@revision); `revision` is the hub revision, which also decides the tokenizer
+    of a 2025 checkpoint that has none of its own."""
     if spec in PRESETS:
         config = PRESETS[spec]
-        tokenizer = preset_tokenizer(spec)
-        return LoadedModel(MoondreamModel(config, bos_id=tokenizer.bos_id, attention_backend=attention_backend),
-                           tokenizer, None)
-    directory = Path(spec).expanduser()
-    if spec in shipped_models():
-        directory = SHIPPED_MODELS_DIR / spec
-    elif not directory.is_dir():
-        if not HUB_ID.match(spec):
-            raise CheckpointError(f"model {spec!r} is neither a preset ({', '.join(PRESETS)}), a shipped model "
-                                  f"({', '.join(shipped_models()) or 'none'}), a local directory, nor a hub id "
-                                  "(owner/name)")
-        directory = fetch_from_hub(spec, revision)
+        tok = preset_tokenizer(spec)
+        return LoadedModel(MoondreamModel(config, bos_id=tok.bos_id, attention_backend=attention_backend),
+                           tok, None, builtin_choice(tok))
+    directory = model_directory(spec, revision)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
-        raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} (expected an official Moondream2 2025 checkpoint)")
-    tensors = read_safetensors(weights)
+        raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} (expected an official Moondream2 checkpoint)")
     config_path = directory / CONFIG_FILE
-    config = (MoondreamConfig.from_dict(json.loads(config_path.read_text())) if config_path.is_file()
-              else PRESETS["moondream2"])
-    try:
-        tokenizer = load_tokenizer(config.tokenizer, directory)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{directory}: {exc}") from None
-    model = MoondreamModel(config, bos_id=tokenizer.bos_id, attention_backend=attention_backend)
-    load_official_weights(model, weights, tensors)
-    return LoadedModel(model, tokenizer, directory)
+    saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = MoondreamConfig.from_dict(saved) if saved else PRESETS["moondream2"]
+    checkpoint_keys(weights, config)  # a checkpoint that does not fit fails here, before the model is built
+    if config.tokenizer == "char":
+        tok: Tokenizer = CharTokenizer()
+        choice = builtin_choice(tok)
+    else:
+        try:
+            tok, choice = resolve_tokenizer(directory, revision=revision, spec=tokenizer,
+                                            recorded=saved.get(CHOICE_KEY))
+        except (FileNotFoundError, ValueError) as exc:
+            raise CheckpointError(str(exc)) from None
+    model = MoondreamModel(config, bos_id=tok.bos_id, attention_backend=attention_backend)
+    keys = load_official_weights(model, weights)
+    return LoadedModel(model, tok, directory, choice, keys.layout.name)
+
+
+def model_directory(spec: str, revision: Optional[str]) -> Path:
+    """The local directory of a shipped model, a path, or a hub id (fetched). Something written as a path
+    (starting with ., / or ~, or with more than one /) is never looked up on the hub."""
+    if spec in shipped_models():
+        return SHIPPED_MODELS_DIR / spec
+    directory = Path(spec).expanduser()
+    if directory.is_dir():
+        return directory
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise CheckpointError(f"model {spec}: no such directory")
+    if not HUB_ID.match(spec):
+        raise CheckpointError(f"model {spec!r} is neither a preset ({', '.join(PRESETS)}), a shipped model "
+                              f"({', '.join(shipped_models()) or 'none'}), a local directory, nor a hub id "
+                              "(owner/name)")
+    return fetch_from_hub(spec, revision)
+
+
+def builtin_choice(tok: Tokenizer) -> TokenizerChoice:
+    return TokenizerChoice(source="char (built in)", bos_id=tok.bos_id, eos_id=tok.eos_id,
+                           template="moondream2-2025", path=None)
 
 
 def preset_tokenizer(name: str) -> Tokenizer:
     """A preset's tokenizer. The real-size preset has fresh weights and no tokenizer.json to go with them, so
     the character tokenizer stands in (its ids lie inside the real vocabulary): memory and speed of the real
     model can then be measured anywhere, while its answers mean nothing."""
-    config = PRESETS[name]
-    if config.tokenizer == "bpe":
+    if PRESETS[name].tokenizer == "bpe":
         print(f"mdsweep: model {name!r} is the real-size preset with fresh weights and no tokenizer.json: a "
-              f"character tokenizer stands in ({CharTokenizer().vocab_size} of the {config.text.vocab_size} "
+              f"character tokenizer stands in ({CharTokenizer().vocab_size} of the {PRESETS[name].text.vocab_size} "
               "ids); memory and speed are representative, answers are not", file=sys.stderr, flush=True)
-        return CharTokenizer()
-    return load_tokenizer(config.tokenizer, None)
+    return CharTokenizer()
 
 
 def save_model(loaded: LoadedModel, directory: Path) -> None:
-    """Write weights in the official layout, plus the config and tokenizer needed to load them here."""
+    """Write weights in the official 2025 layout, plus the config and the tokenizer (its `tokenizer.json`, and
+    the choice in the config) needed to load them here with nothing else at hand."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_official_weights(loaded.model, directory / WEIGHTS_FILE)
-    loaded.model.config.save(directory)
-    if loaded.source_dir is not None and (loaded.source_dir / "tokenizer.json").is_file():
-        shutil.copyfile(loaded.source_dir / "tokenizer.json", directory / "tokenizer.json")
+    choice = loaded.tokenizer_choice
+    saved = {**loaded.model.config.to_dict(), CHOICE_KEY: choice.as_record()}
+    (directory / CONFIG_FILE).write_text(json.dumps(saved, indent=1))
+    if choice.path is not None and choice.path.resolve() != (directory / TOKENIZER_FILE).resolve():
+        shutil.copyfile(choice.path, directory / TOKENIZER_FILE)

@@ -19,7 +19,6 @@ from trainer.devices import autocast_dtype_of, resolve_device
 from trainer.job_config import Prediction
 from trainer.loading import LoadedModel
 from trainer.precision import plan_precision
-from trainer.tokenizer import get_template
 
 
 @dataclass
@@ -27,7 +26,7 @@ class PredictSettings:
     attention: AttentionMode = "prefix"
     batch_size: int = 8
     question: str = "What does the text say?"
-    prompt_template: str = "moondream2-2025"
+    prompt_template: Optional[str] = None  # None: the template that goes with the model's tokenizer
     max_new_tokens: int = 16
     device: Optional[str] = None
     precision: Optional[str] = None
@@ -41,7 +40,7 @@ def predict(loaded: LoadedModel, samples: Sequence[Sample], settings: PredictSet
     device = resolve_device(settings.device)
     autocast_dtype = autocast_dtype_of(plan_precision(settings.precision, "fp32", None, device.type == "cuda"))
     model = loaded.model.to(device)
-    encoded = encode_samples(samples, model.config.vision, loaded.tokenizer, get_template(settings.prompt_template),
+    encoded = encode_samples(samples, model.config.vision, loaded.tokenizer, loaded.template(settings.prompt_template),
                              settings.question)
     with torch.inference_mode():
         metrics, predictions = evaluate(model, encoded, loaded.tokenizer, settings.attention,

@@ -41,7 +41,7 @@ def check(directory: Path) -> tuple[bool, list[str]]:
     config = MoondreamConfig.from_dict(spec)
     bos_id = spec["text_input"]["bos_id"]
     model = MoondreamModel(config, bos_id=bos_id).eval()
-    load_official_weights(model, directory / f"{REFERENCE_NAME}.safetensors", tensors)
+    load_official_weights(model, directory / f"{REFERENCE_NAME}.safetensors")
 
     results: list[tuple[bool, str]] = []
     checked: set[str] = set()

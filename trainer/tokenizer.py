@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Union
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -44,13 +44,18 @@ class CharTokenizer:
 
 
 class BpeTokenizer:
-    """The model's own `tokenizer.json`, through the `tokenizers` library."""
+    """A `tokenizer.json` through the `tokenizers` library. Moondream2 uses one id as BOS and EOS: the
+    GPT-2 style tokenizers' <|endoftext|>, or `special_id` where the official config fixes it (0 for
+    starmie-v1)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, special_id: int | None = None) -> None:
         from tokenizers import Tokenizer as HfTokenizer
 
-        self._tok = HfTokenizer.from_file(str(path))
-        eos = self._tok.token_to_id(END_OF_TEXT)
+        try:
+            self._tok = HfTokenizer.from_file(str(path))
+        except Exception as exc:  # the tokenizers library raises a bare Exception for a malformed file
+            raise ValueError(f"{path}: not a readable tokenizer.json ({exc})") from None
+        eos = special_id if special_id is not None else self._tok.token_to_id(END_OF_TEXT)
         if eos is None:
             raise ValueError(f"{path}: no {END_OF_TEXT} token, which Moondream2 uses as BOS and EOS")
         self.bos_id = self.eos_id = eos
@@ -63,30 +68,30 @@ class BpeTokenizer:
         return self._tok.decode(ids, skip_special_tokens=True)
 
 
-def load_tokenizer(kind: str, model_dir: Path | None) -> Tokenizer:
-    if kind == "char":
-        return CharTokenizer()
-    if model_dir is None or not (Path(model_dir) / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"the BPE tokenizer needs {Path(model_dir or '.') / 'tokenizer.json'}")
-    return BpeTokenizer(Path(model_dir) / "tokenizer.json")
+Piece = Union[str, tuple[int, ...]]
+
+
+def _piece_ids(tokenizer: Tokenizer, piece: Piece) -> list[int]:
+    return list(piece) if isinstance(piece, tuple) else tokenizer.encode(piece)
 
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """A question/answer layout as text pieces, each encoded separately.
+    """A question/answer layout as pieces, each encoded separately: text, or fixed token ids.
 
     Encoding the pieces apart reproduces the token boundaries of the official code,
-    which stores the 2025 prefix and suffix as fixed token ids.
+    which stores the 2025 prefix and suffix as fixed token ids (text for the GPT-2 style
+    tokenizer; special ids with no text for starmie-v1).
     """
 
-    prefix: str
+    prefix: Piece
     question_format: str
-    suffix: str
+    suffix: Piece
     answer_format: str = " {a}"
 
     def prompt_ids(self, tokenizer: Tokenizer, question: str) -> list[int]:
-        return (tokenizer.encode(self.prefix) + tokenizer.encode(self.question_format.format(q=question))
-                + tokenizer.encode(self.suffix))
+        return (_piece_ids(tokenizer, self.prefix) + tokenizer.encode(self.question_format.format(q=question))
+                + _piece_ids(tokenizer, self.suffix))
 
     def answer_ids(self, tokenizer: Tokenizer, answer: str) -> list[int]:
         return tokenizer.encode(self.answer_format.format(a=answer)) + [tokenizer.eos_id]
@@ -97,6 +102,9 @@ PROMPT_TEMPLATES: dict[str, PromptTemplate] = {
     "moondream2-2025": PromptTemplate(prefix="\n\nQuestion:", question_format=" {q}", suffix="\n\nAnswer:"),
     # older checkpoints: the whole prompt is one string
     "moondream2-legacy": PromptTemplate(prefix="", question_format="\n\nQuestion: {q}\n\nAnswer:", suffix=""),
+    # 2025-06-21 and later (the starmie-v1 tokenizer): the official config's query ids around the question
+    "moondream2-starmie": PromptTemplate(prefix=(1, 15381, 2), question_format="{q}", suffix=(3,),
+                                         answer_format="{a}"),
 }
 
 

@@ -1,26 +1,28 @@
-"""Official Moondream2 (2025 layout) weights ⇄ the transformers modules of `MoondreamModel`.
+"""Official Moondream2 weights ⇄ the transformers modules of `MoondreamModel`.
 
 The official checkpoint fuses q, k and v into one `qkv` matrix and stores the patch
 embedding as a linear layer over (channel, row, column)-flattened patches; SigLIP and
-Phi keep them apart and use a convolution. The table below is the single source of
-truth for both directions, so a model saved here loads in the official code.
+Phi keep them apart and use a convolution. The table below (in the 2025 names) is the
+single source of truth for both directions, so a model saved here loads in the
+official code. Checkpoints are read in every layout the official loader accepts (the
+2024 names of the revisions users pin for captcha fine-tuning, the 2025 names with or
+without `model.`, `torch.compile`'s `._orig_mod` infixes, any float dtype) and always
+written in the 2025 layout.
 """
 from __future__ import annotations
 
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from trainer.config import WEIGHTS_FILE, MoondreamConfig
-
-# official keys for parts this project does not model (the object-detection region head)
-IGNORED_PREFIXES = ("model.region.",)
-
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model: the message names the file and key."""
@@ -96,32 +98,106 @@ def key_mappings(config: MoondreamConfig) -> list[KeyMapping]:
     return maps
 
 
-def official_to_ours(tensors: dict[str, torch.Tensor], config: MoondreamConfig, source: str) -> dict[str, torch.Tensor]:
-    """Convert an official state dict, checking every key and shape against `config`.
+# The layouts the official loader accepts, each a renaming of the 2025 names (the canonical ones, used by
+# `key_mappings`). Checkpoints saved by `torch.compile`d modules carry `._orig_mod` in their names; it is
+# removed before matching, as the official loader does.
+ORIG_MOD = "._orig_mod"
+_RENAMES_2024: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(pattern), repl) for pattern, repl in (
+    (r"^model\.vision\.patch_emb\.", "vision_encoder.encoder.model.visual.patch_embed.linear."),
+    (r"^model\.vision\.pos_emb$", "vision_encoder.encoder.model.visual.pos_embed"),
+    (r"^model\.vision\.post_ln\.", "vision_encoder.encoder.model.visual.norm."),
+    (r"^model\.vision\.blocks\.(\d+)\.ln(\d)\.", r"vision_encoder.encoder.model.visual.blocks.\1.norm\2."),
+    (r"^model\.vision\.blocks\.", "vision_encoder.encoder.model.visual.blocks."),
+    (r"^model\.vision\.proj_mlp\.", "vision_encoder.projection.mlp."),
+    (r"^model\.text\.wte$", "text_model.transformer.embd.wte.weight"),
+    (r"^model\.text\.post_ln\.", "text_model.lm_head.ln."),
+    (r"^model\.text\.lm_head\.", "text_model.lm_head.linear."),
+    (r"^model\.text\.blocks\.(\d+)\.attn\.qkv\.", r"text_model.transformer.h.\1.mixer.Wqkv."),
+    (r"^model\.text\.blocks\.(\d+)\.attn\.proj\.", r"text_model.transformer.h.\1.mixer.out_proj."),
+    (r"^model\.text\.blocks\.", "text_model.transformer.h."),
+))
 
-    Keys that are not model weights (`expected.*` in reference files) and the region
-    head are skipped; any other unknown key is an error, since it means the config
-    and the checkpoint disagree.
-    """
+
+def _rename_2024(name: str) -> str:
+    for pattern, replacement in _RENAMES_2024:
+        if pattern.search(name):
+            return pattern.sub(replacement, name, count=1)
+    return name
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One naming of the official weights: its label, how a 2025 name reads in it, and the prefixes of its
+    model tensors (a key outside them, such as a reference file's `expected.*`, is not a weight)."""
+
+    name: str
+    rename: Callable[[str], str]
+    prefixes: tuple[str, ...]
+    region_prefix: str  # the object-detection head, which this project does not model
+
+
+LAYOUTS: tuple[Layout, ...] = (
+    Layout("2025", lambda name: name, ("model.",), "model.region."),
+    Layout("2025 without the 'model.' prefix", lambda name: name.removeprefix("model."),
+           ("vision.", "text.", "region."), "region."),
+    Layout("2024", _rename_2024, ("vision_encoder.", "text_model.", "region_model."), "region_model."),
+)
+
+
+@dataclass(frozen=True)
+class CheckpointKeys:
+    """Where each canonical (2025) tensor lies in one checkpoint file, resolved from its names alone."""
+
+    layout: Layout
+    names: dict[str, str]  # canonical name -> name in the file
+    region: int  # region-head tensors present and skipped
+
+
+def match_layout(shapes: dict[str, tuple[int, ...]], config: MoondreamConfig, source: str) -> CheckpointKeys:
+    """The layout `shapes` (a file's names and shapes) is written in, every tensor and shape checked against
+    `config`. A file that fits no layout is named with the layout it came closest to and its first missing
+    key; an unknown key or a wrong shape is named, since either means the config and the file disagree."""
+    by_plain = {name.replace(ORIG_MOD, ""): name for name in shapes}
     mappings = key_mappings(config)
-    known = {m.official for m in mappings}
-    region = sorted(k for k in tensors if k.startswith(IGNORED_PREFIXES))
-    if region:
-        warnings.warn(f"{source}: ignoring {len(region)} region-head tensors (model.region.*), "
-                      "which this project does not train", stacklevel=2)
-    unexpected = sorted(k for k in tensors if k.startswith("model.") and k not in known and k not in region)
+
+    def present(layout: Layout) -> int:
+        return sum(layout.rename(m.official) in by_plain for m in mappings)
+
+    layout = max(LAYOUTS, key=present)  # ties go to the first, the layout this project writes
+    expected = {layout.rename(m.official): m for m in mappings}
+    missing = [name for name in expected if name not in by_plain]
+    if missing:
+        found = present(layout)
+        closest = (f"it fits none of the official layouts; closest is the {layout.name} layout "
+                   f"({found} of {len(expected)} keys)") if found else "it holds no Moondream2 weights"
+        raise CheckpointError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing; {closest})")
+    region = [n for n in by_plain if n.startswith(layout.region_prefix)]
+    unexpected = sorted(n for n in by_plain if n.startswith(layout.prefixes) and n not in expected
+                        and not n.startswith(layout.region_prefix))
     if unexpected:
         raise CheckpointError(f"{source}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all); "
                               "the checkpoint does not match the model config")
+    for name, m in expected.items():
+        shape = tuple(shapes[by_plain[name]])
+        if shape != m.official_shape:
+            raise CheckpointError(f"{source}: key {name!r} has shape {shape}, the model config expects "
+                                  f"{m.official_shape}")
+    return CheckpointKeys(layout, {m.official: by_plain[name] for name, m in expected.items()}, len(region))
+
+
+def _warn_region(keys: CheckpointKeys, source: str) -> None:
+    if keys.region:
+        warnings.warn(f"{source}: ignoring {keys.region} region-head tensors ({keys.layout.region_prefix}*), "
+                      "which this project does not train", stacklevel=3)
+
+
+def official_to_ours(tensors: dict[str, torch.Tensor], config: MoondreamConfig, source: str) -> dict[str, torch.Tensor]:
+    """Convert an official state dict in any accepted layout, checking every key and shape against `config`."""
+    keys = match_layout({k: tuple(v.shape) for k, v in tensors.items()}, config, source)
+    _warn_region(keys, source)
     ours: dict[str, torch.Tensor] = {}
-    for m in mappings:
-        if m.official not in tensors:
-            raise CheckpointError(f"{source}: missing key {m.official!r}")
-        tensor = tensors[m.official]
-        if tuple(tensor.shape) != m.official_shape:
-            raise CheckpointError(f"{source}: key {m.official!r} has shape {tuple(tensor.shape)}, "
-                                  f"the model config expects {m.official_shape}")
-        ours.update(zip(m.ours, m.to_ours(tensor)))
+    for m in key_mappings(config):
+        ours.update(zip(m.ours, m.to_ours(tensors[keys.names[m.official]])))
     return ours
 
 
@@ -129,26 +205,47 @@ def ours_to_official(state: dict[str, torch.Tensor], config: MoondreamConfig) ->
     return {m.official: m.to_official([state[k] for k in m.ours]).contiguous() for m in key_mappings(config)}
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+@contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """A lazily read safetensors file (tensors come off disk one at a time), errors naming the file."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+        handle = safe_open(str(path), framework="pt")
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    with handle as f:
+        yield f
 
 
-def load_official_weights(model: torch.nn.Module, path: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
-    """Load an official-layout safetensors file (or its already-read `tensors`) into a `MoondreamModel`."""
-    converted = official_to_ours(tensors if tensors is not None else read_safetensors(path), model.config, str(path))
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    with open_safetensors(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def checkpoint_keys(path: Path, config: MoondreamConfig) -> CheckpointKeys:
+    """The file's layout and names, checked against `config` from its header alone (no tensor is read), so a
+    checkpoint that does not fit fails before a model is built."""
+    with open_safetensors(path) as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return match_layout(shapes, config, str(path))
+
+
+def load_official_weights(model: torch.nn.Module, path: Path) -> CheckpointKeys:
+    """Load a checkpoint in any accepted layout and dtype into a `MoondreamModel`, one tensor at a time: the
+    peak is the model plus its largest tensor, never a second copy of the weights. Returns what was found."""
+    keys = checkpoint_keys(path, model.config)
+    _warn_region(keys, str(path))
     current = model.state_dict()
-    for key, tensor in converted.items():
-        current[key].copy_(tensor.to(current[key].dtype))
+    with open_safetensors(path) as f, torch.no_grad():
+        for m in key_mappings(model.config):
+            for key, tensor in zip(m.ours, m.to_ours(f.get_tensor(keys.names[m.official]))):
+                current[key].copy_(tensor)
+    return keys
 
 
 def save_official_weights(model: torch.nn.Module, path: Path) -> None:
-    """Write `model`'s weights in the official 2025 layout (float32 tensors → file dtype kept)."""
+    """Write `model`'s weights in the official 2025 layout, in the dtype each tensor has."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_file(ours_to_official(state, model.config), str(path), metadata={"format": "pt"})
 

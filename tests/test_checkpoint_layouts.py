@@ -1,0 +1,164 @@
+"""Checkpoints in every layout the official loader accepts load to the same model as the 2025 layout.
+
+The tests write the layouts themselves from the reference fixture and the shipped base: the 2024 names of the
+revisions behind the official captcha fine-tune, the 2025 names without `model.`, `torch.compile`'s `._orig_mod`
+infixes, and half-precision files.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import REFERENCE_DIR
+from trainer.config import SHIPPED_MODELS_DIR
+from trainer.loading import load_model
+from trainer.reference_check import REFERENCE_NAME, check
+from trainer.weights import LAYOUTS, WEIGHTS_FILE, CheckpointError
+
+TINY_READER = SHIPPED_MODELS_DIR / "tiny-reader"
+LAYOUT_NAMES = [layout.name for layout in LAYOUTS]
+
+
+def compiled(name: str) -> str:
+    """`name` as a `torch.compile`d module saves it: `._orig_mod` after the first component."""
+    head, _, rest = name.partition(".")
+    return f"{head}._orig_mod.{rest}"
+
+
+def rewrite(tensors: dict[str, torch.Tensor], layout_name: str, *, orig_mod: bool = False,
+            dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A 2025-layout state dict in another layout; non-weight keys (`expected.*`) kept as they are."""
+    layout = {lay.name: lay for lay in LAYOUTS}[layout_name]
+    out = {}
+    for key, tensor in tensors.items():
+        if key.startswith("model."):
+            key = layout.rename(key)
+            key = compiled(key) if orig_mod else key
+            tensor = tensor.to(dtype) if dtype is not None else tensor
+        out[key] = tensor.contiguous()
+    return out
+
+
+def resaved(source: Path, target: Path, weights_name: str, layout_name: str, **kwargs) -> Path:
+    shutil.copytree(source, target)
+    path = target / weights_name
+    save_file(rewrite(load_file(path), layout_name, **kwargs), str(path))
+    return target
+
+
+def test_the_2024_names_are_the_official_loaders():
+    """Spot checks against the names the official loader reads (moondream/torch/weights.py)."""
+    rename = {lay.name: lay for lay in LAYOUTS}["2024"].rename
+    assert rename("model.vision.patch_emb.weight") == "vision_encoder.encoder.model.visual.patch_embed.linear.weight"
+    assert rename("model.vision.pos_emb") == "vision_encoder.encoder.model.visual.pos_embed"
+    assert rename("model.vision.blocks.3.ln2.bias") == "vision_encoder.encoder.model.visual.blocks.3.norm2.bias"
+    assert rename("model.vision.blocks.3.attn.qkv.weight") == "vision_encoder.encoder.model.visual.blocks.3.attn.qkv.weight"
+    assert rename("model.vision.post_ln.weight") == "vision_encoder.encoder.model.visual.norm.weight"
+    assert rename("model.vision.proj_mlp.fc2.bias") == "vision_encoder.projection.mlp.fc2.bias"
+    assert rename("model.text.wte") == "text_model.transformer.embd.wte.weight"
+    assert rename("model.text.blocks.11.attn.qkv.bias") == "text_model.transformer.h.11.mixer.Wqkv.bias"
+    assert rename("model.text.blocks.0.attn.proj.weight") == "text_model.transformer.h.0.mixer.out_proj.weight"
+    assert rename("model.text.blocks.0.mlp.fc1.weight") == "text_model.transformer.h.0.mlp.fc1.weight"
+    assert rename("model.text.post_ln.bias") == "text_model.lm_head.ln.bias"
+    assert rename("model.text.lm_head.weight") == "text_model.lm_head.linear.weight"
+
+
+@pytest.mark.parametrize("orig_mod", [False, True], ids=["plain", "orig_mod"])
+@pytest.mark.parametrize("layout_name", LAYOUT_NAMES)
+def test_the_reference_fixture_in_every_layout_reproduces_the_official_outputs(tmp_path, layout_name, orig_mod):
+    directory = resaved(REFERENCE_DIR, tmp_path / "ref", f"{REFERENCE_NAME}.safetensors", layout_name,
+                        orig_mod=orig_mod)
+    ok, lines = check(directory)
+    assert ok, lines
+
+
+@pytest.mark.parametrize("orig_mod", [False, True], ids=["plain", "orig_mod"])
+@pytest.mark.parametrize("layout_name", LAYOUT_NAMES)
+def test_the_shipped_base_in_every_layout_loads_to_identical_weights_and_logits(tmp_path, layout_name, orig_mod):
+    original = load_model(str(TINY_READER))
+    assert original.layout == "2025"
+    loaded = load_model(str(resaved(TINY_READER, tmp_path / "m", WEIGHTS_FILE, layout_name, orig_mod=orig_mod)))
+    assert loaded.layout == layout_name
+    before, after = original.model.state_dict(), loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert _logits(loaded) .equal(_logits(original))
+
+
+def _logits(loaded) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = loaded.model.eval()
+    crops = torch.rand(2, 3, model.config.vision.crop_size, model.config.vision.crop_size) * 2 - 1
+    with torch.no_grad():
+        image = model.encode_images(crops, [(1, 1)])[0]
+        return model.text_logits(image[None], torch.tensor([[5, 6, 7]]), "prefix")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_files_load_as_their_rounded_values(tmp_path, dtype):
+    original = load_model(str(TINY_READER))
+    loaded = load_model(str(resaved(TINY_READER, tmp_path / "m", WEIGHTS_FILE, "2024", dtype=dtype)))
+    before, after = original.model.state_dict(), loaded.model.state_dict()
+    for key in before:
+        assert after[key].dtype == torch.float32
+        assert torch.equal(after[key], before[key].to(dtype).float()), key
+
+
+def test_saving_writes_the_2025_layout_whatever_was_read(tmp_path):
+    from trainer.loading import save_model
+
+    loaded = load_model(str(resaved(TINY_READER, tmp_path / "m", WEIGHTS_FILE, "2024", orig_mod=True)))
+    save_model(loaded, tmp_path / "out")
+    assert set(load_file(tmp_path / "out" / WEIGHTS_FILE)) == set(load_file(TINY_READER / WEIGHTS_FILE))
+
+
+def test_a_checkpoint_that_fits_no_layout_names_the_closest_and_its_first_missing_key(tmp_path):
+    directory = resaved(TINY_READER, tmp_path / "m", WEIGHTS_FILE, "2024")
+    tensors = load_file(directory / WEIGHTS_FILE)
+    tensors["text_model.transformer.h.1.mixer.Wqkv"] = tensors.pop("text_model.transformer.h.1.mixer.Wqkv.weight")
+    save_file(tensors, str(directory / WEIGHTS_FILE))
+    with pytest.raises(CheckpointError, match=r"missing key 'text_model.transformer.h.1.mixer.Wqkv.weight' "
+                                              r"\(1 missing; it fits none of the official layouts; closest is the "
+                                              r"2024 layout \(\d+ of \d+ keys\)\)"):
+        load_model(str(directory))
+    save_file({"encoder.weight": torch.zeros(2)}, str(directory / WEIGHTS_FILE))
+    with pytest.raises(CheckpointError, match="it holds no Moondream2 weights"):
+        load_model(str(directory))
+
+
+def test_a_2024_region_head_is_skipped_with_a_note(tmp_path):
+    directory = resaved(TINY_READER, tmp_path / "m", WEIGHTS_FILE, "2024")
+    tensors = load_file(directory / WEIGHTS_FILE)
+    tensors["region_model.coordinate_encoder.weight"] = torch.zeros(4, 4)
+    save_file(tensors, str(directory / WEIGHTS_FILE))
+    with pytest.warns(UserWarning, match=r"ignoring 1 region-head tensors \(region_model\.\*\)"):
+        load_model(str(directory))
+
+
+def _mdsweep(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_train_and_predict_read_a_2024_checkpoint_as_they_read_the_2025_one(tmp_path, captcha_parquet):
+    """The same training run from the same base in two layouts: equal losses, equal predictions."""
+    old = resaved(TINY_READER, tmp_path / "old", WEIGHTS_FILE, "2024", orig_mod=True)
+    results = {}
+    for name, model in (("2025", str(TINY_READER)), ("2024", str(old))):
+        out = tmp_path / f"run-{name}"
+        done = _mdsweep("train", "--model", model, "--train-data", str(captcha_parquet), "--max-steps", "2",
+                        "--batch-size", "4", "--max-val-samples", "8", "--out", str(out),
+                        "--save-model", str(out / "model"), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        predicted = _mdsweep("predict", "--model", str(out / "model"), "--data", str(captcha_parquet),
+                             "--limit", "8", "--show", "-1", cwd=tmp_path)
+        assert predicted.returncode == 0, predicted.stderr
+        result = json.loads((out / "result.json").read_text())
+        results[name] = (result["final_metrics"]["train_loss"], predicted.stdout.splitlines()[:8])
+    assert results["2024"] == results["2025"]
