@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="compare the levels of FACTOR (e.g. attention) over pairs of ok trials identical in every "
                         "other setting: per-sample agreement on the same validation samples, exact-match "
                         "difference with a 95%% interval, exact McNemar p-value")
+    q.add_argument("--vs-baseline", action="store_true",
+                   help="the best trial against the sweep's --enqueue baseline, paired on the same validation "
+                        "samples: exact-match difference with a 95%% interval and the McNemar p-value (one --sweep)")
     q.add_argument("--pareto", nargs="?", const="", default=None, metavar="METRIC:MODE,...",
                    help="only the ok trials on the Pareto front of these objectives (default: the sweep's own "
                         "--objective list), e.g. --pareto val_exact_match:max,peak_memory_bytes:min")
@@ -56,6 +60,19 @@ def cmd_query(args: argparse.Namespace) -> int:
         mode = Q.objective_mode(table)
         if args.pareto is not None:
             table = pareto_table(args, table)
+        if args.vs_baseline:
+            if len(args.sweep) != 1 or args.table != "trials":
+                raise Q.QueryError("--vs-baseline compares within one sweep: give one --sweep (trials table)")
+            preds = Q.load_table(args.results, "predictions") if Path(args.results, "predictions").is_dir() else None
+            record = Q.versus_baseline(table.to_pylist(), preds.filter(pc.field("sweep") == args.sweep[0]).to_pylist()
+                                       if preds is not None and preds.num_rows else [])
+            if record is None:
+                print(f"mdsweep query: sweep {args.sweep[0]} has no ok baseline trial to compare with (run it "
+                      "with --enqueue official or --enqueue FILE.json)", file=sys.stderr)
+                return 1
+            print(Q.describe_versus_baseline(record) if args.format == "table"
+                  else Q.format_table(pa.Table.from_pylist([record]), args.format))
+            return 0
         if args.paired:
             if args.table != "trials":
                 raise Q.QueryError("--paired works on the trials table")

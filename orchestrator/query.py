@@ -22,6 +22,7 @@ from orchestrator.intervals import mcnemar_exact, mean_interval, paired_differen
 from orchestrator.objectives import default_mode
 from orchestrator.query_filter import QueryError
 from orchestrator.results_schema import TABLES, job_field_types
+from orchestrator.trial_pick import best_trial, ranked_trials
 
 
 
@@ -245,33 +246,82 @@ def paired_comparison(trials: pa.Table, predictions: pa.Table, spec: PairedSpec)
                 searched.append(name)
     if "seed" not in searched and len({r.get("seed") for r in rows}) > 1:
         searched.append("seed")
-    preds: dict[str, dict[str, bool]] = {}
-    if predictions.num_rows:
-        for p in predictions.select(["trial_id", "sample_id", "correct"]).to_pylist():
-            preds.setdefault(p["trial_id"], {})[p["sample_id"]] = bool(p["correct"])
+    preds = correct_by_trial(predictions.select(["trial_id", "sample_id", "correct"]).to_pylist()
+                             if predictions.num_rows else [])
     out = []
     for key, by_level in cells.items():
         for a, b in level_pairs:
             ta = sorted(by_level.get(a, []), key=lambda r: (r.get("sweep") or "", r["trial_id"]))
             tb = sorted(by_level.get(b, []), key=lambda r: (r.get("sweep") or "", r["trial_id"]))
             for ra, rb in zip(ta, tb):
-                pa_, pb_ = preds.get(ra["trial_id"], {}), preds.get(rb["trial_id"], {})
-                common = sorted(set(pa_) & set(pb_))
-                if not common:
+                agreement = paired_agreement(preds.get(ra["trial_id"], {}), preds.get(rb["trial_id"], {}))
+                if agreement is None:
                     continue
-                n11 = sum(1 for s in common if pa_[s] and pb_[s])
-                n10 = sum(1 for s in common if pa_[s] and not pb_[s])
-                n01 = sum(1 for s in common if not pa_[s] and pb_[s])
-                n00 = len(common) - n11 - n10 - n01
-                n = len(common)
-                low, high = paired_difference_ci(n11, n10, n01, n00)
                 rec = {"factor": spec.factor, "a": str(a), "b": str(b)}
                 rec.update({k: ra.get(k) for k in searched})
-                rec.update(trial_a=ra["trial_id"], trial_b=rb["trial_id"], n=n, both_correct=n11, a_only=n10,
-                           b_only=n01, both_wrong=n00, em_a=(n11 + n10) / n, em_b=(n11 + n01) / n,
-                           diff=(n10 - n01) / n, ci_low=low, ci_high=high, mcnemar_p=mcnemar_exact(n10, n01))
+                rec.update(trial_a=ra["trial_id"], trial_b=rb["trial_id"], **agreement)
                 out.append(rec)
     return pa.Table.from_pylist(out)
+
+
+def correct_by_trial(predictions: Sequence[dict[str, Any]]) -> dict[str, dict[str, bool]]:
+    """trial_id -> sample_id -> whether the trial's final evaluation read it right."""
+    preds: dict[str, dict[str, bool]] = {}
+    for p in predictions:
+        preds.setdefault(p["trial_id"], {})[p["sample_id"]] = bool(p["correct"])
+    return preds
+
+
+def paired_agreement(a: dict[str, bool], b: dict[str, bool]) -> Optional[dict[str, Any]]:
+    """Two trials on the validation samples both predicted: the agreement table, each one's exact match, their
+    difference (a - b) with an Agresti-Min 95 % interval and the exact McNemar p-value; None with no sample in
+    common."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    n = len(common)
+    n11 = sum(1 for s in common if a[s] and b[s])
+    n10 = sum(1 for s in common if a[s] and not b[s])
+    n01 = sum(1 for s in common if not a[s] and b[s])
+    n00 = n - n11 - n10 - n01
+    low, high = paired_difference_ci(n11, n10, n01, n00)
+    return dict(n=n, both_correct=n11, a_only=n10, b_only=n01, both_wrong=n00, em_a=(n11 + n10) / n,
+                em_b=(n11 + n01) / n, diff=(n10 - n01) / n, ci_low=low, ci_high=high, mcnemar_p=mcnemar_exact(n10, n01))
+
+
+def versus_baseline(trials: Sequence[dict[str, Any]],
+                    predictions: Sequence[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The best trial against the sweep's enqueued baseline (`--enqueue`), paired on their validation samples:
+    the baseline run with the best trial's member index (its crossed values and seed), else the best baseline
+    run. None when the sweep has no ok baseline or no ok trial. One computation for the closing summary, the
+    report and `mdsweep query --vs-baseline`."""
+    best = best_trial(trials)
+    baselines = [r for r in ranked_trials(trials) if r.get("baseline")]
+    if best is None or not baselines:
+        return None
+    base = next((r for r in baselines if r.get("member") == best.get("member")), baselines[0])
+    preds = correct_by_trial(predictions)
+    agreement = paired_agreement(preds.get(best["trial_id"], {}), preds.get(base["trial_id"], {}))
+    record = {"best_trial": best["trial_id"], "baseline": base["baseline"], "baseline_trial": base["trial_id"],
+              "best_objective": best.get("objective"), "baseline_objective": base.get("objective")}
+    if agreement is not None:
+        names = {"em_a": "em_best", "em_b": "em_baseline", "a_only": "best_only", "b_only": "baseline_only"}
+        record.update({names.get(k, k): v for k, v in agreement.items()})
+    return record
+
+
+def describe_versus_baseline(record: dict[str, Any]) -> str:
+    """`vs baseline official (...) (trial b): exact match +0.125 [+0.048, +0.201] paired over 200 samples
+    (0.812 vs 0.688), McNemar p=0.002`."""
+    head = f"vs baseline {record['baseline']} (trial {record['baseline_trial']})"
+    if record["best_trial"] == record["baseline_trial"]:
+        return f"{head}: the best trial is the baseline itself"
+    if record.get("n") is None:
+        return (f"{head}: objective {record['best_objective']:.3f} vs {record['baseline_objective']:.3f} "
+                "(no shared validation predictions to pair)")
+    return (f"{head}: exact match {record['diff']:+.3f} [{record['ci_low']:+.3f}, {record['ci_high']:+.3f}] "
+            f"paired over {record['n']} samples ({record['em_best']:.3f} vs {record['em_baseline']:.3f}), "
+            f"McNemar p={record['mcnemar_p']:.3g}")
 
 
 # ---------------------------------------------------------------- output

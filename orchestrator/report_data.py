@@ -17,7 +17,7 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from orchestrator.objectives import is_finite_number
-from orchestrator.query import PairedSpec, QueryError, load_table, paired_comparison
+from orchestrator.query import PairedSpec, QueryError, load_table, paired_comparison, versus_baseline
 from orchestrator.study import StudyError, study_from_rows, sweep_objectives, sweep_record
 from orchestrator.trial_pick import best_trial
 
@@ -67,7 +67,7 @@ def collect(results: str, sweep: str) -> ReportData:
     best = best_trial(trials)
     return ReportData(
         sweep=sweep, record=record, objectives=objectives,
-        summary=summary(record, trials, best, metric),
+        summary={**summary(record, trials, best, metric), "vs_baseline": versus_baseline(trials, predictions)},
         leaderboard=leaderboard(trials, metric, mode),
         curves=curves(trials, steps, metric),
         search=search_points(trials),

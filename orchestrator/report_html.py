@@ -12,6 +12,7 @@ import html
 from pathlib import Path
 from typing import Any, Optional
 
+from orchestrator.query import describe_versus_baseline
 from orchestrator.report_data import FAILED_OUTCOMES, ReportData, Section, collect
 
 ATTENTION_COLOURS = {"causal": "#1f77b4", "prefix": "#ff7f0e", None: "#7f7f7f"}
@@ -144,6 +145,8 @@ def summary_html(data: ReportData) -> str:
                                              f"n = {t['n']}), CER {t['cer']:.3f}: the estimate to quote"))
     else:
         rows.insert(4, ("best trial", "none: no trial has ended ok yet"))
+    if s.get("vs_baseline"):
+        rows.insert(5, ("vs baseline", describe_versus_baseline(s["vs_baseline"]).removeprefix("vs baseline ")))
     return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(fmt(v))}</td></tr>"
                                for k, v in rows) + "</table>"
 

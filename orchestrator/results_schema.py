@@ -95,6 +95,7 @@ def trials_schema() -> pa.Schema:
         pa.field("outcome", pa.string()),  # running, ok, oom, diverged, error, stopped
         pa.field("error", pa.string()),
         pa.field("searched", pa.list_(pa.string())),  # which config columns the search chose
+        pa.field("baseline", pa.string()),  # the --enqueue baseline this trial runs (its label); null for proposals
         pa.field("params_json", pa.string()),  # every suggested parameter, auxiliary ones too
         *job_config_fields(),
         pa.field("objective_metric", pa.string()),

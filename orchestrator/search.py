@@ -22,12 +22,14 @@ from ray.tune.search import Searcher
 
 from orchestrator.groups import group_state, member_state
 from orchestrator.objectives import is_finite_number
-from orchestrator.spaces import GROUP_KEY, MEMBER_KEY, SpaceFunction, split_suggestion
+from orchestrator.spaces import BASELINE_EXTRA_KEY, BASELINE_KEY, GROUP_KEY, MEMBER_KEY, SpaceFunction, \
+    split_suggestion
 
 def make_searcher(space: str, metric: str, mode: str, seed: int, expansions: list[dict[str, Any]],
                   max_concurrent: Optional[int], sweep: Optional[str] = None,
                   fixed: Optional[dict[str, Any]] = None,
-                  objectives: Sequence[tuple[str, str]] = ()) -> "Any":
+                  objectives: Sequence[tuple[str, str]] = (),
+                  baselines: Sequence[dict[str, Any]] = ()) -> "Any":
     """The sweep's searcher; two or more `objectives` make Optuna search for their Pareto front (multi-objective
     TPE) while `metric` stays the one the scheduler and the tables rank by."""
     from optuna.samplers import TPESampler
@@ -41,7 +43,7 @@ def make_searcher(space: str, metric: str, mode: str, seed: int, expansions: lis
     else:
         inner = OptunaSearch(space=SpaceFunction(space), metric=metric, mode=mode, sampler=sampler)
     return SweepSearcher(inner, metric=metric, mode=mode, expansions=expansions, max_concurrent=max_concurrent,
-                         sweep=sweep, fixed=fixed, objectives=objectives)
+                         sweep=sweep, fixed=fixed, objectives=objectives, baselines=baselines)
 
 
 # proposals in a row whose memory shape cannot fit, after which the search stops instead of spinning
@@ -54,7 +56,8 @@ class SweepSearcher(Searcher):
 
     def __init__(self, searcher: Any, metric: str, mode: str, expansions: Optional[list[dict]] = None,
                  max_concurrent: Optional[int] = None, sweep: Optional[str] = None,
-                 fixed: Optional[dict[str, Any]] = None, objectives: Sequence[tuple[str, str]] = ()):
+                 fixed: Optional[dict[str, Any]] = None, objectives: Sequence[tuple[str, str]] = (),
+                 baselines: Sequence[dict[str, Any]] = ()):
         from orchestrator.gpu_memory import book_for
 
         super().__init__(metric=metric, mode=mode)
@@ -71,6 +74,8 @@ class SweepSearcher(Searcher):
         self.live: set[str] = set()
         self.told: dict[str, tuple[str, Optional[float]]] = {}  # inner id -> (state, value)
         self._counter = 0
+        # --enqueue (orchestrator.baselines): proposals made first, through Optuna's enqueued trials
+        self.pending_baselines: list[dict[str, Any]] = [dict(b) for b in baselines]
 
     # Tune plumbing
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -105,26 +110,38 @@ class SweepSearcher(Searcher):
         if not self.queue:
             for _ in range(MAX_REJECTED_IN_A_ROW):
                 inner_id = f"g{self._counter:05d}"
+                pending = getattr(self, "pending_baselines", [])  # a state saved before --enqueue existed has none
+                baseline = pending[0] if pending else None
+                if baseline is not None:
+                    # an enqueued trial: the define-by-run space's suggest_* calls return these values
+                    self.study.enqueue_trial(baseline["params"], skip_if_exists=False)
                 config = self.searcher.suggest(inner_id)
                 if config is None or config == self.FINISHED:
                     return config
                 self._counter += 1
+                if baseline is not None:
+                    pending.pop(0)
                 params, _meta = split_suggestion(config)
-                if not self._reject(inner_id, params):
+                extra = baseline["extra"] if baseline is not None else {}
+                if not self._reject(inner_id, {**params, **extra}):
                     break
             else:
                 print(f"mdsweep: the last {MAX_REJECTED_IN_A_ROW} proposals all had memory shapes that ran out of "
                       "memory or fit no GPU; stopping the search", file=sys.stderr, flush=True)
                 return self.FINISHED
             number = self.searcher._ot_trials[inner_id].number
-            self.groups[inner_id] = {"number": number, "params": params, "size": len(self.expansions),
-                                     "done": {}}
+            self.groups[inner_id] = {"number": number, "params": {**params, **extra}, "size": len(self.expansions),
+                                     "done": {}, "baseline": baseline["label"] if baseline is not None else None,
+                                     "baseline_extra": sorted(extra)}
             self.queue.extend((inner_id, i) for i in range(len(self.expansions)))
         inner_id, member = self.queue.pop(0)
         group = self.groups[inner_id]
         self.trial_member[trial_id] = (inner_id, member)
         self.live.add(trial_id)
-        return {**group["params"], **self.expansions[member], GROUP_KEY: group["number"], MEMBER_KEY: member}
+        config = {**group["params"], **self.expansions[member], GROUP_KEY: group["number"], MEMBER_KEY: member}
+        if group.get("baseline"):
+            config.update({BASELINE_KEY: group["baseline"], BASELINE_EXTRA_KEY: group["baseline_extra"]})
+        return config
 
     def _configs(self, params: dict[str, Any]) -> list[Any]:
         from orchestrator.trainable import job_config_from

@@ -33,7 +33,7 @@ from orchestrator.results_schema import (
     schema_for,
     validate_sweep_name,
 )
-from orchestrator.spaces import GROUP_KEY, MEMBER_KEY, split_suggestion
+from orchestrator.spaces import BASELINE_EXTRA_KEY, BASELINE_KEY, GROUP_KEY, MEMBER_KEY, split_suggestion
 from orchestrator.trainable import JOB_CONFIG_KEY, KIND_KEY, PREDICTIONS_KEY, job_config_from
 from trainer.files import atomic_path
 from trainer.tokenizer_source import TOKENIZER_COLUMNS
@@ -154,7 +154,8 @@ class ParquetSink(_tune_callback_base()):
                 row.update(job_config_from(self.fixed, trial.config).to_dict())
             if self.max_gpu_memory and row.get("max_gpu_memory") is None:
                 row["max_gpu_memory"] = self.max_gpu_memory
-            row["searched"] = sorted(k for k in params if k in types_)
+            row["searched"] = sorted(k for k in params if k in types_ and k not in (meta.get(BASELINE_EXTRA_KEY) or ()))
+            row["baseline"] = meta.get(BASELINE_KEY)
             row["params_json"] = json.dumps({k: v for k, v in trial.config.items() if not k.startswith("_")},
                                             default=str, sort_keys=True)
             row["group_id"] = meta.get(GROUP_KEY)

@@ -22,6 +22,8 @@ SPACE_PACKAGE = "search_spaces"
 GROUP_KEY = "_group"
 MEMBER_KEY = "_member"
 DROP_KEY = "_drop"
+BASELINE_KEY = "_baseline"  # the label of the --enqueue baseline a trial runs
+BASELINE_EXTRA_KEY = "_baseline_extra"  # the settings applied to that baseline only (not searched)
 
 
 class SpaceError(ValueError):

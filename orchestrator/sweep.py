@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator import cluster as cluster_mod
+from orchestrator.baselines import plan_baselines
 from orchestrator.groups import build_expansions
 from orchestrator.resources import (ResourceError, TrialResources, check_fit, concurrency_capacity, format_size,
                                     plan_resources)
@@ -179,6 +180,8 @@ def _write_report(s: SweepSettings) -> str:
 
 def found_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
     """What the sweep found: the best trial with its interval, the spread, and how to take the model out."""
+    from orchestrator.query import describe_versus_baseline, versus_baseline
+    from orchestrator.sink import read_partition
     from orchestrator.trial_pick import best_trial, describe_test, describe_trial
 
     best = best_trial(rows)
@@ -196,6 +199,10 @@ def found_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
     if len(scores) > 1:
         lines.append(f"Spread over {len(scores)} ok trials: {min(scores):.3f} to {max(scores):.3f} "
                      f"({s.metric}); `mdsweep query {s.results} --sweep {s.name} --group-by ...` breaks it down")
+    compared = versus_baseline(rows, read_partition(s.results, "predictions", s.name)) \
+        if any(r.get("baseline") for r in rows) else None
+    if compared is not None:
+        lines.append(describe_versus_baseline(compared))
     lines.append(f"Its model: mdsweep export {s.results} --sweep {s.name} --best --out models/{s.name}-best")
     if len(s.objectives) > 1:
         lines.append(pareto_summary(rows, s))
@@ -225,6 +232,9 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
     info = check_settings(s)
     data_note = check_data(s.fixed, s.test_data)
     searched = searched_columns(s, info)
+    baselines = plan_baselines(s.enqueue, s.fixed.get("revision"), distributions=info.distributions,
+                               searched=info.searched, fixed=s.fixed, crossed=[name for name, _ in s.cross])
+    s.baselines = [{"label": b.label, "params": b.params, "extra": b.extra} for b in baselines]
     if manifest_exists(s.storage, s.name):
         raise SweepError(f"--name {s.name}: a sweep of that name exists in {s.storage}; continue it with "
                          f"`mdsweep resume {s.name}` or choose another --name")
@@ -236,6 +246,8 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
             _say(n, quiet)
         _say(f"space {s.space}: searches {', '.join(searched)}; {s.num_samples} suggestion(s) x "
              f"{len(expansions)} run(s) each = {s.num_samples * len(expansions)} trial(s)", quiet)
+        for b in baselines:
+            _say(f"runs first, {b.describe()}", quiet)
         if dry_run:
             return SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results,
                                 status="dry-run", counts={}, resources=req)
@@ -281,7 +293,7 @@ def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], exp
         "objectives_json": json.dumps(s.objectives or [[s.metric, s.mode]]),
         "resources_json": json.dumps(req.to_dict(), default=str), "argv": s.argv})
     searcher = make_searcher(s.space, s.metric, s.mode, s.search_seed, expansions, s.max_concurrent,
-                             sweep=s.name, fixed=s.fixed, objectives=s.objectives)
+                             sweep=s.name, fixed=s.fixed, objectives=s.objectives, baselines=s.baselines)
     scheduler = make_scheduler(s.early_stop, s.metric, s.mode, s.fixed, s.asha_grace,
                                s.asha_reduction_factor)
     total = s.num_samples * len(expansions)

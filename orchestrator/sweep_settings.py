@@ -66,6 +66,12 @@ class SweepSettings:
                             "replicate factor; Optuna learns from the mean (default 1)", type=positive_int)
     cross: list[tuple[str, list[Any]]] = field(default_factory=list)  # crossed factors, as parsed from --cross
     search_seed: int = _flag(0, "search", "seed of the TPE sampler (default 0)", type=int)
+    enqueue: Optional[str] = _flag(
+        None, "search", "known-good settings run first, as Optuna enqueued trials, so the sweep is judged against "
+        "them: official (the official Moondream fine-tuning recipe for --revision: lr, batch, grad_accum, "
+        "optimizer, betas) or FILE.json (a list of settings objects); values the space searches are fitted to it, "
+        "fixed and crossed settings stay the sweep's", metavar="official|FILE.json")
+    baselines: list[dict[str, Any]] = field(default_factory=list)  # --enqueue fitted to the sweep (baselines.py)
     max_concurrent: Optional[int] = _flag(None, "search", "at most this many trials at once (default: as many "
                                           "as the resources allow)", type=positive_int)
     early_stop: str = _flag("none", "search", "early stopping on --metric: asha (asynchronous successive "

@@ -41,23 +41,6 @@ def crop_cache_dir(tmp_path_factory) -> Path:
     return path
 
 
-def write_bpe_tokenizer(directory: Path, *, extra_special: tuple[str, ...] = ()) -> Path:
-    """A byte-level BPE `tokenizer.json` (GPT-2 style: any text encodes, `<|endoftext|>` special) trained here on
-    a few lines, so tokenizer tests need no download. Returns the file."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", *extra_special],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["\n\nQuestion: What does the text say?\n\nAnswer: 1234 5678 90",
-                             "captcha digits 0123456789"] * 20, trainer)
-    directory.mkdir(parents=True, exist_ok=True)
-    tok.save(str(directory / "tokenizer.json"))
-    return directory / "tokenizer.json"
-
-
 def write_bpe_model(directory: Path, seed: int = 0) -> Path:
     """A `tiny`-sized checkpoint with a BPE vocabulary and no tokenizer beside it, as a 2025 revision comes."""
     import dataclasses

@@ -96,7 +96,8 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     total_steps = budget.total_steps
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(config.optimizer, params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(config.optimizer, params, lr=config.lr, weight_decay=config.weight_decay,
+                                betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, round(config.warmup_ratio * total_steps)))
     scaler = torch.amp.GradScaler(device.type, enabled=precision.uses_loss_scaler)

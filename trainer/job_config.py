@@ -94,6 +94,9 @@ class JobConfig:
     optimizer: OptimizerName = _field(
         "adamw", "adamw (torch), adamw-fused (one fused kernel: faster on CUDA, same memory), adamw8bit "
                  "(bitsandbytes: optimizer states in 8 bits, a quarter of the memory)")
+    adam_beta1: float = _field(0.9, "AdamW's first-moment decay")
+    adam_beta2: float = _field(0.999, "AdamW's second-moment decay (the official Moondream fine-tunes use 0.95)")
+    adam_eps: float = _field(1e-8, "AdamW's epsilon (the official Moondream fine-tunes use 1e-6)")
     trained_dtype: DType = _field(
         "fp32", "storage of the trained weights: fp32 master weights, or half (as the official notebook): "
                 "half their memory, but updates below the weight's precision are lost and fp16 has no loss "
@@ -158,6 +161,10 @@ class JobConfig:
                 choices, value = typing.get_args(kind), getattr(self, name)
                 need(value in choices or (value is None and optional),
                      f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            need(number(value) and 0 <= value < 1, f"{name} must be in [0, 1), got {value!r}")
+        need(number(self.adam_eps) and self.adam_eps > 0, f"adam_eps must be > 0, got {self.adam_eps!r}")
         need(isinstance(self.lora_rank, int) and self.lora_rank >= 1, f"lora_rank must be ≥ 1, got {self.lora_rank!r}")
         need(number(self.lora_alpha) and self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         need(bool(lora_target_names(self.lora_targets)),

@@ -30,17 +30,18 @@ BLOCK_SIZE_8BIT = 256
 QUANTILE_MAP_VALUES = 256
 
 
-def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], *, lr: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
     import torch  # here, so the memory model can read the constants above without torch
 
     params = list(params)
+    common = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, **common)
     if name == "adamw-fused":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.AdamW(params, **common, fused=True)
     if name == "adamw8bit":
         import bitsandbytes  # imported here: it takes seconds and only this option needs it
 
-        return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, min_8bit_size=MIN_8BIT_SIZE)
+        return bitsandbytes.optim.AdamW8bit(params, **common, min_8bit_size=MIN_8BIT_SIZE)
     raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
