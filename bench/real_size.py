@@ -45,25 +45,26 @@ LORA = ["--train-scope", "lora", "--lora-rank", "16", "--optimizer", "adamw8bit"
 
 
 def fabricate_checkpoint(directory: Path, seed: int = 0) -> int:
-    """Seeded random fp16 weights at Moondream2's shapes, 2025 layout; returns the file's bytes."""
+    """Seeded random fp16 weights at Moondream2's shapes, 2025 layout, made and written one tensor at a time;
+    returns the file's bytes."""
     import torch
-    from safetensors.torch import save_file
 
     from trainer.config import PRESETS
     from trainer.synth_tokenizer import write_bpe_tokenizer
-    from trainer.weights import WEIGHTS_FILE, key_mappings
+    from trainer.weights import WEIGHTS_FILE, key_mappings, write_safetensors
 
     generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for m in key_mappings(PRESETS["moondream2"]):
-        name = m.official
-        if ".ln" in name or "post_ln" in name:
-            value = torch.ones(m.official_shape) if name.endswith("weight") else torch.zeros(m.official_shape)
-        else:
-            value = torch.randn(m.official_shape, generator=generator) * 0.02
-        tensors[name] = value.to(torch.float16)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    def make(name: str, shape: tuple[int, ...]):
+        def tensor() -> torch.Tensor:
+            if ".ln" in name or "post_ln" in name:  # layer norms at identity
+                return (torch.ones if name.endswith("weight") else torch.zeros)(shape, dtype=torch.float16)
+            return (torch.randn(shape, generator=generator) * 0.02).to(torch.float16)
+        return tensor
+
+    entries = [(m.official, torch.float16, m.official_shape, make(m.official, m.official_shape))
+               for m in key_mappings(PRESETS["moondream2"])]
+    write_safetensors(directory / WEIGHTS_FILE, entries, metadata={"format": "pt"})
     write_bpe_tokenizer(directory)
     return (directory / WEIGHTS_FILE).stat().st_size
 
@@ -105,6 +106,8 @@ def stage(name: str, command: list[str], cwd: Path, rows: list[dict]) -> subproc
     seconds = time.perf_counter() - started
     rows.append({"stage": name, "seconds": seconds, "largest_rss": memory.largest, "tree_rss": memory.tree,
                  "rc": process.returncode})
+    print(f"  {seconds:.0f} s, peak RSS {memory.largest / GIB:.2f} GiB (largest process), "
+          f"{memory.tree / GIB:.2f} GiB (tree)", flush=True)
     if process.returncode != 0:
         print(output[-4000:], file=sys.stderr)
         raise SystemExit(f"stage {name} failed with exit {process.returncode}")
@@ -187,6 +190,7 @@ def main() -> int:
         done = stage("load + one step (in process)", [sys.executable, __file__, "--in-process", str(model), str(data)],
                      ROOT, rows)
         inproc = json.loads(done.stdout.strip().splitlines()[-1])
+        print(json.dumps(inproc), flush=True)
         stage("train (2 steps, eval on 4)",
               [*mdsweep, "train", "--model", str(model), "--train-data", str(data), *LORA, "--batch-size", "1",
                "--max-steps", "2", "--eval-every", "2", "--max-val-samples", "4", "--val-fraction", "0.25",

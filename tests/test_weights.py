@@ -136,3 +136,18 @@ def test_the_shipped_base_loads_by_name_through_the_official_layout():
 def test_an_unknown_model_name_lists_presets_and_shipped_models():
     with pytest.raises(CheckpointError, match=r"shipped model \(tiny-reader\)"):
         load_model("tiny-readr")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_streaming_writer_is_read_back_exactly_by_safetensors(tmp_path, dtype):
+    from trainer.weights import write_safetensors
+
+    torch.manual_seed(0)
+    tensors = {"a.weight": torch.randn(3, 5).to(dtype), "b": torch.randn(7).to(dtype), "c.x": torch.randn(2, 2, 3).to(dtype)}
+    write_safetensors(tmp_path / "w.safetensors",
+                      [(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in tensors.items()], metadata={"format": "pt"})
+    read = load_file(tmp_path / "w.safetensors")
+    assert read.keys() == tensors.keys() and all(torch.equal(read[k], tensors[k]) for k in tensors)
+    with pytest.raises(ValueError, match="header says"):
+        write_safetensors(tmp_path / "x.safetensors", [("a", torch.float32, (2,), lambda: torch.zeros(3))], {})
+    assert not list(tmp_path.glob(".x.safetensors*"))  # nothing half-written left behind

@@ -183,12 +183,17 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
         return result("oom", f"out of memory at step {progress.step + 1}{cap_note}: {message}")
     except Diverged as exc:
         return result("diverged", str(exc))
-    if config.save_model:
-        # rebuilt in fp32 with the trained tensors laid over it, as an export does: frozen parts kept in
-        # half precision for training are not written rounded
-        save_model(trained_model(config, trainable_state(model), "this job"), Path(config.save_model))
     tested = test_metrics(model, loaded, config, test_data, device=device,
                           autocast_dtype=autocast_dtype) if test_data else {}
+    if config.save_model:
+        trained = trainable_state(model)
+        # the training copy, its gradients and optimizer states give their memory back first: at real size
+        # they and the fp32 rebuild below do not fit in host memory together
+        optimizer.state.clear()
+        model.to("meta")
+        # rebuilt in fp32 with the trained tensors laid over it, as an export does: frozen parts kept in
+        # half precision for training are not written rounded
+        save_model(trained_model(config, trained, "this job"), Path(config.save_model))
     return result("ok", tested=tested)
 
 

@@ -11,7 +11,10 @@ written in the 2025 layout.
 """
 from __future__ import annotations
 
+import json
+import math
 import re
+import struct
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,9 +23,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from trainer.config import WEIGHTS_FILE, MoondreamConfig
+from trainer.files import atomic_path
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model: the message names the file and key."""
@@ -201,10 +204,6 @@ def official_to_ours(tensors: dict[str, torch.Tensor], config: MoondreamConfig, 
     return ours
 
 
-def ours_to_official(state: dict[str, torch.Tensor], config: MoondreamConfig) -> dict[str, torch.Tensor]:
-    return {m.official: m.to_official([state[k] for k in m.ours]).contiguous() for m in key_mappings(config)}
-
-
 @contextmanager
 def open_safetensors(path: Path) -> Iterator[Any]:
     """A lazily read safetensors file (tensors come off disk one at a time), errors naming the file."""
@@ -245,9 +244,43 @@ def load_official_weights(model: torch.nn.Module, path: Path) -> CheckpointKeys:
 
 
 def save_official_weights(model: torch.nn.Module, path: Path) -> None:
-    """Write `model`'s weights in the official 2025 layout, in the dtype each tensor has."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_file(ours_to_official(state, model.config), str(path), metadata={"format": "pt"})
+    """Write `model`'s weights in the official 2025 layout, in the dtype each tensor has, one tensor at a time."""
+    state = model.state_dict()
+
+    def official(m: KeyMapping) -> Callable[[], torch.Tensor]:
+        return lambda: m.to_official([state[k].detach().cpu() for k in m.ours])
+
+    write_safetensors(path, [(m.official, state[m.ours[0]].dtype, m.official_shape, official(m))
+                             for m in key_mappings(model.config)], metadata={"format": "pt"})
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+Entry = tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]
+
+
+def write_safetensors(path: Path, entries: list[Entry], metadata: dict[str, str]) -> None:
+    """The safetensors format, written one tensor at a time: `safetensors.torch.save_file` first turns every
+    tensor into a bytes object, a second copy of the whole model in memory (7 GiB for the real one in fp32),
+    which is what ran a real-size `train --save-model` out of host memory. Each entry is (name, dtype, shape,
+    a function making the tensor), so the header is written before any tensor exists. Atomic: readers see the
+    old file or the new one."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape, _make in entries:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data that follows to 8 bytes
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for name, dtype, shape, make in entries:
+            tensor = make().contiguous()
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"{path}: tensor {name} is {tensor.dtype} {tuple(tensor.shape)}, the header says "
+                                 f"{dtype} {tuple(shape)}")
+            f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
