@@ -3,7 +3,8 @@
 Output directory:
   result.json          outcome, config, final and best metrics, the tokenizer used
   steps.parquet        one row per optimizer step
-  reports.parquet      one row per evaluation (rewritten after each one)
+  reports.parquet      one row per evaluation
+(both written as the job goes; --resume keeps the rows up to the checkpoint and adds the rest once)
   predictions.parquet  the last evaluation, one row per validation sample
   checkpoint/          the latest checkpoint (`--resume` continues from it)
 
@@ -51,6 +52,19 @@ def write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
 
 
+def write_rows(rows: dict[int, dict[str, Any]], path: Path) -> None:
+    write_parquet([rows[step] for step in sorted(rows)], path)
+
+
+def read_rows(path: Path) -> dict[int, dict[str, Any]]:
+    """A steps or reports file of an earlier run of this --out, by step; none when it is missing."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        return {}
+    return {row["step"]: row for row in pq.read_table(path).to_pylist()}
+
+
 def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -75,33 +89,44 @@ def run_train(args: argparse.Namespace) -> int:
     resume_from = checkpoint if args.resume and (checkpoint / "state.pt").is_file() else None
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
-    steps: list[dict[str, Any]] = []
-    reports: list[dict[str, Any]] = []
+    # rows by step, on disk as the job goes: a step's row is written before the checkpoint that follows it, so a
+    # crash keeps every row up to the checkpoint, and a resumed run (which starts after it) adds the rest once
+    steps = read_rows(out / "steps.parquet") if resume_from else {}
+    reports = read_rows(out / "reports.parquet") if resume_from else {}
     bar = tqdm(total=config.max_steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
 
+    def on_resume(step: int, report: dict[str, Any]) -> None:
+        for rows in (steps, reports):
+            for later in [s for s in rows if s > step]:  # run again from the checkpoint
+                del rows[later]
+        if report and step not in reports:  # made, but the crash came before it was written
+            reports[step] = report
+        write_rows(steps, out / "steps.parquet")
+        write_rows(reports, out / "reports.parquet")
+        bar.update(step - bar.n)
+
     def on_step(metrics: dict[str, Any]) -> None:
-        steps.append(metrics)
+        steps[metrics["step"]] = metrics
+        write_rows(steps, out / "steps.parquet")
         bar.total = metrics["total_steps"]
         bar.update(metrics["step"] - bar.n)
         bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", sps=f"{metrics['samples_per_s']:.0f}")
 
     def on_report(metrics: dict[str, Any], _checkpoint: Path | None) -> None:
-        reports.append(metrics)
-        write_parquet(reports, out / "reports.parquet")
+        reports[metrics["step"]] = metrics
+        write_rows(reports, out / "reports.parquet")
         bar.write(f"step {metrics['step']}: val exact match {metrics['val_exact_match']:.3f} "
                   f"[{metrics['val_exact_match_low']:.3f}, {metrics['val_exact_match_high']:.3f}] "
                   f"CER {metrics['val_cer']:.3f} (n={metrics['val_n']})")
 
     try:
         result = run_job(config, on_report=on_report, checkpoint_dir=checkpoint, resume_from=resume_from,
-                         on_step=on_step, test_data=args.test_data)
+                         on_step=on_step, test_data=args.test_data, on_resume=on_resume)
     except (DataError, CheckpointError, ValueError, FileNotFoundError) as exc:
         bar.close()
         print(f"mdsweep train: error: {exc}", file=sys.stderr)
         return 2
     bar.close()
-    if steps:
-        write_parquet(steps, out / "steps.parquet")
     if result.predictions:
         write_parquet([dataclasses.asdict(p) for p in result.predictions], out / "predictions.parquet")
     summary = {"outcome": result.outcome, "step": result.step, "error": result.error,

@@ -29,8 +29,41 @@ def test_train_resume_continues_from_the_checkpoint(captcha_parquet, tmp_path):
             "--out", str(out), "--resume"]
     assert main(args + ["--max-steps", "2"]) == 0
     assert main(args + ["--max-steps", "4"]) == 0
-    steps = pq.read_table(out / "steps.parquet").column("step").to_pylist()
-    assert steps == [3, 4]  # the second invocation started after the step-2 checkpoint
+    # the second invocation started after the step-2 checkpoint and kept the first one's rows
+    assert pq.read_table(out / "steps.parquet").column("step").to_pylist() == [1, 2, 3, 4]
+    assert pq.read_table(out / "reports.parquet").column("step").to_pylist() == [2, 4]
+
+
+def test_a_crashed_train_resumes_with_every_row_once_and_the_weights_of_an_uninterrupted_run(captcha_parquet,
+                                                                                             tmp_path):
+    """The process dies at step 3 (after the step-2 checkpoint); `--resume` must keep steps 1-2 and the step-2
+    report, run steps 3-4 once, and end where an uninterrupted run ends."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    def train(out, *extra):
+        return subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", "--train-data", str(captcha_parquet),
+                               "--max-steps", "4", "--eval-every", "2", "--val-fraction", "0.25", "--out", str(out),
+                               "--save-model", str(out / "model"), *extra], capture_output=True, text=True, timeout=300)
+
+    crashed = train(tmp_path / "run", "--fault", "crash@3")
+    assert crashed.returncode != 0
+    assert pq.read_table(tmp_path / "run" / "steps.parquet").column("step").to_pylist() == [1, 2]  # on disk already
+    resumed = train(tmp_path / "run", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert pq.read_table(tmp_path / "run" / "steps.parquet").column("step").to_pylist() == [1, 2, 3, 4]
+    assert pq.read_table(tmp_path / "run" / "reports.parquet").column("step").to_pylist() == [2, 4]
+    whole = train(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    a, b = load_file(tmp_path / "run" / "model" / "model.safetensors"), load_file(tmp_path / "whole" / "model" /
+                                                                                  "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = {r["step"]: r for r in pq.read_table(tmp_path / "run" / "steps.parquet").to_pylist()}
+    whole_rows = {r["step"]: r for r in pq.read_table(tmp_path / "whole" / "steps.parquet").to_pylist()}
+    assert [rows[s]["train_loss"] for s in rows] == [whole_rows[s]["train_loss"] for s in rows]
 
 
 def test_train_names_the_missing_file(tmp_path, capsys):

@@ -182,6 +182,10 @@ def test_export_best_writes_the_official_layout_and_a_card(sweep, exported):
     assert card["trial_id"] == best["trial_id"] and card["sweep"] == "faults"
     assert card["job_config"]["lr"] == best["lr"] and card["final_metrics"]["val_n"] == 4
     assert (out / "model.safetensors").is_file() and (out / "mdsweep_config.json").is_file()
+    # the tokenizer the trial used, in its row and in the card (the tiny preset's built-in one)
+    record = {"tokenizer_source": "char (built in)", "tokenizer_bos_id": 0, "tokenizer_eos_id": 0,
+              "tokenizer_template": "moondream2-2025"}
+    assert {k: card[k] for k in record} == record == {k: best[k] for k in record}
     assert f"exported trial {best['trial_id']}" in proc.stdout and "mdsweep predict --model" in proc.stdout
 
 

@@ -34,6 +34,7 @@ from trainer.schedule import warmup_cosine
 
 Reporter = Callable[[dict[str, Any], Optional[Path]], None]
 StepCallback = Callable[[dict[str, Any]], None]
+ResumeCallback = Callable[[int, dict[str, Any]], None]
 
 
 class Diverged(Exception):
@@ -63,11 +64,13 @@ def prepare_model(config: JobConfig, precision: PrecisionPlan) -> LoadedModel:
 
 def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_dir: Optional[Path] = None,
             resume_from: Optional[Path] = None, on_step: Optional[StepCallback] = None,
-            test_data: Optional[str] = None) -> JobResult:
+            test_data: Optional[str] = None, on_resume: Optional[ResumeCallback] = None) -> JobResult:
     """Run one job to its outcome; see the module docstring for what raises and what returns.
 
     `test_data`: a held-out set the final model is evaluated on once, when the job ends ok (`test_*` metrics in
     the result); it never steers training. A sweep does not pass it: it tests its best trials at the end.
+    `on_resume(step, report)`: a resumed job says which step its checkpoint holds and the report made there, so
+    whoever keeps rows can drop those of steps it will run again and keep the rest.
     """
     started = time.time()
     fault = Fault.parse(config.fault)
@@ -115,6 +118,8 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
         restore_rng(state["rng"])
         # a checkpoint taken at the last step leaves nothing to run: its evaluation is the result
         final, predictions = state["final"], [Prediction(**p) for p in state["predictions"]]
+        if on_resume:
+            on_resume(progress.step, dict(final))
 
     stream = micro_batches(data.train, config.batch_size, config.seed, progress.micro_batches, pad_id)
     window: list[dict[str, float]] = []
