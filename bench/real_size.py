@@ -95,6 +95,28 @@ class TreeMemory:
         self._thread.join()
 
 
+class AnonymousPeak:
+    """This process's peak anonymous memory (RssAnon: what it allocated, not file pages it maps), sampled every
+    20 ms until stopped."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            self._stop.wait(0.02)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def stage(name: str, command: list[str], cwd: Path, rows: list[dict]) -> subprocess.CompletedProcess:
     """Run one CLI stage, timed and memory-sampled; stop the bench if it fails."""
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(command)}", flush=True)
@@ -129,9 +151,11 @@ def measure_in_process(model_dir: Path, data: Path) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     before = psutil.Process().memory_info().rss
+    anon = AnonymousPeak()
     started = time.perf_counter()
     loaded = load_model(str(model_dir))
     load_s = time.perf_counter() - started
+    anon.stop()
     peak_loading = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model_bytes = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
     del loaded
@@ -156,6 +180,7 @@ def measure_in_process(model_dir: Path, data: Path) -> dict:
                  if torch.is_tensor(v))
     predicted = estimate_memory(config, PRESETS["moondream2"])
     return {"load_s": load_s, "rss_before_load": before, "peak_while_loading": peak_loading,
+            "anonymous_peak_while_loading": anon.peak,
             "loaded_model_bytes": model_bytes, "one_micro_batch_step_s": step_s,
             "measured": {"weights": weights, "gradients": gradients, "optimizer_states": states},
             "predicted": {"weights": predicted.weights, "gradients": predicted.gradients,
@@ -221,7 +246,7 @@ def main() -> int:
     ratio = inproc["peak_while_loading"] / inproc["loaded_model_bytes"]
     print(f"\nload: {inproc['load_s']:.1f} s; peak RSS while loading {inproc['peak_while_loading'] / GIB:.2f} GiB for a "
           f"{inproc['loaded_model_bytes'] / GIB:.2f} GiB model ({ratio:.2f} x; {inproc['rss_before_load'] / GIB:.2f} GiB "
-          "before loading)")
+          f"before loading; anonymous memory peaked at {inproc['anonymous_peak_while_loading'] / GIB:.2f} GiB)")
     print(f"one micro-batch + optimizer step in process: {inproc['one_micro_batch_step_s']:.0f} s; "
           f"{inproc['trained_parameters'] / 1e6:.1f} M trained parameters (LoRA rank 16)")
     steps = train_result.get("final_metrics", {})

@@ -44,16 +44,16 @@ def run_export(args: argparse.Namespace) -> int:
                          best=args.best)
     except TrialPickError as e:
         return fail(str(e))
-    out: Path = args.out
-    if out.exists() and any(out.iterdir()) and not args.force:
-        return fail(f"--out {out} already holds files; pass --force to replace them")
-
     from trainer.export import export_checkpoint
     from trainer.weights import CheckpointError
     from orchestrator.results_schema import METRICS
 
     sweep_rows = read_partition(results, "sweeps", args.sweep)
     experiment_path = sweep_rows[0].get("experiment_path") if sweep_rows else None
+    out: Path = args.out
+    problem = out_problem(out, args.force, results, experiment_path)
+    if problem:
+        return fail(problem)
     config = job_config_of(row)
     card = {
         "sweep": args.sweep, "trial_id": row["trial_id"], "group_id": row.get("group_id"),
@@ -71,3 +71,30 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"exported trial {row['trial_id']} of sweep {args.sweep}: {describe_trial(row, row.get('searched') or [])}")
     print(f"model: {out}  (mdsweep predict --model {out} --data PATH)")
     return 0
+
+
+def out_problem(out: Path, force: bool, results: Path, experiment_path: str | None) -> str | None:
+    """Why `out` cannot take an export, or None. An export never writes into the results or the sweep's storage,
+    never replaces a directory that is or holds them, the working directory or the home directory, and with
+    --force replaces only a previous export (recognised by its model card), file by file."""
+    from trainer.export import MODEL_CARD
+
+    target = out.expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        return f"--out {out} is a file; give a directory (new, empty, or a previous export with --force)"
+    guarded = {"the results (RESULTS)": results.resolve(), "the working directory": Path.cwd().resolve(),
+               "the home directory": Path.home().resolve()}
+    if experiment_path and "://" not in experiment_path:
+        guarded["the sweep's storage"] = Path(experiment_path).expanduser().resolve().parent
+    for what, path in guarded.items():
+        if target == path or path.is_relative_to(target):
+            return f"--out {out} is or holds {what} ({path}); choose a directory of its own"
+        if what in ("the results (RESULTS)", "the sweep's storage") and target.is_relative_to(path):
+            return f"--out {out} lies inside {what} ({path}); choose a directory outside it"
+    if target.is_dir() and any(target.iterdir()):
+        if not force:
+            return f"--out {out} already holds files; pass --force to replace a previous export there"
+        if not (target / MODEL_CARD).is_file():
+            return (f"--out {out} holds files but no previous export ({MODEL_CARD}); --force replaces only an "
+                    "export: choose a new or empty directory")
+    return None

@@ -281,6 +281,46 @@ def test_export_will_not_overwrite_without_force(sweep, exported):
     assert proc.returncode == 2 and "--force" in proc.stderr
 
 
+def _snapshot(directory: Path) -> dict[str, int]:
+    return {str(f.relative_to(directory)): f.stat().st_size for f in directory.rglob("*") if f.is_file()}
+
+
+def test_export_force_never_deletes_what_it_did_not_write(sweep, tmp_path, monkeypatch, capsys):
+    """--force used to rmtree --out: the results it was reading, the current directory. Each refusal is one line
+    and leaves every file where it was; a previous export is replaced file by file, other files kept."""
+    from orchestrator.cli import main
+
+    tmp = sweep[0]
+    results, storage = tmp / "results", tmp / "sweeps"
+    before = {d: _snapshot(d) for d in (results, storage)}
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "someone").mkdir()
+    (tmp_path / "someone" / "data.bin").write_text("theirs")
+    for out, message in [(results, "is or holds the results"), (tmp, "is or holds the results"),
+                         (results / "trials", "lies inside the results"), (storage, "is or holds the sweep's storage"),
+                         (storage / "faults" / "x", "lies inside the sweep's storage"),
+                         (Path("."), "is or holds the working directory"),
+                         (tmp_path / "a-file", "is a file"),
+                         (tmp_path / "someone", "holds files but no previous export")]:
+        code = main(["export", str(results), "--sweep", "faults", "--best", "--out", str(out), "--force"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (out, err)
+    assert {d: _snapshot(d) for d in (results, storage)} == before
+    assert (work / "notes.txt").read_text() == "mine" and (tmp_path / "someone" / "data.bin").read_text() == "theirs"
+
+    previous = tmp_path / "previous"
+    assert main(["export", str(results), "--sweep", "faults", "--best", "--out", str(previous)]) == 0
+    (previous / "notes.txt").write_text("kept")
+    (previous / "model_card.json").write_text('{"old": true}')
+    assert main(["export", str(results), "--sweep", "faults", "--best", "--out", str(previous), "--force"]) == 0
+    assert (previous / "notes.txt").read_text() == "kept"
+    assert "old" not in (previous / "model_card.json").read_text()
+
+
 def test_the_best_trials_are_tested_on_held_out_data_as_their_export_scores(sweep, exported, captcha_test_parquet):
     from trainer.data import load_samples
     from trainer.export import read_model_card

@@ -9,17 +9,20 @@ which sweep, trial, settings and metrics it came from.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from trainer.checkpoint import load_checkpoint
+from trainer.config import CONFIG_FILE, WEIGHTS_FILE
 from trainer.job_config import JobConfig
 from trainer.job_model import trained_model
 from trainer.loading import LoadedModel, save_model
+from trainer.tokenizer_source import TOKENIZER_FILE
 from trainer.weights import CheckpointError
 
 MODEL_CARD = "model_card.json"
+# what an export writes, and all that `replace` removes
+EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, MODEL_CARD)
 
 
 def export_checkpoint(checkpoint_dir: Path, config: JobConfig, out: Path, card: dict[str, Any],
@@ -28,11 +31,13 @@ def export_checkpoint(checkpoint_dir: Path, config: JobConfig, out: Path, card: 
 
     `final_step` is the step the trial ran to: a checkpoint from an earlier step does not hold its
     final weights, and is refused before anything is written or, with `replace`, removed from `out`.
+    `replace` removes the files of a previous export in `out` (EXPORT_FILES), never anything else.
     """
     loaded, n_trained = checkpoint_model(checkpoint_dir, config, final_step)
     out = Path(out)
-    if replace and out.exists():
-        shutil.rmtree(out)
+    if replace:  # only the files an export writes: anything else in `out` is not ours to delete
+        for name in EXPORT_FILES:
+            (out / name).unlink(missing_ok=True)
     save_model(loaded, out)
     card = {**card, "base_model": config.model, "trained_tensors": n_trained,
             **loaded.tokenizer_choice.as_record(), "job_config": config.to_dict()}
