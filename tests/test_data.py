@@ -126,6 +126,19 @@ def test_image_folder_uppercase_extension_and_alpha(tmp_path):
     assert ds.samples[0].image.getpixel((0, 0)) == (255, 255, 255)  # transparency -> white
 
 
+def test_a_16_bit_grayscale_png_is_scaled_to_8_bits_not_clipped_white(tmp_path):
+    import numpy as np
+
+    root = tmp_path / "caps"
+    root.mkdir()
+    wide = np.array([[0, 257 * 40, 65535], [257 * 128, 1000, 30000]], dtype=np.uint16)
+    Image.fromarray(wide).save(root / "AB1.png")
+    with Image.open(root / "AB1.png") as im:
+        assert im.mode in ("I;16", "I")  # what Pillow hands over for such a file
+    image = load_samples(root).samples[0].image
+    assert np.asarray(image)[..., 0].tolist() == [[0, 40, 255], [128, 4, 117]]
+
+
 def test_jsonl_manifest(tmp_path):
     write_png(tmp_path / "imgs" / "a.png")
     absolute = write_png(tmp_path / "elsewhere" / "b.png")

@@ -35,8 +35,9 @@ from trainer.data import read_rows
 from trainer.image_crops import make_crops
 from trainer.samples import RowCollector, Sample
 
-# bump when make_crops changes what it produces: every entry made before is then stale
-CROPS_VERSION = 1
+# bump when make_crops or image decoding changes what it produces: every entry made before is then stale
+# (2: 16-bit grayscale images scaled to 8 bits instead of clipped white)
+CROPS_VERSION = 2
 CACHE_DIR_ENV = "MDSWEEP_CACHE_DIR"
 PROGRESS_EVERY_S = 10.0
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
+import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -32,7 +33,16 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------- images
 
 
+# Pillow's modes for 16-bit (and 32-bit integer) grayscale, which `convert("RGB")` clips to 255: a 16-bit PNG
+# captcha would come out all white
+WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in WIDE_GRAY_MODES:
+        # 16-bit values scaled to 8 bits (65535 → 255), rounded
+        wide = np.asarray(im, dtype=np.int64)
+        return Image.fromarray(np.clip((wide + 128) // 257, 0, 255).astype(np.uint8), "L").convert("RGB")
     has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
     if has_alpha:
         # Transparent pixels become white, not whatever colour hides under alpha 0.
