@@ -141,14 +141,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ValueError, SweepError, ClusterError) as e:
         print(f"mdsweep run: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mdsweep run: interrupted before the sweep started; nothing ran", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return exit_code(outcome)
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
 def exit_code(outcome: Any) -> int:
     """0 for a sweep that finished with at least one usable trial; 3 when it was interrupted or when no
-    trial ended ok (settings that cannot work must not look like success to a script)."""
+    trial ended ok (settings that cannot work must not look like success to a script); 143 when SIGTERM
+    ended it (saved, resumable)."""
+    from orchestrator.signals import EXIT_TERMINATED
+
     if outcome.status == "dry-run":
         return 0
+    if outcome.terminated:
+        return EXIT_TERMINATED
     if outcome.status != "finished" or (outcome.counts and "ok" not in outcome.counts):
         return 3
     return 0
@@ -166,4 +177,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     except (ValueError, SweepError, ClusterError) as e:
         print(f"mdsweep resume: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"mdsweep resume: interrupted before the sweep restarted; run it again to continue {args.name}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     return exit_code(outcome)

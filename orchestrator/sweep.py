@@ -23,6 +23,7 @@ from orchestrator.groups import build_expansions
 from orchestrator.resources import (ResourceError, TrialResources, check_fit, concurrency_capacity, format_size,
                                     plan_resources)
 from orchestrator.results_schema import validate_sweep_name
+from orchestrator.signals import sigterm_as_interrupt
 from orchestrator.sweep_checks import check_data, check_settings, searched_columns
 from orchestrator.sweep_settings import (MANIFEST, SweepError, SweepSettings, manifest_exists, normalize_storage,
                                          read_manifest, write_manifest)
@@ -37,6 +38,7 @@ class SweepOutcome:
     counts: dict[str, int]
     resources: Optional[TrialResources] = None
     wall_time_s: float = 0.0
+    terminated: bool = False  # ended by SIGTERM (orchestrator.signals)
 
 
 def resolve_resources(s: SweepSettings, handle: cluster_mod.ClusterHandle,
@@ -253,12 +255,15 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
                                 status="dry-run", counts={}, resources=req)
         _prepare_env(s, req)
         write_manifest(s)
-        try:
-            _start_tuner(s, req, searched, expansions, quiet)
-        except BaseException:
-            _forget_unstarted(s)
-            raise
-        return _finish(s, started, req, quiet)
+        with sigterm_as_interrupt() as signalled:
+            try:
+                _start_tuner(s, req, searched, expansions, quiet)
+            except BaseException:
+                _forget_unstarted(s)
+                raise
+            outcome = _finish(s, started, req, quiet)
+        outcome.terminated = signalled.received
+        return outcome
     finally:
         handle.shutdown()
 
@@ -351,11 +356,14 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
         if repaired:
             _say(f"recreated the checkpoint the saved state points at for {', '.join(repaired)}", quiet)
         _say(f"resuming sweep {name} from {path}", quiet)
-        tuner = tune.Tuner.restore(path, trainable=_trainable(s, req), resume_unfinished=True,
-                                   resume_errored=resume_errored, restart_errored=restart_errored)
-        tuner.fit()
-        if repaired:
-            drop_repair_copies(path, repaired)
-        return _finish(s, started, req, quiet)
+        with sigterm_as_interrupt() as signalled:
+            tuner = tune.Tuner.restore(path, trainable=_trainable(s, req), resume_unfinished=True,
+                                       resume_errored=resume_errored, restart_errored=restart_errored)
+            tuner.fit()
+            if repaired:
+                drop_repair_copies(path, repaired)
+            outcome = _finish(s, started, req, quiet)
+        outcome.terminated = signalled.received
+        return outcome
     finally:
         handle.shutdown()
