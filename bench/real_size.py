@@ -221,6 +221,9 @@ def main() -> int:
                "--max-steps", "2", "--eval-every", "2", "--max-val-samples", "4", "--val-fraction", "0.25",
                "--out", str(work / "train"), "--save-model", str(work / "trained")], ROOT, rows)
         train_result = json.loads((work / "train" / "result.json").read_text())
+        import pyarrow.parquet as pq
+
+        step_seconds = [1 / r["samples_per_s"] for r in pq.read_table(work / "train" / "steps.parquet").to_pylist()]
         stage("predict (saved model, 4 captchas)",
               [*mdsweep, "predict", "--model", str(work / "trained"), "--data", str(data), "--limit", "4"], ROOT, rows)
         stage("sweep (1 trial, 1 step)",
@@ -253,6 +256,8 @@ def main() -> int:
     print(f"train: outcome {train_result['outcome']}, {train_result['step']} steps in {train_result['wall_time_s']:.0f} s "
           f"(job), samples/s {steps.get('samples_per_s', float('nan')):.3f}, job peak RSS "
           f"{train_result['peak_memory_bytes'] / GIB:.2f} GiB")
+    print("train step times (batch 1, LoRA + adamw8bit, gradient checkpointing): "
+          + ", ".join(f"{t:.0f} s" for t in step_seconds))
     print(f"export: {export_bytes / GIB:.2f} GiB on disk")
     print("\n| category | measured GiB | memory_model GiB (same settings, fp32) | ratio |")
     print("|---|---:|---:|---:|")

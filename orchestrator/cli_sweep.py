@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Collection, Optional
 
 from orchestrator.job_flags import add_job_arguments, job_overrides
+from orchestrator.signals import EXIT_INTERRUPTED, EXIT_TERMINATED
 
 # JobConfig fields with their own flag on `mdsweep run` (help texts come from JobConfig);
 # every other field is reachable through --set
@@ -147,15 +148,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return exit_code(outcome)
 
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT
-
-
 def exit_code(outcome: Any) -> int:
     """0 for a sweep that finished with at least one usable trial; 3 when it was interrupted or when no
     trial ended ok (settings that cannot work must not look like success to a script); 143 when SIGTERM
     ended it (saved, resumable)."""
-    from orchestrator.signals import EXIT_TERMINATED
-
     if outcome.status == "dry-run":
         return 0
     if outcome.terminated:

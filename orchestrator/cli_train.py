@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.job_flags import add_job_arguments, job_overrides
+from orchestrator.signals import EXIT_INTERRUPTED
 
 EXIT_FAILED_OUTCOME = 3
 
@@ -126,6 +127,13 @@ def run_train(args: argparse.Namespace) -> int:
         bar.close()
         print(f"mdsweep train: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        bar.close()
+        saved = (f"the last checkpoint is at step {max(reports)} ({checkpoint}): add --resume to the same command "
+                 "to continue from it" if reports else "no checkpoint was written yet (the first comes with the "
+                 "first evaluation)")
+        print(f"mdsweep train: interrupted at step {max(steps, default=0)}; {saved}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     bar.close()
     if result.predictions:
         write_parquet([dataclasses.asdict(p) for p in result.predictions], out / "predictions.parquet")

@@ -13,7 +13,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, the exit status of a process ended by SIGTERM
+# the exit statuses of a command ended by a signal, as shells report them
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130: Ctrl-C
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
 
 
 @dataclass

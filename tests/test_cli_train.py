@@ -77,3 +77,33 @@ def test_failed_outcome_has_its_own_exit_code(captcha_parquet, tmp_path):
                  "--fault", "oom@2", "--out", str(tmp_path / "o")])
     assert code == 3
     assert json.loads((tmp_path / "o" / "result.json").read_text())["outcome"] == "oom"
+
+
+def test_ctrl_c_is_one_line_naming_the_last_checkpoint_and_resume_finishes(captcha_parquet, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "orchestrator.cli", "train", "--train-data", str(captcha_parquet), "--max-steps",
+               "30", "--eval-every", "2", "--max-val-samples", "4", "--val-fraction", "0.25", "--out", str(out)]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "reports.parquet").is_file():
+        assert job.poll() is None and time.monotonic() < deadline, job.stderr.read() if job.poll() is not None else ""
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 130
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("mdsweep train: interrupted at step ") and "Traceback" not in err
+    assert "the last checkpoint is at step " in last and "add --resume to the same command" in last
+    checkpoint_step = int(last.split("the last checkpoint is at step ")[1].split()[0])
+    steps = pq.read_table(out / "steps.parquet").column("step").to_pylist()
+    assert steps[:checkpoint_step] == list(range(1, checkpoint_step + 1))
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert pq.read_table(out / "steps.parquet").column("step").to_pylist() == list(range(1, 31))
+    assert pq.read_table(out / "reports.parquet").column("step").to_pylist() == list(range(2, 31, 2))
