@@ -9,6 +9,7 @@ rebuilds the same trainable.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ from orchestrator.resources import (ResourceError, TrialResources, check_fit, co
                                     plan_resources)
 from orchestrator.results_schema import validate_sweep_name
 from orchestrator.signals import sigterm_as_interrupt
+from orchestrator.sweep_lock import describe_stale, sweep_lock
 from orchestrator.sweep_checks import check_data, check_settings, searched_columns
 from orchestrator.sweep_settings import (MANIFEST, SweepError, SweepSettings, manifest_exists, normalize_storage,
                                          read_manifest, write_manifest)
@@ -237,35 +239,52 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
     baselines = plan_baselines(s.enqueue, s.fixed.get("revision"), distributions=info.distributions,
                                searched=info.searched, fixed=s.fixed, crossed=[name for name, _ in s.cross])
     s.baselines = [{"label": b.label, "params": b.params, "extra": b.extra} for b in baselines]
+    with contextlib.ExitStack() as held:
+        if not dry_run:  # one driver per sweep, from this check to its end (orchestrator.sweep_lock)
+            held.enter_context(sweep_lock(s.name, s.experiment_path(), s.results, "run"))
+        check_name_is_free(s)
+        expansions = build_expansions(s.replicates, int(s.fixed.get("seed", 0) or 0), s.cross)
+        handle = cluster_mod.connect(s.address, num_cpus=s.num_cpus, num_gpus=s.num_gpus,
+                                     log_to_driver=s.worker_logs)
+        try:
+            req, notes = resolve_resources(s, handle, info.samples)
+            for n in [data_note, *notes] if data_note else notes:
+                _say(n, quiet)
+            _say(f"space {s.space}: searches {', '.join(searched)}; {s.num_samples} suggestion(s) x "
+                 f"{len(expansions)} run(s) each = {s.num_samples * len(expansions)} trial(s)", quiet)
+            for b in baselines:
+                _say(f"runs first, {b.describe()}", quiet)
+            if dry_run:
+                return SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results,
+                                    status="dry-run", counts={}, resources=req)
+            _prepare_env(s, req)
+            write_manifest(s)
+            with sigterm_as_interrupt() as signalled:
+                try:
+                    _start_tuner(s, req, searched, expansions, quiet)
+                except BaseException:
+                    _forget_unstarted(s)
+                    raise
+                outcome = _finish(s, started, req, quiet)
+            outcome.terminated = signalled.received
+            return outcome
+        finally:
+            handle.shutdown()
+
+
+def check_name_is_free(s: SweepSettings) -> None:
+    """A new sweep's name must be new to its storage and to its results (another storage's sweep of that name
+    there would merge with it)."""
+    from orchestrator.sink import read_partition
+
     if manifest_exists(s.storage, s.name):
         raise SweepError(f"--name {s.name}: a sweep of that name exists in {s.storage}; continue it with "
                          f"`mdsweep resume {s.name}` or choose another --name")
-    expansions = build_expansions(s.replicates, int(s.fixed.get("seed", 0) or 0), s.cross)
-    handle = cluster_mod.connect(s.address, num_cpus=s.num_cpus, num_gpus=s.num_gpus, log_to_driver=s.worker_logs)
-    try:
-        req, notes = resolve_resources(s, handle, info.samples)
-        for n in [data_note, *notes] if data_note else notes:
-            _say(n, quiet)
-        _say(f"space {s.space}: searches {', '.join(searched)}; {s.num_samples} suggestion(s) x "
-             f"{len(expansions)} run(s) each = {s.num_samples * len(expansions)} trial(s)", quiet)
-        for b in baselines:
-            _say(f"runs first, {b.describe()}", quiet)
-        if dry_run:
-            return SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results,
-                                status="dry-run", counts={}, resources=req)
-        _prepare_env(s, req)
-        write_manifest(s)
-        with sigterm_as_interrupt() as signalled:
-            try:
-                _start_tuner(s, req, searched, expansions, quiet)
-            except BaseException:
-                _forget_unstarted(s)
-                raise
-            outcome = _finish(s, started, req, quiet)
-        outcome.terminated = signalled.received
-        return outcome
-    finally:
-        handle.shutdown()
+    recorded = read_partition(s.results, "sweeps", s.name)
+    elsewhere = recorded[0].get("experiment_path") if recorded else None
+    if elsewhere and elsewhere != s.experiment_path():
+        raise SweepError(f"--name {s.name}: --results {s.results} already hold a sweep {s.name} (its state is in "
+                         f"{elsewhere}); choose another --name or --results")
 
 
 def _forget_unstarted(s: SweepSettings) -> None:
@@ -333,37 +352,41 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
     s.storage = storage
     s.address, s.num_cpus, s.num_gpus = address, num_cpus, num_gpus
     info = check_settings(s)
-    handle = cluster_mod.connect(address, num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=s.worker_logs)
-    try:
-        req, notes = resolve_resources(s, handle, info.samples)
-        for n in notes:
-            _say(n, quiet)
-        _prepare_env(s, req)
-        from ray import tune
+    with sweep_lock(name, s.experiment_path(), s.results, "resume") as lock:
+        taken = describe_stale(lock)
+        if taken:
+            _say(taken, quiet)
+        handle = cluster_mod.connect(address, num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=s.worker_logs)
+        try:
+            req, notes = resolve_resources(s, handle, info.samples)
+            for n in notes:
+                _say(n, quiet)
+            _prepare_env(s, req)
+            from ray import tune
 
-        from orchestrator.sink import write_sweep_row
-        from orchestrator.tune_state import restore_incomplete
+            from orchestrator.sink import write_sweep_row
+            from orchestrator.tune_state import restore_incomplete
 
-        path = s.experiment_path()
-        restored = restore_incomplete(path)
-        if restored:
-            _say(f"the driver was killed while writing {', '.join(restored)}: put back its last complete copy",
-                 quiet)
-        if not tune.Tuner.can_restore(path):
-            raise SweepError(f"NAME: {path} holds no Ray Tune experiment state to resume")
-        write_sweep_row(s.results, s.name, {"status": "running"})
-        repaired = repair_checkpoints(path)
-        if repaired:
-            _say(f"recreated the checkpoint the saved state points at for {', '.join(repaired)}", quiet)
-        _say(f"resuming sweep {name} from {path}", quiet)
-        with sigterm_as_interrupt() as signalled:
-            tuner = tune.Tuner.restore(path, trainable=_trainable(s, req), resume_unfinished=True,
-                                       resume_errored=resume_errored, restart_errored=restart_errored)
-            tuner.fit()
+            path = s.experiment_path()
+            restored = restore_incomplete(path)
+            if restored:
+                _say(f"the driver was killed while writing {', '.join(restored)}: put back its last complete copy",
+                     quiet)
+            if not tune.Tuner.can_restore(path):
+                raise SweepError(f"NAME: {path} holds no Ray Tune experiment state to resume")
+            write_sweep_row(s.results, s.name, {"status": "running"})
+            repaired = repair_checkpoints(path)
             if repaired:
-                drop_repair_copies(path, repaired)
-            outcome = _finish(s, started, req, quiet)
-        outcome.terminated = signalled.received
-        return outcome
-    finally:
-        handle.shutdown()
+                _say(f"recreated the checkpoint the saved state points at for {', '.join(repaired)}", quiet)
+            _say(f"resuming sweep {name} from {path}", quiet)
+            with sigterm_as_interrupt() as signalled:
+                tuner = tune.Tuner.restore(path, trainable=_trainable(s, req), resume_unfinished=True,
+                                           resume_errored=resume_errored, restart_errored=restart_errored)
+                tuner.fit()
+                if repaired:
+                    drop_repair_copies(path, repaired)
+                outcome = _finish(s, started, req, quiet)
+            outcome.terminated = signalled.received
+            return outcome
+        finally:
+            handle.shutdown()

@@ -158,6 +158,7 @@ def test_a_killed_driver_is_resumed_with_nothing_lost_or_duplicated(cluster, tmp
     (tmp_path / "resume.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Connected to Ray cluster" in proc.stderr
+    assert "took over the lock of a driver that ended without releasing it (mdsweep run, pid " in proc.stderr
 
     trials = {t["trial_id"]: t for t in read_partition(results, "trials", "killed")}
     assert len(trials) == 3 and all(t["outcome"] == "ok" for t in trials.values())

@@ -1,0 +1,80 @@
+"""One driver per sweep: the lock refuses a second driver while the first lives, and is taken over once it died."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.sweep_lock import LOCK_FILE, SweepLock, describe_stale
+from orchestrator.sweep_settings import SweepError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_held_lock_refuses_a_second_holder_naming_the_first(tmp_path):
+    first = SweepLock("x", [tmp_path / "a", tmp_path / "b"], "run").acquire()
+    with pytest.raises(SweepError, match=rf"--name x: sweep x is being run now by another driver \(mdsweep run, "
+                                         rf"pid {os.getpid()} on .* since .*\); wait for it to end"):
+        SweepLock("x", [tmp_path / "b"], "resume").acquire()
+    first.release()
+    with SweepLock("x", [tmp_path / "b"], "resume") as second:
+        assert describe_stale(second) is None  # released properly: nothing stale
+
+
+def test_a_lock_whose_holder_died_is_taken_over_and_named(tmp_path):
+    # a driver killed with -9 leaves its lock file written but its kernel lock gone with the process
+    died = subprocess.run([sys.executable, "-c", f"""
+from pathlib import Path
+from orchestrator.sweep_lock import SweepLock
+SweepLock("x", [Path({str(tmp_path)!r})], "run").acquire()
+import os; os._exit(9)
+"""], cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert died.returncode == 9
+    holder = json.loads((tmp_path / LOCK_FILE).read_text())
+    with SweepLock("x", [tmp_path], "resume") as lock:
+        assert lock.stale == holder
+        assert describe_stale(lock) == (f"took over the lock of a driver that ended without releasing it (mdsweep run, "
+                                         f"pid {holder['pid']} on {holder['host']} since {holder['since']})")
+
+
+def test_a_second_run_of_the_same_name_is_refused_while_the_first_runs(tmp_path, captcha_parquet):
+    """Two `mdsweep run --name X` on the same storage and results used to merge into one sweep."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT)
+    command = [sys.executable, "-m", "orchestrator.cli", "run", "--name", "twice", "--space", "smoke", "--num-samples",
+               "1", "--num-cpus", "2", "--storage", str(tmp_path / "sweeps"), "--results", str(tmp_path / "results"),
+               "--train-data", str(captcha_parquet), "--max-steps", "2", "--batch-size", "2", "--max-val-samples", "4",
+               "--quiet"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+    lock = tmp_path / "sweeps" / "twice" / LOCK_FILE
+    deadline = time.monotonic() + 120
+    while not (lock.is_file() and lock.read_text()):
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    second = subprocess.run(command, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=120)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines()[-1].startswith(
+        "mdsweep run: error: --name twice: sweep twice is being run now by another driver (mdsweep run, pid "
+        f"{first.pid} on ")
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "results" / "trials").num_rows == 1
+    assert lock.read_text() == ""  # released at the end
+
+
+def test_a_sweep_name_from_another_storage_in_the_same_results_is_refused(tmp_path):
+    from orchestrator.sink import write_sweep_row
+    from orchestrator.sweep import check_name_is_free
+    from orchestrator.sweep_settings import SweepSettings
+
+    write_sweep_row(tmp_path / "r", "same", {"experiment_path": str(tmp_path / "elsewhere" / "same")})
+    s = SweepSettings(name="same", storage=str(tmp_path / "s"), results=str(tmp_path / "r"), fixed={"train_data": "x"})
+    with pytest.raises(SweepError, match=r"--name same: --results .* already hold a sweep same \(its state is in "):
+        check_name_is_free(s)
