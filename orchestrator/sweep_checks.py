@@ -2,7 +2,10 @@
 failing with a message that names its flag, so that nothing is scheduled that cannot work."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,9 +51,12 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
                 raise SweepError(str(e)) from None
     if not s.fixed.get("train_data"):
         raise SweepError("--train-data is required (a Parquet file/dir, image folder or JSONL/CSV manifest)")
+    if not 0 <= s.search_seed < 2 ** 32:
+        raise SweepError(f"--search-seed must be between 0 and {2 ** 32 - 1}, got {s.search_seed}")
     check_fixed_settings(s.fixed)
-    for flag, value in (("--results", s.results), ("--storage", s.storage)):
-        check_local_directory(flag, value)
+    for flag, value in (("--results", s.results), ("--storage", s.storage), ("--cache-dir", s.fixed.get("cache_dir"))):
+        if value:
+            check_writable_directory(flag, value)
     try:
         info = validate_space(s.space, s.fixed, seed=s.search_seed)
     except SpaceError as e:
@@ -77,17 +83,34 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
     return info
 
 
-def check_local_directory(flag: str, value: str) -> None:
-    """A local output path must be (or be creatable as) a directory: a file there is an error up front,
-    not a traceback halfway through starting the sweep."""
+def check_writable_directory(flag: str, value: str) -> None:
+    """A local output path must be (or be creatable as) a directory this process can write: a file there, a
+    read-only or full filesystem is one line up front, not a traceback halfway through the sweep. The write is
+    real (root ignores permission bits), in the directory or, if it does not exist yet, its nearest parent."""
     if cluster_mod.is_remote_storage(value):
         return
-    path = Path(value)
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            if not candidate.is_dir():
-                raise SweepError(f"{flag} {value}: {candidate} is a file, not a directory")
-            return
+    path = Path(value).expanduser()
+    existing = next((c for c in (path, *path.parents) if c.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise SweepError(f"{flag} {value}: {existing} is a file, not a directory")
+    probe = existing / f".mdsweep-write-check-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_bytes(b"\0" * 4096)
+    except OSError as e:
+        raise SweepError(f"{flag} {value}: cannot write in {existing} ({e.strerror}); "
+                         f"{DISK_HINTS.get(e.errno, 'choose a directory you can write')}") from None
+    finally:
+        with contextlib.suppress(OSError):  # never written, on a read-only or full disk
+            probe.unlink()
+
+
+# what to do about the errors a full or read-only disk gives, for one-line messages
+DISK_HINTS = {errno.ENOSPC: "the disk is full: free space or choose another directory",
+              errno.EDQUOT: "the disk quota is used up: free space or choose another directory",
+              errno.EROFS: "the filesystem is read-only: choose a writable directory",
+              errno.EACCES: "permission denied: choose a directory you can write"}
 
 
 def check_data(fixed: dict[str, Any], test_data: Optional[str] = None) -> Optional[str]:

@@ -27,6 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
     (dict(val_fraction=1.0), "val_fraction must be between 0 and 1"),
     (dict(warmup_ratio=-0.1), "warmup_ratio must be in"),
     (dict(prompt_template="chatml"), "prompt_template must be one of"),
+    (dict(lora_targets="q_proj, qproj"), "lora_targets qproj match no linear layer of the text decoder; it has "
+                                         "q_proj, k_proj, v_proj, dense, fc1, fc2"),
+    (dict(adam_beta2=1.0), r"adam_beta2 must be in \[0, 1\)"),
+    (dict(adam_eps=0.0), "adam_eps must be > 0"),
 ])
 def test_values_that_cannot_work_are_named(values, message):
     with pytest.raises(ValueError, match=message):

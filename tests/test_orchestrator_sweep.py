@@ -1,6 +1,7 @@
 """The sweep driver's checks, settings manifest, CLI flag parsing and checkpoint repair (no Ray start)."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -49,6 +50,8 @@ def test_default_modes():
     ({"space": "no_such_space"}, "--space"),
     ({"fixed": {"train_data": "x", "lr": 1e-4}}, "searches lr, which is also fixed"),
     ({"early_stop": "hyperband"}, "--early-stop"),
+    ({"search_seed": -1}, "--search-seed must be between 0 and 4294967295, got -1"),
+    ({"fixed": {"train_data": "x", "lora_targets": "qproj"}}, "lora_targets qproj match no linear layer"),
     ({"gpu_memory_per_trial": "lots"}, "--gpu-memory-per-trial: cannot read 'lots'"),
     ({"node_gpu_memory": "80 bananas"}, "--node-gpu-memory"),
     ({"objectives": [("val_exact_match", "max"), ("accuracy", "min")]}, "--objective 'accuracy'"),
@@ -129,19 +132,65 @@ def test_repair_recreates_the_checkpoint_a_killed_driver_left_pointing_at(tmp_pa
     assert sorted(p.name for p in (root / "trial_race").iterdir()) == ["checkpoint_000002"]
 
 
-@pytest.mark.parametrize("flag", ["--results", "--storage"])
-def test_an_output_path_that_is_a_file_is_one_line_before_anything_starts(tmp_path, captcha_parquet, flag):
+@pytest.mark.parametrize("flag", ["--results", "--storage", "--cache-dir"])
+def test_an_output_path_that_is_a_file_is_one_line_before_anything_starts(tmp_path, captcha_parquet, flag, capsys):
     from orchestrator.cli import main
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    others = {"--results": str(tmp_path / "r"), "--storage": str(tmp_path / "s")}
-    others[flag] = str(blocker / "sub")
+    paths = {"--results": str(tmp_path / "r"), "--storage": str(tmp_path / "s"), "--cache-dir": str(tmp_path / "c")}
+    paths[flag] = str(blocker / "sub")
     argv = ["run", "--name", "x", "--train-data", str(captcha_parquet)]
-    for k, v in others.items():
+    for k, v in paths.items():
         argv += [k, v]
     assert main(argv) == 2
-    assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mdsweep run: error: {flag} {blocker / 'sub'}: {blocker} is a file, not a directory"]
+    assert not any((tmp_path / name).exists() for name in "rsc")
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """mount(tmpfs, 64 KiB) → a function making a read-only or a full filesystem at a path: the real errors a disk
+    gives (as root, permission bits do not stop a write). Unmounted at the end."""
+    import subprocess
+
+    mounted = []
+
+    def make(name: str, *, read_only: bool):
+        point = tmp_path / name
+        point.mkdir()
+        options = "size=64k" + (",ro" if read_only else "")
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)]).returncode != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        mounted.append(point)
+        if not read_only:
+            with open(point / "filler", "wb") as f, contextlib.suppress(OSError):
+                f.write(b"\0" * 128 * 1024)
+        return point
+
+    yield make
+    for point in mounted:
+        subprocess.run(["umount", str(point)])
+
+
+@pytest.mark.parametrize("flag", ["--results", "--storage", "--cache-dir"])
+@pytest.mark.parametrize("read_only, reason", [(True, "Read-only file system"), (False, "No space left on device")])
+def test_a_read_only_or_full_output_disk_is_one_line_before_anything_starts(tmp_path, captcha_parquet, flag,
+                                                                            read_only, reason, tiny_filesystem,
+                                                                            capsys):
+    from orchestrator.cli import main
+
+    disk = tiny_filesystem("disk", read_only=read_only)
+    paths = {"--results": str(tmp_path / "r"), "--storage": str(tmp_path / "s"), "--cache-dir": str(tmp_path / "c")}
+    paths[flag] = str(disk / "out")
+    argv = ["run", "--name", "x", "--train-data", str(captcha_parquet), "--dry-run"]
+    for k, v in paths.items():
+        argv += [k, v]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mdsweep run: error: {flag} {disk / 'out'}: cannot write in {disk} "
+                                               f"({reason}); ")
 
 
 def test_a_sweep_that_failed_before_tune_saved_state_does_not_burn_its_name(tmp_path):

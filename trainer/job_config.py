@@ -169,6 +169,9 @@ class JobConfig:
         need(number(self.lora_alpha) and self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         need(bool(lora_target_names(self.lora_targets)),
              f"lora_targets must name at least one layer (e.g. {LORA_TARGETS}), got {self.lora_targets!r}")
+        unknown_targets = sorted(set(lora_target_names(self.lora_targets)) - set(lora_target_names(LORA_TARGETS)))
+        need(not unknown_targets, f"lora_targets {', '.join(unknown_targets)} match no linear layer of the text "
+                                  f"decoder; it has {LORA_TARGETS.replace(',', ', ')}")
         need(precision_problem(self.precision, self.trained_dtype) is None,
              str(precision_problem(self.precision, self.trained_dtype)))
         need(self.prompt_template is None or self.prompt_template in PROMPT_TEMPLATES,
