@@ -69,6 +69,8 @@ def read_rows(path: Path) -> dict[int, dict[str, Any]]:
 def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from orchestrator.sweep_checks import check_writable_directory
+    from orchestrator.sweep_settings import SweepError
     from orchestrator.trial_pick import describe_test
     from trainer.data import DataError
     from trainer.job import run_job
@@ -85,6 +87,13 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"mdsweep train: error: {exc}", file=sys.stderr)
         return 2
     out = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+    try:
+        for flag, value in (("--out", str(out)), ("--cache-dir", config.cache_dir), ("--save-model", config.save_model)):
+            if value:
+                check_writable_directory(flag, value)
+    except SweepError as exc:
+        print(f"mdsweep train: error: {exc}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint"
     resume_from = checkpoint if args.resume and (checkpoint / "state.pt").is_file() else None

@@ -107,3 +107,13 @@ def test_ctrl_c_is_one_line_naming_the_last_checkpoint_and_resume_finishes(captc
     assert resumed.returncode == 0, resumed.stderr
     assert pq.read_table(out / "steps.parquet").column("step").to_pylist() == list(range(1, 31))
     assert pq.read_table(out / "reports.parquet").column("step").to_pylist() == list(range(2, 31, 2))
+
+
+def test_an_output_that_cannot_be_written_is_one_line(captcha_parquet, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    for flag in ("--out", "--cache-dir", "--save-model"):
+        argv = ["train", "--train-data", str(captcha_parquet), "--out", str(tmp_path / "o"), flag,
+                str(tmp_path / "a-file" / "x")]
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"mdsweep train: error: {flag} {tmp_path / 'a-file' / 'x'}: {tmp_path / 'a-file'} is a file, not a directory"]
