@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from orchestrator.sink import read_partition
+    from orchestrator.sink import ResultsError, read_partition
     from orchestrator.trial_pick import TrialPickError, describe_trial, find_trial
 
     def fail(message: str) -> int:
@@ -42,13 +42,13 @@ def run_export(args: argparse.Namespace) -> int:
     try:
         row = find_trial(read_partition(results, "trials", args.sweep), args.sweep, trial_id=args.trial,
                          best=args.best)
-    except TrialPickError as e:
+        sweep_rows = read_partition(results, "sweeps", args.sweep)
+    except (TrialPickError, ResultsError) as e:
         return fail(str(e))
     from trainer.export import export_checkpoint
     from trainer.weights import CheckpointError
     from orchestrator.results_schema import METRICS
 
-    sweep_rows = read_partition(results, "sweeps", args.sweep)
     experiment_path = sweep_rows[0].get("experiment_path") if sweep_rows else None
     out: Path = args.out
     problem = out_problem(out, args.force, results, experiment_path)

@@ -55,18 +55,28 @@ def write_atomic(table: pa.Table, path: Path) -> None:
         pq.write_table(table, tmp, compression="zstd")
 
 
+class ResultsError(ValueError):
+    """A results file that cannot be read: the message names it and what to do."""
+
+
 def read_partition(root: Path | str, table: str, sweep: str) -> list[dict[str, Any]]:
     d = partition_dir(root, table, sweep)
     rows: list[dict[str, Any]] = []
     if not d.is_dir():
         return rows
     for f in sorted(d.glob("*.parquet")):
+        if f.name.startswith("."):
+            continue  # a write in progress
         try:
             # through an open handle: consistent even if the file is replaced meanwhile
             with open(f, "rb") as handle:
                 rows.extend(pq.read_table(handle).to_pylist())
         except FileNotFoundError:
             continue
+        except (pa.ArrowException, OSError) as e:
+            reason = str(e).split(". ")[0]
+            raise ResultsError(f"{f}: not readable Parquet ({reason}); restore it from a copy, or move it out of "
+                               "the results to go on without its rows") from None
     return rows
 
 

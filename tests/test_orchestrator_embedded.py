@@ -437,3 +437,19 @@ def test_sigterm_ends_a_sweep_like_ctrl_c_and_resume_completes_it(tmp_path, capt
     trials = read_partition(results, "trials", "termed")
     assert len(trials) == 2 and all(t["outcome"] == "ok" for t in trials)
     assert sorted(steps) == sorted((t["trial_id"], s) for t in trials for s in range(2, 17, 2))
+
+
+@pytest.mark.parametrize("table", ["sweeps", "trials"])
+def test_export_names_a_results_file_that_is_not_parquet(sweep, tmp_path, table, capsys):
+    import shutil
+
+    from orchestrator.cli import main
+
+    results = tmp_path / "results"
+    shutil.copytree(sweep[0] / "results", results)
+    broken = sorted((results / table / "sweep=faults").glob("*.parquet"))[0]
+    broken.write_bytes(b"garbage")
+    assert main(["export", str(results), "--sweep", "faults", "--best", "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mdsweep export: error: {broken}: not readable Parquet (")
+    assert not (tmp_path / "m").exists()
