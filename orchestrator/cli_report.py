@@ -45,10 +45,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"mdsweep report: error: --out {out} is a directory; give a file name", file=sys.stderr)
         return 2
     try:
-        write_report(args.results, args.sweep, out)
+        warnings = write_report(args.results, args.sweep, out)
     except (ReportError, OSError) as e:
         print(f"mdsweep report: error: {e}", file=sys.stderr)
         return 2
+    for warning in warnings:
+        print(f"mdsweep report: warning: {warning}", file=sys.stderr)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB, {time.time() - started:.1f} s); open it in a browser")
     return 0
 

@@ -32,6 +32,10 @@ def _short(v: Any) -> str:
 class ProgressTable(Callback):
     """Prints one line per trial every `interval_s` seconds, and on every state change."""
 
+    # A resumed sweep gets this table back from its saved state, printing as the first run asked; the resuming
+    # command's choice (`mdsweep resume --quiet`) is set here and wins, for this process.
+    interval_override: Optional[float] = None
+
     def __init__(self, metric: str, searched: list[str], interval_s: float = 15.0, total: Optional[int] = None,
                  stream: Optional[TextIO] = None, mode: str = "max", max_rows: int = 20):
         self.metric = metric
@@ -94,18 +98,22 @@ class ProgressTable(Callback):
         self._entry(trial)["status"] = "retrying"
         self._dirty = True
 
+    @property
+    def interval(self) -> float:
+        return self.interval_s if self.interval_override is None else self.interval_override
+
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        if self.interval_s <= 0:
+        if self.interval <= 0:
             return
         now = time.time()
-        if now - self._last_print < self.interval_s and not (self._dirty and now - self._last_print > 2):
+        if now - self._last_print < self.interval and not (self._dirty and now - self._last_print > 2):
             return
         self._last_print = now
         self._dirty = False
         self.print_table()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        if self.interval_s > 0:
+        if self.interval > 0:
             self.print_table()
 
     def print_table(self) -> None:

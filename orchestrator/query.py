@@ -29,6 +29,10 @@ from orchestrator.trial_pick import best_trial, ranked_trials
 # ---------------------------------------------------------------- loading
 
 
+class UnreadableError(QueryError):
+    """A table whose files exist but cannot be read (a corrupt or foreign file), as opposed to one not there."""
+
+
 def load_table(results: str | Path, table: str = "trials", sweeps: Optional[Sequence[str]] = None,
                attempts: int = 5) -> pa.Table:
     """One table of the dataset, all sweeps (or the given ones), with a `sweep` column.
@@ -45,7 +49,7 @@ def load_table(results: str | Path, table: str = "trials", sweeps: Optional[Sequ
             if isinstance(e, FileNotFoundError) and not Path(results, table).is_dir():
                 raise
             if attempt == attempts - 1:
-                raise QueryError(f"RESULTS: could not read {table} under {results}: {e}") from None
+                raise UnreadableError(f"RESULTS: could not read {table} under {results}: {e}") from None
             time.sleep(0.05 * (attempt + 1))
     raise AssertionError("unreachable")
 

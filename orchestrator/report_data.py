@@ -17,7 +17,8 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from orchestrator.objectives import is_finite_number
-from orchestrator.query import PairedSpec, QueryError, load_table, paired_comparison, versus_baseline
+from orchestrator.query import (PairedSpec, QueryError, UnreadableError, load_table, paired_comparison,
+                                versus_baseline)
 from orchestrator.study import StudyError, study_from_rows, sweep_objectives, sweep_record
 from orchestrator.trial_pick import best_trial
 
@@ -48,6 +49,7 @@ class ReportData:
     importance: Section
     cost: Section
     misread: Section
+    warnings: list[str] = field(default_factory=list)  # tables that could not be read
 
     @property
     def metric(self) -> str:
@@ -60,8 +62,9 @@ def collect(results: str, sweep: str) -> ReportData:
         trials = load_table(results, "trials", [sweep]).to_pylist()
     except (QueryError, StudyError, FileNotFoundError) as e:
         raise ReportError(str(e)) from None
-    steps = _rows(results, "steps", sweep)
-    predictions = _rows(results, "predictions", sweep)
+    warnings: list[str] = []
+    steps = _rows(results, "steps", sweep, warnings)
+    predictions = _rows(results, "predictions", sweep, warnings)
     objectives = sweep_objectives(record)
     metric, mode = objectives[0]
     best = best_trial(trials)
@@ -74,13 +77,18 @@ def collect(results: str, sweep: str) -> ReportData:
         paired=paired(trials, predictions),
         importance=importance(results, sweep, record, trials, steps),
         cost=cost(trials),
-        misread=misread(best, predictions, record))
+        misread=misread(best, predictions, record), warnings=warnings)
 
 
 
-def _rows(results: str, table: str, sweep: str) -> list[dict[str, Any]]:
+def _rows(results: str, table: str, sweep: str, warnings: list[str]) -> list[dict[str, Any]]:
+    """The sweep's rows of `table`; none when it has none yet, and none with a warning when its files cannot be
+    read (the page and the command then say which parts are missing and why)."""
     try:
         return load_table(results, table, [sweep]).to_pylist()
+    except UnreadableError as e:
+        warnings.append(f"the {table} table could not be read, so what it holds is missing from this report: {e}")
+        return []
     except (QueryError, FileNotFoundError):  # a table with nothing for this sweep yet
         return []
 

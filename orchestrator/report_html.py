@@ -25,7 +25,7 @@ h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #d
 table { border-collapse: collapse; font-size: 0.9em; } td, th { padding: 3px 9px; border-bottom: 1px solid #eee; }
 th { text-align: left; background: #f6f6f6; } table.sortable th { cursor: pointer; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; } .wide { overflow-x: auto; }
-.note { color: #666; font-style: italic; } .outcome-ok { color: #2a7d2a; }
+.note { color: #666; font-style: italic; } .warning { color: #b00020; font-weight: bold; } .outcome-ok { color: #2a7d2a; }
 .outcome-oom, .outcome-error, .outcome-diverged { color: #b22222; font-weight: bold; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: 12px; }
 .grid figure { margin: 0; border: 1px solid #ddd; padding: 6px; } .grid img { width: 100%; image-rendering: pixelated; }
@@ -94,14 +94,16 @@ def default_report_path(results: str, sweep: str) -> Path:
     return Path(results) / f"report-{sweep}.html"
 
 
-def write_report(results: str, sweep: str, out: Path) -> Path:
-    """Collect, render and write atomically (a browser reloading it never sees half a page)."""
+def write_report(results: str, sweep: str, out: Path) -> list[str]:
+    """Collect, render and write atomically (a browser reloading it never sees half a page); returns the
+    warnings the page shows (tables that could not be read)."""
     from trainer.files import atomic_path
 
-    page = render(collect(results, sweep))
+    data = collect(results, sweep)
+    page = render(data)
     with atomic_path(out) as tmp:
         tmp.write_text(page, encoding="utf-8")
-    return out
+    return data.warnings
 
 
 def render(data: ReportData) -> str:
@@ -110,6 +112,7 @@ def render(data: ReportData) -> str:
     metric = data.metric
     parts = [
         f"<h1>Sweep {html.escape(data.sweep)}</h1>",
+        *(f'<p class="warning">Warning: {html.escape(w)}</p>' for w in data.warnings),
         summary_html(data),
         "<h2>Leaderboard</h2>", leaderboard_html(data),
         "<h2>Learning curves</h2>", curves_html(data, metric),

@@ -304,6 +304,39 @@ class ParquetSink(_tune_callback_base()):
         row["end_time"] = _now()
         self._flush_trial(trial, "error")
 
+    # --- repair ------------------------------------------------------------
+    def misses(self, trial_id: str, eval_steps: set[int], predicted: bool) -> bool:
+        """Whether the tables lack part of a finished trial: its final row, a report, or (`predicted`: it ended
+        with predictions) its predictions."""
+        self._load()
+        row = self._trials.get(trial_id)
+        if row is None or row.get("outcome") in (None, "running") or row.get("status") != "terminated":
+            return True
+        if not eval_steps <= set(self._steps.get(trial_id, {})):
+            return True
+        return predicted and not self._path("predictions", trial_id).is_file()
+
+    def replay(self, trial: Any, results: list[dict[str, Any]], predictions: Optional[dict[str, list]],
+               ended: Optional[dt.datetime]) -> None:
+        """Rebuild a finished trial's rows from what Tune kept of it: its reported results in order, and the
+        predictions of its last checkpoint. Tune never reports a finished trial again, so rows the sink could
+        not write (a full disk) are otherwise lost for good; keyed as always (trial, step), nothing doubles."""
+        self._load()
+        for result in results:
+            result = dict(result)
+            if result.get(KIND_KEY) == "final" and predictions:
+                result[PREDICTIONS_KEY] = predictions
+            self.on_trial_result(0, [], trial, result)
+        row = self._trial_row(trial)
+        if results and row.get("start_time") is None:
+            first = results[0]
+            started = float(first.get("timestamp") or 0) - float(first.get("time_total_s") or 0)
+            row["start_time"] = dt.datetime.fromtimestamp(started, dt.timezone.utc) if started > 0 else None
+        if row.get("outcome") in (None, "running"):
+            row["outcome"] = "stopped"  # ended by the scheduler before its final report
+        row["end_time"] = row.get("end_time") or ended
+        self._flush_trial(trial, "terminated")
+
     @staticmethod
     def _error_text(trial: Any) -> Optional[str]:
         path = getattr(trial, "error_file", None)

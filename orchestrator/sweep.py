@@ -153,11 +153,18 @@ def _finish(s: SweepSettings, started: float, req: TrialResources, quiet: bool) 
     unfinished = [r for r in rows if r.get("status") not in ("terminated", "error")]
     expected = s.num_samples * len(build_expansions(s.replicates, int(s.fixed.get("seed", 0) or 0), s.cross))
     status = "finished" if not unfinished and len(rows) >= expected else "interrupted"
-    write_sweep_row(s.results, s.name, {"status": status})
+    try:
+        write_sweep_row(s.results, s.name, {"status": status})
+    except OSError as e:  # a full or read-only results disk: the sweep's state is safe with Tune
+        _say(f"could not record the sweep's status in {s.results} ({e.strerror}); once the disk is fixed, "
+             f"`mdsweep resume {s.name} --storage {s.storage}` puts back what is missing")
+        status = "interrupted"
     outcome = SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results, status=status,
                            counts=counts, resources=req,
                            wall_time_s=time.time() - started)
     report = _write_report(s)
+    if quiet and "ok" not in counts:  # a failure must be seen even when asked for quiet
+        print(found_summary(rows, s).strip(), file=sys.stderr)
     if not quiet:
         print(f"\nLeaderboard of sweep {s.name} ({s.metric}, {s.mode}; outcomes: "
               + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ")")
@@ -176,8 +183,9 @@ def _write_report(s: SweepSettings) -> str:
 
     out = default_report_path(s.results, s.name)
     try:
-        return f"{write_report(s.results, s.name, out)}  (open it in a browser; remake: mdsweep report " \
-               f"{s.results} --sweep {s.name})"
+        warnings = write_report(s.results, s.name, out)
+        return f"{out}  (open it in a browser; remake: mdsweep report {s.results} --sweep {s.name})" + \
+            "".join(f"\n  warning: {w}" for w in warnings)
     except Exception as e:
         return f"not written ({type(e).__name__}: {e}); try: mdsweep report {s.results} --sweep {s.name}"
 
@@ -364,7 +372,9 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
             _prepare_env(s, req)
             from ray import tune
 
-            from orchestrator.sink import write_sweep_row
+            from orchestrator.progress import ProgressTable
+            from orchestrator.results_repair import repair_missing_rows
+            from orchestrator.sink import ParquetSink, write_sweep_row
             from orchestrator.tune_state import restore_incomplete
 
             path = s.experiment_path()
@@ -375,10 +385,17 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
             if not tune.Tuner.can_restore(path):
                 raise SweepError(f"NAME: {path} holds no Ray Tune experiment state to resume")
             write_sweep_row(s.results, s.name, {"status": "running"})
+            sink = ParquetSink(s.results, s.name, s.fixed, searched_columns(s, info), s.metric, s.mode,
+                               req.max_gpu_memory)
+            rebuilt = repair_missing_rows(sink, path)
+            if rebuilt:
+                _say(f"put back the rows of {len(rebuilt)} finished trial(s) the results had missed, from Ray Tune's "
+                     f"records: {', '.join(rebuilt)}", quiet)
             repaired = repair_checkpoints(path)
             if repaired:
                 _say(f"recreated the checkpoint the saved state points at for {', '.join(repaired)}", quiet)
             _say(f"resuming sweep {name} from {path}", quiet)
+            ProgressTable.interval_override = 0 if quiet else s.progress_interval
             with sigterm_as_interrupt() as signalled:
                 tuner = tune.Tuner.restore(path, trainable=_trainable(s, req), resume_unfinished=True,
                                            resume_errored=resume_errored, restart_errored=restart_errored)

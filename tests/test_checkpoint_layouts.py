@@ -162,3 +162,27 @@ def test_train_and_predict_read_a_2024_checkpoint_as_they_read_the_2025_one(tmp_
         result = json.loads((out / "result.json").read_text())
         results[name] = (result["final_metrics"]["train_loss"], predicted.stdout.splitlines()[:8])
     assert results["2024"] == results["2025"]
+
+
+def test_a_sweep_trains_the_2024_layout_as_it_trains_the_2025_one(tmp_path, captcha_parquet):
+    """`--cross model=NEW,OLD`: every proposal runs on the base in both layouts, so their rows must match exactly."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    old = resaved(TINY_READER, tmp_path / "old", WEIGHTS_FILE, "2024", orig_mod=True)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "run", "--name", "layouts", "--space", "smoke:paired", "--cross",
+         f"model={TINY_READER},{old}", "--num-samples", "1", "--train-data", str(captcha_parquet), "--max-steps", "2",
+         "--batch-size", "4", "--max-val-samples", "8", "--set", "max_new_tokens=5", "--num-cpus", "2", "--quiet",
+         "--storage", str(tmp_path / "sweeps"), "--results", str(tmp_path / "results")],
+        capture_output=True, text=True, timeout=600, env=env, cwd=str(Path(__file__).resolve().parents[1]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = {Path(r["model"]).name: r for r in pq.read_table(tmp_path / "results" / "trials").to_pylist()}
+    assert set(trials) == {"tiny-reader", "old"} and all(r["outcome"] == "ok" for r in trials.values())
+    assert trials["old"]["final_train_loss"] == trials["tiny-reader"]["final_train_loss"]
+    predictions = pq.read_table(tmp_path / "results" / "predictions").to_pylist()
+    by_trial = {tid: sorted((p["sample_id"], p["prediction"]) for p in predictions if p["trial_id"] == tid)
+                for tid in (trials["old"]["trial_id"], trials["tiny-reader"]["trial_id"])}
+    assert by_trial[trials["old"]["trial_id"]] == by_trial[trials["tiny-reader"]["trial_id"]]

@@ -6,6 +6,7 @@ One sweep of four short real jobs, one per outcome: a clean run, an injected OOM
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pickle
@@ -361,11 +362,13 @@ def test_a_sweep_in_which_no_trial_works_exits_non_zero_with_the_first_error(tmp
     for i, label in enumerate(("日本", "東京", "大阪", "京都")):
         Image.new("RGB", (200, 50), (255, 255, 255)).save(folder / f"{label}.png")
     proc = mdsweep("run", "--name", "broken", "--space", "smoke", "--num-samples", "1", "--storage",
-                   str(tmp_path / "s"), "--results", str(tmp_path / "r"), "--num-cpus", "2",
-                   "--progress-interval", "0", *job_flags(folder), "--set", "val_fraction=0.5")
+                   str(tmp_path / "s"), "--results", str(tmp_path / "r"), "--num-cpus", "2", "--quiet",
+                   *job_flags(folder), "--set", "val_fraction=0.5")
     assert proc.returncode == 3, proc.stderr[-2000:]
-    assert "1 error" in proc.stdout and "First failure, trial" in proc.stdout and "cannot be encoded" in proc.stdout
-    assert f"on node {socket.gethostname()}" in proc.stdout  # data errors name the node that read the data
+    assert proc.stdout == ""  # --quiet: no table, no leaderboard; but the failure is said, on stderr
+    assert "No trial ended ok" in proc.stderr and "First failure, trial" in proc.stderr
+    assert "cannot be encoded" in proc.stderr
+    assert f"on node {socket.gethostname()}" in proc.stderr  # data errors name the node that read the data
 
 
 def test_a_corrupt_dataset_fails_before_ray_starts_naming_the_flag(tmp_path):
@@ -410,7 +413,7 @@ def test_sigterm_ends_a_sweep_like_ctrl_c_and_resume_completes_it(tmp_path, capt
     driver = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "run", "--name", "termed", "--space", "smoke", "--num-samples", "2",
          "--max-concurrent", "1", "--num-cpus", "2", "--storage", str(storage), "--results", str(results),
-         "--progress-interval", "0", "--train-data", str(captcha_parquet), "--max-steps", "16", "--eval-every", "2",
+         "--progress-interval", "1", "--train-data", str(captcha_parquet), "--max-steps", "16", "--eval-every", "2",
          "--batch-size", "2", "--max-val-samples", "4", "--set", "max_new_tokens=5"],
         stdout=log, stderr=subprocess.STDOUT, env={**env, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT),
         start_new_session=True)
@@ -433,6 +436,7 @@ def test_sigterm_ends_a_sweep_like_ctrl_c_and_resume_completes_it(tmp_path, capt
 
     resumed = mdsweep("resume", "termed", "--storage", str(storage), "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout == ""  # quiet, although the run it resumes printed its progress table
     steps = [(s["trial_id"], s["step"]) for s in read_partition(results, "steps", "termed")]
     trials = read_partition(results, "trials", "termed")
     assert len(trials) == 2 and all(t["outcome"] == "ok" for t in trials)
@@ -453,3 +457,59 @@ def test_export_names_a_results_file_that_is_not_parquet(sweep, tmp_path, table,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"mdsweep export: error: {broken}: not readable Parquet (")
     assert not (tmp_path / "m").exists()
+
+
+def test_rows_lost_to_a_full_results_disk_are_put_back_by_resume(tmp_path, captcha_parquet):
+    """The results disk fills up mid-sweep: trials finish in Tune but their rows cannot be written. Once space is
+    freed, `mdsweep resume` must rebuild them from Tune's records, each row once."""
+    import signal
+    import time
+
+    from orchestrator.sink import read_partition
+
+    results, storage = tmp_path / "results", tmp_path / "sweeps"
+    results.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(results)]).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "run", "--name", "full", "--space", "smoke", "--num-samples",
+             "2", "--max-concurrent", "1", "--num-cpus", "2", "--storage", str(storage), "--results", str(results),
+             "--quiet", "--train-data", str(captcha_parquet), "--max-steps", "8", "--eval-every", "2", "--batch-size",
+             "2", "--max-val-samples", "4", "--set", "max_new_tokens=5"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, "PYTHONPATH": str(ROOT)},
+            cwd=str(ROOT), start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not read_partition(results, "steps", "full"):
+                assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[1][-2000:]
+                time.sleep(0.1)
+            with open(results / "filler", "wb") as filler:  # the disk is full from here on
+                with contextlib.suppress(OSError):
+                    while True:
+                        filler.write(b"\0" * 65536)
+                        filler.flush()
+            out, err = driver.communicate(timeout=300)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+        assert driver.returncode == 3, err[-3000:]
+        assert "No space left on device" in out + err and "Traceback" not in err
+        lost = read_partition(results, "trials", "full")
+        assert len(lost) < 2 or any(t["outcome"] == "running" for t in lost)  # the disk did lose rows
+
+        (results / "filler").unlink()
+        resumed = mdsweep("resume", "full", "--storage", str(storage))
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "put back the rows of" in resumed.stderr
+        trials = read_partition(results, "trials", "full")
+        assert len(trials) == 2 and all(t["outcome"] == "ok" and t["status"] == "terminated" for t in trials)
+        steps = [(s["trial_id"], s["step"]) for s in read_partition(results, "steps", "full")]
+        assert sorted(steps) == sorted((t["trial_id"], s) for t in trials for s in (2, 4, 6, 8))
+        predictions = read_partition(results, "predictions", "full")
+        keys = [(p["trial_id"], p["sample_id"]) for p in predictions]
+        assert len(keys) == len(set(keys)) == 2 * 4
+        assert read_partition(results, "sweeps", "full")[0]["status"] == "finished"
+    finally:
+        subprocess.run(["umount", "-l", str(results)])

@@ -173,3 +173,17 @@ def test_bad_input_is_a_message_not_a_traceback(swept, tmp_path):
     assert proc.returncode == 0, proc.stderr
     page = out.read_text()
     assert "none: no trial has ended ok yet" in page and "no trial ended ok" in page
+
+
+@pytest.mark.parametrize("table", ["steps", "predictions"])
+def test_a_table_that_cannot_be_read_is_warned_on_the_terminal_and_on_the_page(swept, tmp_path, table):
+    """It used to drop the curves or the misread samples without a word."""
+    results = tmp_path / "results"
+    shutil.copytree(swept, results)
+    sorted((results / table / "sweep=rep").glob("*.parquet"))[0].write_bytes(b"not parquet")
+    out = tmp_path / "page.html"
+    proc = mdsweep("report", str(results), "--sweep", "rep", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    warning = f"the {table} table could not be read, so what it holds is missing from this report"
+    assert f"mdsweep report: warning: {warning}" in proc.stderr
+    assert f'<p class="warning">Warning: {warning}' in out.read_text()
