@@ -245,15 +245,18 @@ def main() -> int:
     print("| stage | wall s | peak RSS, largest process GiB | peak RSS, process tree GiB |")
     print("|---|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['stage']} | {row['seconds']:.0f} | {row['largest_rss'] / GIB:.2f} | {row['tree_rss'] / GIB:.2f} |")
+        print(f"| {row['stage']} | {row['seconds']:.0f} | {row['largest_rss'] / GIB:.2f} | "
+              f"{row['tree_rss'] / GIB:.2f} |")
     ratio = inproc["peak_while_loading"] / inproc["loaded_model_bytes"]
-    print(f"\nload: {inproc['load_s']:.1f} s; peak RSS while loading {inproc['peak_while_loading'] / GIB:.2f} GiB for a "
-          f"{inproc['loaded_model_bytes'] / GIB:.2f} GiB model ({ratio:.2f} x; {inproc['rss_before_load'] / GIB:.2f} GiB "
+    print(f"\nload: {inproc['load_s']:.1f} s; peak RSS while loading {inproc['peak_while_loading'] / GIB:.2f} GiB "
+          f"for a {inproc['loaded_model_bytes'] / GIB:.2f} GiB model ({ratio:.2f} x; "
+          f"{inproc['rss_before_load'] / GIB:.2f} GiB "
           f"before loading; anonymous memory peaked at {inproc['anonymous_peak_while_loading'] / GIB:.2f} GiB)")
     print(f"one micro-batch + optimizer step in process: {inproc['one_micro_batch_step_s']:.0f} s; "
           f"{inproc['trained_parameters'] / 1e6:.1f} M trained parameters (LoRA rank 16)")
     steps = train_result.get("final_metrics", {})
-    print(f"train: outcome {train_result['outcome']}, {train_result['step']} steps in {train_result['wall_time_s']:.0f} s "
+    print(f"train: outcome {train_result['outcome']}, {train_result['step']} steps in "
+          f"{train_result['wall_time_s']:.0f} s "
           f"(job), samples/s {steps.get('samples_per_s', float('nan')):.3f}, job peak RSS "
           f"{train_result['peak_memory_bytes'] / GIB:.2f} GiB")
     print("train step times (batch 1, LoRA + adamw8bit, gradient checkpointing): "

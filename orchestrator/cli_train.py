@@ -88,7 +88,8 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     out = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     try:
-        for flag, value in (("--out", str(out)), ("--cache-dir", config.cache_dir), ("--save-model", config.save_model)):
+        for flag, value in (("--out", str(out)), ("--cache-dir", config.cache_dir),
+                            ("--save-model", config.save_model)):
             if value:
                 check_writable_directory(flag, value)
     except SweepError as exc:

@@ -25,7 +25,8 @@ h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #d
 table { border-collapse: collapse; font-size: 0.9em; } td, th { padding: 3px 9px; border-bottom: 1px solid #eee; }
 th { text-align: left; background: #f6f6f6; } table.sortable th { cursor: pointer; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; } .wide { overflow-x: auto; }
-.note { color: #666; font-style: italic; } .warning { color: #b00020; font-weight: bold; } .outcome-ok { color: #2a7d2a; }
+.note { color: #666; font-style: italic; } .warning { color: #b00020; font-weight: bold; }
+.outcome-ok { color: #2a7d2a; }
 .outcome-oom, .outcome-error, .outcome-diverged { color: #b22222; font-weight: bold; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: 12px; }
 .grid figure { margin: 0; border: 1px solid #ddd; padding: 6px; } .grid img { width: 100%; image-rendering: pixelated; }

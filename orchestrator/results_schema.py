@@ -105,7 +105,7 @@ def trials_schema() -> pa.Schema:
         *[pa.field(f"final_{m}", t) for m, t in METRIC_TYPES.items()],
         *[pa.field(m, t) for m, t in TEST_METRIC_TYPES.items()],
         pa.field("test_data", pa.string()),  # what the test_* columns were measured on
-        # the tokenizer the trial's job used, as resolved from the checkpoint and its revision (trainer.tokenizer_source)
+        # the tokenizer the trial's job used, resolved from the checkpoint and its revision (trainer.tokenizer_source)
         *[pa.field(name, arrow_type_for(tp)) for name, tp in TOKENIZER_COLUMNS.items()],
         pa.field("steps_completed", pa.int64()),
         pa.field("n_reports", pa.int64()),

@@ -9,7 +9,6 @@ rebuilds the same trainable.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ from orchestrator.resources import (ResourceError, TrialResources, check_fit, co
                                     plan_resources)
 from orchestrator.results_schema import validate_sweep_name
 from orchestrator.signals import sigterm_as_interrupt
-from orchestrator.sweep_lock import describe_stale, sweep_lock
+from orchestrator.sweep_lock import describe_stale, refusal, running_driver, sweep_lock
 from orchestrator.sweep_checks import check_data, check_settings, searched_columns
 from orchestrator.sweep_settings import (MANIFEST, SweepError, SweepSettings, manifest_exists, normalize_storage,
                                          read_manifest, write_manifest)
@@ -247,24 +246,23 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
     baselines = plan_baselines(s.enqueue, s.fixed.get("revision"), distributions=info.distributions,
                                searched=info.searched, fixed=s.fixed, crossed=[name for name, _ in s.cross])
     s.baselines = [{"label": b.label, "params": b.params, "extra": b.extra} for b in baselines]
-    with contextlib.ExitStack() as held:
-        if not dry_run:  # one driver per sweep, from this check to its end (orchestrator.sweep_lock)
-            held.enter_context(sweep_lock(s.name, s.experiment_path(), s.results, "run"))
-        check_name_is_free(s)
-        expansions = build_expansions(s.replicates, int(s.fixed.get("seed", 0) or 0), s.cross)
-        handle = cluster_mod.connect(s.address, num_cpus=s.num_cpus, num_gpus=s.num_gpus,
-                                     log_to_driver=s.worker_logs)
-        try:
-            req, notes = resolve_resources(s, handle, info.samples)
-            for n in [data_note, *notes] if data_note else notes:
-                _say(n, quiet)
-            _say(f"space {s.space}: searches {', '.join(searched)}; {s.num_samples} suggestion(s) x "
-                 f"{len(expansions)} run(s) each = {s.num_samples * len(expansions)} trial(s)", quiet)
-            for b in baselines:
-                _say(f"runs first, {b.describe()}", quiet)
-            if dry_run:
-                return SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results,
-                                    status="dry-run", counts={}, resources=req)
+    check_name_is_free(s)  # early, before Ray starts; again under the lock, where it counts
+    expansions = build_expansions(s.replicates, int(s.fixed.get("seed", 0) or 0), s.cross)
+    handle = cluster_mod.connect(s.address, num_cpus=s.num_cpus, num_gpus=s.num_gpus, log_to_driver=s.worker_logs)
+    try:
+        req, notes = resolve_resources(s, handle, info.samples)
+        for n in [data_note, *notes] if data_note else notes:
+            _say(n, quiet)
+        _say(f"space {s.space}: searches {', '.join(searched)}; {s.num_samples} suggestion(s) x "
+             f"{len(expansions)} run(s) each = {s.num_samples * len(expansions)} trial(s)", quiet)
+        for b in baselines:
+            _say(f"runs first, {b.describe()}", quiet)
+        if dry_run:
+            return SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results,
+                                status="dry-run", counts={}, resources=req)
+        # one driver per sweep, from here to its end (orchestrator.sweep_lock)
+        with sweep_lock(s.name, s.experiment_path(), s.results, "run"):
+            check_name_is_free(s)
             _prepare_env(s, req)
             write_manifest(s)
             with sigterm_as_interrupt() as signalled:
@@ -274,10 +272,10 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
                     _forget_unstarted(s)
                     raise
                 outcome = _finish(s, started, req, quiet)
-            outcome.terminated = signalled.received
-            return outcome
-        finally:
-            handle.shutdown()
+        outcome.terminated = signalled.received
+        return outcome
+    finally:
+        handle.shutdown()
 
 
 def check_name_is_free(s: SweepSettings) -> None:
@@ -286,6 +284,9 @@ def check_name_is_free(s: SweepSettings) -> None:
     from orchestrator.sink import read_partition
 
     if manifest_exists(s.storage, s.name):
+        running = None if cluster_mod.is_remote_storage(s.storage) else running_driver(Path(s.experiment_path()))
+        if running:
+            raise SweepError(refusal(s.name, running))
         raise SweepError(f"--name {s.name}: a sweep of that name exists in {s.storage}; continue it with "
                          f"`mdsweep resume {s.name}` or choose another --name")
     recorded = read_partition(s.results, "sweeps", s.name)

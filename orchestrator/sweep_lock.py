@@ -51,8 +51,7 @@ class SweepLock:
         except BlockingIOError:
             holder = _read(handle)
             handle.close()
-            raise SweepError(f"--name {self.name}: sweep {self.name} is being run now by another driver "
-                             f"({_describe(holder)}); wait for it to end, or choose another --name") from None
+            raise SweepError(refusal(self.name, _describe(holder))) from None
         previous = _read(handle)
         if previous and self.stale is None:
             self.stale = previous  # a driver that died holding it: its kernel lock went with it
@@ -80,6 +79,11 @@ class SweepLock:
         self.release()
 
 
+def refusal(name: str, holder: str) -> str:
+    return f"--name {name}: sweep {name} is being run now by another driver ({holder}); wait for it to end, or " \
+           "choose another --name"
+
+
 def _read(handle) -> Optional[dict]:
     handle.seek(0)
     text = handle.read().strip()
@@ -94,6 +98,19 @@ def _describe(holder: Optional[dict]) -> str:
         return "holder unknown"
     return f"mdsweep {holder.get('purpose', '?')}, pid {holder.get('pid')} on {holder.get('host')} since " \
            f"{holder.get('since')}"
+
+
+def running_driver(folder: Path) -> Optional[str]:
+    """Who holds the lock in `folder` now (a live driver), described; None when nobody does."""
+    path = folder / LOCK_FILE
+    if not path.is_file():
+        return None
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _describe(_read(handle))
+    return None
 
 
 def describe_stale(lock: SweepLock) -> Optional[str]:

@@ -59,7 +59,8 @@ def test_the_2024_names_are_the_official_loaders():
     assert rename("model.vision.patch_emb.weight") == "vision_encoder.encoder.model.visual.patch_embed.linear.weight"
     assert rename("model.vision.pos_emb") == "vision_encoder.encoder.model.visual.pos_embed"
     assert rename("model.vision.blocks.3.ln2.bias") == "vision_encoder.encoder.model.visual.blocks.3.norm2.bias"
-    assert rename("model.vision.blocks.3.attn.qkv.weight") == "vision_encoder.encoder.model.visual.blocks.3.attn.qkv.weight"
+    assert rename("model.vision.blocks.3.attn.qkv.weight") == \
+        "vision_encoder.encoder.model.visual.blocks.3.attn.qkv.weight"
     assert rename("model.vision.post_ln.weight") == "vision_encoder.encoder.model.visual.norm.weight"
     assert rename("model.vision.proj_mlp.fc2.bias") == "vision_encoder.projection.mlp.fc2.bias"
     assert rename("model.text.wte") == "text_model.transformer.embd.wte.weight"

@@ -115,5 +115,6 @@ def test_an_output_that_cannot_be_written_is_one_line(captcha_parquet, tmp_path,
         argv = ["train", "--train-data", str(captcha_parquet), "--out", str(tmp_path / "o"), flag,
                 str(tmp_path / "a-file" / "x")]
         assert main(argv) == 2
+        blocker = tmp_path / "a-file"
         assert capsys.readouterr().err.strip().splitlines() == [
-            f"mdsweep train: error: {flag} {tmp_path / 'a-file' / 'x'}: {tmp_path / 'a-file'} is a file, not a directory"]
+            f"mdsweep train: error: {flag} {blocker / 'x'}: {blocker} is a file, not a directory"]

@@ -143,9 +143,10 @@ def test_the_streaming_writer_is_read_back_exactly_by_safetensors(tmp_path, dtyp
     from trainer.weights import write_safetensors
 
     torch.manual_seed(0)
-    tensors = {"a.weight": torch.randn(3, 5).to(dtype), "b": torch.randn(7).to(dtype), "c.x": torch.randn(2, 2, 3).to(dtype)}
-    write_safetensors(tmp_path / "w.safetensors",
-                      [(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in tensors.items()], metadata={"format": "pt"})
+    tensors = {"a.weight": torch.randn(3, 5), "b": torch.randn(7), "c.x": torch.randn(2, 2, 3)}
+    tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    write_safetensors(tmp_path / "w.safetensors", [(k, v.dtype, tuple(v.shape), lambda v=v: v)
+                                                   for k, v in tensors.items()], metadata={"format": "pt"})
     read = load_file(tmp_path / "w.safetensors")
     assert read.keys() == tensors.keys() and all(torch.equal(read[k], tensors[k]) for k in tensors)
     with pytest.raises(ValueError, match="header says"):
