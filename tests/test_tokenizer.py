@@ -14,10 +14,15 @@ def test_char_tokenizer_round_trip_and_clear_error():
         tok.encode("café")
 
 
-def test_both_templates_render_the_same_text():
+def test_the_text_templates_render_the_same_text_and_starmie_uses_its_fixed_ids():
     tok = CharTokenizer()
-    texts = {name: tok.decode(t.prompt_ids(tok, "What does the text say?")) for name, t in PROMPT_TEMPLATES.items()}
+    texts = {name: tok.decode(PROMPT_TEMPLATES[name].prompt_ids(tok, "What does the text say?"))
+             for name in ("moondream2-2025", "moondream2-legacy")}
     assert set(texts.values()) == {"\n\nQuestion: What does the text say?\n\nAnswer:"}
+    # the official config's query template for starmie-v1: special ids around the question as is
+    starmie = get_template("moondream2-starmie")
+    assert starmie.prompt_ids(tok, "12") == [1, 15381, 2, *tok.encode("12"), 3]
+    assert starmie.answer_ids(tok, "34") == [*tok.encode("34"), tok.eos_id]
     answer = get_template("moondream2-2025").answer_ids(tok, "1234")
     assert answer[-1] == tok.eos_id and tok.decode(answer) == " 1234"
     with pytest.raises(ValueError, match="unknown prompt template"):
