@@ -196,6 +196,9 @@ def connect(
         # "local": always a new instance of our own. ray.init() without an address would
         # join any cluster a `ray start` left running on this machine.
         ray.init(address="local", **kwargs)
+        from orchestrator.watchdog import ray_children, start_watchdog
+
+        start_watchdog(ray_children())
         return ClusterHandle(address=None, source="embedded", owned=True)
 
     if num_cpus is not None or num_gpus is not None:

@@ -513,3 +513,41 @@ def test_rows_lost_to_a_full_results_disk_are_put_back_by_resume(tmp_path, captc
         assert read_partition(results, "sweeps", "full")[0]["status"] == "finished"
     finally:
         subprocess.run(["umount", "-l", str(results)])
+
+
+def test_an_embedded_cluster_ends_with_its_driver_even_after_kill_9(tmp_path, captcha_parquet):
+    """`kill -9` of the driver used to leave Ray's agents (and a trial's worker) alive for minutes: the watchdog
+    the driver starts must end every process of the embedded cluster within seconds."""
+    import signal
+    import time
+
+    import psutil
+
+    from orchestrator.sink import read_partition
+
+    results = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "run", "--name", "orphans", "--space", "smoke", "--num-samples", "1",
+         "--num-cpus", "2", "--storage", str(tmp_path / "sweeps"), "--results", str(results), "--quiet",
+         "--train-data", str(captcha_parquet), "--max-steps", "400", "--eval-every", "2", "--batch-size", "2",
+         "--max-val-samples", "4", "--set", "max_new_tokens=5"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**env, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT),
+        start_new_session=True)
+    cluster: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not read_partition(results, "steps", "orphans"):  # a trial is running: every kind of process is up
+            assert driver.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        cluster = psutil.Process(driver.pid).children(recursive=True)
+        names = " ".join(p.name() + " " + " ".join(p.cmdline()) for p in cluster)
+        assert "DashboardAgent" in names and "RuntimeEnvAgent" in names and "raylet" in names
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+        _gone, alive = psutil.wait_procs(cluster, timeout=20)
+        assert not alive, [p.name() for p in alive]
+    finally:
+        for process in cluster:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
