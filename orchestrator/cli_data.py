@@ -62,10 +62,19 @@ def register(subparsers: Any) -> None:
                        help="image column (default: image, else the first struct/binary column)")
     check.add_argument("--split", default=None, help="split to load from a Parquet folder holding several")
     check.add_argument("--skip-bad", action="store_true",
-                       help="skip and count bad rows (corrupt image, empty label) instead of failing")
-    check.set_defaults(func=_check)
-
+                       help="skip and count bad rows (corrupt image, empty label, a label the model cannot write) "
+                            "instead of failing")
     from trainer.job_config import JobConfig
+
+    check.add_argument("--model", default=JobConfig.model,
+                       help="the model whose tokenizer and context the labels must fit, as for train and run "
+                            f"(default: {JobConfig.model})")
+    for name in ("revision", "tokenizer", "prompt_template", "question"):
+        default = JobConfig.question if name == "question" else None
+        check.add_argument(f"--{name.replace('_', '-')}", default=default,
+                           help=JobConfig.__dataclass_fields__[name].metadata["help"]
+                           + (f" (default: {default!r})" if default else ""))
+    check.set_defaults(func=_check)
 
     prepare = commands.add_parser(
         "prepare",
@@ -141,6 +150,7 @@ def _check(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from trainer.data import DataError, load_samples
+    from trainer.weights import CheckpointError
 
     try:
         loaded = load_samples(
@@ -150,19 +160,53 @@ def _check(args: argparse.Namespace) -> int:
     except DataError as exc:
         print(f"mdsweep data check: error: {exc}", file=sys.stderr)
         return 1
-    samples = loaded.samples
+    try:
+        unwritable = labels_the_model_cannot_write(loaded.samples, args)
+    except (CheckpointError, ValueError) as exc:
+        print(f"mdsweep data check: error: --model {args.model}: {exc}", file=sys.stderr)
+        return 1
+    if unwritable and not args.skip_bad:
+        sample_id, why = unwritable[0]
+        print(f"mdsweep data check: error: sample {sample_id}: {why} ({len(unwritable)} such label(s) for model "
+              f"{args.model}; --skip-bad drops and counts them, as --on-bad-sample skip does in training)",
+              file=sys.stderr)
+        return 1
+    dropped = {sample_id for sample_id, _ in unwritable}
+    samples = [s for s in loaded.samples if s.sample_id not in dropped]
+    if not samples:
+        print(f"mdsweep data check: error: no sample left: model {args.model} can write none of the labels",
+              file=sys.stderr)
+        return 1
     lengths = Counter(len(s.text) for s in samples)
     chars = sorted(set("".join(s.text for s in samples)))
     first = samples[0].image
     print(f"source:   {loaded.source}")
     print(f"samples:  {len(samples)}")
-    print(f"skipped:  {loaded.skipped}")
-    for reason in loaded.skipped_reasons:
+    print(f"skipped:  {loaded.skipped + len(unwritable)}")
+    for reason in [*loaded.skipped_reasons, *(f"sample {i}: {why}" for i, why in unwritable[:10])]:
         print(f"  - {reason}")
     print("lengths:  " + ", ".join(f"{k}: {v}" for k, v in sorted(lengths.items())))
     print(f"charset:  {''.join(chars)!r} ({len(chars)} characters)")
     print(f"first:    {samples[0].sample_id} -> {samples[0].text!r}, {first.size[0]}x{first.size[1]}")
     return 0
+
+
+def labels_the_model_cannot_write(samples: list, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(sample id, why) for every label the model's tokenizer cannot encode, or that does not fit the context
+    left after BOS, the image tokens and the prompt: the labels a trial would refuse, found here first."""
+    from trainer.job_data import answer_ids, answer_room
+    from trainer.loading import model_text
+    from trainer.tokenizer import get_template
+
+    text = model_text(args.model, revision=args.revision, tokenizer=args.tokenizer)
+    template = get_template(args.prompt_template or text.choice.template)
+    room = answer_room(text.config, template.prompt_ids(text.tokenizer, args.question))
+    found = []
+    for sample in samples:
+        _ids, why = answer_ids(sample.text, text.tokenizer, template, room)
+        if why:
+            found.append((sample.sample_id, why))
+    return found
 
 
 def _prepare(args: argparse.Namespace) -> int:

@@ -118,3 +118,22 @@ def test_cli_check(tmp_path, capsys):
     assert "samples:  5" in printed and "200x50" in printed
     assert cli.main(["data", "check", str(tmp_path / "missing")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_data_check_refuses_labels_the_models_tokenizer_cannot_write_or_fit(tmp_path, capsys):
+    """As `train` does: a character the tokenizer lacks, or a label longer than the context leaves room for."""
+    from PIL import Image
+
+    from orchestrator import cli
+
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    for label in ("日本", "123", "9" * 300):
+        Image.new("RGB", (200, 50), (255, 255, 255)).save(folder / f"{label}.png")
+    assert cli.main(["data", "check", str(folder)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 such label(s) for model tiny; --skip-bad drops and counts them" in err[0]
+    assert cli.main(["data", "check", str(folder), "--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "samples:  1" in out and "skipped:  2" in out
+    assert "label '日本' cannot be encoded" in out and "the context leaves room for" in out

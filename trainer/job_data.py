@@ -14,13 +14,13 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from trainer.batching import Batch, EncodedSample, collate
-from trainer.config import VisionConfig, model_config_of
+from trainer.config import MoondreamConfig, VisionConfig, model_config_of
 from trainer.crop_cache import ReadOptions, geometry_of, open_cached
 from trainer.crop_store import CropStore
 from trainer.data import SKIP_HINT, DataError, split_indices
 from trainer.job_config import JobConfig
 from trainer.loading import LoadedModel
-from trainer.tokenizer import PromptTemplate, Tokenizer, get_template
+from trainer.tokenizer import PromptTemplate, Tokenizer
 
 
 class SampleView(Sequence[EncodedSample]):
@@ -107,10 +107,8 @@ def prepare_data(config: JobConfig, loaded: LoadedModel, opened: OpenedData) -> 
 def tokenised(view: SampleView, config: JobConfig, loaded: LoadedModel) -> tuple[SampleView, int]:
     """`view` with prompt and answer ids for `loaded`'s tokenizer, minus unusable labels; and how many those were."""
     template = loaded.template(config.prompt_template)
-    vision_tokens = loaded.model.config.vision.n_image_tokens
     prompt = tuple(template.prompt_ids(loaded.tokenizer, config.question))
-    # what a sequence holds besides the answer: BOS, the image tokens and the prompt
-    room = loaded.model.config.text.max_context - 1 - vision_tokens - len(prompt)
+    room = answer_room(loaded.model.config, prompt)
     rows, answers = [], []
     for row, sample_id, text in zip(view.rows, view.ids(), view.texts()):
         ids, why = answer_ids(text, loaded.tokenizer, template, room)
@@ -120,6 +118,11 @@ def tokenised(view: SampleView, config: JobConfig, loaded: LoadedModel) -> tuple
         elif config.on_bad_sample == "error":
             raise DataError(f"sample {sample_id}: {why} {SKIP_HINT}")
     return SampleView(view.store, rows, prompt, answers), len(view) - len(rows)
+
+
+def answer_room(config: MoondreamConfig, prompt: Sequence[int]) -> int:
+    """The tokens a sequence leaves for the answer: its context, less BOS, the image tokens and the prompt."""
+    return config.text.max_context - 1 - config.vision.n_image_tokens - len(prompt)
 
 
 def answer_ids(text: str, tokenizer: Tokenizer, template: PromptTemplate,

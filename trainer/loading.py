@@ -35,17 +35,24 @@ class LoadedModel:
 CHOICE_KEY = "tokenizer_choice"
 
 
-def load_model(spec: str, *, revision: Optional[str] = None, tokenizer: Optional[str] = None,
-               attention_backend: AttentionBackend = "sdpa") -> LoadedModel:
-    """A preset name gives fresh random weights (seed torch first); a shipped model's name, a directory or a
-    hub id loads weights, in any layout the official loader accepts. `tokenizer` overrides the checkpoint's
-    own (a directory, hub id or id@revision); `revision` is the hub revision, which also decides the tokenizer
-    of a 2025 checkpoint that has none of its own."""
+@dataclass
+class ModelText:
+    """What a model reads and writes text with, found without loading its weights."""
+
+    config: MoondreamConfig
+    tokenizer: Tokenizer
+    choice: TokenizerChoice
+    directory: Optional[Path]  # None for a preset
+
+
+def model_text(spec: str, *, revision: Optional[str] = None, tokenizer: Optional[str] = None,
+               check_weights: bool = False) -> ModelText:
+    """The sizes and tokenizer `spec` loads with (see `load_model`); `check_weights` also checks the checkpoint's
+    names and shapes against the sizes, from its header, so that a checkpoint that does not fit fails before
+    a model is built."""
     if spec in PRESETS:
-        config = PRESETS[spec]
         tok = preset_tokenizer(spec)
-        return LoadedModel(MoondreamModel(config, bos_id=tok.bos_id, attention_backend=attention_backend),
-                           tok, None, builtin_choice(tok))
+        return ModelText(PRESETS[spec], tok, builtin_choice(tok), None)
     directory = model_directory(spec, revision)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
@@ -53,19 +60,30 @@ def load_model(spec: str, *, revision: Optional[str] = None, tokenizer: Optional
     config_path = directory / CONFIG_FILE
     saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
     config = MoondreamConfig.from_dict(saved) if saved else PRESETS["moondream2"]
-    checkpoint_keys(weights, config)  # a checkpoint that does not fit fails here, before the model is built
+    if check_weights:
+        checkpoint_keys(weights, config)
     if config.tokenizer == "char":
         tok: Tokenizer = CharTokenizer()
-        choice = builtin_choice(tok)
-    else:
-        try:
-            tok, choice = resolve_tokenizer(directory, revision=revision, spec=tokenizer,
-                                            recorded=saved.get(CHOICE_KEY))
-        except (FileNotFoundError, ValueError) as exc:
-            raise CheckpointError(str(exc)) from None
-    model = MoondreamModel(config, bos_id=tok.bos_id, attention_backend=attention_backend)
-    keys = load_official_weights(model, weights)
-    return LoadedModel(model, tok, directory, choice, keys.layout.name)
+        return ModelText(config, tok, builtin_choice(tok), directory)
+    try:
+        tok, choice = resolve_tokenizer(directory, revision=revision, spec=tokenizer, recorded=saved.get(CHOICE_KEY))
+    except (FileNotFoundError, ValueError) as exc:
+        raise CheckpointError(str(exc)) from None
+    return ModelText(config, tok, choice, directory)
+
+
+def load_model(spec: str, *, revision: Optional[str] = None, tokenizer: Optional[str] = None,
+               attention_backend: AttentionBackend = "sdpa") -> LoadedModel:
+    """A preset name gives fresh random weights (seed torch first); a shipped model's name, a directory or a
+    hub id loads weights, in any layout the official loader accepts. `tokenizer` overrides the checkpoint's
+    own (a directory, hub id or id@revision); `revision` is the hub revision, which also decides the tokenizer
+    of a 2025 checkpoint that has none of its own."""
+    text = model_text(spec, revision=revision, tokenizer=tokenizer, check_weights=True)
+    model = MoondreamModel(text.config, bos_id=text.tokenizer.bos_id, attention_backend=attention_backend)
+    if text.directory is None:
+        return LoadedModel(model, text.tokenizer, None, text.choice)
+    keys = load_official_weights(model, text.directory / WEIGHTS_FILE)
+    return LoadedModel(model, text.tokenizer, text.directory, text.choice, keys.layout.name)
 
 
 def model_directory(spec: str, revision: Optional[str]) -> Path:
