@@ -318,7 +318,9 @@ def test_unknown_format_and_missing_path(tmp_path):
 
 
 def test_decode_image_rejects_garbage():
-    with pytest.raises(Exception):
+    from PIL import UnidentifiedImageError
+
+    with pytest.raises(UnidentifiedImageError):
         decode_image(b"nope")
     assert decode_image(png_bytes(mode="L", color=9)).mode == "RGB"
 

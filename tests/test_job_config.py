@@ -38,14 +38,18 @@ def test_values_that_cannot_work_are_named(values, message):
 
 
 def test_good_values_pass():
-    JobConfig(lr=1e-3, max_gpu_memory="16GiB", device="cuda:1", fault="oom@3", max_samples=100,
-              eval_every_samples=50)
-    JobConfig(max_gpu_memory="0.25", precision="bf16")
+    config = JobConfig(lr=1e-3, max_gpu_memory="16GiB", device="cuda:1", fault="oom@3", max_samples=100,
+                       eval_every_samples=50, lora_targets="q_proj, fc2", adam_beta2=0.95)
+    assert config.problems() == [] and (config.lr, config.max_gpu_memory, config.adam_beta2) == (1e-3, "16GiB", 0.95)
+    assert JobConfig.from_dict(config.to_dict()) == config
+    assert JobConfig(max_gpu_memory="0.25", precision="bf16").problems() == []
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
+    # no GPU visible, also on a machine that has one: "--device cuda" must then be refused in one line
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
+                          timeout=120, env=env, cwd=str(ROOT))
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -22,14 +22,24 @@ def _settings(tmp_path, **kw) -> SweepSettings:
     return SweepSettings(**values)
 
 
-def test_every_flag_has_help():
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    for name in ("run", "resume", "query"):
-        for action in sub.choices[name]._actions:
+def test_every_flag_of_every_command_has_help():
+    import argparse
+
+    def commands(parser: argparse.ArgumentParser, path: str):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield path, parser
+        for sub in subs:
+            for name, child in sub.choices.items():
+                yield from commands(child, f"{path} {name}")
+
+    found = list(commands(build_parser(), "mdsweep"))
+    assert len(found) >= 12 and {"mdsweep run", "mdsweep data check", "mdsweep export"} <= {p for p, _ in found}
+    for path, parser in found:
+        for action in parser._actions:
             if action.dest == "help":
                 continue
-            assert action.help, f"mdsweep {name} {action.option_strings or action.dest} has no help"
+            assert action.help, f"{path} {action.option_strings or action.dest} has no help"
 
 
 def test_default_modes():
