@@ -88,7 +88,8 @@ def test_ctrl_c_is_one_line_naming_the_last_checkpoint_and_resume_finishes(captc
 
     out = tmp_path / "run"
     command = [sys.executable, "-m", "orchestrator.cli", "train", "--train-data", str(captcha_parquet), "--max-steps",
-               "30", "--eval-every", "2", "--max-val-samples", "4", "--val-fraction", "0.25", "--out", str(out)]
+               "150", "--eval-every", "2", "--max-val-samples", "4", "--val-fraction", "0.25", "--out", str(out)]
+    # long enough that the interrupt lands mid-run however fast the machine (a tiny step takes milliseconds)
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while not (out / "reports.parquet").is_file():
@@ -105,8 +106,8 @@ def test_ctrl_c_is_one_line_naming_the_last_checkpoint_and_resume_finishes(captc
     assert steps[:checkpoint_step] == list(range(1, checkpoint_step + 1))
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert pq.read_table(out / "steps.parquet").column("step").to_pylist() == list(range(1, 31))
-    assert pq.read_table(out / "reports.parquet").column("step").to_pylist() == list(range(2, 31, 2))
+    assert pq.read_table(out / "steps.parquet").column("step").to_pylist() == list(range(1, 151))
+    assert pq.read_table(out / "reports.parquet").column("step").to_pylist() == list(range(2, 151, 2))
 
 
 def test_an_output_that_cannot_be_written_is_one_line(captcha_parquet, tmp_path, capsys):

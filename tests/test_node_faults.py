@@ -1,0 +1,112 @@
+"""A real cluster's faults: a node that dies while a trial runs on it.
+
+The cluster is started the way users start one (`ray start --head`, then `ray start --address` for a second
+node), with its own HOME, --temp-dir and ports; the dying node is ended by the process ids of its raylet and
+everything under it, and the whole cluster by its own processes at the end (never `ray stop`).
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from orchestrator.sink import read_partition
+from test_orchestrator_ray_start import RAY, ROOT, _agent_ports, _end_processes_of, _free_port
+
+
+@pytest.fixture
+def two_nodes():
+    """(env, head address): a head and a joined node, 1 CPU each."""
+    home = Path(tempfile.mkdtemp(prefix="mdf"))
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    temp_dir = tempfile.mkdtemp(prefix="mdq")
+    port = _free_port()
+    env = {**os.environ, "HOME": str(home), "PATH": f"{RAY.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "PYTHONPATH"):
+        env.pop(key, None)
+    try:
+        for args, extra in (
+                (["--head", "--port", str(port), "--temp-dir", temp_dir, "--include-dashboard", "false",
+                  "--ray-client-server-port", str(_free_port())], {}),
+                (["--address", f"127.0.0.1:{port}"], {"RAY_AUTH_MODE": "token"})):
+            started = subprocess.run([str(RAY), "start", *args, "--num-cpus", "1", *_agent_ports(),
+                                      "--disable-usage-stats"], capture_output=True, text=True, timeout=180,
+                                     env={**env, **extra})
+            assert started.returncode == 0, started.stderr[-3000:]
+        yield env, f"127.0.0.1:{port}"
+    finally:
+        _end_processes_of(home, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _joined_node(env: dict, address: str) -> tuple[str, str]:
+    """(node id, raylet socket) of the node that is not the head."""
+    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); print(json.dumps([(n['NodeID'], "
+            "n['RayletSocketName']) for n in ray.nodes() if n['Alive'] and "
+            "'node:__internal_head__' not in n['Resources']]))" % address)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**env, "RAY_AUTH_MODE": "token"})
+    import json
+
+    (node,) = json.loads(out.stdout.strip().splitlines()[-1])
+    return node[0], node[1]
+
+
+def _kill_node(raylet_socket: str) -> int:
+    """SIGKILL the raylet serving `raylet_socket` and everything under it (its workers and agents)."""
+    (raylet,) = [p for p in psutil.process_iter(["cmdline"])
+                 if any(f"--raylet_socket_name={raylet_socket}" == arg for arg in p.info["cmdline"] or [])]
+    victims = [raylet, *raylet.children(recursive=True)]
+    for process in victims:
+        process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=10)
+    return len(victims)
+
+
+def test_a_node_dying_mid_trial_is_survived_with_every_row_once(two_nodes, tmp_path, captcha_parquet):
+    env, address = two_nodes
+    node_id, raylet_socket = _joined_node(env, address)
+    results = tmp_path / "results"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "run", "--name", "nodefault", "--address", address, "--space",
+         "smoke", "--num-samples", "2", "--max-concurrent", "2", "--gpus-per-trial", "0", "--max-failures", "2",
+         "--storage", str(tmp_path / "sweeps"), "--results", str(results), "--quiet", "--train-data",
+         str(captcha_parquet), "--max-steps", "12", "--eval-every", "2", "--batch-size", "2", "--max-val-samples",
+         "4", "--set", "max_new_tokens=5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+        env={**env, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token"})
+
+    def victim() -> str | None:
+        """The trial running on the joined node, once it has a checkpoint to be retried from."""
+        on_node = {t["trial_id"] for t in read_partition(results, "trials", "nodefault") if t.get("node_id") == node_id}
+        steps = read_partition(results, "steps", "nodefault")
+        return next((s["trial_id"] for s in steps if s["trial_id"] in on_node and s["step"] >= 4), None)
+
+    try:
+        deadline = time.monotonic() + 300
+        while (trial := victim()) is None:
+            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[1][-3000:]
+            time.sleep(0.2)
+        assert _kill_node(raylet_socket) >= 2
+        out, err = driver.communicate(timeout=400)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, err[-3000:]
+    trials = {t["trial_id"]: t for t in read_partition(results, "trials", "nodefault")}
+    assert len(trials) == 2 and all(t["outcome"] == "ok" for t in trials.values())
+    assert trials[trial]["num_failures"] >= 1 and trials[trial]["restored_from_step"] >= 2  # from its checkpoint
+    assert trials[trial]["node_id"] != node_id  # finished on the node that survived
+    steps = [(s["trial_id"], s["step"]) for s in read_partition(results, "steps", "nodefault")]
+    assert sorted(steps) == sorted((tid, s) for tid in trials for s in range(2, 13, 2))
