@@ -22,7 +22,6 @@ from orchestrator.query import (PairedSpec, QueryError, UnreadableError, load_ta
 from orchestrator.study import StudyError, study_from_rows, sweep_objectives, sweep_record
 from orchestrator.trial_pick import best_trial
 
-FAILED_OUTCOMES = ("oom", "diverged", "error")
 MAX_MISREAD = 24
 
 

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator.query import describe_versus_baseline
-from orchestrator.report_data import FAILED_OUTCOMES, ReportData, Section, collect
+from orchestrator.report_data import ReportData, Section, collect
+from orchestrator.results_schema import FAILED_OUTCOMES
 
 ATTENTION_COLOURS = {"causal": "#1f77b4", "prefix": "#ff7f0e", None: "#7f7f7f"}
-OUTCOME_SYMBOLS = {"oom": "x", "diverged": "triangle-down", "error": "cross", "stopped": "square-open"}
+OUTCOME_SYMBOLS = {"oom": "x", "host_oom": "x-open", "diverged": "triangle-down", "error": "cross",
+                   "stopped": "square-open"}
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 
 STYLE = """

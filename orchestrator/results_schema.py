@@ -40,6 +40,11 @@ SWEEP_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
 
 
 
+# outcomes of a trial that ended without a usable model: GPU out of memory, host memory (Ray's memory monitor
+# killed it), a loss that stayed non-finite, any other failure
+FAILED_OUTCOMES = ("oom", "host_oom", "diverged", "error")
+
+
 def _arrow_types(metrics: dict[str, Any]) -> dict[str, pa.DataType]:
     return {name: pa.int64() if metric.type is int else pa.float64() for name, metric in metrics.items()}
 
@@ -92,7 +97,7 @@ def trials_schema() -> pa.Schema:
         pa.field("group_id", pa.int64()),  # the Optuna trial number: replicates/crossed runs share it
         pa.field("member", pa.int64()),  # index of this run within its group
         pa.field("status", pa.string()),  # Ray Tune status: pending, running, terminated, error
-        pa.field("outcome", pa.string()),  # running, ok, oom, diverged, error, stopped
+        pa.field("outcome", pa.string()),  # running, ok, oom, host_oom, diverged, error, stopped
         pa.field("error", pa.string()),
         pa.field("searched", pa.list_(pa.string())),  # which config columns the search chose
         pa.field("baseline", pa.string()),  # the --enqueue baseline this trial runs (its label); null for proposals

@@ -106,6 +106,22 @@ def _tune_callback_base():
     return Callback
 
 
+HOST_OOM_MARKER = "killed due to the node running low on memory"
+
+
+def host_oom_summary(error: Optional[str]) -> Optional[str]:
+    """For a trial Ray's memory monitor killed (the node's host RAM, not the GPU's: outcome `host_oom`), a short
+    account of it instead of Ray's page-long message; None for any other error."""
+    if not error or HOST_OOM_MARKER not in error:
+        return None
+    lines = error.splitlines()
+    detail = [line.strip() for line in lines if line.startswith(("Memory on the node", "OOM kill reason", "1 worker",
+                                                                 "Failure #")) or HOST_OOM_MARKER in line]
+    return ("killed by Ray's memory monitor: the node ran low on host memory. Give each trial more host memory "
+            "(--memory-per-trial), run fewer at once (--max-concurrent) or raise RAY_memory_usage_threshold on the "
+            "nodes.\n" + "\n".join(dict.fromkeys(detail)))
+
+
 class ParquetSink(_tune_callback_base()):
     """Keeps the trials, steps and predictions tables of one sweep up to date."""
 
@@ -299,8 +315,10 @@ class ParquetSink(_tune_callback_base()):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._load()
         row = self._trial_row(trial)
-        row["outcome"] = "error"
-        row["error"] = self._error_text(trial) or row.get("error")
+        text = self._error_text(trial)
+        host_oom = host_oom_summary(text)
+        row["outcome"] = "host_oom" if host_oom else "error"
+        row["error"] = host_oom or (text[-4000:] if text else row.get("error"))
         row["end_time"] = _now()
         self._flush_trial(trial, "error")
 
@@ -339,11 +357,11 @@ class ParquetSink(_tune_callback_base()):
 
     @staticmethod
     def _error_text(trial: Any) -> Optional[str]:
+        """The trial's error file: every failure, the latest last."""
         path = getattr(trial, "error_file", None)
         try:
             if path and Path(path).is_file():
-                text = Path(path).read_text(errors="replace").strip()
-                return text[-4000:]
+                return Path(path).read_text(errors="replace").strip()
         except OSError:
             pass
         return None

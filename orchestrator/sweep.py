@@ -22,7 +22,7 @@ from orchestrator.baselines import plan_baselines
 from orchestrator.groups import build_expansions
 from orchestrator.resources import (ResourceError, TrialResources, check_fit, concurrency_capacity, format_size,
                                     plan_resources)
-from orchestrator.results_schema import validate_sweep_name
+from orchestrator.results_schema import FAILED_OUTCOMES, validate_sweep_name
 from orchestrator.signals import sigterm_as_interrupt
 from orchestrator.sweep_lock import describe_stale, refusal, running_driver, sweep_lock
 from orchestrator.sweep_checks import check_data, check_settings, searched_columns
@@ -197,7 +197,7 @@ def found_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
 
     best = best_trial(rows)
     if best is None:
-        failed = [r for r in rows if r.get("outcome") in ("error", "oom", "diverged") and r.get("error")]
+        failed = [r for r in rows if r.get("outcome") in FAILED_OUTCOMES and r.get("error")]
         first = f"\nFirst failure, trial {failed[0]['trial_id']} ({failed[0]['outcome']}): " \
                 f"{failed[0]['error'].strip().splitlines()[0]}" if failed else ""
         return "\nNo trial ended ok with a value of the objective: nothing to recommend." + first

@@ -551,3 +551,20 @@ def test_an_embedded_cluster_ends_with_its_driver_even_after_kill_9(tmp_path, ca
         for process in cluster:
             with contextlib.suppress(psutil.Error):
                 process.kill()
+
+
+def test_a_trial_rays_memory_monitor_kills_is_host_oom_with_a_short_account(tmp_path, captcha_parquet):
+    """The node's host RAM, not the GPU's: a threshold of 1 % of the machine's memory makes Ray's memory monitor
+    kill the trial's worker at once, every time."""
+    from orchestrator.sink import read_partition
+
+    proc = mdsweep("run", "--name", "hostoom", "--space", "smoke", "--num-samples", "1", "--num-cpus", "2",
+                   "--max-failures", "1", "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"),
+                   "--quiet", *job_flags(captcha_parquet),
+                   env={"RAY_memory_usage_threshold": "0.01", "RAY_memory_monitor_refresh_ms": "100"})
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    (trial,) = read_partition(tmp_path / "r", "trials", "hostoom")
+    assert trial["outcome"] == "host_oom" and trial["num_failures"] == 2  # the first run and its one retry
+    assert trial["error"].startswith("killed by Ray's memory monitor: the node ran low on host memory.")
+    assert "OOM kill reason: Memory usage" in trial["error"] and len(trial["error"]) < 1500
+    assert "First failure, trial" in proc.stderr and "(host_oom)" in proc.stderr
