@@ -236,7 +236,13 @@ def use_token_auth(address: str, source: str = "--address") -> bool:
     instead of after Ray's 20 s of retries. Ray's own helper does the switch (it
     also refreshes Ray's cached config); an explicit RAY_AUTH_MODE is respected.
     """
-    if address == "auto" or address.startswith("ray://") or os.environ.get("RAY_AUTH_MODE") is not None:
+    if address == "auto" or address.startswith("ray://"):
+        return False
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None:
+        if mode != "token" and _head_accepts(address) is False:
+            raise ClusterError(f"{source} {address}: the head requires Ray token authentication, but "
+                               f"RAY_AUTH_MODE={mode} here turns it off; unset RAY_AUTH_MODE or set it to token")
         return False
     try:
         from ray._private.authentication.authentication_token_setup import \

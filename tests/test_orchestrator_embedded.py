@@ -269,12 +269,25 @@ def test_export_refuses_a_trial_that_ran_out_of_memory(sweep, tmp_path):
     assert proc.returncode == 2 and f"trial {oom} ended 'oom'" in proc.stderr
 
 
-def test_export_says_when_storage_is_gone(tmp_path):
-    from orchestrator.trial_checkpoint import local_checkpoint
+def test_export_says_when_storage_is_gone(sweep, tmp_path, capsys):
+    """Through the CLI, on a copy of the sweep whose --storage was moved away: one line, exit 2, nothing written."""
+    import shutil
 
-    with pytest.raises(FileNotFoundError, match="was the sweep's --storage moved or deleted"):
-        with local_checkpoint({"trial_id": "t1", "checkpoint_path": str(tmp_path / "gone")}, str(tmp_path)):
-            pass
+    from orchestrator.cli import main
+
+    from orchestrator.sink import read_partition, update_trial_row
+
+    tmp = tmp_path / "moved"
+    shutil.copytree(sweep[0] / "results", tmp / "results")
+    storage = str(sweep[0] / "sweeps")
+    for trial in read_partition(tmp / "results", "trials", "faults"):  # as if that storage were now elsewhere
+        if trial.get("checkpoint_path"):
+            moved = trial["checkpoint_path"].replace(storage, str(tmp / "gone"))
+            update_trial_row(tmp / "results", "faults", trial["trial_id"], {"checkpoint_path": moved})
+    assert main(["export", str(tmp / "results"), "--sweep", "faults", "--best", "--out", str(tmp / "m")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mdsweep export: error: checkpoint ")
+    assert err[0].endswith("was the sweep's --storage moved or deleted?") and not (tmp / "m").exists()
 
 
 def test_export_will_not_overwrite_without_force(sweep, exported):

@@ -145,6 +145,8 @@ def test_ray_address_variable_attaches_and_a_trial_runs(ray_head, captcha_parque
                    "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"), "--quiet",
                    env={**env, "RAY_ADDRESS": address})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # attached to this test's head, not an embedded Ray of its own
+    assert "Connected to Ray cluster" in proc.stderr and "Started a local Ray instance" not in proc.stderr
     import pyarrow.parquet as pq
 
     rows = pq.read_table(tmp_path / "r" / "trials").to_pylist()
@@ -156,7 +158,11 @@ def test_explicit_auth_mode_is_respected(ray_head, captcha_parquet, tmp_path):
     proc = mdsweep("run", "--address", address, "--dry-run", "--train-data", str(captcha_parquet),
                    "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"),
                    env={**env, "RAY_AUTH_MODE": "disabled"}, timeout=120)
-    assert proc.returncode == 2 and "token authentication" not in proc.stderr
+    # respected, not overridden: the attach is refused at once, saying why and what to change
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"mdsweep run: error: --address {address}: the head requires Ray token authentication, but "
+        "RAY_AUTH_MODE=disabled here turns it off; unset RAY_AUTH_MODE or set it to token")
 
 
 def test_trials_run_the_code_the_driver_ships_not_an_install_on_the_node(ray_head, tmp_path):
