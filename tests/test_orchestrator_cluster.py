@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 
@@ -45,14 +44,12 @@ def test_split_host_port(address, expected):
 
 def test_unreachable_address_fails_fast_naming_the_flag():
     port = _closed_port()
-    t0 = time.time()
     with pytest.raises(ClusterError, match=rf"--address: cannot reach a Ray head at 127.0.0.1:{port}"):
         check_reachable(f"127.0.0.1:{port}")
     with pytest.raises(ClusterError, match="RAY_ADDRESS"):
         check_reachable(f"ray://127.0.0.1:{port}", source="RAY_ADDRESS")
     with pytest.raises(ClusterError, match="bad port"):
         check_reachable("127.0.0.1:http")
-    assert time.time() - t0 < 5
 
 
 def test_connect_to_unreachable_head_fails_before_ray_starts(monkeypatch):
@@ -62,10 +59,9 @@ def test_connect_to_unreachable_head_fails_before_ray_starts(monkeypatch):
     started = []
     monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(kwargs))
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_closed_port()}")
-    t0 = time.time()
     with pytest.raises(ClusterError, match="RAY_ADDRESS"):
         connect(None)
-    assert not started and time.time() - t0 < 5
+    assert not started  # refused before Ray was asked: not after its 20 s of retries
 
 
 def test_connect_rejects_sizing_an_existing_cluster(monkeypatch):

@@ -88,12 +88,10 @@ def test_gpu_memory_per_trial_packs_two_trials_per_gpu(cluster, tmp_path, captch
     (["--gpu-memory-per-trial", "40GiB", "--node-gpu-memory", "16GiB"], "--gpu-memory-per-trial"),
 ])
 def test_a_trial_that_fits_nowhere_is_an_error_up_front(cluster, tmp_path, captcha_parquet, flags, flag):
-    t0 = time.time()
     proc = mdsweep("run", *where(tmp_path, "toolarge"), "--address", cluster.address, *flags,
                    *job_flags(captcha_parquet), timeout=120)
     assert proc.returncode == 2 and flag in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "sweeps" / "toolarge").exists()  # nothing was scheduled
-    assert time.time() - t0 < 60
 
 
 def test_paired_attention_comparison_on_identical_settings(cluster, tmp_path, captcha_parquet):
