@@ -212,29 +212,34 @@ def test_outcomes_oom_stopped_and_error(tmp_path):
 
 
 def test_atomic_writes_leave_no_torn_or_temporary_files(tmp_path):
+    """A reader in a loop while a writer alternates two versions: the writer goes on until the reader has read
+    many times and seen both versions, so the two surely overlapped; every read is whole."""
     path = tmp_path / "t" / "x.parquet"
     stop = threading.Event()
-    errors = []
+    errors, seen = [], []
 
     def reader():
         while not stop.is_set():
             if path.exists():
                 try:  # one open handle: a path-based read may open the file twice and mix two versions
                     with open(path, "rb") as handle:
-                        assert pq.read_table(handle).num_rows in (100, 200)
+                        seen.append(pq.read_table(handle).num_rows)
                 except Exception as e:  # pragma: no cover - the failure being tested for
                     errors.append(e)
 
     th = threading.Thread(target=reader)
     th.start()
+    writes = 0
     try:
-        for i in range(40):
-            n = 100 if i % 2 else 200
-            write_atomic(pa.table({"a": list(range(n))}), path)
+        while writes < 40 or len(seen) < 200 or not {100, 200} <= set(seen):
+            assert writes < 20000, f"the reader read {len(seen)} times in {writes} writes"
+            write_atomic(pa.table({"a": list(range(100 if writes % 2 else 200))}), path)
+            writes += 1
     finally:
         stop.set()
         th.join()
     assert not errors
+    assert set(seen) == {100, 200}  # whole versions only, and both
     assert [p.name for p in path.parent.iterdir()] == ["x.parquet"]
 
 
