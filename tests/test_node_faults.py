@@ -110,3 +110,32 @@ def test_a_node_dying_mid_trial_is_survived_with_every_row_once(two_nodes, tmp_p
     assert trials[trial]["node_id"] != node_id  # finished on the node that survived
     steps = [(s["trial_id"], s["step"]) for s in read_partition(results, "steps", "nodefault")]
     assert sorted(steps) == sorted((tid, s) for tid in trials for s in range(2, 13, 2))
+
+
+def test_a_node_lost_between_trials_leaves_the_rest_of_the_sweep_to_the_others(two_nodes, tmp_path, captcha_parquet):
+    env, address = two_nodes
+    _node_id, raylet_socket = _joined_node(env, address)
+    results = tmp_path / "results"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "run", "--name", "between", "--address", address, "--space",
+         "smoke", "--num-samples", "3", "--max-concurrent", "1", "--gpus-per-trial", "0", "--storage",
+         str(tmp_path / "sweeps"), "--results", str(results), "--quiet", "--train-data", str(captcha_parquet),
+         "--max-steps", "4", "--eval-every", "2", "--batch-size", "2", "--max-val-samples", "4", "--set",
+         "max_new_tokens=5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+        env={**env, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token"})
+    try:
+        deadline = time.monotonic() + 300
+        while not any(t["outcome"] == "ok" for t in read_partition(results, "trials", "between")):
+            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[1][-3000:]
+            time.sleep(0.2)
+        _kill_node(raylet_socket)
+        out, err = driver.communicate(timeout=400)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, err[-3000:]
+    trials = read_partition(results, "trials", "between")
+    assert len(trials) == 3 and all(t["outcome"] == "ok" for t in trials)
+    steps = [(s["trial_id"], s["step"]) for s in read_partition(results, "steps", "between")]
+    assert sorted(steps) == sorted((t["trial_id"], s) for t in trials for s in (2, 4))
