@@ -71,8 +71,10 @@ def run_once(fault: str, data: Path, work: Path) -> dict:
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(results)], check=True)
     exits = []
     try:
+        # its own process group, SIGINT at its default (a shell's background job inherits it ignored)
         driver = subprocess.Popen(sweep_command(work, data), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  env=env, cwd=str(ROOT), start_new_session=True)
+                                  env=env, cwd=str(ROOT), start_new_session=True,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         tree = Tree(driver.pid)
         deadline = time.monotonic() + 300
         while not read_partition(results, "steps", "fault"):

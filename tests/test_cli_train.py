@@ -89,8 +89,10 @@ def test_ctrl_c_is_one_line_naming_the_last_checkpoint_and_resume_finishes(captc
     out = tmp_path / "run"
     command = [sys.executable, "-m", "orchestrator.cli", "train", "--train-data", str(captcha_parquet), "--max-steps",
                "150", "--eval-every", "2", "--max-val-samples", "4", "--val-fraction", "0.25", "--out", str(out)]
-    # long enough that the interrupt lands mid-run however fast the machine (a tiny step takes milliseconds)
-    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # SIGINT as a terminal's Ctrl-C delivers it: to the job's own process group, with the default disposition (a
+    # test runner started in the background by a shell inherits SIGINT ignored, and Python then keeps ignoring it)
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / "reports.parquet").is_file():
         assert job.poll() is None and time.monotonic() < deadline, job.stderr.read() if job.poll() is not None else ""
