@@ -74,18 +74,24 @@ def _kill_node(raylet_socket: str) -> int:
     return len(victims)
 
 
+def _start_sweep(env: dict, address: str, tmp_path: Path, data: Path, name: str, *flags: str) -> subprocess.Popen:
+    """A sweep on the cluster at `address`: `smoke` space, CPU trials evaluated every 2 steps, results under
+    tmp_path/results; `flags` add its size."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "run", "--name", name, "--address", address, "--space", "smoke",
+         "--gpus-per-trial", "0", "--storage", str(tmp_path / "sweeps"), "--results", str(tmp_path / "results"),
+         "--quiet", "--train-data", str(data), "--eval-every", "2", "--batch-size", "2", "--max-val-samples", "4",
+         "--set", "max_new_tokens=5", *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+        env={**env, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token"})
+
+
 def test_a_node_dying_mid_trial_is_survived_with_every_row_once(two_nodes, tmp_path, captcha_parquet):
     env, address = two_nodes
     node_id, raylet_socket = _joined_node(env, address)
     results = tmp_path / "results"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "run", "--name", "nodefault", "--address", address, "--space",
-         "smoke", "--num-samples", "2", "--max-concurrent", "2", "--gpus-per-trial", "0", "--max-failures", "2",
-         "--storage", str(tmp_path / "sweeps"), "--results", str(results), "--quiet", "--train-data",
-         str(captcha_parquet), "--max-steps", "12", "--eval-every", "2", "--batch-size", "2", "--max-val-samples",
-         "4", "--set", "max_new_tokens=5"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
-        env={**env, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token"})
+    driver = _start_sweep(env, address, tmp_path, captcha_parquet, "nodefault", "--num-samples", "2",
+                          "--max-concurrent", "2", "--max-failures", "2", "--max-steps", "12")
 
     def victim() -> str | None:
         """The trial running on the joined node, once it has a checkpoint to be retried from."""
@@ -116,14 +122,8 @@ def test_a_node_lost_between_trials_leaves_the_rest_of_the_sweep_to_the_others(t
     env, address = two_nodes
     _node_id, raylet_socket = _joined_node(env, address)
     results = tmp_path / "results"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "run", "--name", "between", "--address", address, "--space",
-         "smoke", "--num-samples", "3", "--max-concurrent", "1", "--gpus-per-trial", "0", "--storage",
-         str(tmp_path / "sweeps"), "--results", str(results), "--quiet", "--train-data", str(captcha_parquet),
-         "--max-steps", "4", "--eval-every", "2", "--batch-size", "2", "--max-val-samples", "4", "--set",
-         "max_new_tokens=5"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
-        env={**env, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token"})
+    driver = _start_sweep(env, address, tmp_path, captcha_parquet, "between", "--num-samples", "3",
+                          "--max-concurrent", "1", "--max-steps", "4")
     try:
         deadline = time.monotonic() + 300
         while not any(t["outcome"] == "ok" for t in read_partition(results, "trials", "between")):
