@@ -1,9 +1,9 @@
 """Where the memory model's activation coefficients come from: bytes a decoder block keeps for backward,
-per token, measured on CPU with trainer.memory.track_allocations and fitted as a·dim + b·ff_dim.
+per token, measured on CPU with trainer.memory.sizes.track_allocations and fitted as a·dim + b·ff_dim.
 
 Varies layers (2 vs 4) and batch (4 vs 8) so that neither per-layer constants (weight copies) nor
 per-batch constants (logits, masks) enter the per-token, per-layer figure. Prints the table and the fit
-for fp32 and bf16 compute; trainer/memory_model.py holds the rounded result.
+for fp32 and bf16 compute; trainer/memory/estimate.py holds the rounded result.
 
     python bench/activation_fit.py
 """
@@ -14,9 +14,9 @@ import dataclasses
 import numpy as np
 import torch
 
-from trainer.config import PRESETS
-from trainer.memory import track_allocations
-from trainer.model import MoondreamModel
+from trainer.model.config import PRESETS
+from trainer.memory.sizes import track_allocations
+from trainer.model.network import MoondreamModel
 
 SHAPES = ((128, 256), (128, 512), (256, 512), (256, 1024), (384, 768))
 TEXT_TOKENS = 12

@@ -33,8 +33,8 @@ def measure(spec: dict) -> dict:
     """One configuration, in this process: returns peak bytes and median step seconds."""
     import torch
 
-    from trainer.config import PRESETS
-    from trainer.model import MoondreamModel
+    from trainer.model.config import PRESETS
+    from trainer.model.network import MoondreamModel
 
     device = torch.device(spec["device"])
     torch.manual_seed(0)

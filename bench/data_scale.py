@@ -39,13 +39,13 @@ BATCH = 8
 
 def measure(spec: dict) -> dict:
     started = time.perf_counter()
-    from trainer.batching import encode_samples
-    from trainer.config import PRESETS
-    from trainer.data import load_samples, split_samples
+    from trainer.data.batching import encode_samples
+    from trainer.model.config import PRESETS
+    from trainer.data.dataset import load_samples, split_samples
     from trainer.job_config import JobConfig
     from trainer.job_data import SampleView, micro_batches, open_job_data
-    from trainer.loading import preset_tokenizer
-    from trainer.tokenizer import get_template
+    from trainer.model.loading import preset_tokenizer
+    from trainer.model.tokenizer import get_template
 
     imported = time.perf_counter()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -106,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     if serve_row(args, measure):
         return
-    from trainer.synth import synthesize
+    from trainer.data.synth import synthesize
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mdsweep-data-scale-"))
     script = str(Path(__file__).resolve())

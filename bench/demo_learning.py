@@ -3,7 +3,7 @@
     python bench/demo_learning.py                      # the recipe: ~10 min on 2 cores
     python bench/demo_learning.py --steps 300 --eval-every 100   # a quick look
 
-Synthesizes seeded captchas with `trainer.synth.synthesize`, trains the `tiny` preset
+Synthesizes seeded captchas with `trainer.data.synth.synthesize`, trains the `tiny` preset
 from random weights with `trainer.job.run_job`, and prints (elapsed s, step, train
 loss, val exact match, val CER) at every evaluation, then the final numbers. Elapsed
 time counts from the start of data synthesis, so it includes data generation,
@@ -46,7 +46,7 @@ def main() -> None:
 
     from trainer.job import run_job
     from trainer.job_config import JobConfig
-    from trainer.synth import synthesize
+    from trainer.data.synth import synthesize
 
     torch.set_num_threads(args.threads)
     started = time.time()

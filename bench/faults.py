@@ -32,7 +32,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.sink import read_partition  # noqa: E402
+from orchestrator.sweep.sink import read_partition  # noqa: E402
 
 FAULTS = ("sigint", "sigterm", "kill9", "full-disk", "twice")
 STEPS = (2, 4, 6, 8)
@@ -144,7 +144,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs of each fault (default 3)")
     parser.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS), help="which faults (default: all)")
     args = parser.parse_args()
-    from trainer.synth import synthesize
+    from trainer.data.synth import synthesize
 
     with tempfile.TemporaryDirectory(prefix="mdsweep-faults-") as tmp:
         data = synthesize(96, Path(tmp) / "train.parquet", length=4, seed=0)

@@ -24,7 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.job_config import JobConfig  # noqa: E402
-from trainer.memory_model import GIB, estimate_memory  # noqa: E402
+from trainer.memory.estimate import GIB, estimate_memory  # noqa: E402
 
 LEAN = dict(train_scope="text", optimizer="adamw8bit")
 CASES: list[tuple[str, dict[str, Any]]] = [
@@ -99,7 +99,7 @@ def main() -> int:
         run_one(json.loads(args.one))
         return 0
 
-    from trainer.synth import synthesize
+    from trainer.data.synth import synthesize
 
     data = Path(tempfile.mkdtemp(prefix="gpu-check-")) / "captchas.parquet"
     synthesize(64, data, length=6, seed=0)

@@ -5,7 +5,7 @@
 No real weights can be downloaded here, so the bench fabricates a checkpoint: seeded
 random weights at the real shapes (layer norms at 1 and 0), written as one fp16
 `model.safetensors` in the official 2025 layout, with a small byte-level BPE
-`tokenizer.json` beside it (trainer.synth_tokenizer; its ids lie inside the real
+`tokenizer.json` beside it (trainer.model.synth_tokenizer; its ids lie inside the real
 vocabulary). Answers mean nothing; memory and time are the real model's. Stages:
 
 1. load: `load_model` in a fresh process: time, peak RSS while loading against the
@@ -49,9 +49,9 @@ def fabricate_checkpoint(directory: Path, seed: int = 0) -> int:
     returns the file's bytes."""
     import torch
 
-    from trainer.config import PRESETS
-    from trainer.synth_tokenizer import write_bpe_tokenizer
-    from trainer.weights import WEIGHTS_FILE, key_mappings, write_safetensors
+    from trainer.model.config import PRESETS
+    from trainer.model.synth_tokenizer import write_bpe_tokenizer
+    from trainer.model.weights import WEIGHTS_FILE, key_mappings, write_safetensors
 
     generator = torch.Generator().manual_seed(seed)
 
@@ -140,14 +140,14 @@ def measure_in_process(model_dir: Path, data: Path) -> dict:
     """Stages 1 and 2 in this (fresh) process: load alone, then the job's model through one step."""
     import torch
 
-    from trainer.config import PRESETS
+    from trainer.model.config import PRESETS
     from trainer.job import accumulate_gradients, optimizer_step, prepare_model
     from trainer.job_config import JobConfig
     from trainer.job_data import micro_batches, open_job_data, prepare_data
-    from trainer.loading import load_model
-    from trainer.memory_model import estimate_memory
-    from trainer.optimizers import build_optimizer
-    from trainer.precision import plan_precision
+    from trainer.model.loading import load_model
+    from trainer.memory.estimate import estimate_memory
+    from trainer.memory.optimizers import build_optimizer
+    from trainer.memory.precision import plan_precision
 
     torch.set_num_threads(os.cpu_count() or 1)
     before = psutil.Process().memory_info().rss
@@ -204,7 +204,7 @@ def main() -> int:
     env_note = f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / GIB:.0f} GiB"
     rows: list[dict] = []
     try:
-        from trainer.synth import synthesize
+        from trainer.data.synth import synthesize
 
         started = time.perf_counter()
         size = fabricate_checkpoint(work / "moondream2-random")

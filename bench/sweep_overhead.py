@@ -1,6 +1,6 @@
 """Sweep overhead: what Ray Tune + Optuna + the Parquet sink add to each trial.
 
-Runs the real sweep driver (`orchestrator.sweep.run_sweep`: searcher, scheduler,
+Runs the real sweep driver (`orchestrator.sweep.driver.run_sweep`: searcher, scheduler,
 trainable, checkpoints, sink) on an embedded Ray, with a stand-in job that
 sleeps a fixed time per optimizer step, reports every `eval_every` steps and
 writes a small checkpoint each time, so that trial length is known exactly.
@@ -62,9 +62,9 @@ def sleep_job(config: Any, on_report: Optional[Callable] = None, checkpoint_dir:
 
 def run_sweep_once(name: str, *, trials: int, concurrency: int, fixed: dict[str, Any], job_fn: str,
                    work: Path) -> tuple[float, list[dict[str, Any]]]:
-    from orchestrator.sink import read_partition
-    from orchestrator.sweep import run_sweep
-    from orchestrator.sweep_settings import SweepSettings
+    from orchestrator.sweep.sink import read_partition
+    from orchestrator.sweep.driver import run_sweep
+    from orchestrator.sweep.settings import SweepSettings
 
     settings = SweepSettings(name=name, storage=str(work / "sweeps"), results=str(work / "results"), fixed=fixed,
                              space="smoke", num_samples=trials, max_concurrent=concurrency, cpus_per_trial=1,
@@ -155,7 +155,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"done: {rows[-1]['case']}", file=sys.stderr)
         if args.real:
             if not args.train_data:
-                from trainer.synth import synthesize
+                from trainer.data.synth import synthesize
 
                 data = str(synthesize(96, work / "train.parquet", length=4, seed=0))
             fixed = {"train_data": data, "max_steps": 8, "eval_every": 4, "batch_size": 2, "max_val_samples": 4,

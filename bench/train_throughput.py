@@ -54,7 +54,7 @@ def main() -> None:
 
     import torch
 
-    from trainer.synth import synthesize
+    from trainer.data.synth import synthesize
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     precisions = args.precisions or (["fp16", "bf16", "fp32"] if device == "cuda" else ["fp32", "bf16"])

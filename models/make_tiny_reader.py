@@ -40,7 +40,7 @@ FONT_SETS = (
 
 def write_training_data(root: Path, per_length: int, seed: int, workers: int) -> None:
     """One Parquet file per (length, size, font set); `per_length` samples per length in all."""
-    from trainer.synth import synthesize
+    from trainer.data.synth import synthesize
 
     combos = list(itertools.product(SIZES, FONT_SETS))
     per_file = per_length // len(combos)
@@ -69,7 +69,7 @@ def main() -> None:
 
     from trainer.job import run_job
     from trainer.job_config import JobConfig
-    from trainer.synth import synthesize
+    from trainer.data.synth import synthesize
 
     torch.set_num_threads(args.threads)
     started = time.time()

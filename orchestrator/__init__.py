@@ -1,1 +1,9 @@
-"""The sweep driver: Ray cluster attach, Optuna search, Parquet results, the `mdsweep` CLI."""
+"""The sweep driver above one job, in four layers; each imports only the layers under it.
+
+    cli/      the `mdsweep` commands: parse flags, call the layers below, print one line per failure
+    sweep/    one sweep: the Ray Tune run, Optuna search, trials, the Parquet sink, locks and repair
+    cluster/  attaching to Ray, placing trials on GPUs and memory, storage, signals, the watchdog
+    results/  what a sweep leaves on disk, read back: schema, query, statistics, study, report
+
+`results/` and `cluster/` never import `sweep/` or `cli/`; nothing here is imported by `trainer`.
+"""

@@ -15,7 +15,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def captcha_parquet(tmp_path_factory) -> Path:
     """96 four-digit captchas, enough for a short job with a validation split."""
-    from trainer.synth import synthesize
+    from trainer.data.synth import synthesize
 
     return synthesize(96, tmp_path_factory.mktemp("captchas") / "train.parquet", length=4, seed=0)
 
@@ -23,7 +23,7 @@ def captcha_parquet(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def captcha_test_parquet(tmp_path_factory) -> Path:
     """24 held-out captchas from another seed, for --test-data."""
-    from trainer.synth import synthesize
+    from trainer.data.synth import synthesize
 
     return synthesize(24, tmp_path_factory.mktemp("captchas-test") / "test.parquet", length=4, seed=7)
 
@@ -34,7 +34,7 @@ def crop_cache_dir(tmp_path_factory) -> Path:
     one session directory, never the user's ~/.cache."""
     import os
 
-    from trainer.crop_cache import CACHE_DIR_ENV
+    from trainer.data.crop_cache import CACHE_DIR_ENV
 
     path = tmp_path_factory.mktemp("crop-cache")
     os.environ[CACHE_DIR_ENV] = str(path)
@@ -45,9 +45,9 @@ def write_bpe_model(directory: Path, seed: int = 0) -> Path:
     """A `tiny`-sized checkpoint with a BPE vocabulary and no tokenizer beside it, as a 2025 revision comes."""
     import dataclasses
 
-    from trainer.config import PRESETS
-    from trainer.model import MoondreamModel
-    from trainer.weights import WEIGHTS_FILE, save_official_weights
+    from trainer.model.config import PRESETS
+    from trainer.model.network import MoondreamModel
+    from trainer.model.weights import WEIGHTS_FILE, save_official_weights
 
     tiny = PRESETS["tiny"]
     config = dataclasses.replace(tiny, tokenizer="bpe", text=dataclasses.replace(tiny.text, vocab_size=320))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from trainer.job import run_job
 from trainer.job_config import JobConfig, JobResult
-from trainer.memory_model import estimate_memory
+from trainer.memory.estimate import estimate_memory
 
 
 def run_job_with_half_the_predicted_peak(config: JobConfig, **kwargs) -> JobResult:

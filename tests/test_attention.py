@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.attention import build_mask, dense_allowed
-from trainer.config import PRESETS
-from trainer.model import MoondreamModel
+from trainer.model.attention import build_mask, dense_allowed
+from trainer.model.config import PRESETS
+from trainer.model.network import MoondreamModel
 
 TINY = PRESETS["tiny"]
 N_IMAGE = TINY.vision.n_image_tokens

@@ -10,8 +10,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.baselines import FINETUNE_TEXT_2025, NOTEBOOK_2024, BaselineError, plan_baselines
-from orchestrator.spaces import validate_space
+from orchestrator.sweep.baselines import FINETUNE_TEXT_2025, NOTEBOOK_2024, BaselineError, plan_baselines
+from orchestrator.sweep.spaces import validate_space
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REFERENCE_DIR
-from trainer.config import SHIPPED_MODELS_DIR
-from trainer.loading import load_model
-from trainer.reference_check import REFERENCE_NAME, check
-from trainer.weights import LAYOUTS, WEIGHTS_FILE, CheckpointError
+from trainer.model.config import SHIPPED_MODELS_DIR
+from trainer.model.loading import load_model
+from trainer.model.reference_check import REFERENCE_NAME, check
+from trainer.model.weights import LAYOUTS, WEIGHTS_FILE, CheckpointError
 
 TINY_READER = SHIPPED_MODELS_DIR / "tiny-reader"
 LAYOUT_NAMES = [layout.name for layout in LAYOUTS]
@@ -112,7 +112,7 @@ def test_half_precision_files_load_as_their_rounded_values(tmp_path, dtype):
 
 
 def test_saving_writes_the_2025_layout_whatever_was_read(tmp_path):
-    from trainer.loading import save_model
+    from trainer.model.loading import save_model
 
     loaded = load_model(str(resaved(TINY_READER, tmp_path / "m", WEIGHTS_FILE, "2024", orig_mod=True)))
     save_model(loaded, tmp_path / "out")

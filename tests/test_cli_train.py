@@ -5,7 +5,7 @@ import json
 
 import pyarrow.parquet as pq
 
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 
 
 def test_train_writes_result_metrics_predictions_and_model(captcha_parquet, tmp_path, capsys):

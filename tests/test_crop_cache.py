@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.batching import encode_samples
-from trainer.config import PRESETS
-from trainer.crop_cache import ReadOptions, open_cached
-from trainer.crop_store import CROPS_FILE, INDEX_FILE, META_FILE, CacheEntryInvalid
-from trainer.data import DataError, load_samples, split_samples
+from trainer.data.batching import encode_samples
+from trainer.model.config import PRESETS
+from trainer.data.crop_cache import ReadOptions, open_cached
+from trainer.data.crop_store import CROPS_FILE, INDEX_FILE, META_FILE, CacheEntryInvalid
+from trainer.data.dataset import DataError, load_samples, split_samples
 from trainer.evaluate import evaluate
 from trainer.job import run_job
 from trainer.job_config import JobConfig
 from trainer.job_data import SampleView, micro_batches, open_job_data, prepare_data, tokenised
-from trainer.loading import load_model
+from trainer.model.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 VISION = PRESETS["tiny"].vision
@@ -114,7 +114,7 @@ def test_an_altered_byte_is_caught_when_read_and_the_entry_rebuilt(captcha_parqu
 
 
 def test_changed_data_or_geometry_gets_its_own_entry(tmp_path):
-    from trainer.synth import synthesize
+    from trainer.data.synth import synthesize
 
     data = synthesize(6, tmp_path / "d.parquet", length=3, seed=1)
     first, _ = built(data, tmp_path / "cache")
@@ -143,8 +143,8 @@ def test_bad_rows_skipped_while_building_are_counted_on_every_reuse(tmp_path):
 BUILDER = """
 import sys, time
 from pathlib import Path
-from trainer.config import PRESETS
-from trainer.crop_cache import open_cached
+from trainer.model.config import PRESETS
+from trainer.data.crop_cache import open_cached
 while time.time() < float(sys.argv[3]):  # start together
     time.sleep(0.005)
 store = open_cached(sys.argv[1], PRESETS["tiny"].vision, cache_dir=Path(sys.argv[2]))

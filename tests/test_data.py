@@ -1,10 +1,9 @@
-"""trainer.data: three formats load, labels come out right, bad input is reported clearly."""
+"""trainer.data.dataset: three formats load, labels come out right, bad input is reported clearly."""
 from __future__ import annotations
 
 import csv
 import io
 import json
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from trainer.data import DataError, LoadedDataset, Sample, decode_image, load_samples, split_samples
+from trainer.data.dataset import DataError, LoadedDataset, Sample, decode_image, load_samples, split_samples
 
 STRUCT = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.gpu_memory import AutoGpuResources, MemoryBook, book_for, register_book
-from orchestrator.resources import NodeInfo, ResourceError, plan_resources
-from orchestrator.search import make_searcher
-from orchestrator.trainable import job_config_from
-from trainer.memory_model import CUDA_CONTEXT_BYTES, estimate_memory
+from orchestrator.sweep.gpu_memory import AutoGpuResources, MemoryBook, book_for, register_book
+from orchestrator.cluster.resources import NodeInfo, ResourceError, plan_resources
+from orchestrator.sweep.search import make_searcher
+from orchestrator.sweep.trainable import job_config_from
+from trainer.memory.estimate import CUDA_CONTEXT_BYTES, estimate_memory
 
 GiB = 2 ** 30
 FIXED = {"model": "moondream2", "train_data": "x", "train_scope": "text", "optimizer": "adamw8bit"}

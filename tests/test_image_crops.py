@@ -2,8 +2,8 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.config import PRESETS
-from trainer.image_crops import make_crops, select_tiling, stitch_local_features
+from trainer.model.config import PRESETS
+from trainer.model.image_crops import make_crops, select_tiling, stitch_local_features
 
 
 @pytest.mark.parametrize("height,width", [(50, 200), (760, 1000), (3000, 400), (400, 3000), (2000, 2000)])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trainer.checkpoint import load_checkpoint
-from trainer.data import DataError
+from trainer.data.dataset import DataError
 from trainer.job import run_job
 from trainer.job_config import REPORT_METRICS, JobConfig
 
@@ -163,9 +163,9 @@ def test_bad_data_fails_before_the_model_is_built(tmp_path, capsys):
 
 
 def test_train_test_data_scores_the_final_model_as_predict_does(captcha_parquet, captcha_test_parquet, tmp_path):
-    from trainer.data import load_samples
+    from trainer.data.dataset import load_samples
     from trainer.job_config import TEST_METRICS
-    from trainer.loading import load_model
+    from trainer.model.loading import load_model
     from trainer.predict import PredictSettings, predict
 
     config = _config(captcha_parquet, save_model=str(tmp_path / "model"))

@@ -12,7 +12,7 @@ from trainer.checkpoint import load_checkpoint
 from trainer.job import run_job
 from trainer.job_config import JobConfig
 from trainer.job_model import build_job_model
-from trainer.loading import load_model
+from trainer.model.loading import load_model
 
 # the shipped pretrained base reads captchas already, so 24 steps show a clear fall of the loss
 BASE = dict(model="tiny-reader", val_fraction=0.25, batch_size=8, lr=1e-3, max_steps=24, eval_every=24,
@@ -93,7 +93,7 @@ def test_lora_job_saves_merged_plain_weights_that_predict_as_it_did(captcha_parq
     saved = load_model(str(tmp_path / "merged"))
     names = [name for name, _ in saved.model.named_parameters()]
     assert not any("lora" in name for name in names)
-    from trainer.data import load_samples
+    from trainer.data.dataset import load_samples
     from trainer.predict import PredictSettings, predict
 
     samples = {p.sample_id for p in result.predictions}

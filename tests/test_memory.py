@@ -1,6 +1,6 @@
 import pytest
 
-from trainer.memory import cap_fraction, parse_bytes
+from trainer.memory.sizes import cap_fraction, parse_bytes
 
 
 @pytest.mark.parametrize("text,expected", [("16GiB", 16 * 2**30), ("512MB", 512 * 10**6), ("1.5e10", 15 * 10**9),

@@ -8,15 +8,15 @@ import sys
 import pytest
 import torch
 
-from trainer.batching import Batch
-from trainer.config import PRESETS
+from trainer.data.batching import Batch
+from trainer.model.config import PRESETS
 from trainer.devices import autocast_dtype_of, resolve_precision
 from trainer.job import accumulate_gradients, optimizer_step, prepare_model
 from trainer.job_config import JobConfig
-from trainer.memory import track_allocations
-from trainer.memory_model import GIB, Workload, estimate_memory, optimizer_state_bytes, parameter_tensors
-from trainer.model import MoondreamModel
-from trainer.optimizers import build_optimizer
+from trainer.memory.sizes import track_allocations
+from trainer.memory.estimate import GIB, Workload, estimate_memory, optimizer_state_bytes, parameter_tensors
+from trainer.model.network import MoondreamModel
+from trainer.memory.optimizers import build_optimizer
 
 CPU = torch.device("cpu")
 TEXT_TOKENS = 12
@@ -123,5 +123,5 @@ def test_the_real_text_finetune_fits_the_gpus_people_have():
 
 
 def test_memory_model_imports_without_torch():
-    code = "import sys, trainer.memory_model; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sys, trainer.memory.estimate; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

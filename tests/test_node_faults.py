@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.sink import read_partition
+from orchestrator.sweep.sink import read_partition
 from test_orchestrator_ray_start import RAY, ROOT, _agent_ports, _end_processes_of, _free_port
 
 

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from orchestrator.objectives import default_mode, pareto_front, parse_objective
-from orchestrator.search import make_searcher
+from orchestrator.results.objectives import default_mode, pareto_front, parse_objective
+from orchestrator.sweep.search import make_searcher
 
 OBJECTIVES = [("val_exact_match", "max"), ("peak_memory_bytes", "min")]
 

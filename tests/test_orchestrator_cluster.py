@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from orchestrator.cluster import (
+from orchestrator.cluster.connect import (
     ClusterError,
     check_reachable,
     connect,
@@ -14,7 +14,7 @@ from orchestrator.cluster import (
     split_host_port,
     storage_notes,
 )
-from orchestrator.resources import NodeInfo
+from orchestrator.cluster.resources import NodeInfo
 
 
 def _closed_port() -> int:

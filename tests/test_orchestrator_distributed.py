@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.sink import read_partition
+from orchestrator.sweep.sink import read_partition
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
@@ -201,9 +201,9 @@ def space(trial):
 
 
 def test_auto_gpu_memory_packs_by_prediction_and_never_reruns_an_oom_shape(cluster, tmp_path, captcha_parquet):
-    from orchestrator.sweep import run_sweep
-    from orchestrator.sweep_settings import SweepSettings
-    from orchestrator.trainable import assigned_gpu_share  # noqa: F401  (the trial side of auto)
+    from orchestrator.sweep.driver import run_sweep
+    from orchestrator.sweep.settings import SweepSettings
+    from orchestrator.sweep.trainable import assigned_gpu_share  # noqa: F401  (the trial side of auto)
 
     space = tmp_path / "space.py"
     space.write_text(OOM_AT_BATCH_4)

@@ -124,6 +124,16 @@ def test_progress_table_and_leaderboard_are_printed(sweep):
     assert "1 oom" in out and "1 diverged" in out
 
 
+def test_rays_own_lines_go_to_the_log_file_not_the_terminal(sweep):
+    """The terminal holds the sweep's lines; Ray's INFO lines and token-auth notice land in RESULTS/logs/NAME.log."""
+    tmp, proc = sweep
+    log = (tmp / "results" / "logs" / "faults.log").read_text()
+    assert "ray" in log and " INFO " in log
+    terminal = proc.stdout + proc.stderr
+    for ray_line in ("packaging.py", "Token authentication", "Started a local Ray instance", "INFO"):
+        assert ray_line not in terminal
+
+
 def test_query_reads_the_sweep(sweep):
     tmp = sweep[0]
     proc = mdsweep("query", str(tmp / "results"), "--group-by", "outcome", "--format", "csv")
@@ -196,7 +206,7 @@ def test_exported_weights_reload_bit_identical_to_the_trial(sweep, exported):
     from trainer.checkpoint import load_checkpoint
     from trainer.export import read_model_card
     from trainer.job_model import seed_everything
-    from trainer.loading import load_model
+    from trainer.model.loading import load_model
 
     out = exported[0]
     card = read_model_card(out)
@@ -212,9 +222,9 @@ def test_exported_weights_reload_bit_identical_to_the_trial(sweep, exported):
 
 
 def test_predict_with_the_export_reproduces_the_recorded_predictions(sweep, exported):
-    from trainer.data import load_samples, split_samples
+    from trainer.data.dataset import load_samples, split_samples
     from trainer.export import read_model_card
-    from trainer.loading import load_model
+    from trainer.model.loading import load_model
     from trainer.predict import PredictSettings, predict
 
     out = exported[0]
@@ -241,7 +251,7 @@ def test_predict_cli_prints_metrics_and_writes_parquet(exported, captcha_parquet
 
 
 def test_predict_cli_reads_unlabelled_images(exported, tmp_path):
-    from trainer.synth import generate_samples
+    from trainer.data.synth import generate_samples
 
     for label, png in generate_samples(3, length=4, seed=7):
         (tmp_path / f"img_{label}.png").write_bytes(png)
@@ -273,9 +283,9 @@ def test_export_says_when_storage_is_gone(sweep, tmp_path, capsys):
     """Through the CLI, on a copy of the sweep whose --storage was moved away: one line, exit 2, nothing written."""
     import shutil
 
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
-    from orchestrator.sink import read_partition, update_trial_row
+    from orchestrator.sweep.sink import read_partition, update_trial_row
 
     tmp = tmp_path / "moved"
     shutil.copytree(sweep[0] / "results", tmp / "results")
@@ -302,7 +312,7 @@ def _snapshot(directory: Path) -> dict[str, int]:
 def test_export_force_never_deletes_what_it_did_not_write(sweep, tmp_path, monkeypatch, capsys):
     """--force used to rmtree --out: the results it was reading, the current directory. Each refusal is one line
     and leaves every file where it was; a previous export is replaced file by file, other files kept."""
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     tmp = sweep[0]
     results, storage = tmp / "results", tmp / "sweeps"
@@ -336,9 +346,9 @@ def test_export_force_never_deletes_what_it_did_not_write(sweep, tmp_path, monke
 
 
 def test_the_best_trials_are_tested_on_held_out_data_as_their_export_scores(sweep, exported, captcha_test_parquet):
-    from trainer.data import load_samples
+    from trainer.data.dataset import load_samples
     from trainer.export import read_model_card
-    from trainer.loading import load_model
+    from trainer.model.loading import load_model
     from trainer.predict import PredictSettings, predict
 
     trials = list(_trials(sweep[0]).values())
@@ -431,7 +441,7 @@ def test_sigterm_ends_a_sweep_like_ctrl_c_and_resume_completes_it(tmp_path, capt
     import signal
     import time
 
-    from orchestrator.sink import read_partition
+    from orchestrator.sweep.sink import read_partition
 
     results, storage = tmp_path / "results", tmp_path / "sweeps"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -473,7 +483,7 @@ def test_sigterm_ends_a_sweep_like_ctrl_c_and_resume_completes_it(tmp_path, capt
 def test_export_names_a_results_file_that_is_not_parquet(sweep, tmp_path, table, capsys):
     import shutil
 
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     results = tmp_path / "results"
     shutil.copytree(sweep[0] / "results", results)
@@ -491,7 +501,7 @@ def test_rows_lost_to_a_full_results_disk_are_put_back_by_resume(tmp_path, captc
     import signal
     import time
 
-    from orchestrator.sink import read_partition
+    from orchestrator.sweep.sink import read_partition
 
     results, storage = tmp_path / "results", tmp_path / "sweeps"
     results.mkdir()
@@ -549,7 +559,7 @@ def test_an_embedded_cluster_ends_with_its_driver_even_after_kill_9(tmp_path, ca
 
     import psutil
 
-    from orchestrator.sink import read_partition
+    from orchestrator.sweep.sink import read_partition
 
     results = tmp_path / "results"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -582,7 +592,7 @@ def test_an_embedded_cluster_ends_with_its_driver_even_after_kill_9(tmp_path, ca
 def test_a_trial_rays_memory_monitor_kills_is_host_oom_with_a_short_account(tmp_path, captcha_parquet):
     """The node's host RAM, not the GPU's: a threshold of 1 % of the machine's memory makes Ray's memory monitor
     kill the trial's worker at once, every time."""
-    from orchestrator.sink import read_partition
+    from orchestrator.sweep.sink import read_partition
 
     proc = mdsweep("run", "--name", "hostoom", "--space", "smoke", "--num-samples", "1", "--num-cpus", "2",
                    "--max-failures", "1", "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"),

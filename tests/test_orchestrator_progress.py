@@ -4,8 +4,8 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from orchestrator.progress import ProgressTable
-from orchestrator.trainable import KIND_KEY
+from orchestrator.sweep.progress import ProgressTable
+from orchestrator.sweep.trainable import KIND_KEY
 
 
 @dataclass
@@ -59,3 +59,62 @@ def test_quiet_table_prints_nothing():
     table.on_step_end(0, [])
     table.on_experiment_end([])
     assert out.getvalue() == ""
+
+
+class Clock:
+    """time.time for the table, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_off_a_terminal_each_change_is_printed_once(monkeypatch):
+    """A log holds a table per change of state, and per 30 s only when the numbers moved; never a copy."""
+    clock = Clock()
+    monkeypatch.setattr("orchestrator.sweep.progress.time.time", clock)
+    out = io.StringIO()
+    table = ProgressTable("val_exact_match", ["lr"], interval_s=15, stream=out)
+    t = FakeTrial("t0", {"lr": 1e-4})
+    table.on_trial_start(0, [], t)
+    table.on_step_end(0, [])                       # a trial started: printed
+    for _ in range(10):                            # five minutes with nothing new: nothing
+        clock.now += 30
+        table.on_step_end(0, [])
+    assert out.getvalue().count("trials:") == 1
+    table.on_trial_result(0, [], t, {"step": 5, "val_exact_match": 0.5, KIND_KEY: "eval"})
+    table.on_step_end(0, [])                       # new numbers, 30 s and more since the last table: printed
+    assert out.getvalue().count("trials:") == 2
+    table.on_trial_result(0, [], t, {"step": 7, "val_exact_match": 0.55, KIND_KEY: "eval"})
+    clock.now += 20
+    table.on_step_end(0, [])                       # new numbers again, but 20 s after the last table
+    assert out.getvalue().count("trials:") == 2
+    clock.now += 10
+    table.on_step_end(0, [])                       # 30 s: printed
+    assert out.getvalue().count("trials:") == 3
+    table.on_trial_result(0, [], t, {"step": 9, "val_exact_match": 0.6, KIND_KEY: "final", "outcome": "ok"})
+    clock.now += 1
+    table.on_step_end(0, [])                       # a change of state: at once
+    assert out.getvalue().count("trials:") == 4 and "\x1b[" not in out.getvalue()
+
+
+def test_on_a_terminal_the_table_is_redrawn_in_place(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr("orchestrator.sweep.progress.time.time", clock)
+    out = Terminal()
+    table = ProgressTable("val_exact_match", ["lr"], interval_s=15, stream=out)
+    for i in range(2):
+        table.on_trial_start(0, [], FakeTrial(f"t{i}", {"lr": 1e-4}))
+    table.on_step_end(0, [])
+    first = out.getvalue()
+    assert first.startswith("[") and first.count("\n") == 4    # head, column names, two trials
+    clock.now += 15
+    table.on_step_end(0, [])                       # same content: on a terminal it still refreshes the clock
+    assert out.getvalue()[len(first):].startswith("\x1b[4A\x1b[J[")

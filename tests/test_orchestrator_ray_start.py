@@ -169,12 +169,12 @@ def test_trials_run_the_code_the_driver_ships_not_an_install_on_the_node(ray_hea
     env, address = ray_head.env, ray_head.address
     code = (
         "import ray\n"
-        "from orchestrator.cluster import connect\n"
+        "from orchestrator.cluster.connect import connect\n"
         f"with connect({address!r}):\n"
         "    @ray.remote\n"
         "    def where():\n"
-        "        import trainer, trainer.config\n"
-        "        return trainer.__file__, trainer.config.shipped_models()\n"
+        "        import trainer, trainer.model.config\n"
+        "        return trainer.__file__, trainer.model.config.shipped_models()\n"
         "    print(*ray.get(where.remote()))\n")
     # the driver runs from elsewhere with no PYTHONPATH of ours: the head's workers get the code from Ray
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=str(tmp_path),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.resources import (
+from orchestrator.cluster.resources import (
     NodeInfo,
     ResourceError,
     check_fit,

@@ -8,11 +8,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from orchestrator.early_stopping import make_scheduler
-from orchestrator.job_values import parse_assignments, parse_value
-from orchestrator.groups import build_expansions, parse_cross
-from orchestrator.search import make_searcher
-from orchestrator.spaces import (
+from orchestrator.sweep.early_stopping import make_scheduler
+from orchestrator.results.job_values import parse_assignments, parse_value
+from orchestrator.results.groups import build_expansions, parse_cross
+from orchestrator.sweep.search import make_searcher
+from orchestrator.sweep.spaces import (
     DROP_KEY,
     GROUP_KEY,
     MEMBER_KEY,

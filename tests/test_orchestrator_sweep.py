@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import build_parser
-from orchestrator.cli_sweep import fixed_settings
-from orchestrator.objectives import default_mode
-from orchestrator.sweep_checks import check_settings, searched_columns
-from orchestrator.sweep_settings import SweepError, SweepSettings, read_manifest, write_manifest
-from orchestrator.tune_state import drop_repair_copies, repair_checkpoints
+from orchestrator.cli.main import build_parser
+from orchestrator.cli.run import fixed_settings
+from orchestrator.results.objectives import default_mode
+from orchestrator.sweep.checks import check_settings, searched_columns
+from orchestrator.sweep.settings import SweepError, SweepSettings, read_manifest, write_manifest
+from orchestrator.cluster.tune_state import drop_repair_copies, repair_checkpoints
 
 
 def _settings(tmp_path, **kw) -> SweepSettings:
@@ -144,7 +144,7 @@ def test_repair_recreates_the_checkpoint_a_killed_driver_left_pointing_at(tmp_pa
 
 @pytest.mark.parametrize("flag", ["--results", "--storage", "--cache-dir"])
 def test_an_output_path_that_is_a_file_is_one_line_before_anything_starts(tmp_path, captcha_parquet, flag, capsys):
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -189,7 +189,7 @@ def tiny_filesystem(tmp_path):
 def test_a_read_only_or_full_output_disk_is_one_line_before_anything_starts(tmp_path, captcha_parquet, flag,
                                                                             read_only, reason, tiny_filesystem,
                                                                             capsys):
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     disk = tiny_filesystem("disk", read_only=read_only)
     paths = {"--results": str(tmp_path / "r"), "--storage": str(tmp_path / "s"), "--cache-dir": str(tmp_path / "c")}
@@ -204,8 +204,8 @@ def test_a_read_only_or_full_output_disk_is_one_line_before_anything_starts(tmp_
 
 
 def test_a_sweep_that_failed_before_tune_saved_state_does_not_burn_its_name(tmp_path):
-    from orchestrator.sweep import _forget_unstarted
-    from orchestrator.sweep_settings import SweepSettings, manifest_exists, write_manifest
+    from orchestrator.sweep.driver import _forget_unstarted
+    from orchestrator.sweep.settings import SweepSettings, manifest_exists, write_manifest
 
     s = SweepSettings(name="burnt", storage=str(tmp_path / "s"), results=str(tmp_path / "r"),
                       fixed={"train_data": "x"})
@@ -217,7 +217,7 @@ def test_a_sweep_that_failed_before_tune_saved_state_does_not_burn_its_name(tmp_
 
 @pytest.mark.parametrize("flag", ["--train-data", "--val-data"])
 def test_a_missing_data_path_fails_before_anything_starts(tmp_path, captcha_parquet, flag, capsys):
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     paths = {"--train-data": str(captcha_parquet), "--val-data": str(captcha_parquet)}
     paths[flag] = str(tmp_path / "nowhere.parquet")
@@ -230,7 +230,7 @@ def test_a_missing_data_path_fails_before_anything_starts(tmp_path, captcha_parq
 
 
 def test_resume_names_a_bad_sweep_name_before_anything_else(tmp_path):
-    from orchestrator.sweep import resume_sweep
+    from orchestrator.sweep.driver import resume_sweep
 
     with pytest.raises(SweepError, match="NAME: sweep name '9lives'"):
         resume_sweep("9lives", str(tmp_path / "sweeps"))
@@ -239,7 +239,7 @@ def test_resume_names_a_bad_sweep_name_before_anything_else(tmp_path):
 def test_corrupt_training_data_fails_before_ray_starts(tmp_path):
     import ray
 
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep.driver import run_sweep
 
     data = tmp_path / "labels.csv"
     data.write_text("image,text\nmissing.png,123\n")

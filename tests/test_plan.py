@@ -5,10 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orchestrator.cli import main
-from orchestrator.memory_plan import plan_space
-from trainer.loading import preset_tokenizer
-from trainer.memory_model import Workload
+from orchestrator.cli.main import main
+from orchestrator.sweep.memory_plan import plan_space
+from trainer.model.loading import preset_tokenizer
+from trainer.memory.estimate import Workload
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,11 +8,11 @@ import sys
 from safetensors.torch import load_file, save_file
 
 from conftest import REFERENCE_DIR
-from trainer.reference_check import REFERENCE_NAME, check
+from trainer.model.reference_check import REFERENCE_NAME, check
 
 
 def test_reference_fixture_passes_via_cli():
-    run = subprocess.run([sys.executable, "-m", "trainer.reference_check", str(REFERENCE_DIR)],
+    run = subprocess.run([sys.executable, "-m", "trainer.model.reference_check", str(REFERENCE_DIR)],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "expected.logits_prefix.captcha_200x50" in run.stdout

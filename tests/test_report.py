@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.query import PairedSpec, load_table, paired_comparison
-from orchestrator.trial_pick import best_trial
+from orchestrator.results.query import PairedSpec, load_table, paired_comparison
+from orchestrator.results.ranking import best_trial
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,7 +51,7 @@ def swept(tmp_path_factory, captcha_parquet):
 
 
 def test_each_section_matches_the_tables(swept):
-    from orchestrator.report_data import MAX_MISREAD, collect
+    from orchestrator.results.report_data import MAX_MISREAD, collect
 
     data = collect(str(swept), "rep")
     trials = load_table(swept, "trials", ["rep"]).to_pylist()
@@ -61,8 +61,10 @@ def test_each_section_matches_the_tables(swept):
     assert data.summary["outcomes"] == {"ok": 4, "oom": 2} and data.summary["trials"] == 6
     best = best_trial(trials)
     assert data.summary["best"]["trial_id"] == best["trial_id"]
-    assert data.summary["best"]["low"] == best["final_val_exact_match_low"] < best["objective"] or \
-        best["objective"] == 0
+    low, high = data.summary["best"]["low"], data.summary["best"]["high"]
+    assert (low, high) == (best["final_val_exact_match_low"], best["final_val_exact_match_high"])
+    assert low <= best["objective"] <= high and 0 <= low < high <= 1  # a Wilson interval, also around 0
+    assert data.summary["best"]["n"] == best["final_val_n"] == 16
     assert data.leaderboard.rows[0]["trial_id"] == best["trial_id"]
     assert [r["outcome"] for r in data.leaderboard.rows[-2:]] == ["oom", "oom"]  # no objective: last
     assert len(data.curves.rows) == len(steps) and {r["attention"] for r in data.curves.rows} == {"causal", "prefix"}
@@ -75,13 +77,44 @@ def test_each_section_matches_the_tables(swept):
         {(r["trial_a"], r["trial_b"], r["mcnemar_p"]) for r in expected_pairs}
     assert {r["param"] for r in data.importance.rows} == {"lr", "grad_accum"}
     assert sum(r["importance"] for r in data.importance.rows) == pytest.approx(1.0)
-    assert {r["trial_id"] for r in data.cost.rows} == {t["trial_id"] for t in trials}
-    assert all(r["peak_gib"] > 0 for r in data.cost.rows)
+    by_id = {t["trial_id"]: t for t in trials}
+    assert {r["trial_id"] for r in data.cost.rows} == set(by_id)
+    for r in data.cost.rows:  # each cost row is its trial's measurement, its cap and its throughput
+        t = by_id[r["trial_id"]]
+        assert r["peak_gib"] == t["peak_memory_bytes"] / 2**30 > 0
+        assert r["cap"] == t["max_gpu_memory"] and r["on_gpu"] is False and r["outcome"] == t["outcome"]
+        assert r["tokens_per_s"] == t["final_tokens_per_s"]
+        assert (r["tokens_per_s"] or 0) > 0 if t["outcome"] == "ok" else True
+        assert r["predicted_gib"] == (t["predicted_peak_bytes"] / 2**30 if t["predicted_peak_bytes"] else None)
+    # the search section (the slices' points): every trial with its searched values and outcome
+    assert {(r["trial_id"], r["lr"], r["grad_accum"], r["outcome"]) for r in data.search.rows} == \
+        {(t["trial_id"], t["lr"], t["grad_accum"], t["outcome"]) for t in trials}
+    assert data.curves.x_title == "optimizer step"  # a --max-steps budget
+    assert sorted((r["trial_id"], r["x"]) for r in data.curves.rows) == sorted((s["trial_id"], s["step"]) for s in steps)
     predictions = [p for p in load_table(swept, "predictions", ["rep"]).to_pylist() if p["trial_id"] == best["trial_id"]]
     last = max(p["step"] for p in predictions)
     wrong = sorted(p["sample_id"] for p in predictions if p["step"] == last and not p["correct"])
     assert [r["sample_id"] for r in data.misread.rows] == wrong[:MAX_MISREAD]
     assert all(r["image"].startswith("data:image/png;base64,") for r in data.misread.rows)
+
+
+def test_curves_are_drawn_in_samples_when_the_budget_is_in_samples():
+    """grad_accum 1 and 2 trials that saw the same 40 samples end at the same x, not at steps 10 and 5."""
+    from orchestrator.results.report_data import budget_in_samples, curves
+
+    trials = [{"trial_id": "a", "attention": "causal"}, {"trial_id": "b", "attention": "prefix"}]
+    steps = [{"trial_id": "a", "step": 5, "samples_seen": 20, "val_exact_match": 0.1, "train_loss": 2.0},
+             {"trial_id": "a", "step": 10, "samples_seen": 40, "val_exact_match": 0.2, "train_loss": 1.0},
+             {"trial_id": "b", "step": 3, "samples_seen": 20, "val_exact_match": 0.1, "train_loss": 2.1},
+             {"trial_id": "b", "step": 5, "samples_seen": 40, "val_exact_match": 0.3, "train_loss": 1.1}]
+    samples = {"fixed_json": json.dumps({"max_samples": 40})}
+    assert budget_in_samples(samples, steps)
+    drawn = curves(trials, steps, "val_exact_match", in_samples=True)
+    assert drawn.x_title == "samples seen"
+    assert [(r["trial_id"], r["x"]) for r in drawn.rows] == [("a", 20), ("a", 40), ("b", 20), ("b", 40)]
+    assert not budget_in_samples({"fixed_json": json.dumps({"max_steps": 10})}, steps)
+    assert not budget_in_samples(samples, [{**steps[0], "samples_seen": None}])  # rows from before the column
+    assert curves(trials, steps, "val_exact_match", in_samples=False).x_title == "optimizer step"
 
 
 def _chromium() -> str:
@@ -148,7 +181,7 @@ def test_the_best_trial_of_a_study_without_repeats_is_the_querys(tmp_path, captc
                    "--batch-size", "4", "--max-val-samples", "16", "--set", "max_new_tokens=5",
                    "--storage", str(tmp_path / "s"), "--results", str(results), "--num-cpus", "2", "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from orchestrator.study import build_study
+    from orchestrator.results.study import build_study
 
     study = build_study(str(results), "plain").study
     query = json.loads(mdsweep("query", str(results), "--sweep", "plain", "--where", "outcome == 'ok'",

@@ -7,11 +7,11 @@ import math
 import pyarrow as pa
 import pytest
 
-from orchestrator import intervals, query_filter
-from orchestrator import query as Q
-from orchestrator.cli import main
-from orchestrator.results_schema import rows_to_table, schema_for
-from orchestrator.sink import partition_dir, write_atomic
+from orchestrator.results import intervals, where
+from orchestrator.results import query as Q
+from orchestrator.cli.main import main
+from orchestrator.results.schema import rows_to_table, schema_for
+from orchestrator.sweep.sink import partition_dir, write_atomic
 
 
 def _table():
@@ -44,7 +44,7 @@ def _table():
 ])
 def test_where_expressions(expr, expected):
     t = _table().append_column("i", pa.array(range(5)))
-    assert query_filter.apply_where(t, expr)["i"].to_pylist() == expected
+    assert where.apply_where(t, expr)["i"].to_pylist() == expected
 
 
 @pytest.mark.parametrize("expr,match", [
@@ -59,7 +59,7 @@ def test_where_expressions(expr, expected):
 ])
 def test_where_rejects_anything_but_the_small_language(expr, match):
     with pytest.raises(Q.QueryError, match=f"--where.*{match}"):
-        query_filter.apply_where(_table(), expr)
+        where.apply_where(_table(), expr)
 
 
 def test_t_quantiles_match_tables():
@@ -203,7 +203,7 @@ def test_query_reads_files_of_different_schema_versions(results):
     write_atomic(old, partition_dir(results, "trials", "s0") / "old.parquet")
     t = Q.load_table(results, "trials")
     assert t.num_rows == 7
-    row = t.filter(query_filter.compile_where("trial_id == 'old'", t.column_names)).to_pylist()[0]
+    row = t.filter(where.compile_where("trial_id == 'old'", t.column_names)).to_pylist()[0]
     assert row["sweep"] == "s0" and row["lr"] == 1e-3 and row["attention"] is None
 
 
@@ -217,12 +217,12 @@ def test_query_reads_files_of_different_schema_versions(results):
 ])
 def test_bad_constant_arithmetic_is_a_message_not_a_traceback_or_a_hang(text, message):
     with pytest.raises(Q.QueryError, match=message):
-        query_filter.compile_where(text, ["lr", "attention"])
+        where.compile_where(text, ["lr", "attention"])
 
 
 def test_large_integer_powers_compare_as_floats():
     table = pa.table({"lr": [1e-4, 1e40]})
-    assert query_filter.apply_where(table, "lr < 2**100").column("lr").to_pylist() == [1e-4]
+    assert where.apply_where(table, "lr < 2**100").column("lr").to_pylist() == [1e-4]
 
 
 def test_an_unknown_sweep_is_an_error_naming_the_sweeps(tmp_path, capsys):

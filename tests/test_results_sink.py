@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.results_schema import METADATA_KEY, METRICS, SCHEMA_VERSION, TABLES, schema_for
-from orchestrator.spaces import GROUP_KEY, MEMBER_KEY
-from orchestrator.sink import ParquetSink, read_partition, write_atomic, write_sweep_row
-from orchestrator.trainable import JOB_CONFIG_KEY, KIND_KEY, PREDICTIONS_KEY, job_config_from
+from orchestrator.results.schema import METADATA_KEY, METRICS, SCHEMA_VERSION, TABLES, schema_for
+from orchestrator.sweep.spaces import GROUP_KEY, MEMBER_KEY
+from orchestrator.sweep.sink import ParquetSink, read_partition, write_atomic, write_sweep_row
+from orchestrator.sweep.trainable import JOB_CONFIG_KEY, KIND_KEY, PREDICTIONS_KEY, job_config_from
 
 FIXED = {"train_data": "/data/train.parquet", "model": "tiny", "max_steps": 4, "eval_every": 2}
 
@@ -115,17 +115,17 @@ def test_files_carry_the_schema_version_and_declared_types(tmp_path):
         assert "sweep" not in file_schema.names  # only in the folder name
 
 
-def test_the_readme_schema_names_every_column():
-    """The README's schema section is written for people; this keeps it from drifting from results_schema."""
+def test_the_documented_schema_names_every_column():
+    """The schema section of docs/results.md is written for people; this keeps it from drifting from results_schema."""
     from trainer.job_config import field_types
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## Parquet schema", 1)[1].split("\n## ", 1)[0]
+    page = (Path(__file__).resolve().parent.parent / "docs" / "results.md").read_text()
+    section = page.split("## Parquet schema", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"`([a-z_]+)`", section))
     by_pattern = set(field_types()) | {f"{kind}_{m}" for kind in ("best", "final") for m in METRICS}
     for table in TABLES:
         missing = [f.name for f in schema_for(table) if f.name not in named and f.name not in by_pattern]
-        assert not missing, f"README schema section lacks {table} columns {missing}"
+        assert not missing, f"docs/results.md schema section lacks {table} columns {missing}"
 
 
 def test_a_retried_trial_neither_duplicates_nor_loses_rows(tmp_path):
@@ -246,7 +246,7 @@ def test_atomic_writes_leave_no_torn_or_temporary_files(tmp_path):
 def test_query_reads_while_the_sink_writes(tmp_path):
     # pyarrow's dataset reader notes file sizes when it lists a folder and reads later;
     # load_table retries a file replaced in between from a fresh listing
-    from orchestrator.query import load_table
+    from orchestrator.results.query import load_table
 
     sink = _sink(tmp_path)
     trial = _trial()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.sweep_lock import LOCK_FILE, SweepLock, describe_stale
-from orchestrator.sweep_settings import SweepError
+from orchestrator.sweep.lock import LOCK_FILE, SweepLock, describe_stale
+from orchestrator.sweep.settings import SweepError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ def test_a_lock_whose_holder_died_is_taken_over_and_named(tmp_path):
     # a driver killed with -9 leaves its lock file written but its kernel lock gone with the process
     died = subprocess.run([sys.executable, "-c", f"""
 from pathlib import Path
-from orchestrator.sweep_lock import SweepLock
+from orchestrator.sweep.lock import SweepLock
 SweepLock("x", [Path({str(tmp_path)!r})], "run").acquire()
 import os; os._exit(9)
 """], cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -70,9 +70,9 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_runs(tmp_path,
 
 
 def test_a_sweep_name_from_another_storage_in_the_same_results_is_refused(tmp_path):
-    from orchestrator.sink import write_sweep_row
-    from orchestrator.sweep import check_name_is_free
-    from orchestrator.sweep_settings import SweepSettings
+    from orchestrator.sweep.sink import write_sweep_row
+    from orchestrator.sweep.driver import check_name_is_free
+    from orchestrator.sweep.settings import SweepSettings
 
     write_sweep_row(tmp_path / "r", "same", {"experiment_path": str(tmp_path / "elsewhere" / "same")})
     s = SweepSettings(name="same", storage=str(tmp_path / "s"), results=str(tmp_path / "r"), fixed={"train_data": "x"})

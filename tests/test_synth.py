@@ -1,4 +1,4 @@
-"""trainer.synth and `mdsweep data synth`: deterministic captchas in the Hugging Face layout."""
+"""trainer.data.synth and `mdsweep data synth`: deterministic captchas in the Hugging Face layout."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import captcha.image as captcha_image
-from orchestrator import cli
-from trainer.data import load_samples
-from trainer.synth import generate_samples, synthesize
+from orchestrator.cli.main import main as cli
+from trainer.data.dataset import load_samples
+from trainer.data.synth import generate_samples, synthesize
 
 
 def test_same_seed_same_bytes(tmp_path):
@@ -124,7 +124,7 @@ def test_data_check_refuses_labels_the_models_tokenizer_cannot_write_or_fit(tmp_
     """As `train` does: a character the tokenizer lacks, or a label longer than the context leaves room for."""
     from PIL import Image
 
-    from orchestrator import cli
+    from orchestrator.cli.main import main as cli
 
     folder = tmp_path / "labels"
     folder.mkdir()

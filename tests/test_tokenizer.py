@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from trainer.tokenizer import PROMPT_TEMPLATES, BpeTokenizer, CharTokenizer, get_template
+from trainer.model.tokenizer import PROMPT_TEMPLATES, BpeTokenizer, CharTokenizer, get_template
 
 
 def test_char_tokenizer_round_trip_and_clear_error():

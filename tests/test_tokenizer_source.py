@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import fake_hub_cache, write_bpe_model
-from trainer.loading import load_model, save_model
-from trainer.synth_tokenizer import write_bpe_tokenizer
-from trainer.tokenizer_source import REVISION_RULES, rule_for
-from trainer.weights import CheckpointError
+from trainer.model.loading import load_model, save_model
+from trainer.model.synth_tokenizer import write_bpe_tokenizer
+from trainer.model.tokenizer_source import REVISION_RULES, rule_for
+from trainer.model.weights import CheckpointError
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 
-from orchestrator.tune_state import BACKUP_DIR, back_up, complete, restore_incomplete
+from orchestrator.cluster.tune_state import BACKUP_DIR, back_up, complete, restore_incomplete
 
 
 def test_complete_tells_whole_files_from_cut_ones():

@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REFERENCE_DIR
-from trainer.config import PRESETS
-from trainer.loading import load_model, save_model
-from trainer.weights import WEIGHTS_FILE, CheckpointError, key_mappings, load_official_weights, official_to_ours
+from trainer.model.config import PRESETS
+from trainer.model.loading import load_model, save_model
+from trainer.model.weights import WEIGHTS_FILE, CheckpointError, key_mappings, load_official_weights, official_to_ours
 
 REFERENCE_WEIGHTS = REFERENCE_DIR / "moondream2_tiny_ref.safetensors"
 
@@ -39,9 +39,9 @@ def test_saved_file_uses_the_official_layout(tmp_path):
 
 
 def test_reference_weights_round_trip_to_identical_tensors(tmp_path):
-    from trainer.config import MoondreamConfig
-    from trainer.model import MoondreamModel
-    from trainer.weights import save_official_weights
+    from trainer.model.config import MoondreamConfig
+    from trainer.model.network import MoondreamModel
+    from trainer.model.weights import save_official_weights
     import json
 
     spec = json.loads((REFERENCE_DIR / "moondream2_tiny_ref.json").read_text())
@@ -120,7 +120,7 @@ def test_official_conversion_rejects_mismatched_config():
 
 
 def test_the_shipped_base_loads_by_name_through_the_official_layout():
-    from trainer.loading import SHIPPED_MODELS_DIR, shipped_models
+    from trainer.model.loading import SHIPPED_MODELS_DIR, shipped_models
 
     assert "tiny-reader" in shipped_models()
     by_name, by_path = load_model("tiny-reader"), load_model(str(SHIPPED_MODELS_DIR / "tiny-reader"))
@@ -140,7 +140,7 @@ def test_an_unknown_model_name_lists_presets_and_shipped_models():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_the_streaming_writer_is_read_back_exactly_by_safetensors(tmp_path, dtype):
-    from trainer.weights import write_safetensors
+    from trainer.model.weights import write_safetensors
 
     torch.manual_seed(0)
     tensors = {"a.weight": torch.randn(3, 5), "b": torch.randn(7), "c.x": torch.randn(2, 2, 3)}

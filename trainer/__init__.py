@@ -1,5 +1,11 @@
-"""One Moondream2 fine-tuning job: model, weights, data, training loop, evaluation.
+"""One Moondream2 fine-tuning job, in three layers under the job itself; each imports only the layers under it.
 
-This package never imports Ray or Optuna, so a single job runs (and is tested)
-without a cluster; the sweep driver in `orchestrator` calls `trainer.job.run_job`.
+    job*.py, evaluate, predict, export, ...   the job: its config, loop, evaluation, checkpoints
+    data/      samples from files, synthetic captchas, the crop cache, batches
+    memory/    sizes and caps, the memory estimate, precision and optimizer choices
+    model/     the network, its config, weights, tokenizer and loading
+
+`job_config` (the contract) and `files` (atomic writes) are the base every layer may read. This package
+never imports Ray, Optuna or `orchestrator`, so a single job runs (and is tested) without a cluster; the
+sweep driver calls `trainer.job.run_job`.
 """

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from trainer.job_config import JobConfig
-from trainer.precision import PrecisionPlan, plan_precision
+from trainer.memory.precision import PrecisionPlan, plan_precision
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -5,13 +5,13 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from trainer.attention import AttentionMode
-from trainer.batching import EncodedSample, collate
+from trainer.model.attention import AttentionMode
+from trainer.data.batching import EncodedSample, collate
 from trainer.generate import greedy_decode
 from trainer.job_config import Prediction
 from trainer.metrics import character_error_rate, wilson_interval
-from trainer.model import MoondreamModel
-from trainer.tokenizer import Tokenizer
+from trainer.model.network import MoondreamModel
+from trainer.model.tokenizer import Tokenizer
 
 
 def evaluate(model: MoondreamModel, samples: Sequence[EncodedSample], tokenizer: Tokenizer, mode: AttentionMode, *,

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from trainer.checkpoint import load_checkpoint
-from trainer.config import CONFIG_FILE, WEIGHTS_FILE
+from trainer.model.config import CONFIG_FILE, WEIGHTS_FILE
 from trainer.job_config import JobConfig
 from trainer.job_model import trained_model
-from trainer.loading import LoadedModel, save_model
-from trainer.tokenizer_source import TOKENIZER_FILE
-from trainer.weights import CheckpointError
+from trainer.model.loading import LoadedModel, save_model
+from trainer.model.tokenizer_source import TOKENIZER_FILE
+from trainer.model.weights import CheckpointError
 
 MODEL_CARD = "model_card.json"
 # what an export writes, and all that `replace` removes

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from trainer.attention import AttentionMode, build_mask
-from trainer.batching import Batch
-from trainer.model import MoondreamModel
+from trainer.model.attention import AttentionMode, build_mask
+from trainer.data.batching import Batch
+from trainer.model.network import MoondreamModel
 
 
 @torch.no_grad()

@@ -16,8 +16,8 @@ from trainer.evaluate import evaluate
 from trainer.export import checkpoint_model
 from trainer.job_config import JobConfig
 from trainer.job_data import SampleView, open_dataset, tokenised
-from trainer.loading import LoadedModel
-from trainer.model import MoondreamModel
+from trainer.model.loading import LoadedModel
+from trainer.model.network import MoondreamModel
 
 
 def test_metrics(model: MoondreamModel, loaded: LoadedModel, config: JobConfig, path: str, *, device: torch.device,

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from trainer.batching import Batch
+from trainer.data.batching import Batch
 from trainer.budget import plan_budget
 from trainer.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint, trainable_state
 from trainer.devices import TORCH_DTYPES, autocast_dtype_of, resolve_device, resolve_precision
@@ -25,12 +25,11 @@ from trainer.held_out import test_metrics
 from trainer.job_config import JobConfig, JobResult, Prediction
 from trainer.job_data import micro_batches, open_job_data, prepare_data
 from trainer.job_model import build_job_model, trained_model
-from trainer.loading import LoadedModel, save_model
-from trainer.memory import apply_gpu_cap, peak_bytes, reset_peak
-from trainer.model import MoondreamModel
-from trainer.optimizers import build_optimizer
-from trainer.precision import PrecisionPlan
-from trainer.schedule import warmup_cosine
+from trainer.model.loading import LoadedModel, save_model
+from trainer.memory.sizes import apply_gpu_cap, peak_bytes, reset_peak
+from trainer.model.network import MoondreamModel
+from trainer.memory.optimizers import build_optimizer, warmup_cosine
+from trainer.memory.precision import PrecisionPlan
 
 Reporter = Callable[[dict[str, Any], Optional[Path]], None]
 StepCallback = Callable[[dict[str, Any]], None]

@@ -131,9 +131,9 @@ class JobConfig:
         `--dry-run` and the space probe, so a bad setting fails before any trial is scheduled."""
         from trainer.budget import check_budget_fields
         from trainer.faults import Fault
-        from trainer.memory import cap_fraction
-        from trainer.precision import precision_problem
-        from trainer.tokenizer import PROMPT_TEMPLATES
+        from trainer.memory.sizes import cap_fraction
+        from trainer.memory.precision import precision_problem
+        from trainer.model.tokenizer import PROMPT_TEMPLATES
 
         found: list[str] = []
 

@@ -1,6 +1,6 @@
 """A job's data: its datasets opened through the preprocessing cache, split, and tokenised for its model.
 
-Crops stay on disk (trainer.crop_store) and are read a batch at a time, so a
+Crops stay on disk (trainer.data.crop_store) and are read a batch at a time, so a
 job's host memory does not grow with the dataset; what is held per sample is its
 id, label and answer token ids.
 """
@@ -13,14 +13,14 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from trainer.batching import Batch, EncodedSample, collate
-from trainer.config import MoondreamConfig, VisionConfig, model_config_of
-from trainer.crop_cache import ReadOptions, geometry_of, open_cached
-from trainer.crop_store import CropStore
-from trainer.data import SKIP_HINT, DataError, split_indices
+from trainer.data.batching import Batch, EncodedSample, collate
+from trainer.model.config import MoondreamConfig, VisionConfig, model_config_of
+from trainer.data.crop_cache import ReadOptions, geometry_of, open_cached
+from trainer.data.crop_store import CropStore
+from trainer.data.dataset import SKIP_HINT, DataError, split_indices
 from trainer.job_config import JobConfig
-from trainer.loading import LoadedModel
-from trainer.tokenizer import PromptTemplate, Tokenizer
+from trainer.model.loading import LoadedModel
+from trainer.model.tokenizer import PromptTemplate, Tokenizer
 
 
 class SampleView(Sequence[EncodedSample]):

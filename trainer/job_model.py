@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from trainer.job_config import JobConfig
-from trainer.loading import LoadedModel, load_model
-from trainer.lora import add_lora, merge_lora
-from trainer.weights import CheckpointError
+from trainer.model.loading import LoadedModel, load_model
+from trainer.model.lora import add_lora, merge_lora
+from trainer.model.weights import CheckpointError
 
 
 def seed_everything(seed: int) -> None:

@@ -11,14 +11,14 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from trainer.attention import AttentionMode
-from trainer.batching import encode_samples
-from trainer.data import Sample
+from trainer.model.attention import AttentionMode
+from trainer.data.batching import encode_samples
+from trainer.data.dataset import Sample
 from trainer.evaluate import evaluate
 from trainer.devices import autocast_dtype_of, resolve_device
 from trainer.job_config import Prediction
-from trainer.loading import LoadedModel
-from trainer.precision import plan_precision
+from trainer.model.loading import LoadedModel
+from trainer.memory.precision import plan_precision
 
 
 @dataclass

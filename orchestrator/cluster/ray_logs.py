@@ -1,0 +1,29 @@
+"""Ray's own log lines (runtime-env packaging, token-auth notices, Tune's warnings) go to a file, not the terminal.
+
+A sweep's terminal is for its own lines: the settings it checked, the progress table, the leaderboard. Ray
+writes INFO lines while it ships the code and a token-authentication warning even for an embedded cluster
+that has nothing to authenticate; they are kept whole in the log file, where a user who needs them looks.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def route_ray_logs(log_file: Path) -> None:
+    """Replace the terminal handlers of the `ray` logger (and so of every `ray.*` logger) with `log_file`."""
+    import ray  # noqa: F401  (Ray installs its terminal handler when imported; replace it after)
+
+    logger = logging.getLogger("ray")
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            logger.removeHandler(handler)
+    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == log_file.resolve()
+           for h in logger.handlers):
+        return
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(FORMAT))
+    logger.addHandler(handler)

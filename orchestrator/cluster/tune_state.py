@@ -1,0 +1,201 @@
+"""Ray Tune's experiment state on storage, made safe to resume: a last-known-good copy of its files, and the
+repair of the one checkpoint Tune may delete too early.
+
+A last-known-good copy, so a driver killed mid-write can still be resumed.
+
+Tune uploads its state (`experiment_state-*.json`, the searcher's `search_gen_state-*.json`
+and `searcher-state-*.pkl`) by overwriting the files on storage in place. A driver
+killed during that write leaves an empty or truncated file, and `Tuner.restore` then
+fails with a JSON error: the whole sweep cannot be resumed (seen here in about one
+kill in five). The driver therefore copies every complete state file to
+`.mdsweep-state/` (write to a temporary name, then rename), and `mdsweep resume` puts
+a copy back wherever the file on storage is incomplete.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import time
+from typing import Any, Optional
+
+from orchestrator.cluster.connect import storage_filesystem, write_file_atomic
+
+BACKUP_DIR = ".mdsweep-state"
+STATE_FILES = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+
+
+def complete(name: str, data: bytes) -> bool:
+    """Whether a state file's bytes are whole: JSON that parses, or a pickle that ends with its STOP opcode."""
+    if not data:
+        return False
+    if name.endswith(".json"):
+        try:
+            json.loads(data)
+        except ValueError:
+            return False
+        return True
+    return data.endswith(b".")
+
+
+def _state_files(fs: Any, root: str) -> list[Any]:
+    import pyarrow.fs as pafs
+
+    return [info for info in fs.get_file_info(pafs.FileSelector(root))
+            if info.type == pafs.FileType.File and any(fnmatch.fnmatch(info.base_name, p) for p in STATE_FILES)]
+
+
+def _read(fs: Any, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def back_up(experiment_path: str, seen: Optional[dict[str, tuple]] = None) -> int:
+    """Copy every complete state file that changed since `seen` (name -> (size, mtime), updated in place) into
+    the backup folder; returns how many were copied."""
+    fs, root = storage_filesystem(experiment_path)
+    seen = {} if seen is None else seen
+    copied = 0
+    for info in _state_files(fs, root):
+        stamp = (info.size, info.mtime_ns)
+        if seen.get(info.base_name) == stamp:
+            continue
+        data = _read(fs, info.path)
+        if not complete(info.base_name, data):
+            continue  # being written right now: the next pass takes it
+        fs.create_dir(f"{root}/{BACKUP_DIR}", recursive=True)
+        write_file_atomic(fs, f"{root}/{BACKUP_DIR}/{info.base_name}", data)
+        seen[info.base_name] = stamp
+        copied += 1
+    return copied
+
+
+def restore_incomplete(experiment_path: str) -> list[str]:
+    """Put the backup copy back over every state file on storage that is incomplete; returns their names."""
+    fs, root = storage_filesystem(experiment_path)
+    restored = []
+    for info in _state_files(fs, root):
+        if complete(info.base_name, _read(fs, info.path)):
+            continue
+        backup = f"{root}/{BACKUP_DIR}/{info.base_name}"
+        try:
+            data = _read(fs, backup)
+        except (FileNotFoundError, OSError):
+            continue
+        if complete(info.base_name, data):
+            write_file_atomic(fs, info.path, data)
+            restored.append(info.base_name)
+    return restored
+
+
+def _tune_callback_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+class StateBackup(_tune_callback_base()):
+    """Backs the experiment state up while the sweep runs (at most every `interval_s`) and when it ends."""
+
+    def __init__(self, experiment_path: str, interval_s: float = 2.0) -> None:
+        self.experiment_path = experiment_path
+        self.interval_s = interval_s
+        self._seen: dict[str, tuple] = {}
+        self._last = 0.0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_seen": {}, "_last": 0.0}
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.time() - self._last >= self.interval_s:
+            self._last = time.time()
+            back_up(self.experiment_path, self._seen)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        back_up(self.experiment_path, self._seen)
+
+
+def _unfinished_trials(fs: Any, root: str) -> Optional[dict[str, Optional[str]]]:
+    """Trial folder -> checkpoint folder the newest experiment state restores it from
+    (None when it does not say), for trials that state has not finished; None if unreadable."""
+    import pyarrow.fs as pafs
+
+    try:
+        states = sorted(e.path for e in fs.get_file_info(pafs.FileSelector(root))
+                        if e.base_name.startswith("experiment_state-") and e.base_name.endswith(".json"))
+        if not states:
+            return None
+        with fs.open_input_stream(states[-1]) as f:
+            data = json.loads(f.read().decode())
+        out: dict[str, Optional[str]] = {}
+        for entry in data["trial_data"]:
+            trial = json.loads(entry[0])
+            if trial.get("status") == "TERMINATED":
+                continue
+            meta = json.loads(entry[1]) if len(entry) > 1 else {}
+            last = meta.get("last_result") or {}
+            out[trial.get("custom_dirname") or trial.get("relative_logdir")] = last.get("checkpoint_dir_name")
+        return out
+    except Exception:
+        return None  # an unknown format: consider every trial
+
+
+def repair_checkpoints(experiment_path: str) -> list[str]:
+    """Undo Tune's one unsafe window before a resume; returns the trial folders repaired.
+
+    With `num_to_keep=1`, registering a trial's checkpoint N deletes N-1 at once,
+    while the experiment state that still points at N-1 reaches storage a moment
+    later. A driver killed in between leaves a state whose trial cannot be restored
+    ("checkpoint ... does not exist on storage anymore"). N is complete (it is
+    registered only once fully written), so the missing folder is recreated as a
+    copy of N: the trial continues from its newest state.
+    """
+    import re
+
+    import pyarrow.fs as pafs
+
+    fs, root = storage_filesystem(experiment_path)
+    repaired = []
+    pattern = re.compile(r"^checkpoint_(\d{6})$")
+    unfinished = _unfinished_trials(fs, root)
+    for trial_dir in fs.get_file_info(pafs.FileSelector(root)):
+        if trial_dir.type != pafs.FileType.Directory:
+            continue
+        if unfinished is not None and trial_dir.base_name not in unfinished:
+            continue  # finished trials are not restored: nothing to repair
+        indices = []
+        for entry in fs.get_file_info(pafs.FileSelector(trial_dir.path)):
+            m = pattern.match(entry.base_name)
+            if m and entry.type == pafs.FileType.Directory:
+                indices.append(int(m.group(1)))
+        if not indices:
+            continue
+        newest = max(indices)
+        wanted = unfinished.get(trial_dir.base_name) if unfinished is not None else None
+        if wanted is None:  # the state does not say: assume the one before the newest
+            if newest == 0:
+                continue
+            wanted = f"checkpoint_{newest - 1:06d}"
+        m = pattern.match(wanted)
+        if not m or int(m.group(1)) >= newest or int(m.group(1)) in indices:
+            continue
+        src = f"{trial_dir.path}/checkpoint_{newest:06d}"
+        dst = f"{trial_dir.path}/{wanted}"
+        fs.create_dir(dst, recursive=True)
+        pafs.copy_files(src, dst, source_filesystem=fs, destination_filesystem=fs)
+        repaired.append(trial_dir.base_name)
+    return repaired
+
+
+def drop_repair_copies(experiment_path: str, repaired: list[str]) -> None:
+    """After the resumed run: remove repair copies that a newer checkpoint made redundant."""
+    import re
+
+    import pyarrow.fs as pafs
+
+    fs, root = storage_filesystem(experiment_path)
+    pattern = re.compile(r"^checkpoint_(\d{6})$")
+    for name in repaired:
+        entries = fs.get_file_info(pafs.FileSelector(f"{root}/{name}"))
+        indices = sorted(int(m.group(1)) for e in entries if (m := pattern.match(e.base_name)))
+        for i in indices[:-1]:  # Tune keeps one checkpoint per trial: anything older is a leftover copy
+            fs.delete_dir(f"{root}/{name}/checkpoint_{i:06d}")

@@ -1,0 +1,412 @@
+"""Run and resume a sweep: the driver behind `mdsweep run` and `mdsweep resume`.
+
+Order of work in `run_sweep`: everything that can be checked without a cluster
+(sweep name, metric/mode, fixed settings, search space, groups) is checked first;
+then Ray is attached or started, the per-trial resources are resolved and checked
+against the nodes; only then is anything scheduled. The settings are saved next
+to Ray Tune's experiment state (orchestrator.sweep.settings) so that `resume`
+rebuilds the same trainable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from orchestrator.cluster import connect as cluster_mod
+from orchestrator.sweep.baselines import plan_baselines
+from orchestrator.results.groups import build_expansions
+from orchestrator.cluster.resources import (ResourceError, TrialResources, check_fit, concurrency_capacity, format_size,
+                                    plan_resources)
+from orchestrator.results.schema import FAILED_OUTCOMES, validate_sweep_name
+from orchestrator.cluster.signals import sigterm_as_interrupt
+from orchestrator.sweep.lock import describe_stale, refusal, running_driver, sweep_lock
+from orchestrator.sweep.checks import check_data, check_settings, searched_columns
+from orchestrator.sweep.settings import (MANIFEST, SweepError, SweepSettings, manifest_exists, normalize_storage,
+                                         read_manifest, write_manifest)
+from orchestrator.cluster.tune_state import drop_repair_copies, repair_checkpoints
+
+@dataclass
+class SweepOutcome:
+    name: str
+    experiment_path: str
+    results: str
+    status: str  # finished, interrupted
+    counts: dict[str, int]
+    resources: Optional[TrialResources] = None
+    wall_time_s: float = 0.0
+    terminated: bool = False  # ended by SIGTERM (orchestrator.cluster.signals)
+
+
+def resolve_resources(s: SweepSettings, handle: cluster_mod.ClusterHandle,
+                      samples: Optional[list[dict[str, Any]]] = None) -> tuple[TrialResources, list[str]]:
+    """Per-trial resources against the cluster; `samples` (probed suggestions) size `auto` GPU shares."""
+    from orchestrator.cluster.resources import probe_gpu_memory
+
+    nodes = handle.nodes()
+    if s.gpu_memory_per_trial and not s.node_gpu_memory:
+        probe_gpu_memory(nodes)
+    notes: list[str] = []
+    try:
+        req = plan_resources(nodes, cpus_per_trial=s.cpus_per_trial, gpus_per_trial=s.gpus_per_trial,
+                             gpu_memory_per_trial=s.gpu_memory_per_trial, memory_per_trial=s.memory_per_trial,
+                             node_gpu_memory=s.node_gpu_memory)
+        if req.auto_gpu_bytes:
+            notes.append(auto_shares(s, req, samples or [{}]))
+        if not s.skip_fit_check:
+            check_fit(req, nodes)
+    except ResourceError as e:
+        raise SweepError(str(e)) from None
+    notes = list(req.notes) + notes + cluster_mod.storage_notes(s.storage, nodes) + list(handle.notes)
+    cap = concurrency_capacity(req, nodes)
+    if cap == 0 and not s.skip_fit_check:
+        raise SweepError(f"no trial of {req.describe()} fits the cluster")
+    notes.append(f"{len(nodes)} node(s); each trial gets {req.describe()}; up to {cap} trial(s) at once")
+    req.capacity = cap
+    return req, notes
+
+
+def auto_shares(s: SweepSettings, req: TrialResources, samples: list[dict[str, Any]]) -> str:
+    """With `auto`: the GPU shares the space's probed configurations would get, for the capacity estimate and the
+    user; fails when none fits a GPU."""
+    from orchestrator.sweep.gpu_memory import AutoGpuResources, book_for
+    from orchestrator.sweep.trainable import job_config_from
+
+    book_for(s.name).gpu_bytes = req.auto_gpu_bytes
+    resources = AutoGpuResources(s.name, s.fixed, req.cpus, int(req.auto_gpu_bytes))
+    needs = [book_for(s.name).need(job_config_from(s.fixed, sample)) for sample in samples]
+    fitting = [n for n in needs if n <= req.auto_gpu_bytes]
+    size = format_size(req.auto_gpu_bytes)
+    if not fitting:
+        raise ResourceError(f"--gpu-memory-per-trial auto: no configuration of --space {s.space} is predicted to "
+                            f"fit a {size} GPU (smallest need {format_size(min(needs))}); see `mdsweep plan`")
+    req.gpus = resources.fraction_of(min(fitting))
+    return (f"--gpu-memory-per-trial auto: each trial gets its predicted memory plus a margin, "
+            f"{format_size(min(fitting))} to {format_size(max(fitting))} of a {size} GPU "
+            f"({req.gpus:g} to {resources.fraction_of(max(fitting)):g} of it)"
+            + (f"; {len(needs) - len(fitting)} of {len(needs)} probed configurations fit no GPU and will not run"
+               if len(fitting) < len(needs) else ""))
+
+
+# ---------------------------------------------------------------- building the Tuner pieces
+
+
+def _trial_spec(s: SweepSettings, req: TrialResources):
+    from orchestrator.sweep.trainable import TrialSpec
+
+    return TrialSpec(fixed=dict(s.fixed), metric=s.metric, max_gpu_memory=req.max_gpu_memory, cpus=req.cpus,
+                     job_fn=s.job_fn)
+
+
+def _trainable(s: SweepSettings, req: TrialResources):
+    from ray import tune
+
+    from orchestrator.sweep.trainable import make_trainable
+
+    if req.auto_gpu_bytes:
+        from orchestrator.sweep.gpu_memory import AutoGpuResources
+
+        resources = AutoGpuResources(s.name, s.fixed, req.cpus, req.auto_gpu_bytes, req.memory_bytes)
+        return tune.with_resources(make_trainable(_trial_spec(s, req)), resources)
+    return tune.with_resources(make_trainable(_trial_spec(s, req)), req.ray_resources())
+
+
+def _prepare_env(s: SweepSettings, req: TrialResources) -> None:
+    import logging
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    # Tune's periodic experiment snapshot: frequent, so that a killed driver loses little.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0
+    # A snapshot per reported checkpoint is intended (num_to_keep=1): keeps resume exact.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune starts trials of a custom searcher one at a time (one pending trial); let as
+    # many trials be pending as can run at once, so that they start together.
+    pending = min(x for x in (s.max_concurrent, getattr(req, "capacity", None), 64) if x)
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = os.environ.get("MDSWEEP_MAX_PENDING_TRIALS", str(max(1, pending)))
+
+
+def _say(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(f"mdsweep: {msg}", file=sys.stderr, flush=True)
+
+
+def _finish(s: SweepSettings, started: float, req: TrialResources, quiet: bool) -> SweepOutcome:
+    from orchestrator.sweep.held_out import test_best_trials
+    from orchestrator.results.query import leaderboard
+    from orchestrator.sweep.sink import read_partition, write_sweep_row
+
+    if s.test_data:
+        test_best_trials(s, req, lambda message: _say(message, quiet))
+    rows = read_partition(s.results, "trials", s.name)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.get("outcome") or "?"] = counts.get(r.get("outcome") or "?", 0) + 1
+    unfinished = [r for r in rows if r.get("status") not in ("terminated", "error")]
+    expected = s.num_samples * len(build_expansions(s.replicates, int(s.fixed.get("seed", 0) or 0), s.cross))
+    status = "finished" if not unfinished and len(rows) >= expected else "interrupted"
+    try:
+        write_sweep_row(s.results, s.name, {"status": status})
+    except OSError as e:  # a full or read-only results disk: the sweep's state is safe with Tune
+        _say(f"could not record the sweep's status in {s.results} ({e.strerror}); once the disk is fixed, "
+             f"`mdsweep resume {s.name} --storage {s.storage}` puts back what is missing")
+        status = "interrupted"
+    outcome = SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results, status=status,
+                           counts=counts, resources=req,
+                           wall_time_s=time.time() - started)
+    report = _write_report(s)
+    if quiet and "ok" not in counts:  # a failure must be seen even when asked for quiet
+        print(found_summary(rows, s).strip(), file=sys.stderr)
+    if not quiet:
+        print(f"\nLeaderboard of sweep {s.name} ({s.metric}, {s.mode}; outcomes: "
+              + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ")")
+        print(leaderboard(s.results, s.name))
+        print(found_summary(rows, s))
+        print(f"\nresults: {s.results}  (mdsweep query {s.results} --sweep {s.name})")
+        print(f"report:  {report}")
+        if status != "finished":
+            print(f"sweep {s.name} is {status}: continue it with `mdsweep resume {s.name} --storage {s.storage}`")
+    return outcome
+
+
+def _write_report(s: SweepSettings) -> str:
+    """The sweep's HTML report beside its results; a failure here must not fail a sweep whose results landed."""
+    from orchestrator.results.report_html import default_report_path, write_report
+
+    out = default_report_path(s.results, s.name)
+    try:
+        warnings = write_report(s.results, s.name, out)
+        return f"{out}  (open it in a browser; remake: mdsweep report {s.results} --sweep {s.name})" + \
+            "".join(f"\n  warning: {w}" for w in warnings)
+    except Exception as e:
+        return f"not written ({type(e).__name__}: {e}); try: mdsweep report {s.results} --sweep {s.name}"
+
+
+def found_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
+    """What the sweep found: the best trial with its interval, the spread, and how to take the model out."""
+    from orchestrator.results.query import describe_versus_baseline, versus_baseline
+    from orchestrator.sweep.sink import read_partition
+    from orchestrator.results.ranking import best_trial, describe_test, describe_trial
+
+    best = best_trial(rows)
+    if best is None:
+        failed = [r for r in rows if r.get("outcome") in FAILED_OUTCOMES and r.get("error")]
+        first = f"\nFirst failure, trial {failed[0]['trial_id']} ({failed[0]['outcome']}): " \
+                f"{failed[0]['error'].strip().splitlines()[0]}" if failed else ""
+        return "\nNo trial ended ok with a value of the objective: nothing to recommend." + first
+    searched = list(best.get("searched") or [])
+    scores = [r["objective"] for r in rows if r.get("outcome") == "ok" and r.get("objective") is not None]
+    lines = [f"\nBest: trial {best['trial_id']}: {describe_trial(best, searched)}"]
+    if best.get("test_n"):
+        lines.append(f"  on held-out --test-data: {describe_test(best)}: the estimate to quote; "
+                     f"the validation number chose it")
+    if len(scores) > 1:
+        lines.append(f"Spread over {len(scores)} ok trials: {min(scores):.3f} to {max(scores):.3f} "
+                     f"({s.metric}); `mdsweep query {s.results} --sweep {s.name} --group-by ...` breaks it down")
+    compared = versus_baseline(rows, read_partition(s.results, "predictions", s.name)) \
+        if any(r.get("baseline") for r in rows) else None
+    if compared is not None:
+        lines.append(describe_versus_baseline(compared))
+    lines.append(f"Its model: mdsweep export {s.results} --sweep {s.name} --best --out models/{s.name}-best")
+    if len(s.objectives) > 1:
+        lines.append(pareto_summary(rows, s))
+    return "\n".join(lines)
+
+
+def pareto_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
+    """A multi-objective sweep's answer: the trials no other trial beats on every objective."""
+    from orchestrator.results.objectives import pareto_front
+    from orchestrator.results.ranking import describe_trial
+
+    front = pareto_front(rows, s.objectives)
+    names = ", ".join(f"{m} ({mode})" for m, mode in s.objectives)
+    lines = [f"Pareto front over {names}: {len(front)} of {sum(r.get('outcome') == 'ok' for r in rows)} ok trials"]
+    for row in front:
+        values = "  ".join(f"{m}={row[f'final_{m}']:.4g}" for m, _ in s.objectives)
+        lines.append(f"  {row['trial_id']}: {values}  ({describe_trial(row, list(row.get('searched') or []))})")
+    lines.append(f"The front as a table: mdsweep query {s.results} --sweep {s.name} --pareto")
+    return "\n".join(lines)
+
+
+def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> SweepOutcome:
+    started = time.time()
+    s.storage = normalize_storage(s.storage)
+    cluster_mod.check_output_outlives_job("--results", s.results)
+    s.results = str(Path(s.results).expanduser().resolve())
+    info = check_settings(s)
+    data_note = check_data(s.fixed, s.test_data)
+    searched = searched_columns(s, info)
+    baselines = plan_baselines(s.enqueue, s.fixed.get("revision"), distributions=info.distributions,
+                               searched=info.searched, fixed=s.fixed, crossed=[name for name, _ in s.cross])
+    s.baselines = [{"label": b.label, "params": b.params, "extra": b.extra} for b in baselines]
+    check_name_is_free(s)  # early, before Ray starts; again under the lock, where it counts
+    expansions = build_expansions(s.replicates, int(s.fixed.get("seed", 0) or 0), s.cross)
+    handle = cluster_mod.connect(s.address, num_cpus=s.num_cpus, num_gpus=s.num_gpus, log_to_driver=s.worker_logs,
+                                 ray_log_file=s.ray_log_file())
+    try:
+        req, notes = resolve_resources(s, handle, info.samples)
+        for n in [data_note, *notes] if data_note else notes:
+            _say(n, quiet)
+        _say(f"space {s.space}: searches {', '.join(searched)}; {s.num_samples} suggestion(s) x "
+             f"{len(expansions)} run(s) each = {s.num_samples * len(expansions)} trial(s)", quiet)
+        for b in baselines:
+            _say(f"runs first, {b.describe()}", quiet)
+        if dry_run:
+            return SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results,
+                                status="dry-run", counts={}, resources=req)
+        # one driver per sweep, from here to its end (orchestrator.sweep.lock)
+        with sweep_lock(s.name, s.experiment_path(), s.results, "run"):
+            check_name_is_free(s)
+            _prepare_env(s, req)
+            write_manifest(s)
+            with sigterm_as_interrupt() as signalled:
+                try:
+                    _start_tuner(s, req, searched, expansions, quiet)
+                except BaseException:
+                    _forget_unstarted(s)
+                    raise
+                outcome = _finish(s, started, req, quiet)
+        outcome.terminated = signalled.received
+        return outcome
+    finally:
+        handle.shutdown()
+
+
+def check_name_is_free(s: SweepSettings) -> None:
+    """A new sweep's name must be new to its storage and to its results (another storage's sweep of that name
+    there would merge with it)."""
+    from orchestrator.sweep.sink import read_partition
+
+    if manifest_exists(s.storage, s.name):
+        running = None if cluster_mod.is_remote_storage(s.storage) else running_driver(Path(s.experiment_path()))
+        if running:
+            raise SweepError(refusal(s.name, running))
+        raise SweepError(f"--name {s.name}: a sweep of that name exists in {s.storage}; continue it with "
+                         f"`mdsweep resume {s.name}` or choose another --name")
+    recorded = read_partition(s.results, "sweeps", s.name)
+    elsewhere = recorded[0].get("experiment_path") if recorded else None
+    if elsewhere and elsewhere != s.experiment_path():
+        raise SweepError(f"--name {s.name}: --results {s.results} already hold a sweep {s.name} (its state is in "
+                         f"{elsewhere}); choose another --name or --results")
+
+
+def _forget_unstarted(s: SweepSettings) -> None:
+    """A sweep that failed before Ray Tune saved any state cannot be resumed: drop its settings file so the
+    name can be used again (otherwise `run` says "resume it" and `resume` says "no state")."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(s.experiment_path()):
+        fs, path = cluster_mod.storage_filesystem(s.experiment_path())
+        fs.delete_file(f"{path}/{MANIFEST}")
+
+
+def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], expansions: list[dict[str, Any]],
+                 quiet: bool) -> None:
+    """Write the sweep's row, build the searcher, scheduler, sink and Tuner, and run it (results land through
+    the sink)."""
+    from ray import tune
+
+    from orchestrator.sweep.progress import ProgressTable
+    from orchestrator.sweep.early_stopping import make_scheduler
+    from orchestrator.sweep.search import make_searcher
+    from orchestrator.sweep.sink import ParquetSink, write_sweep_row
+    from orchestrator.cluster.tune_state import StateBackup
+    from orchestrator.sweep.trainable import trial_dirname
+
+    write_sweep_row(s.results, s.name, {
+        "status": "running", "experiment_path": s.experiment_path(), "space": s.space, "metric": s.metric,
+        "mode": s.mode, "num_samples": s.num_samples, "replicates": s.replicates,
+        "cross_json": json.dumps(s.cross, default=str), "fixed_json": json.dumps(s.fixed, default=str),
+        "objectives_json": json.dumps(s.objectives or [[s.metric, s.mode]]),
+        "resources_json": json.dumps(req.to_dict(), default=str), "argv": s.argv})
+    searcher = make_searcher(s.space, s.metric, s.mode, s.search_seed, expansions, s.max_concurrent,
+                             sweep=s.name, fixed=s.fixed, objectives=s.objectives, baselines=s.baselines)
+    scheduler = make_scheduler(s.early_stop, s.metric, s.mode, s.fixed, s.asha_grace,
+                               s.asha_reduction_factor)
+    total = s.num_samples * len(expansions)
+    sink = ParquetSink(s.results, s.name, s.fixed, searched, s.metric, s.mode, req.max_gpu_memory)
+    progress = ProgressTable(s.metric, searched, interval_s=0 if quiet else s.progress_interval, total=total,
+                             mode=s.mode, redraw=not s.worker_logs)  # trials' own lines would be drawn over
+    tuner = tune.Tuner(
+        _trainable(s, req),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
+                                    reuse_actors=False, trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(
+            name=s.name, storage_path=s.storage, callbacks=[sink, progress, StateBackup(s.experiment_path())],
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+    )
+    _say(f"sweep {s.name}: experiment {s.experiment_path()}, results {s.results}", quiet)
+    tuner.fit()
+
+
+def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpus: Optional[int] = None,
+                 num_gpus: Optional[int] = None, resume_errored: bool = False, restart_errored: bool = False,
+                 quiet: bool = False) -> SweepOutcome:
+    """Continue an interrupted sweep from Ray Tune's experiment state; finished trials stay finished."""
+    started = time.time()
+    try:
+        validate_sweep_name(name, "NAME")
+    except ValueError as e:
+        raise SweepError(str(e)) from None
+    storage = normalize_storage(storage)
+    s = read_manifest(storage, name)
+    s.storage = storage
+    s.address, s.num_cpus, s.num_gpus = address, num_cpus, num_gpus
+    info = check_settings(s)
+    with sweep_lock(name, s.experiment_path(), s.results, "resume") as lock:
+        taken = describe_stale(lock)
+        if taken:
+            _say(taken, quiet)
+        handle = cluster_mod.connect(address, num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=s.worker_logs,
+                                     ray_log_file=s.ray_log_file())
+        try:
+            req, notes = resolve_resources(s, handle, info.samples)
+            for n in notes:
+                _say(n, quiet)
+            _prepare_env(s, req)
+            from ray import tune
+
+            from orchestrator.sweep.progress import ProgressTable
+            from orchestrator.sweep.repair import repair_missing_rows
+            from orchestrator.sweep.sink import ParquetSink, write_sweep_row
+            from orchestrator.cluster.tune_state import restore_incomplete
+
+            path = s.experiment_path()
+            restored = restore_incomplete(path)
+            if restored:
+                _say(f"the driver was killed while writing {', '.join(restored)}: put back its last complete copy",
+                     quiet)
+            if not tune.Tuner.can_restore(path):
+                raise SweepError(f"NAME: {path} holds no Ray Tune experiment state to resume")
+            write_sweep_row(s.results, s.name, {"status": "running"})
+            sink = ParquetSink(s.results, s.name, s.fixed, searched_columns(s, info), s.metric, s.mode,
+                               req.max_gpu_memory)
+            rebuilt = repair_missing_rows(sink, path)
+            if rebuilt:
+                _say(f"put back the rows of {len(rebuilt)} finished trial(s) the results had missed, from Ray Tune's "
+                     f"records: {', '.join(rebuilt)}", quiet)
+            repaired = repair_checkpoints(path)
+            if repaired:
+                _say(f"recreated the checkpoint the saved state points at for {', '.join(repaired)}", quiet)
+            _say(f"resuming sweep {name} from {path}", quiet)
+            ProgressTable.interval_override = 0 if quiet else s.progress_interval
+            with sigterm_as_interrupt() as signalled:
+                tuner = tune.Tuner.restore(path, trainable=_trainable(s, req), resume_unfinished=True,
+                                           resume_errored=resume_errored, restart_errored=restart_errored)
+                tuner.fit()
+                if repaired:
+                    drop_repair_copies(path, repaired)
+                outcome = _finish(s, started, req, quiet)
+            outcome.terminated = signalled.received
+            return outcome
+        finally:
+            handle.shutdown()

@@ -1,0 +1,83 @@
+"""`mdsweep resume` puts back the rows of finished trials that never reached the results.
+
+When the results disk fills up (or goes read-only) mid-sweep, the trials go on and finish in Ray Tune, but
+the sink cannot write their rows; Tune will never report those trials again. What Tune kept of each trial is
+enough to rebuild them: `result.json` in the trial's folder holds every report it made (the evaluations and
+the final outcome), `params.json` its suggestion, and its last checkpoint the final evaluation's predictions.
+Each finished trial the tables miss anything of is replayed through the sink (orchestrator.sweep.sink.ParquetSink),
+so its rows are exactly what the sink would have written; rows already there are not doubled.
+Local storage only: on object storage the experiment folder is not read here.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional
+
+from orchestrator.cluster.connect import is_remote_storage
+from orchestrator.sweep.sink import ParquetSink
+from orchestrator.sweep.trainable import KIND_KEY
+
+RESULT_FILE = "result.json"
+PARAMS_FILE = "params.json"
+
+
+def finished_reports(trial_dir: Path) -> Optional[list[dict[str, Any]]]:
+    """The trial's reports, in order, if it finished (its final report is among them); else None."""
+    path = trial_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    reports = []
+    for line in path.read_text().splitlines():
+        try:
+            reports.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a kill: the rest is still good
+    return reports if any(r.get(KIND_KEY) == "final" for r in reports) else None
+
+
+def last_checkpoint(trial_dir: Path) -> Optional[Path]:
+    found = sorted(trial_dir.glob("checkpoint_*"))
+    return found[-1] if found else None
+
+
+def checkpoint_predictions(checkpoint: Optional[Path], step: int) -> Optional[dict[str, list]]:
+    """The predictions of the evaluation at `step`, from a job checkpoint taken there; None otherwise."""
+    from trainer.checkpoint import STATE_FILE, load_checkpoint
+
+    if checkpoint is None or not (checkpoint / STATE_FILE).is_file():
+        return None
+    state = load_checkpoint(checkpoint)
+    if state["progress"]["step"] != step or not state.get("predictions"):
+        return None
+    rows = state["predictions"]
+    return {key: [row[key] for row in rows] for key in ("sample_id", "target", "prediction", "correct", "cer")}
+
+
+def repair_missing_rows(sink: ParquetSink, experiment_path: str) -> list[str]:
+    """Replay every finished trial the tables miss part of; returns their ids."""
+    if is_remote_storage(experiment_path):
+        return []
+    repaired = []
+    for trial_dir in sorted(Path(experiment_path).glob("trial_*")):
+        reports = finished_reports(trial_dir)
+        if reports is None:
+            continue  # unfinished: Tune runs it again, and the sink writes its rows then
+        trial_id = trial_dir.name.removeprefix("trial_")
+        final = next(r for r in reversed(reports) if r.get(KIND_KEY) == "final")
+        evals = [r for r in reports if r.get(KIND_KEY, "eval") == "eval" and r.get("step") is not None]
+        predicted = final.get("outcome") == "ok"
+        if not sink.misses(trial_id, {int(r["step"]) for r in evals}, predicted):
+            continue
+        checkpoint = last_checkpoint(trial_dir)
+        params = json.loads((trial_dir / PARAMS_FILE).read_text()) if (trial_dir / PARAMS_FILE).is_file() else {}
+        trial = SimpleNamespace(trial_id=trial_id, config=params, num_failures=None,
+                                checkpoint=SimpleNamespace(path=str(checkpoint)) if checkpoint else None)
+        predictions = checkpoint_predictions(checkpoint, int(final.get("step") or 0)) if predicted else None
+        ended = dt.datetime.fromtimestamp(float(final["timestamp"]), dt.timezone.utc) if final.get("timestamp") \
+            else None
+        sink.replay(trial, reports, predictions, ended)
+        repaired.append(trial_id)
+    return repaired

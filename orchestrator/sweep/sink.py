@@ -1,0 +1,371 @@
+"""A Ray Tune callback that writes the Parquet results dataset as the sweep goes.
+
+Every write replaces one whole per-trial file atomically (a temporary file in
+the same folder, then `os.replace`), so a reader never sees a torn file, and
+rows are keyed so that a retried trial or a resumed sweep rewrites rather than
+appends: `trials` by trial id, `steps` by (trial id, step), `predictions` by
+(trial id, sample id). On start-up the sink reads back what an earlier run of
+the same sweep wrote (start time, attempts, steps), which is what makes a
+resume lose and duplicate nothing.
+
+Files are named after the trial id, so the folder never holds two files for one
+trial; temporary files start with '.', which pyarrow, pandas, polars and DuckDB
+globs (`*.parquet`) all skip.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from orchestrator.results.objectives import is_finite_number
+from orchestrator.results.schema import (
+    METADATA_KEY,
+    METRICS,
+    SCHEMA_VERSION,
+    job_field_types,
+    rows_to_table,
+    schema_for,
+    validate_sweep_name,
+)
+from orchestrator.sweep.spaces import BASELINE_EXTRA_KEY, BASELINE_KEY, GROUP_KEY, MEMBER_KEY, split_suggestion
+from orchestrator.sweep.trainable import JOB_CONFIG_KEY, KIND_KEY, PREDICTIONS_KEY, job_config_from
+from trainer.files import atomic_path
+from trainer.model.tokenizer_source import TOKENIZER_COLUMNS
+
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+
+def partition_dir(root: Path | str, table: str, sweep: str) -> Path:
+    return Path(root) / table / f"sweep={sweep}"
+
+
+def write_atomic(table: pa.Table, path: Path) -> None:
+    """Write `table` to `path` so that readers see the old file or the new one, never half."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+class ResultsError(ValueError):
+    """A results file that cannot be read: the message names it and what to do."""
+
+
+def read_partition(root: Path | str, table: str, sweep: str) -> list[dict[str, Any]]:
+    d = partition_dir(root, table, sweep)
+    rows: list[dict[str, Any]] = []
+    if not d.is_dir():
+        return rows
+    for f in sorted(d.glob("*.parquet")):
+        if f.name.startswith("."):
+            continue  # a write in progress
+        try:
+            # through an open handle: consistent even if the file is replaced meanwhile
+            with open(f, "rb") as handle:
+                rows.extend(pq.read_table(handle).to_pylist())
+        except FileNotFoundError:
+            continue
+        except (pa.ArrowException, OSError) as e:
+            reason = str(e).split(". ")[0]
+            raise ResultsError(f"{f}: not readable Parquet ({reason}); restore it from a copy, or move it out of "
+                               "the results to go on without its rows") from None
+    return rows
+
+
+def write_sweep_row(root: Path | str, sweep: str, row: dict[str, Any]) -> None:
+    """The one-row `sweeps` table: how the sweep was run and where it stands."""
+    existing = read_partition(root, "sweeps", sweep)
+    merged = dict(existing[0]) if existing else {}
+    merged.update({k: v for k, v in row.items() if v is not None})
+    merged["name"] = sweep
+    merged.setdefault("created_at", _now())
+    merged["updated_at"] = _now()
+    write_atomic(rows_to_table([merged], schema_for("sweeps")), partition_dir(root, "sweeps", sweep) / "sweep.parquet")
+
+
+def update_trial_row(root: Path | str, sweep: str, trial_id: str, values: dict[str, Any]) -> None:
+    """Add `values` to one trial's row after its run (the held-out test at the end of a sweep)."""
+    path = partition_dir(root, "trials", sweep) / f"{trial_id}.parquet"
+    with open(path, "rb") as handle:
+        row = pq.read_table(handle).to_pylist()[0]
+    row.update(values)
+    write_atomic(rows_to_table([row], schema_for("trials")), path)
+
+
+def _tune_callback_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+HOST_OOM_MARKER = "killed due to the node running low on memory"
+
+
+def host_oom_summary(error: Optional[str]) -> Optional[str]:
+    """For a trial Ray's memory monitor killed (the node's host RAM, not the GPU's: outcome `host_oom`), a short
+    account of it instead of Ray's page-long message; None for any other error."""
+    if not error or HOST_OOM_MARKER not in error:
+        return None
+    lines = error.splitlines()
+    detail = [line.strip() for line in lines if line.startswith(("Memory on the node", "OOM kill reason", "1 worker",
+                                                                 "Failure #")) or HOST_OOM_MARKER in line]
+    return ("killed by Ray's memory monitor: the node ran low on host memory. Give each trial more host memory "
+            "(--memory-per-trial), run fewer at once (--max-concurrent) or raise RAY_memory_usage_threshold on the "
+            "nodes.\n" + "\n".join(dict.fromkeys(detail)))
+
+
+class ParquetSink(_tune_callback_base()):
+    """Keeps the trials, steps and predictions tables of one sweep up to date."""
+
+    def __init__(self, results_dir: str, sweep: str, fixed: dict[str, Any], searched: list[str], metric: str,
+                 mode: str, max_gpu_memory: Optional[str] = None):
+        self.results_dir = str(results_dir)
+        self.sweep = validate_sweep_name(sweep)
+        self.fixed = dict(fixed)
+        self.searched = list(searched)
+        self.metric = metric
+        self.mode = mode
+        self.max_gpu_memory = max_gpu_memory
+        self._trials: dict[str, dict[str, Any]] = {}
+        self._steps: dict[str, dict[int, dict[str, Any]]] = {}
+        self._loaded = False
+        self.write_errors = 0
+
+    # --- persistence -------------------------------------------------------
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_trials"], state["_steps"], state["_loaded"] = {}, {}, False
+        return state
+
+    def _load(self) -> None:
+        """Read back what earlier runs of this sweep wrote (resume, or a second driver)."""
+        if self._loaded:
+            return
+        self._loaded = True
+        for row in read_partition(self.results_dir, "trials", self.sweep):
+            self._trials[row["trial_id"]] = row
+        for row in read_partition(self.results_dir, "steps", self.sweep):
+            if row.get("step") is not None:
+                self._steps.setdefault(row["trial_id"], {})[int(row["step"])] = row
+
+    def _path(self, table: str, trial_id: str) -> Path:
+        return partition_dir(self.results_dir, table, self.sweep) / f"{trial_id}.parquet"
+
+    def _write(self, table: str, trial_id: str, rows: list[dict[str, Any]]) -> None:
+        try:
+            write_atomic(rows_to_table(rows, schema_for(table)), self._path(table, trial_id))
+        except OSError as e:  # a full disk must not kill the sweep; say so once per table
+            self.write_errors += 1
+            if self.write_errors <= 3:
+                print(f"mdsweep: warning: could not write {table} for {trial_id}: {e}")
+
+    # --- rows --------------------------------------------------------------
+    def _trial_row(self, trial: Any) -> dict[str, Any]:
+        row = self._trials.get(trial.trial_id)
+        if row is None:
+            params, meta = split_suggestion(dict(trial.config))
+            row = {"trial_id": trial.trial_id, "outcome": "running", "attempts": 0, "num_failures": 0}
+            types_ = job_field_types()
+            # what the trial will run, until it reports what it ran (JOB_CONFIG_KEY): the same reading; a config
+            # JobConfig rejects fails in the trial, which says why, and must not stop the sink
+            with contextlib.suppress(ValueError):
+                row.update(job_config_from(self.fixed, trial.config).to_dict())
+            if self.max_gpu_memory and row.get("max_gpu_memory") is None:
+                row["max_gpu_memory"] = self.max_gpu_memory
+            row["searched"] = sorted(k for k in params if k in types_ and k not in (meta.get(BASELINE_EXTRA_KEY) or ()))
+            row["baseline"] = meta.get(BASELINE_KEY)
+            row["params_json"] = json.dumps({k: v for k, v in trial.config.items() if not k.startswith("_")},
+                                            default=str, sort_keys=True)
+            row["group_id"] = meta.get(GROUP_KEY)
+            row["member"] = meta.get(MEMBER_KEY)
+            row["objective_metric"], row["objective_mode"] = self.metric, self.mode
+            self._trials[trial.trial_id] = row
+        return row
+
+    def _refresh_metrics(self, row: dict[str, Any]) -> None:
+        steps = self._steps.get(row["trial_id"], {})
+        row["n_reports"] = len(steps)
+        if not steps:
+            return
+        ordered = [steps[s] for s in sorted(steps)]
+        scored = [r for r in ordered if is_finite_number(r.get(self.metric))]
+        if scored:
+            best = scored[0]
+            for r in scored[1:]:  # strictly better only: ties go to the earlier step
+                if (r[self.metric] > best[self.metric]) if self.mode == "max" else (r[self.metric] < best[self.metric]):
+                    best = r
+            for m in METRICS:
+                row[f"best_{m}"] = best.get(m)
+        last = ordered[-1]
+        if row.get("outcome") == "running":
+            for m in METRICS:
+                row[f"final_{m}"] = last.get(m)
+        row["steps_completed"] = max(row.get("steps_completed") or 0, last.get("step") or 0)
+        peaks = [r.get("peak_memory_bytes") for r in ordered if r.get("peak_memory_bytes") is not None]
+        if peaks:
+            row["peak_memory_bytes"] = max([*peaks, row.get("peak_memory_bytes") or 0])
+
+    def _flush_trial(self, trial: Any, status: Optional[str] = None) -> None:
+        row = self._trial_row(trial)
+        if status:
+            row["status"] = status
+        # Tune's count, when it has one, is authoritative (it survives a resume with the trial)
+        tune_failures = getattr(trial, "num_failures", None)
+        if isinstance(tune_failures, int):
+            row["num_failures"] = max(tune_failures, int(row.get("num_failures") or 0))
+        ckpt = getattr(trial, "checkpoint", None)
+        if ckpt is not None:
+            row["checkpoint_path"] = getattr(ckpt, "path", None)
+        if row.get("start_time") and row.get("end_time"):
+            row["wall_time_s"] = (row["end_time"] - row["start_time"]).total_seconds()
+        self._refresh_metrics(row)
+        self._write("trials", trial.trial_id, [row])
+
+    # --- Tune callback hooks --------------------------------------------------
+    def setup(self, stop: Any = None, num_samples: Any = None, total_num_samples: Any = None, **info: Any) -> None:
+        self._load()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._load()
+        row = self._trial_row(trial)
+        row["attempts"] = int(row.get("attempts") or 0) + 1
+        row["start_time"] = row.get("start_time") or _now()
+        row["end_time"] = None
+        row["wall_time_s"] = None
+        row["outcome"] = "running"
+        row["error"] = None
+        self._flush_trial(trial, "running")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._load()
+        row = self._trial_row(trial)
+        row["num_failures"] = int(row.get("num_failures") or 0) + 1
+        self._flush_trial(trial, "pending")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._load()
+        # Take the predictions out of the result in place (Tune allows callbacks to modify
+        # it), so that the experiment state and Tune's own loggers never carry them.
+        predictions = result.pop(PREDICTIONS_KEY, None)
+        row = self._trial_row(trial)
+        ran = result.pop(JOB_CONFIG_KEY, None)
+        if isinstance(ran, dict):  # the config the trial actually ran, as the trainable built it
+            row.update({k: ran[k] for k in job_field_types() if k in ran})
+        # where the trial ran, what memory it was predicted, and the cap it ran under (set in the trial with auto)
+        for k in ("node_id", "node_ip", "hostname", "gpu_ids", "predicted_peak_bytes", "max_gpu_memory"):
+            if result.get(k) not in (None, ""):
+                row[k] = result[k]
+        if result.get("restored_from_step") is not None:
+            row["restored_from_step"] = result["restored_from_step"]
+        kind = result.get(KIND_KEY, "eval")
+        step = result.get("step")
+        tid = trial.trial_id
+        if kind == "eval" and step is not None:
+            step_row = {m: result.get(m) for m in METRICS}
+            step_row.update(trial_id=tid, step=int(step), training_iteration=result.get("training_iteration"),
+                            report_time=_now())
+            self._steps.setdefault(tid, {})[int(step)] = step_row
+            self._write("steps", tid, [self._steps[tid][s] for s in sorted(self._steps[tid])])
+        elif kind == "final":
+            final_step = int(step or 0)
+            steps = self._steps.get(tid, {})
+            stale = [s for s in steps if s > final_step]
+            if stale:  # rows of an earlier attempt beyond where this one ended
+                for s in stale:
+                    del steps[s]
+                self._write("steps", tid, [steps[s] for s in sorted(steps)])
+            row["outcome"] = result.get("outcome") or "error"
+            row["error"] = result.get("job_error") or None
+            row["steps_completed"] = final_step
+            for m in METRICS:
+                v = result.get(m)
+                # NaN is kept where it is a measurement (a diverged loss), dropped where it
+                # only stands for "never evaluated" (the trainable's placeholder)
+                if v is not None and (is_finite_number(v) or m in ("train_loss", "grad_norm")):
+                    row[f"final_{m}"] = v
+            value = result.get(self.metric)
+            row["objective"] = float(value) if is_finite_number(value) and row["outcome"] == "ok" else None
+            if result.get("peak_memory_bytes") is not None:
+                row["peak_memory_bytes"] = max(int(result["peak_memory_bytes"]), int(row.get("peak_memory_bytes") or 0))
+            row["job_wall_time_s"] = result.get("job_wall_time_s")
+            row.update({k: result[k] for k in TOKENIZER_COLUMNS if result.get(k) is not None})
+            if predictions and predictions.get("sample_id"):
+                n = len(predictions["sample_id"])
+                pred_rows = [{"trial_id": tid, "step": final_step, **{k: predictions[k][i] for k in predictions}}
+                             for i in range(n)]
+                self._write("predictions", tid, pred_rows)
+        self._flush_trial(trial)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._load()
+        row = self._trial_row(trial)
+        if row.get("outcome") in (None, "running"):
+            row["outcome"] = "stopped"  # ended by the scheduler (early stopping) before its final report
+        row["end_time"] = _now()
+        self._flush_trial(trial, "terminated")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._load()
+        row = self._trial_row(trial)
+        text = self._error_text(trial)
+        host_oom = host_oom_summary(text)
+        row["outcome"] = "host_oom" if host_oom else "error"
+        row["error"] = host_oom or (text[-4000:] if text else row.get("error"))
+        row["end_time"] = _now()
+        self._flush_trial(trial, "error")
+
+    # --- repair ------------------------------------------------------------
+    def misses(self, trial_id: str, eval_steps: set[int], predicted: bool) -> bool:
+        """Whether the tables lack part of a finished trial: its final row, a report, or (`predicted`: it ended
+        with predictions) its predictions."""
+        self._load()
+        row = self._trials.get(trial_id)
+        if row is None or row.get("outcome") in (None, "running") or row.get("status") != "terminated":
+            return True
+        if not eval_steps <= set(self._steps.get(trial_id, {})):
+            return True
+        return predicted and not self._path("predictions", trial_id).is_file()
+
+    def replay(self, trial: Any, results: list[dict[str, Any]], predictions: Optional[dict[str, list]],
+               ended: Optional[dt.datetime]) -> None:
+        """Rebuild a finished trial's rows from what Tune kept of it: its reported results in order, and the
+        predictions of its last checkpoint. Tune never reports a finished trial again, so rows the sink could
+        not write (a full disk) are otherwise lost for good; keyed as always (trial, step), nothing doubles."""
+        self._load()
+        for result in results:
+            result = dict(result)
+            if result.get(KIND_KEY) == "final" and predictions:
+                result[PREDICTIONS_KEY] = predictions
+            self.on_trial_result(0, [], trial, result)
+        row = self._trial_row(trial)
+        if results and row.get("start_time") is None:
+            first = results[0]
+            started = float(first.get("timestamp") or 0) - float(first.get("time_total_s") or 0)
+            row["start_time"] = dt.datetime.fromtimestamp(started, dt.timezone.utc) if started > 0 else None
+        if row.get("outcome") in (None, "running"):
+            row["outcome"] = "stopped"  # ended by the scheduler before its final report
+        row["end_time"] = row.get("end_time") or ended
+        self._flush_trial(trial, "terminated")
+
+    @staticmethod
+    def _error_text(trial: Any) -> Optional[str]:
+        """The trial's error file: every failure, the latest last."""
+        path = getattr(trial, "error_file", None)
+        try:
+            if path and Path(path).is_file():
+                return Path(path).read_text(errors="replace").strip()
+        except OSError:
+            pass
+        return None
+
+
+__all__ = ["ParquetSink", "write_atomic", "read_partition", "write_sweep_row", "partition_dir",
+           "SCHEMA_VERSION", "METADATA_KEY"]

@@ -1,0 +1,233 @@
+"""Predicted peak GPU memory of one job, from its settings and the model's sizes, without torch.
+
+Memory depends on the shape of a configuration (scope, batch, sequence, precision,
+optimizer, checkpointing, attention backend, adapter rank), not on its learning rate,
+so a sweep can know it before a trial runs: to choose each trial's GPU share, to plan
+how many trials fit a GPU, and to stop proposing shapes that cannot fit.
+
+What is counted, and the assumptions (also in the README):
+- Weights, gradients and optimizer states: exact byte counts from the parameter
+  shapes (checked against real modules and real optimizer states in the tests).
+- The peak is the largest of four phases on top of weights and optimizer states:
+  the vision pass, the end of the forward pass, the backward pass (all gradients
+  plus what is kept and one block's recomputation) and the optimizer step.
+  Gradients exist before backward only when grad_accum > 1 (earlier micro-batches).
+- The optimizer step: torch's multi-tensor AdamW (`adamw` on CUDA) makes one
+  temporary copy of all trained values (its denominator); fused and 8-bit do not.
+- fp16/bf16 compute over fp32 trained weights: linear layers keep a half copy of
+  their weight for backward. With checkpointing the trainer turns the autocast
+  weight cache off, so only the recomputed block's copies exist at once (with the
+  cache on, the forward pass would hold half copies of all of them: 2.6 GiB for
+  the real text decoder).
+- Activations of a decoder block, per token: `D_BYTES[c]`·dim + 5·c·ff_dim bytes
+  saved for backward, where c is the compute type's size (28·dim + 20·ff fp32,
+  22·dim + 10·ff bf16). Fitted to allocations
+  measured on CPU with `trainer.memory.sizes.track_allocations` (bench/activation_fit.py);
+  the 5·c·ff term is the MLP input, fc1 output and the tanh-GELU's intermediates.
+  With gradient checkpointing a block keeps only its input (the fp32 residual) and
+  one block is recomputed at a time during backward.
+- Logits only at text positions (the trainer asks for no more): half logits, an fp32
+  copy and the fp32 log-softmax.
+- `eager-4d` keeps, per layer (per recomputed layer with checkpointing), the fp32
+  probabilities [B, heads, S, S] and their half copy, and builds one float
+  [B, 1, S, S] mask; `sdpa` and `flex` never hold S×S per head.
+- A frozen vision tower runs without autograd: only one block's intermediates at a
+  time, before the decoder runs.
+- The CUDA context (kernels, cuBLAS workspace) is outside the allocator and outside
+  `max_gpu_memory`; `CUDA_CONTEXT_BYTES` is an assumption until measured on a GPU.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+from trainer.model.config import MoondreamConfig, TextConfig, model_config_of
+from trainer.job_config import LORA_TARGETS, JobConfig, lora_target_names
+from trainer.memory.optimizers import BLOCK_SIZE_8BIT, MIN_8BIT_SIZE, QUANTILE_MAP_VALUES
+from trainer.memory.precision import BYTES_PER_VALUE, plan_precision
+
+GIB = 2 ** 30
+CUDA_CONTEXT_BYTES = 600 * 2 ** 20
+# text tokens a sequence holds besides BOS and the image when nothing better is known: prompt, answer, EOS
+PLANNING_TEXT_TOKENS = 24
+# crops per image when nothing better is known: a captcha is one global crop plus one tile
+PLANNING_CROPS_PER_IMAGE = 2
+# bytes saved per token per unit of model width, by compute size (see the module docstring)
+D_BYTES = {4: 28, 2: 22}
+FF_VALUES = 5
+# the JobConfig fields `estimate_memory` reads: configurations equal in these need the same memory
+MEMORY_FIELDS: tuple[str, ...] = ("model", "train_scope", "lora_rank", "lora_targets", "optimizer", "precision",
+                                  "trained_dtype", "frozen_dtype", "batch_size", "grad_accum",
+                                  "gradient_checkpointing", "attention_backend")
+
+
+def memory_shape(config: JobConfig) -> tuple[tuple[str, Any], ...]:
+    """What of a configuration decides its memory: configurations with equal shapes need the same."""
+    return tuple((name, getattr(config, name)) for name in MEMORY_FIELDS)
+
+
+@dataclass(frozen=True)
+class ParamTensor:
+    part: str  # vision, projection, text or lora
+    numel: int
+    trains: bool
+
+
+def _linear(part: str, n_in: int, n_out: int, trains: bool, bias: bool = True) -> list[ParamTensor]:
+    return [ParamTensor(part, n_in * n_out, trains)] + ([ParamTensor(part, n_out, trains)] if bias else [])
+
+
+def _norm(part: str, width: int, trains: bool) -> list[ParamTensor]:
+    return [ParamTensor(part, width, trains), ParamTensor(part, width, trains)]
+
+
+def decoder_linears(text: TextConfig) -> dict[str, tuple[int, int]]:
+    """(inputs, outputs) of each linear layer of a Phi decoder block, by the name LoRA targets use."""
+    head_dim = text.dim // text.n_heads
+    return {"q_proj": (text.dim, text.n_heads * head_dim), "k_proj": (text.dim, text.n_kv_heads * head_dim),
+            "v_proj": (text.dim, text.n_kv_heads * head_dim), "dense": (text.n_heads * head_dim, text.dim),
+            "fc1": (text.dim, text.ff_dim), "fc2": (text.ff_dim, text.dim)}
+
+
+def parameter_tensors(model: MoondreamConfig, scope: str, lora_rank: int = 16,
+                      lora_targets: str = LORA_TARGETS) -> list[ParamTensor]:
+    """Every parameter tensor of the model (and its LoRA adapters), with whether it trains under `scope`."""
+    v, t = model.vision, model.text
+    vision_trains, projection_trains = scope == "all", scope in ("text+projection", "all")
+    text_trains = scope != "lora"
+    tensors = [ParamTensor("vision", v.enc_dim * v.in_channels * v.enc_patch_size ** 2, vision_trains),
+               ParamTensor("vision", v.enc_dim, vision_trains),
+               ParamTensor("vision", v.n_image_tokens * v.enc_dim, vision_trains)]
+    for _ in range(v.enc_n_layers):
+        tensors += _norm("vision", v.enc_dim, vision_trains) + _norm("vision", v.enc_dim, vision_trains)
+        for _ in range(4):
+            tensors += _linear("vision", v.enc_dim, v.enc_dim, vision_trains)
+        tensors += _linear("vision", v.enc_dim, v.enc_ff_dim, vision_trains)
+        tensors += _linear("vision", v.enc_ff_dim, v.enc_dim, vision_trains)
+    tensors += _norm("vision", v.enc_dim, vision_trains)
+    tensors += _linear("projection", 2 * v.enc_dim, v.proj_inner_dim, projection_trains)
+    tensors += _linear("projection", v.proj_inner_dim, v.proj_out_dim, projection_trains)
+
+    targets = set(lora_target_names(lora_targets)) if scope == "lora" else set()
+    tensors.append(ParamTensor("text", t.vocab_size * t.dim, text_trains))
+    for _ in range(t.n_layers):
+        tensors += _norm("text", t.dim, text_trains)
+        for name, (n_in, n_out) in decoder_linears(t).items():
+            tensors += _linear("text", n_in, n_out, text_trains)
+            if name in targets:
+                tensors += [ParamTensor("lora", lora_rank * n_in, True), ParamTensor("lora", n_out * lora_rank, True)]
+    tensors += _norm("text", t.dim, text_trains) + _linear("text", t.dim, t.vocab_size, text_trains)
+    return tensors
+
+
+def optimizer_state_bytes(optimizer: str, tensors: list[ParamTensor], trained_bytes: int) -> int:
+    """Bytes of optimizer state for the trained tensors, as torch and bitsandbytes keep it."""
+    total = 0
+    for tensor in (t for t in tensors if t.trains):
+        if optimizer == "adamw8bit" and tensor.numel >= MIN_8BIT_SIZE:
+            # two uint8 states, their fp32 block scales, and two 256-value fp32 quantile maps
+            total += 2 * tensor.numel + 2 * 4 * math.ceil(tensor.numel / BLOCK_SIZE_8BIT) + 2 * 4 * QUANTILE_MAP_VALUES
+        elif optimizer == "adamw8bit":
+            total += 2 * 4 * tensor.numel  # small tensors keep fp32 states
+        else:
+            total += 2 * trained_bytes * tensor.numel + 4  # exp_avg, exp_avg_sq, and the fp32 step counter
+    return total
+
+
+def lora_inputs(config: JobConfig, model: MoondreamConfig) -> int:
+    """Values per token per block that LoRA adapters keep: each adapted layer saves its input again, cast
+    to the adapter's type."""
+    if config.train_scope != "lora":
+        return 0
+    linears = decoder_linears(model.text)
+    return sum(linears[name][0] for name in lora_target_names(config.lora_targets) if name in linears)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one micro-batch holds, beyond the config: text tokens per sequence and crops per image."""
+    text_tokens: int = PLANNING_TEXT_TOKENS
+    crops_per_image: int = PLANNING_CROPS_PER_IMAGE
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    gradients: int
+    optimizer_states: int
+    transient: int  # the most activations or optimizer-step temporaries take at one time, beyond gradients
+    allocator_peak: int  # what `torch.cuda.max_memory_allocated` should read; what `max_gpu_memory` must allow
+    cuda_context: int
+
+    @property
+    def device_total(self) -> int:
+        """What the job takes of the GPU, context included: what packing trials onto a GPU has to use."""
+        return self.allocator_peak + self.cuda_context
+
+    def parts(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def estimate_memory(config: JobConfig, model: Optional[MoondreamConfig] = None,
+                    workload: Workload = Workload()) -> MemoryEstimate:
+    """Predicted peak memory of `config` on a CUDA GPU; `model` defaults to the sizes `config.model` loads with."""
+    model = model or model_config_of(config.model)
+    plan = plan_precision(config.precision, config.trained_dtype, config.frozen_dtype, on_gpu=True)
+    c = BYTES_PER_VALUE[plan.compute]
+    trained_bytes, frozen_bytes = BYTES_PER_VALUE[plan.trained], BYTES_PER_VALUE[plan.frozen]
+    tensors = parameter_tensors(model, config.train_scope, config.lora_rank, config.lora_targets)
+    n_trained = sum(t.numel for t in tensors if t.trains)
+    n_frozen = sum(t.numel for t in tensors if not t.trains)
+    weights = trained_bytes * n_trained + frozen_bytes * n_frozen
+    gradients = trained_bytes * n_trained
+    states = optimizer_state_bytes(config.optimizer, tensors, trained_bytes)
+
+    v, t = model.vision, model.text
+    batch = config.batch_size
+    seq = 1 + v.n_image_tokens + workload.text_tokens
+    tokens = batch * seq
+    # half copies of fp32 trained weights that linear layers keep for backward; with checkpointing (and the
+    # autocast cache off, as the trainer runs it) only one block's worth at a time
+    half_copies = c * n_trained if plan.compute != "fp32" and plan.trained == "fp32" else 0
+    if config.gradient_checkpointing:
+        half_copies //= max(t.n_layers, 1)
+    # the residual stream is in the embedding's storage type: frozen under LoRA
+    residual = trained_bytes if config.train_scope != "lora" else frozen_bytes
+    block = tokens * (D_BYTES[c] * t.dim + FF_VALUES * c * t.ff_dim + trained_bytes * lora_inputs(config, model))
+    attention = 0
+    if config.attention_backend == "eager-4d":  # scores kept per layer, or for the recomputed layer only
+        layers_with_scores = 1 if config.gradient_checkpointing else t.n_layers
+        attention = layers_with_scores * batch * t.n_heads * seq * seq * (4 + c) + batch * seq * seq * 4
+    logits = batch * (workload.text_tokens + 1) * t.vocab_size * (c + 8)
+    if config.gradient_checkpointing:
+        kept = t.n_layers * tokens * t.dim * residual
+        recompute = block  # one block recomputed, with its activation gradients, during backward
+    else:
+        kept = t.n_layers * block
+        recompute = block // 2
+
+    # one micro-batch on the device: fp32 pixels of its crops and int64 token ids and labels
+    inputs = batch * (workload.crops_per_image * v.in_channels * v.crop_size ** 2 * 4 + 2 * workload.text_tokens * 8)
+    crop_tokens = batch * workload.crops_per_image * v.n_image_tokens
+    vision_block = crop_tokens * (D_BYTES[c] * v.enc_dim + FF_VALUES * c * v.enc_ff_dim)
+    vision_pass = vision_block  # a frozen tower: one block's intermediates at a time, before the decoder
+    if config.train_scope == "all":  # a trained tower keeps its activations for its own backward
+        vision_kept = v.enc_n_layers * (crop_tokens * v.enc_dim * trained_bytes if config.gradient_checkpointing
+                                        else vision_block)
+        kept += vision_kept
+        vision_pass += vision_kept
+
+    # gradients exist before the backward pass only when earlier micro-batches of the step left them
+    earlier_gradients = gradients if config.grad_accum > 1 else 0
+    phases = {
+        "vision pass": earlier_gradients + inputs + vision_pass,
+        "forward end": earlier_gradients + inputs + half_copies + kept + attention + logits,
+        "backward": gradients + inputs + half_copies + kept + recompute + attention + logits,
+        # torch's multi-tensor AdamW makes one temporary the size of all trained values; fused and 8-bit do not
+        "optimizer step": gradients + (trained_bytes * n_trained if config.optimizer == "adamw" else 0),
+    }
+    peak_phase = max(phases.values())
+    return MemoryEstimate(weights=weights, gradients=gradients, optimizer_states=states,
+                          transient=max(peak_phase - gradients, 0),
+                          allocator_peak=weights + states + peak_phase, cuda_context=CUDA_CONTEXT_BYTES)
