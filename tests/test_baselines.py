@@ -85,6 +85,7 @@ def baseline_sweep(tmp_path_factory, captcha_parquet):
     return tmp, proc
 
 
+@pytest.mark.slow
 def test_the_baseline_is_the_first_proposal_of_a_crossed_sweep(baseline_sweep):
     tmp, proc = baseline_sweep
     assert "runs first, baseline recipe: lr=0.0008, grad_accum=2, adam_beta2=0.95" in proc.stderr
@@ -98,6 +99,7 @@ def test_the_baseline_is_the_first_proposal_of_a_crossed_sweep(baseline_sweep):
     assert all(r["outcome"] == "ok" for r in rows)
 
 
+@pytest.mark.slow
 def test_summary_report_and_query_say_the_same_vs_baseline(baseline_sweep):
     tmp, proc = baseline_sweep
     lines = [line for line in proc.stdout.splitlines() if line.startswith("vs baseline recipe")]

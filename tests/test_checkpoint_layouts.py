@@ -147,6 +147,7 @@ def _mdsweep(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_train_and_predict_read_a_2024_checkpoint_as_they_read_the_2025_one(tmp_path, captcha_parquet):
     """The same training run from the same base in two layouts: equal losses, equal predictions."""
     old = resaved(TINY_READER, tmp_path / "old", WEIGHTS_FILE, "2024", orig_mod=True)
@@ -165,6 +166,7 @@ def test_train_and_predict_read_a_2024_checkpoint_as_they_read_the_2025_one(tmp_
     assert results["2024"] == results["2025"]
 
 
+@pytest.mark.slow
 def test_a_sweep_trains_the_2024_layout_as_it_trains_the_2025_one(tmp_path, captcha_parquet):
     """`--cross model=NEW,OLD`: every proposal runs on the base in both layouts, so their rows must match exactly."""
     import os

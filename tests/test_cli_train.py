@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from orchestrator.cli.main import main
 
@@ -34,6 +35,7 @@ def test_train_resume_continues_from_the_checkpoint(captcha_parquet, tmp_path):
     assert pq.read_table(out / "reports.parquet").column("step").to_pylist() == [2, 4]
 
 
+@pytest.mark.slow
 def test_a_crashed_train_resumes_with_every_row_once_and_the_weights_of_an_uninterrupted_run(captcha_parquet,
                                                                                              tmp_path):
     """The process dies at step 3 (after the step-2 checkpoint); `--resume` must keep steps 1-2 and the step-2
@@ -79,6 +81,7 @@ def test_failed_outcome_has_its_own_exit_code(captcha_parquet, tmp_path):
     assert json.loads((tmp_path / "o" / "result.json").read_text())["outcome"] == "oom"
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_naming_the_last_checkpoint_and_resume_finishes(captcha_parquet, tmp_path):
     import os
     import signal

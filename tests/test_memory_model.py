@@ -1,9 +1,11 @@
 """The memory model against exact parameter and optimizer-state bytes of real modules, against allocations
-measured on CPU during real training steps, and the figures the README quotes for the real model."""
+measured on CPU during real training steps, and the table docs/memory.md prints for the real model."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +15,10 @@ from trainer.model.config import PRESETS
 from trainer.devices import autocast_dtype_of, resolve_precision
 from trainer.job import accumulate_gradients, optimizer_step, prepare_model
 from trainer.job_config import JobConfig
-from trainer.memory.sizes import track_allocations
-from trainer.memory.estimate import GIB, Workload, estimate_memory, optimizer_state_bytes, parameter_tensors
+from trainer.memory.sizes import parse_bytes, track_allocations
+from orchestrator.sweep.memory_plan import ShapePlan
+from trainer.memory.estimate import (CUDA_CONTEXT_BYTES, GIB, Workload, estimate_memory, memory_shape,
+                                    optimizer_state_bytes, parameter_tensors)
 from trainer.model.network import MoondreamModel
 from trainer.memory.optimizers import build_optimizer
 
@@ -108,18 +112,55 @@ def test_predicted_peak_is_close_above_the_allocations_of_real_steps(settings):
     assert 0.95 <= predicted / measured <= 1.3, (predicted, measured)
 
 
-def _real_text_finetune(**settings) -> int:
-    return estimate_memory(JobConfig(model="moondream2", train_scope="text", batch_size=8,
-                                     **settings)).device_total
+DOCS_MEMORY = Path(__file__).resolve().parent.parent / "docs" / "memory.md"
+# what each configuration of the docs' table of the real model sets, by the row's first cell
+TABLE_ROWS = {
+    "fp32 AdamW (`optimizer=adamw`)": dict(optimizer="adamw"),
+    "`adamw8bit` (frozen parts half by default)": dict(optimizer="adamw8bit"),
+    "`adamw8bit` + `eager-4d` attention": dict(optimizer="adamw8bit", attention_backend="eager-4d"),
+    "`adamw8bit` + `trained_dtype=fp16`": dict(optimizer="adamw8bit", trained_dtype="fp16"),
+    "`train_scope=lora` (rank 16)": dict(train_scope="lora", lora_rank=16),
+}
+TABLE_COLUMNS = ("weights", "grads", "optimizer", "transient", "peak", "+context")
+
+
+def _docs_table() -> tuple[re.Match, list[str], list[list[str]]]:
+    """The caption's workload, the header and the rows of the table docs/memory.md prints for the real model."""
+    text = DOCS_MEMORY.read_text()
+    caption = re.search(r"Predicted for the real model, text fine-tune, batch (\d+), grad_accum (\d+), (\d+) text "
+                        r"tokens, with checkpointing .*?assumed ([0-9.]+) GiB CUDA context", text, re.DOTALL)
+    assert caption, "docs/memory.md no longer states the workload of its table"
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| configuration |"))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    return caption, table[0], table[2:]  # table[1] is the |---| separator
 
 
 def test_the_real_text_finetune_fits_the_gpus_people_have():
-    lean = _real_text_finetune(optimizer="adamw8bit")
-    assert lean <= 18e9 and lean < 24e9 and int(80 * GIB // lean) >= 4
-    assert _real_text_finetune(optimizer="adamw8bit", trained_dtype="fp16") <= 12e9
-    assert estimate_memory(JobConfig(model="moondream2", train_scope="lora", batch_size=8)).device_total <= 8e9
-    assert _real_text_finetune() > 24e9  # fp32 AdamW, the old default, does not fit a 24 GB card
-    assert _real_text_finetune(optimizer="adamw8bit", attention_backend="eager-4d") > lean + GIB // 2
+    """Every figure of the docs' table is the memory model's prediction, so neither changes without the other:
+    the table is what people choose a configuration and a GPU by."""
+    caption, header, rows = _docs_table()
+    batch, grad_accum, text_tokens, context_gib = caption.groups()
+    assert float(context_gib) == pytest.approx(CUDA_CONTEXT_BYTES / GIB, abs=0.05)
+    assert header[1:len(TABLE_COLUMNS) + 1] == list(TABLE_COLUMNS)
+    gpus = [parse_bytes(name.removeprefix("per ")) for name in header[len(TABLE_COLUMNS) + 1:]]
+    assert gpus == [24 * GIB, 80 * GIB]
+    assert [row[0] for row in rows] == list(TABLE_ROWS)
+    for row in rows:
+        config = JobConfig(**{"model": "moondream2", "train_scope": "text", "batch_size": int(batch),
+                              "grad_accum": int(grad_accum), "gradient_checkpointing": True, **TABLE_ROWS[row[0]]})
+        estimate = estimate_memory(config, workload=Workload(text_tokens=int(text_tokens)))
+        predicted = [estimate.weights, estimate.gradients, estimate.optimizer_states, estimate.transient,
+                     estimate.allocator_peak, estimate.device_total]
+        printed = [float(cell) for cell in row[1:len(TABLE_COLUMNS) + 1]]
+        assert [value / GIB for value in predicted] == pytest.approx(printed, abs=0.1), row[0]
+        # trials per GPU exactly as `mdsweep plan` counts them
+        per_gpu = [ShapePlan(dict(memory_shape(config)), estimate, 1).trials_per_gpu(size) for size in gpus]
+        assert per_gpu == [int(cell) for cell in row[len(TABLE_COLUMNS) + 1:]], row[0]
 
 
 def test_memory_model_imports_without_torch():

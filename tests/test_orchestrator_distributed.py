@@ -19,6 +19,8 @@ import pytest
 
 from orchestrator.sweep.sink import read_partition
 
+pytestmark = pytest.mark.slow  # real Ray heads and sweeps: the fast lane (-m "not slow") leaves them out
+
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
 
@@ -192,38 +194,59 @@ def _lose_the_reports_of_the_checkpoints(tmp_path: Path, trial_id: str) -> None:
     pq.write_table(pa.Table.from_pylist(kept, schema=table.schema), path)
 
 
-OOM_AT_BATCH_4 = """
+# The first proposal's shape runs out of memory; the sixth and seventh ask for a batch predicted to need more
+# than a whole GPU (never run: told to Optuna as failed and resampled); the rest fit three to a GPU.
+PACKED_SPACE = """
 def space(trial):
-    batch = trial.suggest_categorical("batch_size", [2, 4])
+    batch = 4 if trial.number == 0 else 4096 if trial.number in (5, 6) else 2
     return {"lr": trial.suggest_float("lr", 1e-5, 1e-4, log=True), "batch_size": batch,
             "fault": "oom@1" if batch == 4 else None}
 """
 
 
-def test_auto_gpu_memory_packs_by_prediction_and_never_reruns_an_oom_shape(cluster, tmp_path, captcha_parquet):
+def test_auto_gpu_memory_packs_by_prediction_and_never_runs_a_shape_that_cannot_fit(cluster, tmp_path,
+                                                                                      captcha_parquet):
+    """Four trials at once on two 2-CPU nodes with one (logical) GPU each: two share each GPU, each under a
+    share of (predicted peak x 1.15 + CUDA context) / GPU; a shape predicted to need more than a GPU is
+    rejected before it runs; the out-of-memory shape and the measured peaks are booked for later shares."""
+    from orchestrator.cluster.resources import round_gpu_fraction
     from orchestrator.sweep.driver import run_sweep
+    from orchestrator.sweep.gpu_memory import MARGIN, book_for
     from orchestrator.sweep.settings import SweepSettings
-    from orchestrator.sweep.trainable import assigned_gpu_share  # noqa: F401  (the trial side of auto)
+    from trainer.job_config import JobConfig
+    from trainer.memory.estimate import CUDA_CONTEXT_BYTES, estimate_memory
 
     space = tmp_path / "space.py"
-    space.write_text(OOM_AT_BATCH_4)
+    space.write_text(PACKED_SPACE)
+    fixed = {"model": "tiny", "train_data": str(captcha_parquet), "max_steps": 2, "eval_every": 2,
+             "max_val_samples": 4, "max_new_tokens": 5}
     settings = SweepSettings(
         name="auto", storage=str(tmp_path / "sweeps"), results=str(tmp_path / "results"), space=f"{space}:space",
-        fixed={"model": "tiny", "train_data": str(captcha_parquet), "max_steps": 2, "eval_every": 2,
-               "max_val_samples": 4, "max_new_tokens": 5},
-        num_samples=6, max_concurrent=1, gpu_memory_per_trial="auto", node_gpu_memory="2GiB",
-        address=cluster.address, progress_interval=0, job_fn="tests.gpu_readings:run_job_with_half_the_predicted_peak")
+        fixed=fixed, num_samples=6, max_concurrent=4, cpus_per_trial=1, gpu_memory_per_trial="auto",
+        node_gpu_memory="2GiB", address=cluster.address, progress_interval=0,
+        job_fn="tests.gpu_readings:run_job_with_half_the_predicted_peak")
     outcome = run_sweep(settings, quiet=True)
     rows = read_partition(tmp_path / "results", "trials", "auto")
-    assert outcome.status == "finished" and rows
-    # at most one trial of the shape that ran out of memory: later proposals of it were rejected, not run
-    assert sum(r["batch_size"] == 4 for r in rows) <= 1
-    assert [r["outcome"] for r in rows if r["batch_size"] == 2] == ["ok"] * sum(r["batch_size"] == 2 for r in rows)
-    for r in rows:
-        # each trial ran capped at its own GPU share, from its predicted memory (plus margin and context)
-        share = float(r["max_gpu_memory"])
-        assert 0 < share < 1 and r["predicted_peak_bytes"] > 0
-        assert share * 2 * GiB >= r["predicted_peak_bytes"] * 0.5
-    ok = sorted((r for r in rows if r["outcome"] == "ok"), key=lambda r: r["start_time"])
-    # after the first measured peak (half the prediction), later trials of the shape got a smaller share
-    assert float(ok[-1]["max_gpu_memory"]) < float(ok[0]["max_gpu_memory"])
+    assert outcome.status == "finished" and len(rows) == 6
+    assert sorted(r["outcome"] for r in rows) == ["ok"] * 5 + ["oom"]
+    (oom,) = [r for r in rows if r["outcome"] == "oom"]
+    assert oom["batch_size"] == 4 and all(r["batch_size"] == 2 for r in rows if r is not oom)
+    assert book_for("auto").rejected == 2  # the two batch-4096 proposals: resampled, never run
+
+    first = min(rows, key=lambda r: r["start_time"])
+    predicted = estimate_memory(JobConfig(**{**fixed, "batch_size": first["batch_size"]})).allocator_peak
+    assert first["predicted_peak_bytes"] == predicted
+    assert float(first["max_gpu_memory"]) == round_gpu_fraction((int(predicted * MARGIN) + CUDA_CONTEXT_BYTES)
+                                                                 / (2 * GiB))
+    # two trials ran on the same GPU of the same node at the same time
+    shared = [(a["trial_id"], b["trial_id"]) for a in rows for b in rows
+              if a["trial_id"] < b["trial_id"] and (a["node_id"], a["gpu_ids"]) == (b["node_id"], b["gpu_ids"])
+              and a["start_time"] < b["end_time"] and b["start_time"] < a["end_time"]]
+    assert shared
+    # the driver's book learnt each finished trial's measured peak (half the prediction here), from which later
+    # shares are cut (how a measurement changes a share: tests/test_gpu_memory.py)
+    from trainer.memory.estimate import memory_shape
+
+    small = JobConfig(**{**fixed, "batch_size": 2})
+    assert book_for("auto").measured[memory_shape(small)] == estimate_memory(small).allocator_peak // 2
+    assert memory_shape(JobConfig(**{**fixed, "batch_size": 4})) in book_for("auto").out_of_memory

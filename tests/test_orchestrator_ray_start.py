@@ -8,6 +8,7 @@ ports, and only its own processes (found by that HOME) are ended, by id.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.slow  # real Ray heads and sweeps: the fast lane (-m "not slow") leaves them out
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).with_name("ray")
@@ -142,11 +145,12 @@ def test_ray_address_variable_attaches_and_a_trial_runs(ray_head, captcha_parque
     proc = mdsweep("run", "--name", "attached", "--num-samples", "1", "--space", "smoke:space",
                    "--train-data", str(captcha_parquet), "--max-steps", "2", "--eval-every", "2",
                    "--batch-size", "4", "--max-val-samples", "4", "--set", "max_new_tokens=5",
-                   "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"), "--quiet",
+                   "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"),
                    env={**env, "RAY_ADDRESS": address})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # attached to this test's head, not an embedded Ray of its own
-    assert "Connected to Ray cluster" in proc.stderr and "Started a local Ray instance" not in proc.stderr
+    # attached to this test's head (its port, from RAY_ADDRESS), not an embedded Ray of its own
+    port = address.rsplit(":", 1)[1]
+    assert re.search(rf"attached to the Ray cluster at [0-9.]+:{port} \(RAY_ADDRESS {address}\)", proc.stderr)
     import pyarrow.parquet as pq
 
     rows = pq.read_table(tmp_path / "r" / "trials").to_pylist()
@@ -190,8 +194,10 @@ def test_auto_finds_the_head_started_on_this_machine(ray_head, captcha_parquet, 
     proc = mdsweep("run", "--address", "auto", "--dry-run", "--train-data", str(captcha_parquet),
                    "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # this test's head, not another Ray
     port = address.rsplit(":", 1)[1]
-    assert f":{port}" in proc.stderr and "2 node(s)" in proc.stderr  # this test's head, not another Ray
+    assert re.search(rf"attached to the Ray cluster at [0-9.]+:{port} \(--address auto\)", proc.stderr)
+    assert "2 node(s)" in proc.stderr
 
 
 @pytest.mark.parametrize("token", [None, "0" * 64], ids=["no-token", "wrong-token"])

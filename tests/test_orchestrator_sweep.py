@@ -65,6 +65,9 @@ def test_default_modes():
     ({"gpu_memory_per_trial": "lots"}, "--gpu-memory-per-trial: cannot read 'lots'"),
     ({"node_gpu_memory": "80 bananas"}, "--node-gpu-memory"),
     ({"objectives": [("val_exact_match", "max"), ("accuracy", "min")]}, "--objective 'accuracy'"),
+    # the held-out test may never steer the search
+    ({"metric": "test_exact_match"}, "--metric 'test_exact_match'"),
+    ({"objectives": [("test_exact_match", "max")]}, "--objective 'test_exact_match': not a reported metric"),
     ({"objectives": [("val_exact_match", "max"), ("elapsed_s", "min")], "early_stop": "asha"},
      "--early-stop with several --objective"),
 ])

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from orchestrator.cli.main import main
 from orchestrator.sweep.memory_plan import plan_space
 from trainer.model.loading import preset_tokenizer
@@ -54,6 +56,7 @@ def test_real_size_preset_runs_with_a_stand_in_tokenizer_and_says_so(capsys):
     assert "stands in" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_completes():
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry-run"], capture_output=True,
                          text=True, timeout=600, cwd=ROOT)

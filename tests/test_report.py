@@ -50,6 +50,7 @@ def swept(tmp_path_factory, captcha_parquet):
     return tmp / "results"
 
 
+@pytest.mark.slow
 def test_each_section_matches_the_tables(swept):
     from orchestrator.results.report_data import MAX_MISREAD, collect
 
@@ -64,7 +65,7 @@ def test_each_section_matches_the_tables(swept):
     low, high = data.summary["best"]["low"], data.summary["best"]["high"]
     assert (low, high) == (best["final_val_exact_match_low"], best["final_val_exact_match_high"])
     assert low <= best["objective"] <= high and 0 <= low < high <= 1  # a Wilson interval, also around 0
-    assert data.summary["best"]["n"] == best["final_val_n"] == 16
+    assert data.summary["best"]["n"] == best["final_val_n"] == 10  # a tenth of the 96 captchas
     assert data.leaderboard.rows[0]["trial_id"] == best["trial_id"]
     assert [r["outcome"] for r in data.leaderboard.rows[-2:]] == ["oom", "oom"]  # no objective: last
     assert len(data.curves.rows) == len(steps) and {r["attention"] for r in data.curves.rows} == {"causal", "prefix"}
@@ -98,6 +99,34 @@ def test_each_section_matches_the_tables(swept):
     assert all(r["image"].startswith("data:image/png;base64,") for r in data.misread.rows)
 
 
+@pytest.mark.slow
+def test_predict_on_the_export_gives_the_answers_the_sweep_recorded(swept, captcha_parquet, tmp_path):
+    """`mdsweep predict --model EXPORT` with no settings but the card's (attention, question, template, batch,
+    max_new_tokens) answers the trial's validation captchas as the sweep recorded them, per sample_id; the
+    base model answers some of them otherwise, so the export is the trained model and not its base."""
+    import pyarrow.parquet as pq
+
+    export = tmp_path / "best"
+    assert mdsweep("export", str(swept), "--sweep", "rep", "--best", "--out", str(export)).returncode == 0
+    card = json.loads((export / "model_card.json").read_text())
+    recorded = load_table(swept, "predictions", ["rep"]).to_pylist()
+    last = max(r["step"] for r in recorded if r["trial_id"] == card["trial_id"])
+    recorded = {r["sample_id"]: r["prediction"] for r in recorded
+                if r["trial_id"] == card["trial_id"] and r["step"] == last}
+    answers = {}
+    base_settings = ["--attention", card["job_config"]["attention"], "--max-new-tokens",
+                     str(card["job_config"]["max_new_tokens"])]  # the base asked as the trial was
+    for model, out, settings in ((str(export), tmp_path / "export.parquet", []),
+                                 ("tiny-reader", tmp_path / "base.parquet", base_settings)):
+        proc = mdsweep("predict", "--model", model, "--data", str(captcha_parquet), "--show", "0", "--out", str(out),
+                       *settings)
+        assert proc.returncode == 0, proc.stderr
+        answers[model] = {r["sample_id"]: r["prediction"] for r in pq.read_table(out).to_pylist()}
+    assert len(recorded) == card["final_metrics"]["val_n"] == 10 and set(recorded) <= set(answers[str(export)])
+    assert {i: answers[str(export)][i] for i in recorded} == recorded
+    assert any(answers["tiny-reader"][i] != recorded[i] for i in recorded)
+
+
 def test_curves_are_drawn_in_samples_when_the_budget_is_in_samples():
     """grad_accum 1 and 2 trials that saw the same 40 samples end at the same x, not at steps 10 and 5."""
     from orchestrator.results.report_data import budget_in_samples, curves
@@ -124,6 +153,7 @@ def _chromium() -> str:
     return found
 
 
+@pytest.mark.slow
 def test_the_page_renders_every_chart_in_headless_chromium_offline(swept, tmp_path):
     out = tmp_path / "report.html"
     proc = mdsweep("report", str(swept), "--sweep", "rep", "--out", str(out))
@@ -148,6 +178,7 @@ def test_the_page_renders_every_chart_in_headless_chromium_offline(swept, tmp_pa
     assert colours is not None and len(colours) > 200  # charts and images, not a blank page
 
 
+@pytest.mark.slow
 def test_study_opens_in_optuna_with_the_best_proposal_and_is_idempotent(swept, tmp_path):
     import optuna
 
@@ -173,6 +204,7 @@ def test_study_opens_in_optuna_with_the_best_proposal_and_is_idempotent(swept, t
     assert len(study.best_trial.intermediate_values) >= 2  # the dashboard's learning curve
 
 
+@pytest.mark.slow
 def test_the_best_trial_of_a_study_without_repeats_is_the_querys(tmp_path, captcha_parquet):
     """Without --cross or --replicates, a proposal is one trial: the study's best is `mdsweep query`'s."""
     results = tmp_path / "results"
@@ -193,6 +225,7 @@ def test_the_best_trial_of_a_study_without_repeats_is_the_querys(tmp_path, captc
     assert query[0]["trial_id"] in tied
 
 
+@pytest.mark.slow
 def test_bad_input_is_a_message_not_a_traceback(swept, tmp_path):
     proc = mdsweep("report", str(swept), "--sweep", "nosuch")
     assert proc.returncode == 2 and "no such sweep" in proc.stderr and "Traceback" not in proc.stderr
@@ -208,6 +241,7 @@ def test_bad_input_is_a_message_not_a_traceback(swept, tmp_path):
     assert "none: no trial has ended ok yet" in page and "no trial ended ok" in page
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("table", ["steps", "predictions"])
 def test_a_table_that_cannot_be_read_is_warned_on_the_terminal_and_on_the_page(swept, tmp_path, table):
     """It used to drop the curves or the misread samples without a word."""

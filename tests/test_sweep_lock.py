@@ -42,6 +42,7 @@ import os; os._exit(9)
                                          f"pid {holder['pid']} on {holder['host']} since {holder['since']})")
 
 
+@pytest.mark.slow
 def test_a_second_run_of_the_same_name_is_refused_while_the_first_runs(tmp_path, captcha_parquet):
     """Two `mdsweep run --name X` on the same storage and results used to merge into one sweep."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -69,6 +70,7 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_runs(tmp_path,
     assert lock.read_text() == ""  # released at the end
 
 
+@pytest.mark.slow
 def test_a_sweep_name_from_another_storage_in_the_same_results_is_refused(tmp_path):
     from orchestrator.sweep.sink import write_sweep_row
     from orchestrator.sweep.driver import check_name_is_free

@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import random
 import secrets
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 import captcha.image as captcha_image
-from orchestrator.cli.main import main as cli
+from orchestrator.cli.main import main
 from trainer.data.dataset import load_samples
 from trainer.data.synth import generate_samples, synthesize
 
@@ -88,35 +89,43 @@ def test_bad_options(tmp_path):
     assert not (tmp_path / "x.parquet").exists()
 
 
-def test_custom_fonts(tmp_path):
-    font = captcha_image.DEFAULT_FONTS[0]
-    out = synthesize(2, tmp_path / "f.parquet", fonts=[font], seed=1)
-    assert len(load_samples(out).samples) == 2
+DEJAVU = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+
+
+@pytest.mark.skipif(not DEJAVU.is_file(), reason=f"no font file at {DEJAVU} to draw with")
+def test_custom_fonts_draw_the_same_labels_in_another_font(tmp_path):
+    """A font that is not one of captcha's own: the same seed gives the same labels, drawn differently."""
+    assert str(DEJAVU) not in map(str, captcha_image.DEFAULT_FONTS)
+    default = load_samples(synthesize(4, tmp_path / "default.parquet", seed=1)).samples
+    custom = load_samples(synthesize(4, tmp_path / "custom.parquet", fonts=[DEJAVU], seed=1)).samples
+    assert [s.text for s in custom] == [s.text for s in default]
+    assert all(c.image.size == d.image.size == (200, 50) for c, d in zip(custom, default))
+    assert all(c.image.tobytes() != d.image.tobytes() for c, d in zip(custom, default))
 
 
 def test_cli_synth(tmp_path, capsys):
     out = tmp_path / "X.parquet"
-    rc = cli.main(["data", "synth", "--n", "20", "--out", str(out), "--seed", "4"])
+    rc = main(["data", "synth", "--n", "20", "--out", str(out), "--seed", "4"])
     assert rc == 0
     assert capsys.readouterr().out.strip() == str(out)
     ds = load_samples(out)
     assert len(ds.samples) == 20
     same = tmp_path / "Y.parquet"
-    assert cli.main(["data", "synth", "--n", "20", "--out", str(same), "--seed", "4", "--quiet"]) == 0
+    assert main(["data", "synth", "--n", "20", "--out", str(same), "--seed", "4", "--quiet"]) == 0
     assert out.read_bytes() == same.read_bytes()
 
 
 def test_cli_synth_rejects_bad_options(tmp_path, capsys):
-    rc = cli.main(["data", "synth", "--n", "0", "--out", str(tmp_path / "z.parquet")])
+    rc = main(["data", "synth", "--n", "0", "--out", str(tmp_path / "z.parquet")])
     assert rc == 2 and "n must be at least 1" in capsys.readouterr().err
 
 
 def test_cli_check(tmp_path, capsys):
     out = synthesize(5, tmp_path / "c.parquet", seed=0)
-    assert cli.main(["data", "check", str(out)]) == 0
+    assert main(["data", "check", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "samples:  5" in printed and "200x50" in printed
-    assert cli.main(["data", "check", str(tmp_path / "missing")]) == 1
+    assert main(["data", "check", str(tmp_path / "missing")]) == 1
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -124,16 +133,14 @@ def test_data_check_refuses_labels_the_models_tokenizer_cannot_write_or_fit(tmp_
     """As `train` does: a character the tokenizer lacks, or a label longer than the context leaves room for."""
     from PIL import Image
 
-    from orchestrator.cli.main import main as cli
-
     folder = tmp_path / "labels"
     folder.mkdir()
     for label in ("日本", "123", "9" * 200):  # the tiny model leaves about 160 tokens for an answer
         Image.new("RGB", (200, 50), (255, 255, 255)).save(folder / f"{label}.png")
-    assert cli.main(["data", "check", str(folder)]) == 1
+    assert main(["data", "check", str(folder)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "2 such label(s) for model tiny; --skip-bad drops and counts them" in err[0]
-    assert cli.main(["data", "check", str(folder), "--skip-bad"]) == 0
+    assert main(["data", "check", str(folder), "--skip-bad"]) == 0
     out = capsys.readouterr().out
     assert "samples:  1" in out and "skipped:  2" in out
     assert "label '日本' cannot be encoded" in out and "the context leaves room for" in out

@@ -109,6 +109,7 @@ def test_a_tokenizer_beside_the_weights_wins_and_a_spec_overrides_it(tmp_path, o
         load_model(str(model), tokenizer="not a spec")
 
 
+@pytest.mark.slow
 def test_train_records_the_tokenizer_in_its_result_and_saved_model(tmp_path, offline_hub, captcha_parquet):
     """Through the CLI, as a user runs it: the choice is in result.json, and the saved model carries the file."""
     model = write_bpe_model(tmp_path / "md2")

@@ -52,6 +52,11 @@ class Progress:
     best_metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def cap_note(cap: Optional[int]) -> str:
+    """What an `oom` outcome adds about the allocator cap: whether the job ran out of the GPU or of its share."""
+    return f" (cap {cap} bytes)" if cap else ""
+
+
 def prepare_model(config: JobConfig, precision: PrecisionPlan) -> LoadedModel:
     """The job's model as it trains, still on the CPU: built (trainer.job_model), its weights in their storage
     types, checkpointing as asked."""
@@ -87,7 +92,7 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
         model.to(device).train()
     except torch.OutOfMemoryError:
         return JobResult(outcome="oom", step=0, peak_memory_bytes=peak_bytes(device),
-                         error=f"out of memory moving the model to {device} (cap {cap} bytes)",
+                         error=f"out of memory moving the model to {device}{cap_note(cap)}",
                          wall_time_s=time.time() - started)
     data = prepare_data(config, loaded, opened)
     pad_id = loaded.tokenizer.eos_id
@@ -183,8 +188,7 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
                     on_report(dict(final), Path(checkpoint_dir) if checkpoint_dir is not None else None)
     except torch.OutOfMemoryError as exc:
         message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
-        cap_note = f" (cap {cap} bytes)" if cap else ""
-        return result("oom", f"out of memory at step {progress.step + 1}{cap_note}: {message}")
+        return result("oom", f"out of memory at step {progress.step + 1}{cap_note(cap)}: {message}")
     except Diverged as exc:
         return result("diverged", str(exc))
     tested = test_metrics(model, loaded, config, test_data, device=device,

@@ -137,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         flags = {f.name: getattr(args, f.name) for f in settings_flags()}
         flags.update(metric=metric, mode=mode, test_data=_absolutize("test_data", args.test_data))
         settings = SweepSettings(name=args.name or f"sweep-{utc_stamp()}", fixed=fixed, objectives=objectives,
-                                 cross=cross, argv=" ".join(shlex.quote(a) for a in sys.argv), **flags)
+                                 cross=cross, argv=" ".join(["mdsweep", *map(shlex.quote, sys.argv[1:])]), **flags)
         outcome = run_sweep(settings, quiet=args.quiet, dry_run=args.dry_run)
     except (ValueError, SweepError, ClusterError) as e:
         print(f"mdsweep run: error: {e}", file=sys.stderr)

@@ -116,14 +116,33 @@ def _submitted_job_ships_code() -> bool:
 
 
 def leave_job_working_dir() -> None:
-    """Move a submitted job's driver out of Ray's copy of its --working-dir. Ray re-extracts that copy in place
-    when the first worker with the same runtime env starts on the node (Ray >= 2.41 replaces a cached
-    working_dir rather than reuse it), which pulls the directory from under a driver standing in it: measured
-    here, the first sweep on a fresh cluster then died in torch's MKL ("Cannot load libtorch_cpu.so") or in
-    Tune (`os.getcwd()`: FileNotFoundError). Imports are unaffected: sys.path holds the path, which is
-    re-created with the same files."""
+    """Move a submitted job's driver out of Ray's copy of its --working-dir, with every project module loaded.
+
+    Ray re-extracts that copy in place when the first worker with the same runtime env starts on the node
+    (Ray >= 2.41 replaces a cached working_dir rather than reuse it), which pulls the directory from under a
+    driver standing in it: measured here, the first sweep on a fresh cluster then died in torch's MKL ("Cannot
+    load libtorch_cpu.so"), in Tune (`os.getcwd()`: FileNotFoundError), or on a module the driver imports
+    late (`No module named 'orchestrator.sweep.progress'`, read while the directory was being replaced). So
+    the driver loads all of its own code first, while the copy is whole."""
     if _submitted_job_runtime_env().get("working_dir"):
+        import_project_modules()
         os.chdir(Path.home() if Path.home().is_dir() else tempfile.gettempdir())
+
+
+def import_project_modules() -> None:
+    """Import every module of the project's packages (the CLI and the layers under it import most of them late,
+    to keep `mdsweep --help` fast)."""
+    import importlib
+    import pkgutil
+
+    import orchestrator
+    import search_spaces
+    import trainer
+
+    for package in (orchestrator, trainer, search_spaces):
+        for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            if not module.name.endswith("__main__"):
+                importlib.import_module(module.name)
 
 
 def check_output_outlives_job(flag: str, path: str) -> None:
@@ -223,6 +242,7 @@ def connect(
         raise ClusterError(f"{source} {resolved}: {e}") from None
     except Exception as e:  # e.g. a port that is open but is not a Ray head
         raise ClusterError(f"{source} {resolved}: could not attach to Ray ({type(e).__name__}: {e})") from None
+    notes.append(f"attached to the Ray cluster at {ray.get_runtime_context().gcs_address} ({source} {resolved})")
     return ClusterHandle(address=resolved, source=source, owned=True, notes=notes)
 
 

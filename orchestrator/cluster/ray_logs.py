@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
 
 def route_ray_logs(log_file: Path) -> None:
     """Replace the terminal handlers of the `ray` logger (and so of every `ray.*` logger) with `log_file`."""
@@ -24,6 +22,4 @@ def route_ray_logs(log_file: Path) -> None:
            for h in logger.handlers):
         return
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_file, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(FORMAT))
-    logger.addHandler(handler)
+    logger.addHandler(logging.FileHandler(log_file, encoding="utf-8"))  # ray.init gives it Ray's own format

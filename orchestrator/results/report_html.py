@@ -22,11 +22,12 @@ OUTCOME_SYMBOLS = {"oom": "x", "host_oom": "x-open", "diverged": "triangle-down"
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1360px; color: #222; }
 h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; font-size: 0.9em; } td, th { padding: 3px 9px; border-bottom: 1px solid #eee; }
 th { text-align: left; background: #f6f6f6; } table.sortable th { cursor: pointer; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; } .wide { overflow-x: auto; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; } .wide { overflow-x: auto; }
+td.error { max-width: 28em; overflow-wrap: anywhere; font-size: 0.9em; }
 .note { color: #666; font-style: italic; } .warning { color: #b00020; font-weight: bold; }
 .outcome-ok { color: #2a7d2a; }
 .outcome-oom, .outcome-error, .outcome-diverged { color: #b22222; font-weight: bold; }
@@ -77,6 +78,8 @@ def table_html(rows: list[dict[str, Any]], columns: list[str], sortable: bool = 
             cls = "num" if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
             if c == "outcome":
                 cls = f"outcome-{v}"
+            elif c == "error":
+                cls = "error"  # long messages wrap in their column, so the table keeps to the page
             cells.append(f'<td class="{cls}" data-v="{html.escape(str(v if v is not None else ""))}">'
                          f"{html.escape(fmt(v))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")

@@ -116,7 +116,9 @@ class SweepSettings:
     worker_logs: bool = _flag(False, "output", "forward the trials' stdout/stderr to this terminal")
     ray_logs: bool = _flag(False, "output", "show Ray's own log lines on this terminal (default: they go to "
                            "RESULTS/logs/NAME.log)")
-    job_fn: str = "trainer.job:run_job"  # the job each trial runs (tests substitute an instrumented one)
+    job_fn: str = _flag("trainer.job:run_job", "search", "the job each trial runs, as module:function (default: "
+                        "the fine-tuning job; trainer.standin_job:run_standin_job trains nothing and measures the "
+                        "sweep machinery alone, see bench/scale.py)", metavar="MODULE:FUNCTION")
     argv: str = ""  # the command line that started the sweep
 
     def to_json(self) -> dict[str, Any]:
