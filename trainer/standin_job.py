@@ -4,8 +4,10 @@ A sweep's job is a setting (`SweepSettings.job_fn`), so `bench/scale.py` runs a 
 instead of the real job: no torch, no data read, just reports. Each trial reports `max_steps / eval_every`
 evaluations, one every `MDSWEEP_STANDIN_SECONDS` seconds (default 0.5), with a validation metric that depends
 on lr and grad_accum as a real sweep's would (best near lr 3e-4 and grad_accum 2, rising with the steps), so
-the search has something to find; with `MDSWEEP_STANDIN_CHECKPOINT_BYTES` set, each report comes with a
-checkpoint of that size, as a real trial's does. Deterministic: the same config gives the same reports.
+the search has something to find. It ends with per-sample predictions on `val_n` (200) validation samples, right
+with the trial's final exact match as probability, so paired comparisons and the predictions table cost what
+they cost in a real sweep. With `MDSWEEP_STANDIN_CHECKPOINT_BYTES` set, each report comes with a checkpoint of
+that size, as a real trial's does. Deterministic: the same config gives the same reports.
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from trainer.job_config import JobConfig, JobResult
+from trainer.job_config import JobConfig, JobResult, Prediction
 
 SECONDS_VARIABLE = "MDSWEEP_STANDIN_SECONDS"
 CHECKPOINT_VARIABLE = "MDSWEEP_STANDIN_CHECKPOINT_BYTES"
+VAL_N = 200
 
 
 def quality(lr: float, grad_accum: int) -> float:
@@ -35,7 +38,19 @@ def report_at(config: JobConfig, evaluation: int, total: int) -> dict[str, Any]:
     step = evaluation * (config.eval_every or 1)
     return {"step": step, "samples_seen": step * config.batch_size * config.grad_accum, "epoch": evaluation / total,
             "train_loss": 2.0 * (1.0 - value) + 0.05, "val_exact_match": value, "val_cer": (1.0 - value) / 3,
-            "val_n": 500, "lr": config.lr, "elapsed_s": 0.0}
+            "val_n": VAL_N, "lr": config.lr, "elapsed_s": 0.0}
+
+
+def predictions(config: JobConfig, exact_match: float) -> list[Prediction]:
+    """The final evaluation's answers: sample i is read right when its seeded draw falls under the exact match, so
+    two trials of similar quality agree on most samples, as real ones do."""
+    answers = []
+    for i in range(VAL_N):
+        target = f"{i:06d}"
+        right = random.Random(f"{config.seed}-{i}").random() < exact_match
+        answers.append(Prediction(sample_id=str(i), target=target, prediction=target if right else target[::-1],
+                                  correct=right, cer=0.0 if right else 1.0))
+    return answers
 
 
 def run_standin_job(config: JobConfig, on_report: Optional[Callable[[dict[str, Any], Optional[Path]], None]] = None,
@@ -60,5 +75,7 @@ def run_standin_job(config: JobConfig, on_report: Optional[Callable[[dict[str, A
             saved = checkpoint_dir
         if on_report is not None:
             on_report(metrics, saved)
-    return JobResult(outcome="ok", step=total * (config.eval_every or 1), final_metrics=metrics, best_metrics=metrics,
+    final = report_at(config, total, total)
+    return JobResult(outcome="ok", step=total * (config.eval_every or 1), final_metrics=metrics or final,
+                     best_metrics=metrics or final, predictions=predictions(config, final["val_exact_match"]),
                      wall_time_s=time.time() - started)
