@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,31 @@ def test_storage_must_be_shared_on_multi_machine_clusters():
     notes = storage_notes("/tmp/sweeps", [_node("10.0.0.1"), _node("10.0.0.2")])
     assert len(notes) == 1 and "--storage /tmp/sweeps" in notes[0] and "shared" in notes[0]
     assert storage_notes("s3://b/sweeps", [_node("10.0.0.1"), _node("10.0.0.2")]) == []
+
+
+def test_rays_log_file_goes_quiet_on_a_full_disk_instead_of_printing_tracebacks(tmp_path, capfd):
+    """Ray's lines go to RESULTS/logs/NAME.log; when that disk fills, the lines stop there, and nothing is printed."""
+    import logging
+
+    from orchestrator.cluster.ray_logs import route_ray_logs
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    ray_logger = logging.getLogger("ray")
+    saved = list(ray_logger.handlers)
+    try:
+        route_ray_logs(tmp_path / "logs" / "demo.log")
+        logging.getLogger("ray.tune").warning("a line for the file")
+        assert (tmp_path / "logs" / "demo.log").read_text() == "a line for the file\n"
+        assert not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                       for h in ray_logger.handlers)  # none left on the terminal
+        route_ray_logs(Path("/dev/full"))  # every write: ENOSPC
+        logging.getLogger("ray.tune").warning("a line for a full disk")
+        assert Path("/dev/full") not in [Path(h.baseFilename) for h in ray_logger.handlers
+                                         if isinstance(h, logging.FileHandler)]
+        assert capfd.readouterr().err == ""
+    finally:
+        for handler in list(ray_logger.handlers):
+            ray_logger.removeHandler(handler)
+        for handler in saved:
+            ray_logger.addHandler(handler)

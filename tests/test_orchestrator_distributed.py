@@ -68,7 +68,7 @@ def test_gpu_memory_per_trial_packs_two_trials_per_gpu(cluster, tmp_path, captch
                    "--num-samples", "4", "--gpu-memory-per-trial", "8GiB", "--node-gpu-memory", "16GiB",
                    *job_flags(captcha_parquet))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "Connected to Ray cluster" in proc.stderr and "0.5 GPU" in proc.stderr
+    assert "attached to the Ray cluster at" in proc.stderr and "0.5 GPU" in proc.stderr
     rows = read_partition(tmp_path / "results", "trials", "packed")
     assert len(rows) == 4 and all(r["outcome"] == "ok" for r in rows), [(r["outcome"], r["error"]) for r in rows]
     by_gpu: dict[tuple, list[dict]] = {}
@@ -157,7 +157,8 @@ def test_a_killed_driver_is_resumed_with_nothing_lost_or_duplicated(cluster, tmp
     proc = mdsweep("resume", "killed", "--storage", str(tmp_path / "sweeps"), env={"RAY_ADDRESS": cluster.address})
     (tmp_path / "resume.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "Connected to Ray cluster" in proc.stderr
+    port = cluster.address.rsplit(":", 1)[1]
+    assert f":{port} (RAY_ADDRESS {cluster.address})" in proc.stderr  # attached through RAY_ADDRESS
     assert "took over the lock of a driver that ended without releasing it (mdsweep run, pid " in proc.stderr
 
     trials = {t["trial_id"]: t for t in read_partition(results, "trials", "killed")}
@@ -233,11 +234,13 @@ def test_auto_gpu_memory_packs_by_prediction_and_never_runs_a_shape_that_cannot_
     assert oom["batch_size"] == 4 and all(r["batch_size"] == 2 for r in rows if r is not oom)
     assert book_for("auto").rejected == 2  # the two batch-4096 proposals: resampled, never run
 
-    first = min(rows, key=lambda r: r["start_time"])
-    predicted = estimate_memory(JobConfig(**{**fixed, "batch_size": first["batch_size"]})).allocator_peak
-    assert first["predicted_peak_bytes"] == predicted
-    assert float(first["max_gpu_memory"]) == round_gpu_fraction((int(predicted * MARGIN) + CUDA_CONTEXT_BYTES)
-                                                                 / (2 * GiB))
+    predicted = estimate_memory(JobConfig(**{**fixed, "batch_size": 2})).allocator_peak
+    assert {r["predicted_peak_bytes"] for r in rows if r is not oom} == {predicted}
+    # before any measurement (the first trials): the prediction plus 15 % and the CUDA context, of a 2 GiB GPU;
+    # measured peaks only lower later shares here. The cap is the share Ray assigned, which Ray holds in units of
+    # 1e-4, truncating the request (a 0.2956 request is assigned as 0.2955)
+    requested = round_gpu_fraction((int(predicted * MARGIN) + CUDA_CONTEXT_BYTES) / (2 * GiB))
+    assert requested - 1e-4 <= max(float(r["max_gpu_memory"]) for r in rows if r is not oom) <= requested
     # two trials ran on the same GPU of the same node at the same time
     shared = [(a["trial_id"], b["trial_id"]) for a in rows for b in rows
               if a["trial_id"] < b["trial_id"] and (a["node_id"], a["gpu_ids"]) == (b["node_id"], b["gpu_ids"])

@@ -6,8 +6,20 @@ that has nothing to authenticate; they are kept whole in the log file, where a u
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
+
+
+class LogFile(logging.FileHandler):
+    """A log file that goes quiet when its disk fails (full, read-only), rather than print a traceback per line:
+    the sweep's own lines say what the disk did."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        logging.getLogger("ray").removeHandler(self)
+        stream, self.stream = self.stream, None
+        with contextlib.suppress(Exception):  # closing flushes, which fails as the write did
+            stream.close()
 
 
 def route_ray_logs(log_file: Path) -> None:
@@ -22,4 +34,4 @@ def route_ray_logs(log_file: Path) -> None:
            for h in logger.handlers):
         return
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    logger.addHandler(logging.FileHandler(log_file, encoding="utf-8"))  # ray.init gives it Ray's own format
+    logger.addHandler(LogFile(log_file, encoding="utf-8"))  # ray.init gives it Ray's own format

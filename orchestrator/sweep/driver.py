@@ -73,10 +73,12 @@ def resolve_resources(s: SweepSettings, handle: cluster_mod.ClusterHandle,
 def auto_shares(s: SweepSettings, req: TrialResources, samples: list[dict[str, Any]]) -> str:
     """With `auto`: the GPU shares the space's probed configurations would get, for the capacity estimate and the
     user; fails when none fits a GPU."""
-    from orchestrator.sweep.gpu_memory import AutoGpuResources, book_for
+    from orchestrator.sweep.gpu_memory import AutoGpuResources, MemoryBook, book_for, register_book
     from orchestrator.sweep.trainable import job_config_from
 
-    book_for(s.name).gpu_bytes = req.auto_gpu_bytes
+    # a fresh book: an earlier sweep of this name in this process must not size this one (a resumed sweep's
+    # searcher puts back the book it saved)
+    register_book(s.name, MemoryBook(gpu_bytes=req.auto_gpu_bytes))
     resources = AutoGpuResources(s.name, s.fixed, req.cpus, int(req.auto_gpu_bytes))
     needs = [book_for(s.name).need(job_config_from(s.fixed, sample)) for sample in samples]
     fitting = [n for n in needs if n <= req.auto_gpu_bytes]
