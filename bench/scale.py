@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--gpu-share", type=float, default=0.25, help="logical GPU per trial (default 0.25)")
     parser.add_argument("--legs", default="mdsweep,bare", help="which drivers to run (default mdsweep,bare)")
     parser.add_argument("--quick", action="store_true", help="200 trials")
+    parser.add_argument("--profile", type=Path, default=None, help="write a cProfile of the mdsweep driver here")
     parser.add_argument("--out", type=Path, default=None, help="work directory, new or empty (default: a new "
                                                                 "temporary one)")
     parser.add_argument("--bare-leg", action="store_true", help=argparse.SUPPRESS)
@@ -171,8 +172,9 @@ def main() -> None:
         if "mdsweep" in legs:
             print(f"mdsweep leg: {args.trials} trials x {args.reports} reports, {args.concurrent} at a time ...",
                   flush=True)
+            profile = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
             figures["mdsweep"] = measured_run(
-                [sys.executable, "-m", "orchestrator.cli", "run", "--address", cluster.address, "--name", "scale",
+                [sys.executable, *profile, "-m", "orchestrator.cli", "run", "--address", cluster.address, "--name", "scale",
                  "--space", f"{args.out / 'scale_space.py'}:space", "--cross", "attention",
                  "--num-samples", str(args.trials // 2), "--job-fn", STANDIN, "--train-data", str(train),
                  "--max-steps", str(args.reports), "--eval-every", "1", "--gpus-per-trial", str(args.gpu_share),

@@ -254,3 +254,17 @@ def test_a_table_that_cannot_be_read_is_warned_on_the_terminal_and_on_the_page(s
     warning = f"the {table} table could not be read, so what it holds is missing from this report"
     assert f"mdsweep report: warning: {warning}" in proc.stderr
     assert f'<p class="warning">Warning: {warning}' in out.read_text()
+
+
+def test_past_fifty_trials_the_curves_are_the_best_fifty_and_the_page_says_so():
+    from orchestrator.results.report_data import MAX_CURVES, curves
+
+    trials = [{"trial_id": f"t{i:03d}", "attention": "causal", "outcome": "ok", "objective": i / 100,
+               "objective_mode": "max"} for i in range(80)]
+    steps = [{"trial_id": t["trial_id"], "step": s, "samples_seen": s, "val_exact_match": t["objective"],
+              "train_loss": 1.0} for t in trials for s in (1, 2)]
+    drawn = curves(trials, steps, "val_exact_match", in_samples=True)
+    assert {r["trial_id"] for r in drawn.rows} == {f"t{i:03d}" for i in range(80 - MAX_CURVES, 80)}
+    assert f"the curves of the {MAX_CURVES} best of 80 trials" in drawn.note
+    few = [s for s in steps if s["trial_id"] < f"t{MAX_CURVES:03d}"]
+    assert curves(trials, few, "val_exact_match", in_samples=True).note is None

@@ -359,3 +359,35 @@ def test_the_trials_row_records_the_config_the_trial_reports_it_ran(tmp_path):
     row = read_partition(tmp_path / "results", "trials", "demo")[0]
     assert row["max_gpu_memory"] == "0.3125" and row["lr"] == 1e-4 and row["attention"] == "prefix"
     assert row["model"] == "tiny" and row["max_steps"] == 4 and row["seed"] == 7  # as reported, not guessed
+
+
+def test_a_running_trials_row_is_rewritten_at_most_every_interval_and_every_step_row_at_once(tmp_path, monkeypatch):
+    """At scale the wide trials row, rewritten per report, was most of the driver's time: reports within the
+    interval land in `steps` at once and reach the trials row together, by the interval or the experiment's end."""
+    import orchestrator.sweep.sink as sink_module
+
+    clock = [100.0]
+    monkeypatch.setattr(sink_module.time, "monotonic", lambda: clock[0])
+    writes: list[str] = []
+    real_write = ParquetSink._write
+    monkeypatch.setattr(ParquetSink, "_write", lambda self, table, tid, rows: (writes.append(table),
+                                                                              real_write(self, table, tid, rows)))
+    sink, trial = _sink(tmp_path), _trial()
+    sink.on_trial_start(0, [], trial)
+    for step in (2, 4, 6, 8):
+        sink.on_trial_result(0, [], trial, _eval(step, step / 10))
+        clock[0] += 1
+    assert writes.count("steps") == 4 and writes.count("trials") == 2  # the start, and the attempt's first report
+    assert [s["step"] for s in read_partition(tmp_path / "results", "steps", "demo")] == [2, 4, 6, 8]
+    assert read_partition(tmp_path / "results", "trials", "demo")[0]["n_reports"] == 1  # held back
+    sink.on_step_end(0, [])
+    assert writes.count("trials") == 2  # 4 s since the last write: not yet
+    clock[0] += sink_module.ROW_INTERVAL_S
+    sink.on_step_end(0, [])
+    row = read_partition(tmp_path / "results", "trials", "demo")[0]
+    assert writes.count("trials") == 3 and row["n_reports"] == 4 and row["final_val_exact_match"] == 0.8
+    sink.on_trial_result(0, [], trial, _eval(10, 0.9))
+    sink.on_experiment_end([])
+    assert read_partition(tmp_path / "results", "trials", "demo")[0]["n_reports"] == 5  # flushed at the end
+    sink.on_trial_result(0, [], trial, _final(10, 0.9))
+    assert read_partition(tmp_path / "results", "trials", "demo")[0]["outcome"] == "ok"  # a final row: at once

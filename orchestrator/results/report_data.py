@@ -20,9 +20,10 @@ from orchestrator.results.objectives import is_finite_number
 from orchestrator.results.query import (PairedSpec, QueryError, UnreadableError, load_table, paired_comparison,
                                 versus_baseline)
 from orchestrator.results.study import StudyError, study_from_rows, sweep_objectives, sweep_record
-from orchestrator.results.ranking import best_trial
+from orchestrator.results.ranking import best_trial, ranked_trials
 
 MAX_MISREAD = 24
+MAX_CURVES = 50
 
 
 class ReportError(ValueError):
@@ -154,13 +155,23 @@ def budget_in_samples(record: dict[str, Any], steps: list[dict[str, Any]]) -> bo
 
 
 def curves(trials: list[dict[str, Any]], steps: list[dict[str, Any]], metric: str, in_samples: bool) -> Section:
+    """One line per trial; past MAX_CURVES trials, the MAX_CURVES best (then the unranked by id), and a note saying
+    so: a thousand lines on one chart hide each other, and each is data the page carries."""
     attention = {t["trial_id"]: t.get("attention") for t in trials}
+    reported = sorted({s["trial_id"] for s in steps})
+    note = None if steps else "no evaluations have been reported yet"
+    if len(reported) > MAX_CURVES:
+        ranked = [t["trial_id"] for t in ranked_trials(trials)]
+        order = ranked + [tid for tid in reported if tid not in set(ranked)]
+        shown = set(order[:MAX_CURVES])
+        steps = [s for s in steps if s["trial_id"] in shown]
+        note = (f"the curves of the {MAX_CURVES} best of {len(reported)} trials (more lines would hide each other); "
+                "every trial's evaluations: mdsweep query RESULTS --table steps --sweep NAME")
     x_key = "samples_seen" if in_samples else "step"
     rows = [{"trial_id": s["trial_id"], "attention": attention.get(s["trial_id"]), "x": s[x_key],
              "value": s.get(metric), "train_loss": s.get("train_loss")}
             for s in sorted(steps, key=lambda s: (s["trial_id"], s["step"]))]
-    return Section(rows=rows, note=None if rows else "no evaluations have been reported yet",
-                   x_title="samples seen" if in_samples else "optimizer step")
+    return Section(rows=rows, note=note, x_title="samples seen" if in_samples else "optimizer step")
 
 
 def search_points(trials: list[dict[str, Any]]) -> Section:

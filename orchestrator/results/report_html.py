@@ -176,9 +176,11 @@ def curves_html(data: ReportData, metric: str) -> str:
     if not rows:
         return note_html(data.curves)
     fig = make_subplots(rows=1, cols=2, subplot_titles=(f"validation {metric}", "train loss"))
+    by_trial: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_trial.setdefault(r["trial_id"], []).append(r)
     shown_legend: set[Any] = set()
-    for trial_id in sorted({r["trial_id"] for r in rows}):
-        points = [r for r in rows if r["trial_id"] == trial_id]
+    for trial_id, points in sorted(by_trial.items()):
         attention = points[0]["attention"]
         colour = ATTENTION_COLOURS.get(attention, "#7f7f7f")
         for col, key in ((1, "value"), (2, "train_loss")):
@@ -190,7 +192,7 @@ def curves_html(data: ReportData, metric: str) -> str:
         shown_legend.add(attention)
     fig.update_xaxes(title_text=x_title)
     fig.update_layout(height=380, margin={"t": 40, "b": 40}, legend_title_text="attention")
-    return figure_html(fig, "curves")
+    return note_html(data.curves) + figure_html(fig, "curves")
 
 
 def search_html(data: ReportData, metric: str) -> str:

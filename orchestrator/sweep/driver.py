@@ -127,6 +127,10 @@ def _prepare_env(s: SweepSettings, req: TrialResources) -> None:
     # Tune's periodic experiment snapshot: frequent, so that a killed driver loses little.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0
+    # Tune's CSV and TensorBoard loggers copy every result the Parquet tables hold (measured in bench/scale.py: a
+    # tenth of the driver's time at a thousand trials); its JSON logger stays (_start_tuner adds it): the rows
+    # lost to a full disk are rebuilt from its result.json.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # A snapshot per reported checkpoint is intended (num_to_keep=1): keeps resume exact.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Tune starts trials of a custom searcher one at a time (one pending trial); let as
@@ -314,6 +318,7 @@ def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], exp
     """Write the sweep's row, build the searcher, scheduler, sink and Tuner, and run it (results land through
     the sink)."""
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     from orchestrator.sweep.progress import ProgressTable
     from orchestrator.sweep.early_stopping import make_scheduler
@@ -341,7 +346,8 @@ def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], exp
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
                                     reuse_actors=False, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
-            name=s.name, storage_path=s.storage, callbacks=[sink, progress, StateBackup(s.experiment_path())],
+            name=s.name, storage_path=s.storage,
+            callbacks=[sink, progress, StateBackup(s.experiment_path()), JsonLoggerCallback()],
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
