@@ -616,3 +616,33 @@ def test_a_trial_rays_memory_monitor_kills_is_host_oom_with_a_short_account(tmp_
     assert trial["error"].startswith("killed by Ray's memory monitor: the node ran low on host memory.")
     assert "OOM kill reason: Memory usage" in trial["error"] and len(trial["error"]) < 1500
     assert "First failure, trial" in proc.stderr and "(host_oom)" in proc.stderr
+
+
+ASHA_SPACE = """
+LRS = [1e-3, 1e-5, 3e-4, 2e-5]  # good, poor, best, poor: in this order ASHA keeps the good ones
+
+def space(trial):
+    return {"lr": LRS[trial.number % len(LRS)]}
+"""
+
+
+@pytest.mark.slow
+def test_asha_stops_the_weak_trials_of_a_real_sweep_and_budgets_are_recorded(tmp_path, captcha_parquet):
+    """ASHA on a real Tune run (the torch-free stand-in job: its metric follows lr): the trials far from the best
+    learning rate end `stopped` at a rung, the others run to the end; every trial's samples seen is recorded."""
+    space = tmp_path / "space.py"
+    space.write_text(ASHA_SPACE)
+    proc = mdsweep("run", "--name", "asha", "--space", f"{space}:space", "--num-samples", "4", "--max-concurrent",
+                   "1", "--num-cpus", "2", "--job-fn", "trainer.standin_job:run_standin_job", "--train-data",
+                   str(captcha_parquet), "--max-steps", "8", "--eval-every", "1", "--batch-size", "4",
+                   "--early-stop", "asha", "--asha-grace", "2", "--asha-reduction-factor", "2", "--storage",
+                   str(tmp_path / "s"), "--results", str(tmp_path / "r"), "--quiet",
+                   env={"MDSWEEP_STANDIN_SECONDS": "0.05", "RAY_ADDRESS": ""}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = {t["lr"]: t for t in pq.read_table(tmp_path / "r" / "trials").to_pylist()}
+    assert {lr: t["outcome"] for lr, t in trials.items()} == {1e-3: "ok", 3e-4: "ok", 1e-5: "stopped",
+                                                              2e-5: "stopped"}
+    for t in trials.values():
+        ran = 8 if t["outcome"] == "ok" else t["steps_completed"]
+        assert t["final_samples_seen"] == ran * 4  # batch 4 x grad_accum 1 per step
+    assert all(t["steps_completed"] < 8 for t in trials.values() if t["outcome"] == "stopped")

@@ -7,6 +7,7 @@ ports, and only its own processes (found by that HOME) are ended, by id.
 """
 from __future__ import annotations
 
+import ast
 import os
 import re
 import secrets
@@ -170,23 +171,36 @@ def test_explicit_auth_mode_is_respected(ray_head, captcha_parquet, tmp_path):
 
 
 def test_trials_run_the_code_the_driver_ships_not_an_install_on_the_node(ray_head, tmp_path):
+    """Workers import the tree the driver shipped, which leaves out what .gitignore lists (a run's outputs)."""
     env, address = ray_head.env, ray_head.address
+    ignored = ROOT / "runs" / "shipping-probe"  # /runs/ is in .gitignore
+    fresh = not ignored.parent.exists()
+    ignored.parent.mkdir(exist_ok=True)
+    ignored.write_text("must not be shipped")
     code = (
-        "import ray\n"
+        "import os, ray\n"
         "from orchestrator.cluster.connect import connect\n"
         f"with connect({address!r}):\n"
         "    @ray.remote\n"
         "    def where():\n"
         "        import trainer, trainer.model.config\n"
-        "        return trainer.__file__, trainer.model.config.shipped_models()\n"
-        "    print(*ray.get(where.remote()))\n")
-    # the driver runs from elsewhere with no PYTHONPATH of ours: the head's workers get the code from Ray
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=str(tmp_path),
-                          env={**{k: v for k, v in env.items() if k != "PYTHONPATH"}})
+        "        shipped = os.path.dirname(os.path.dirname(trainer.__file__))\n"
+        "        return trainer.__file__, trainer.model.config.shipped_models(), sorted(os.listdir(shipped))\n"
+        "    print(repr(ray.get(where.remote())))\n")
+    try:
+        # the driver runs from elsewhere with no PYTHONPATH of ours: the head's workers get the code from Ray
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                              cwd=str(tmp_path), env={**{k: v for k, v in env.items() if k != "PYTHONPATH"}})
+    finally:
+        ignored.unlink()
+        if fresh:
+            ignored.parent.rmdir()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    path, models = proc.stdout.strip().rsplit(" ", 1)
+    path, models, listing = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
     assert "runtime_resources" in path and not path.startswith(str(ROOT)), path
     assert "tiny-reader" in models
+    assert {"orchestrator", "trainer", "search_spaces", "models"} <= set(listing)
+    assert "runs" not in listing and ".git" not in listing and ".venv" not in listing
 
 
 def test_auto_finds_the_head_started_on_this_machine(ray_head, captcha_parquet, tmp_path):

@@ -145,6 +145,27 @@ def test_repair_recreates_the_checkpoint_a_killed_driver_left_pointing_at(tmp_pa
     assert sorted(p.name for p in (root / "trial_race").iterdir()) == ["checkpoint_000002"]
 
 
+@pytest.mark.parametrize("flag", ["--results", "--storage"])
+def test_a_relative_output_is_refused_in_a_driver_started_by_ray_job_submit(tmp_path, captcha_parquet, flag, capsys,
+                                                                           monkeypatch):
+    """Under `ray job submit --working-dir`, Ray's job manager hands the driver its runtime env in this variable and
+    runs it in a copy of the directory that Ray deletes: relative outputs would vanish with it. (A real submitted
+    job: tests/test_orchestrator_ray_start.py.)"""
+    from orchestrator.cli.main import main
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "."}}')
+    monkeypatch.chdir(tmp_path)
+    paths = {"--results": str(tmp_path / "r"), "--storage": str(tmp_path / "s")}
+    paths[flag] = "relative-dir"
+    argv = ["run", "--name", "x", "--train-data", str(captcha_parquet), "--dry-run"]
+    for k, v in paths.items():
+        argv += [k, v]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flag} relative-dir: relative, and this driver runs in Ray's temporary copy" in err[0]
+    assert not (tmp_path / "relative-dir").exists()
+
+
 @pytest.mark.parametrize("flag", ["--results", "--storage", "--cache-dir"])
 def test_an_output_path_that_is_a_file_is_one_line_before_anything_starts(tmp_path, captcha_parquet, flag, capsys):
     from orchestrator.cli.main import main

@@ -391,3 +391,17 @@ def test_a_running_trials_row_is_rewritten_at_most_every_interval_and_every_step
     assert read_partition(tmp_path / "results", "trials", "demo")[0]["n_reports"] == 5  # flushed at the end
     sink.on_trial_result(0, [], trial, _final(10, 0.9))
     assert read_partition(tmp_path / "results", "trials", "demo")[0]["outcome"] == "ok"  # a final row: at once
+
+
+@pytest.mark.parametrize("end", ["complete", "error"])
+def test_a_trial_ended_between_row_writes_keeps_its_last_reports_metrics(tmp_path, end):
+    """Stopped by ASHA (or lost) right after reports the row had not caught up with: its final metrics are the
+    last report's, not those of the last row written."""
+    sink, trial = _sink(tmp_path), _trial()
+    sink.on_trial_start(0, [], trial)
+    for step in (2, 4, 6):
+        sink.on_trial_result(0, [], trial, _eval(step, step / 10))
+    getattr(sink, f"on_trial_{end}")(0, [], trial)
+    row = read_partition(tmp_path / "results", "trials", "demo")[0]
+    assert row["outcome"] == ("stopped" if end == "complete" else "error")
+    assert row["final_val_exact_match"] == 0.6 and row["steps_completed"] == 6 and row["n_reports"] == 3

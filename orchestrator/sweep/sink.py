@@ -352,6 +352,7 @@ class ParquetSink(_tune_callback_base()):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._load()
         row = self._trial_row(trial)
+        self._refresh_metrics(row)  # a stopped trial's final metrics are its last report's (the row may be behind)
         if row.get("outcome") in (None, "running"):
             row["outcome"] = "stopped"  # ended by the scheduler (early stopping) before its final report
         row["end_time"] = _now()
@@ -360,6 +361,7 @@ class ParquetSink(_tune_callback_base()):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._load()
         row = self._trial_row(trial)
+        self._refresh_metrics(row)  # its last report's metrics, before the outcome says it ended
         text = self._error_text(trial)
         host_oom = host_oom_summary(text)
         row["outcome"] = "host_oom" if host_oom else "error"
