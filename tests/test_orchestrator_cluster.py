@@ -135,6 +135,10 @@ def test_rays_log_file_goes_quiet_on_a_full_disk_instead_of_printing_tracebacks(
         assert (tmp_path / "logs" / "demo.log").read_text() == "a line for the file\n"
         assert not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
                        for h in ray_logger.handlers)  # none left on the terminal
+        route_ray_logs(tmp_path / "logs" / "next.log")  # a second sweep in this process: its own file only
+        logging.getLogger("ray.tune").warning("a line for the next sweep")
+        assert (tmp_path / "logs" / "demo.log").read_text() == "a line for the file\n"
+        assert (tmp_path / "logs" / "next.log").read_text() == "a line for the next sweep\n"
         route_ray_logs(Path("/dev/full"))  # every write: ENOSPC
         logging.getLogger("ray.tune").warning("a line for a full disk")
         assert Path("/dev/full") not in [Path(h.baseFilename) for h in ray_logger.handlers

@@ -28,10 +28,10 @@ def route_ray_logs(log_file: Path) -> None:
 
     logger = logging.getLogger("ray")
     for handler in list(logger.handlers):
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+        # the terminal's, and an earlier sweep's file in this process: its lines are this sweep's no more
+        if isinstance(handler, LogFile) or not isinstance(handler, logging.FileHandler):
             logger.removeHandler(handler)
-    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == log_file.resolve()
-           for h in logger.handlers):
-        return
+            if isinstance(handler, LogFile):
+                handler.close()
     log_file.parent.mkdir(parents=True, exist_ok=True)
     logger.addHandler(LogFile(log_file, encoding="utf-8"))  # ray.init gives it Ray's own format

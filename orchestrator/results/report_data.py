@@ -162,7 +162,8 @@ def curves(trials: list[dict[str, Any]], steps: list[dict[str, Any]], metric: st
     note = None if steps else "no evaluations have been reported yet"
     if len(reported) > MAX_CURVES:
         ranked = [t["trial_id"] for t in ranked_trials(trials)]
-        order = ranked + [tid for tid in reported if tid not in set(ranked)]
+        unranked = sorted(set(reported) - set(ranked))
+        order = ranked + unranked
         shown = set(order[:MAX_CURVES])
         steps = [s for s in steps if s["trial_id"] in shown]
         note = (f"the curves of the {MAX_CURVES} best of {len(reported)} trials (more lines would hide each other); "

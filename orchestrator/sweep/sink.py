@@ -250,9 +250,13 @@ class ParquetSink(_tune_callback_base()):
         self._row_written[trial.trial_id] = time.monotonic()
         self._rows_behind.pop(trial.trial_id, None)
 
+    def _row_due(self, trial_id: str) -> bool:
+        """Whether a running trial's row was last written `ROW_INTERVAL_S` or more ago."""
+        return time.monotonic() - self._row_written.get(trial_id, 0.0) >= ROW_INTERVAL_S
+
     def _flush_when_due(self, trial: Any) -> None:
-        """A running trial's row after a report: written if the last write is `ROW_INTERVAL_S` old, else later."""
-        if time.monotonic() - self._row_written.get(trial.trial_id, 0.0) >= ROW_INTERVAL_S:
+        """A running trial's row after a report: written if it is due, else later."""
+        if self._row_due(trial.trial_id):
             self._flush_trial(trial)
         else:
             self._rows_behind[trial.trial_id] = trial
@@ -340,9 +344,8 @@ class ParquetSink(_tune_callback_base()):
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         """Rows held back by the interval reach disk once it has passed, even if their trial reports no more."""
-        now = time.monotonic()
         for trial_id, trial in list(self._rows_behind.items()):
-            if now - self._row_written.get(trial_id, 0.0) >= ROW_INTERVAL_S:
+            if self._row_due(trial_id):
                 self._flush_trial(trial)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
