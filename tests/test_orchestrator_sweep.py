@@ -65,6 +65,8 @@ def test_default_modes():
     ({"gpu_memory_per_trial": "lots"}, "--gpu-memory-per-trial: cannot read 'lots'"),
     ({"node_gpu_memory": "80 bananas"}, "--node-gpu-memory"),
     ({"objectives": [("val_exact_match", "max"), ("accuracy", "min")]}, "--objective 'accuracy'"),
+    ({"job_fn": "no_such_module:run"}, "--job-fn no_such_module:run: expected MODULE:FUNCTION"),
+    ({"job_fn": "trainer.job"}, "--job-fn trainer.job: expected MODULE:FUNCTION"),
     # the held-out test may never steer the search
     ({"metric": "test_exact_match"}, "--metric 'test_exact_match'"),
     ({"objectives": [("test_exact_match", "max")]}, "--objective 'test_exact_match': not a reported metric"),

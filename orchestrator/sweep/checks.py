@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import time
 import uuid
 from pathlib import Path
@@ -42,6 +43,7 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
         raise SweepError("--max-concurrent must be >= 1")
     if s.max_failures < 0:
         raise SweepError("--max-failures must be >= 0")
+    check_job_fn(s.job_fn)
     for flag, size in (("--gpu-memory-per-trial", s.gpu_memory_per_trial), ("--node-gpu-memory", s.node_gpu_memory),
                        ("--memory-per-trial", s.memory_per_trial)):
         if size and not (flag == "--gpu-memory-per-trial" and is_auto(size)):
@@ -154,3 +156,16 @@ def searched_columns(s: SweepSettings, info: SpaceInfo) -> list[str]:
     if s.replicates > 1 and "seed" not in cols:
         cols.append("seed")
     return cols
+
+
+def check_job_fn(job_fn: str) -> None:
+    """`--job-fn MODULE:FUNCTION` names a module this machine can import, found without importing it (the real
+    job's module loads torch); a wrong function name is the trial's one-line error."""
+    module, _, function = job_fn.partition(":")
+    try:
+        found = bool(module) and function.isidentifier() and importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise SweepError(f"--job-fn {job_fn}: expected MODULE:FUNCTION of an importable module "
+                         "(default trainer.job:run_job)")
