@@ -281,6 +281,25 @@ def test_export_refuses_a_trial_that_did_not_end_ok(sweep, tmp_path, fault, outc
 
 
 @pytest.mark.slow
+def test_export_refuses_a_trial_that_ended_in_error(sweep, tmp_path):
+    """An `error` trial (the job raised; Tune gave up on it) may have left a checkpoint: export must refuse it all the
+    same. Shown on a copy of the sweep whose clean trial is recorded as `error`, its checkpoint still in place."""
+    import shutil
+
+    from orchestrator.sweep.sink import update_trial_row
+
+    results = tmp_path / "results"
+    shutil.copytree(sweep[0] / "results", results)
+    trial = _trials(sweep[0])["none"]
+    assert Path(trial["checkpoint_path"]).is_dir()
+    update_trial_row(results, "faults", trial["trial_id"], {"outcome": "error", "error": "RuntimeError: boom"})
+    proc = mdsweep("export", str(results), "--sweep", "faults", "--trial", trial["trial_id"], "--out",
+                   str(tmp_path / "m"))
+    assert proc.returncode == 2 and f"trial {trial['trial_id']} ended 'error'" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
 def test_export_says_when_storage_is_gone(sweep, tmp_path, capsys):
     """Through the CLI, on a copy of the sweep whose --storage was moved away: one line, exit 2, nothing written."""
     import shutil

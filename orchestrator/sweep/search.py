@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from typing import Any, Optional, Sequence
 
 from ray.tune.search import Searcher
@@ -181,8 +182,11 @@ class SweepSearcher(Searcher):
         if not is_finite_number(value) or result.get("outcome", "running") != "running":
             return
         try:
-            self.searcher.on_trial_result(where[0], {**result, self.metric: float(value),
-                                                     "training_iteration": int(result.get("step") or 0)})
+            # a retried trial reports its checkpoint's step again, which Optuna would warn about on the terminal
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.searcher.on_trial_result(where[0], {**result, self.metric: float(value),
+                                                         "training_iteration": int(result.get("step") or 0)})
         except Exception:
             pass  # intermediate values are informative only
 
