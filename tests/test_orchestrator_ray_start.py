@@ -115,12 +115,19 @@ def submit_job(head: Head, entrypoint: list[str], cwd: Path, working_dir: Path =
                           env={**head.env, "RAY_AUTH_MODE": "token"})
 
 
+def _empty_dir(head: Head) -> Path:
+    """A working dir with nothing to ship, inside the head's HOME, which the fixture removes."""
+    empty = Path(head.env["HOME"]) / "empty-working-dir"
+    empty.mkdir(exist_ok=True)
+    return empty
+
+
 def _wait_for_job_server(head: Head) -> None:
     """A fresh cluster's job agents take seconds to register; until then a submit is refused with "No
     available agent". One job that imports torch shows the job server can run a driver."""
     for _ in range(30):
         proc = submit_job(head, ["python", "-c", "import torch"], cwd=Path(tempfile.gettempdir()),
-                          working_dir=Path(tempfile.mkdtemp(prefix="mdw")))
+                          working_dir=_empty_dir(head))
         if "No available agent" not in proc.stderr:
             assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
             return

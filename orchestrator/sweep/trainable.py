@@ -16,10 +16,8 @@ import contextlib
 import importlib
 import json
 import math
-import shutil
 import socket
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -28,6 +26,7 @@ from typing import Any, Callable, Optional
 
 from orchestrator.results.schema import METRICS
 from orchestrator.results.job_values import normalize_value
+from orchestrator.sweep.scratch import trial_scratch
 from orchestrator.sweep.spaces import split_suggestion
 
 PREDICTIONS_KEY = "mdsweep_predictions"
@@ -144,8 +143,6 @@ def run_trial(spec: TrialSpec, config: dict[str, Any]) -> None:
     if spec.cpus >= 1 and "torch" in sys.modules:
         with contextlib.suppress(Exception):
             sys.modules["torch"].set_num_threads(int(spec.cpus))
-    work = Path(tempfile.mkdtemp(prefix="mdsweep-trial-"))
-    checkpoint_dir = work / "checkpoint"
     state: dict[str, Any] = {"last": None, "restored_from_step": 0}
     checkpoint = tune.get_checkpoint()
 
@@ -168,34 +165,37 @@ def run_trial(spec: TrialSpec, config: dict[str, Any]) -> None:
     result = None
     error: Optional[str] = None
     outcome = "error"
-    try:
-        with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:
-            if resume_dir is not None:
-                side = Path(resume_dir) / SIDECAR
-                if side.is_file():
-                    state["last"] = json.loads(side.read_text()).get("last")
-                    state["restored_from_step"] = int((state["last"] or {}).get("step") or 0)
-                    if state["last"]:
-                        # the report this checkpoint belongs to may never have reached the results: a driver
-                        # killed after Tune registered the checkpoint but before the sink wrote the report. Send it
-                        # again; the sink keeps one row per step, so a report it already has is not duplicated.
-                        tune.report(eval_row(state["last"]))
-            result = job_fn(job_config, on_report=on_report, checkpoint_dir=checkpoint_dir,
-                            resume_from=Path(resume_dir) if resume_dir is not None else None)
-        outcome = result.outcome
-        error = result.error
-    except Exception as exc:  # the job's own failure: an outcome, not a retry
-        from trainer.data.dataset import DataError
+    # checkpoints are written here before Tune takes them; the folder goes when the trial ends, or, if its
+    # worker is killed, when the next trial on this node starts
+    with trial_scratch() as work:
+        checkpoint_dir = work / "checkpoint"
+        try:
+            with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:
+                if resume_dir is not None:
+                    side = Path(resume_dir) / SIDECAR
+                    if side.is_file():
+                        state["last"] = json.loads(side.read_text()).get("last")
+                        state["restored_from_step"] = int((state["last"] or {}).get("step") or 0)
+                        if state["last"]:
+                            # the report this checkpoint belongs to may never have reached the results: a
+                            # driver killed after Tune registered the checkpoint but before the sink wrote the
+                            # report. Send it again; the sink keeps one row per step, so a report it already
+                            # has is not duplicated.
+                            tune.report(eval_row(state["last"]))
+                result = job_fn(job_config, on_report=on_report, checkpoint_dir=checkpoint_dir,
+                                resume_from=Path(resume_dir) if resume_dir is not None else None)
+            outcome = result.outcome
+            error = result.error
+        except Exception as exc:  # the job's own failure: an outcome, not a retry
+            from trainer.data.dataset import DataError
 
-        outcome = "oom" if _is_oom(exc) else "error"
-        if isinstance(exc, DataError):
-            # the data as this node sees it (a path another node reads may be missing here): one line, naming it
-            error = f"on node {where.get('hostname')} ({where.get('node_ip')}): {exc}"
-        else:
-            error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            error += "\n" + "".join(traceback.format_tb(exc.__traceback__)[-5:])
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            outcome = "oom" if _is_oom(exc) else "error"
+            if isinstance(exc, DataError):
+                # the data as this node sees it (a path another node reads may be missing here): one line, naming it
+                error = f"on node {where.get('hostname')} ({where.get('node_ip')}): {exc}"
+            else:
+                error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                error += "\n" + "".join(traceback.format_tb(exc.__traceback__)[-5:])
 
     final: dict[str, Any] = {}
     if result is not None and result.final_metrics:
