@@ -198,7 +198,9 @@ def main() -> None:
         figures["query_paired_s"] = timed([*mdsweep, "query", str(results), "--sweep", "scale", "--paired",
                                            "attention"], env)
         report = args.out / "report.html"
-        figures["report_s"] = timed([*mdsweep, "report", str(results), "--sweep", "scale", "--out", str(report)], env)
+        rendered = measured_run([*mdsweep, "report", str(results), "--sweep", "scale", "--out", str(report)], env,
+                                args.out / "report.log")
+        figures["report_s"], figures["report_rss_mib"] = rendered["wall_s"], rendered["peak_rss_mib"]
         figures["report_mb"] = report.stat().st_size / 1e6
         figures["study_s"] = timed([*mdsweep, "study", str(results), "--sweep", "scale", "--storage",
                                     str(args.out / "study.db")], env)
@@ -229,7 +231,8 @@ def print_table(f: dict[str, Any]) -> None:
         for table, (files, size) in f["parquet"].items():
             print(f"| {table} | {files} | {size / 1e6:.2f} |")
         print(f"\nquery {f['query_s']:.2f} s, --where {f['query_where_s']:.2f} s, --paired {f['query_paired_s']:.2f} s; "
-              f"report {f['report_s']:.1f} s ({f['report_mb']:.1f} MB); study {f['study_s']:.1f} s")
+              f"report {f['report_s']:.1f} s ({f['report_mb']:.1f} MB, peak RSS {f.get('report_rss_mib', 0):.0f} MiB "
+              f"on its own; the sweep's driver renders it too); study {f['study_s']:.1f} s")
 
 
 if __name__ == "__main__":

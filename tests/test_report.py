@@ -205,6 +205,32 @@ def test_study_opens_in_optuna_with_the_best_proposal_and_is_idempotent(swept, t
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["study.log", "study.jsonl"])
+def test_a_study_written_to_a_journal_file_holds_what_the_sqlite_one_holds(swept, tmp_path, name):
+    """A path ending in .log or .jsonl is an Optuna journal file (fast for large sweeps); it holds the same trials,
+    values and curves as the SQLite study, and the printed command opens it."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    db = f"sqlite:///{tmp_path / 'sweeps.db'}"
+    assert mdsweep("study", str(swept), "--sweep", "rep", "--storage", db).returncode == 0
+    for _ in range(2):  # replaced on a re-run, as in SQLite
+        proc = mdsweep("study", str(swept), "--sweep", "rep", "--storage", str(tmp_path / name))
+        assert proc.returncode == 0, proc.stderr
+    assert f"open it: optuna-dashboard {tmp_path / name}" in proc.stdout
+
+    def summary(storage):
+        study = optuna.load_study(study_name="rep", storage=storage)
+        return [(t.state.name, t.values, t.params, t.intermediate_values, t.user_attrs["trial_ids"])
+                for t in study.trials]
+
+    journal = JournalStorage(JournalFileBackend(str(tmp_path / name)))
+    assert summary(journal) == summary(db) and len(summary(db)) == 3
+    assert (tmp_path / name).read_text().startswith("{")  # JSON lines, not a SQLite file under another name
+
+
+@pytest.mark.slow
 def test_the_best_trial_of_a_study_without_repeats_is_the_querys(tmp_path, captcha_parquet):
     """Without --cross or --replicates, a proposal is one trial: the study's best is `mdsweep query`'s."""
     results = tmp_path / "results"

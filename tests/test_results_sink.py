@@ -17,6 +17,16 @@ from orchestrator.sweep.spaces import GROUP_KEY, MEMBER_KEY
 from orchestrator.sweep.sink import ParquetSink, read_partition, write_atomic, write_sweep_row
 from orchestrator.sweep.trainable import JOB_CONFIG_KEY, KIND_KEY, PREDICTIONS_KEY, job_config_from
 
+@pytest.fixture(autouse=True)
+def every_change_written(monkeypatch):
+    """These tests read the tables right after each hook: the trials file is written on every change, as it is
+    when its interval has passed (the interval's own test sets a clock)."""
+    import orchestrator.sweep.sink as sink_module
+
+    monkeypatch.setattr(sink_module, "ROW_INTERVAL_S", 0.0)
+    monkeypatch.setattr(sink_module, "WRITE_SHARE", 0)
+
+
 FIXED = {"train_data": "/data/train.parquet", "model": "tiny", "max_steps": 4, "eval_every": 2}
 
 
@@ -361,36 +371,60 @@ def test_the_trials_row_records_the_config_the_trial_reports_it_ran(tmp_path):
     assert row["model"] == "tiny" and row["max_steps"] == 4 and row["seed"] == 7  # as reported, not guessed
 
 
-def test_a_running_trials_row_is_rewritten_at_most_every_interval_and_every_step_row_at_once(tmp_path, monkeypatch):
-    """At scale the wide trials row, rewritten per report, was most of the driver's time: reports within the
-    interval land in `steps` at once and reach the trials row together, by the interval or the experiment's end."""
+def test_the_trials_file_is_rewritten_at_most_every_interval_and_every_step_row_at_once(tmp_path, monkeypatch):
+    """At scale, rewriting the wide trials rows per report was most of the driver's time: reports land in `steps`
+    at once; the sweep's one trials file follows by the interval (longer when its write is slow) or at the end."""
     import orchestrator.sweep.sink as sink_module
 
     clock = [100.0]
     monkeypatch.setattr(sink_module.time, "monotonic", lambda: clock[0])
-    writes: list[str] = []
-    real_write = ParquetSink._write
-    monkeypatch.setattr(ParquetSink, "_write", lambda self, table, tid, rows: (writes.append(table),
-                                                                              real_write(self, table, tid, rows)))
-    sink, trial = _sink(tmp_path), _trial()
-    sink.on_trial_start(0, [], trial)
+    monkeypatch.setattr(sink_module, "ROW_INTERVAL_S", 10.0)
+    monkeypatch.setattr(sink_module, "WRITE_SHARE", 50)
+    writes: list[float] = []
+    real_write = sink_module.write_trials_file
+
+    def slow_write(*args):  # a write that takes 0.1 s: the interval stays 10 s (50 x 0.1 = 5)
+        writes.append(clock[0])
+        real_write(*args)
+        clock[0] += 0.1
+
+    monkeypatch.setattr(sink_module, "write_trials_file", slow_write)
+    sink, first, second = _sink(tmp_path), _trial("t1"), _trial("t2", lr=2e-4)
+    sink.on_trial_start(0, [], first)
+    sink.on_trial_start(0, [], second)
+    assert len(writes) == 1  # the first change at once; the second waits for the interval
     for step in (2, 4, 6, 8):
-        sink.on_trial_result(0, [], trial, _eval(step, step / 10))
+        for trial in (first, second):
+            sink.on_trial_result(0, [], trial, _eval(step, step / 10))
         clock[0] += 1
-    assert writes.count("steps") == 4 and writes.count("trials") == 2  # the start, and the attempt's first report
-    assert [s["step"] for s in read_partition(tmp_path / "results", "steps", "demo")] == [2, 4, 6, 8]
-    assert read_partition(tmp_path / "results", "trials", "demo")[0]["n_reports"] == 1  # held back
-    sink.on_step_end(0, [])
-    assert writes.count("trials") == 2  # 4 s since the last write: not yet
-    clock[0] += sink_module.ROW_INTERVAL_S
-    sink.on_step_end(0, [])
-    row = read_partition(tmp_path / "results", "trials", "demo")[0]
-    assert writes.count("trials") == 3 and row["n_reports"] == 4 and row["final_val_exact_match"] == 0.8
-    sink.on_trial_result(0, [], trial, _eval(10, 0.9))
+    assert [s["step"] for s in read_partition(tmp_path / "results", "steps", "demo")] == [2, 4, 6, 8] * 2
+    assert len(writes) == 1 and [r["trial_id"] for r in read_partition(tmp_path / "results", "trials", "demo")] == ["t1"]
+    clock[0] += 6
+    sink.on_step_end(0, [])  # 10.1 s after the last write: due, even with no report
+    rows = {r["trial_id"]: r for r in read_partition(tmp_path / "results", "trials", "demo")}
+    assert len(writes) == 2 and {t: (r["n_reports"], r["final_val_exact_match"]) for t, r in rows.items()} == {
+        "t1": (4, 0.8), "t2": (4, 0.8)}
+    sink.on_trial_result(0, [], first, _final(8, 0.8))
+    sink.on_trial_complete(0, [], first)
+    assert read_partition(tmp_path / "results", "trials", "demo")[0]["outcome"] == "running"  # not yet due
+    assert "t1" not in sink._trials and "t1" not in sink._steps  # an ended trial's rows leave memory
     sink.on_experiment_end([])
-    assert read_partition(tmp_path / "results", "trials", "demo")[0]["n_reports"] == 5  # flushed at the end
-    sink.on_trial_result(0, [], trial, _final(10, 0.9))
-    assert read_partition(tmp_path / "results", "trials", "demo")[0]["outcome"] == "ok"  # a final row: at once
+    rows = {r["trial_id"]: r for r in read_partition(tmp_path / "results", "trials", "demo")}
+    assert len(writes) == 3 and rows["t1"]["outcome"] == "ok" and rows["t2"]["outcome"] == "running"
+    assert sorted(p.name for p in (tmp_path / "results" / "trials" / "sweep=demo").iterdir()) == ["trials.parquet"]
+
+    clock[0] += 1  # a slow write (2 s) stretches the interval to 50 x 2 = 100 s
+    monkeypatch.setattr(sink_module, "write_trials_file", lambda *args: (writes.append(clock[0]), real_write(*args),
+                                                                        clock.__setitem__(0, clock[0] + 2)))
+    sink._write_seconds = 0.0
+    sink.on_trial_result(0, [], second, _eval(10, 0.9))
+    sink.on_experiment_end([])
+    clock[0] += 60
+    sink.on_trial_result(0, [], second, _eval(12, 0.9))
+    assert len(writes) == 4  # 60 s later: not yet
+    clock[0] += 40
+    sink.on_step_end(0, [])
+    assert len(writes) == 5
 
 
 @pytest.mark.parametrize("end", ["complete", "error"])
@@ -405,3 +439,42 @@ def test_a_trial_ended_between_row_writes_keeps_its_last_reports_metrics(tmp_pat
     row = read_partition(tmp_path / "results", "trials", "demo")[0]
     assert row["outcome"] == ("stopped" if end == "complete" else "error")
     assert row["final_val_exact_match"] == 0.6 and row["steps_completed"] == 6 and row["n_reports"] == 3
+
+
+def test_rows_in_the_one_file_per_trial_layout_move_into_the_trials_file(tmp_path):
+    """A sweep written before the one trials file per sweep: resumed, its rows move into `trials.parquet`, each
+    once, and only the per-trial files whose rows moved are removed."""
+    from orchestrator.results.schema import rows_to_table
+
+    old = _sink(tmp_path)
+    _run_one(old, _trial("done"))
+    folder = tmp_path / "results" / "trials" / "sweep=demo"
+    (row,) = read_partition(tmp_path / "results", "trials", "demo")
+    (folder / "trials.parquet").unlink()
+    write_atomic(rows_to_table([row], schema_for("trials")), folder / "done.parquet")
+    (folder / "notes.txt").write_text("the user's")
+    resumed = pickle.loads(pickle.dumps(old))
+    resumed.setup()
+    _run_one(resumed, _trial("new", lr=3e-4))
+    rows = read_partition(tmp_path / "results", "trials", "demo")
+    assert sorted(r["trial_id"] for r in rows) == ["done", "new"]
+    assert next(r for r in rows if r["trial_id"] == "done") == row
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "trials.parquet"]
+
+
+def test_an_ended_trial_that_runs_again_takes_its_row_back(tmp_path):
+    """`resume --restart-errored`: the errored trial runs again; one row, its attempts counted, first start kept."""
+    sink = _sink(tmp_path)
+    trial = _trial()
+    sink.on_trial_start(0, [], trial)
+    sink.on_trial_result(0, [], trial, _eval(2, 0.25))
+    sink.on_trial_error(0, [], trial)
+    first = read_partition(tmp_path / "results", "trials", "demo")[0]
+    assert first["outcome"] == "error" and "t1" not in sink._trials
+    sink.on_trial_start(0, [], trial)
+    sink.on_trial_result(0, [], trial, _eval(4, 0.5))
+    sink.on_trial_result(0, [], trial, _final(4, 0.5))
+    sink.on_trial_complete(0, [], trial)
+    (row,) = read_partition(tmp_path / "results", "trials", "demo")
+    assert row["outcome"] == "ok" and row["attempts"] == 2 and row["start_time"] == first["start_time"]
+    assert row["n_reports"] == 2 and row["best_val_exact_match"] == 0.5  # the steps of both runs

@@ -5,6 +5,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "distributions, state and value (the mean over a proposal's runs when it ran several times, as the "
         "searcher was told). A study of that name in STORAGE is replaced, so re-running gives the same study.")
     study.add_argument("--storage", required=True,
-                       help="Optuna storage URL, e.g. sqlite:///sweeps.db (a file path is taken as sqlite)")
+                       help="Optuna storage: a URL (sqlite:///sweeps.db, postgresql://...), a path ending in .log or "
+                            ".jsonl for an Optuna journal file (much faster to write for large sweeps), or any other "
+                            "path for a SQLite file")
     study.set_defaults(func=cmd_study)
 
 
@@ -55,17 +58,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def storage_url(text: str) -> str:
-    """A URL as given; a bare path means a SQLite file there."""
-    return text if "://" in text else f"sqlite:///{Path(text).expanduser().resolve()}"
+JOURNAL_SUFFIXES = (".log", ".jsonl")
+
+
+def study_storage(text: str) -> tuple[Any, str]:
+    """The Optuna storage `--storage` names, and what to give optuna-dashboard to open it.
+
+    A URL is taken as given. A path ending in .log or .jsonl is an Optuna journal file: one append per trial,
+    where SQLite runs a query per intermediate value (a 1 000-trial sweep: 3.4 s against 21.5 s,
+    bench/RESULTS.md). Any other path is a SQLite file there."""
+    if "://" in text:
+        return text, text
+    path = Path(text).expanduser().resolve()
+    if path.suffix in JOURNAL_SUFFIXES:
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(str(path))), str(path)
+    url = f"sqlite:///{path}"
+    return url, url
 
 
 def cmd_study(args: argparse.Namespace) -> int:
     from orchestrator.results.study import StudyError, build_study
 
-    url = storage_url(args.storage)
     try:
-        built = build_study(args.results, args.sweep, storage=url)
+        storage, url = study_storage(args.storage)
+        built = build_study(args.results, args.sweep, storage=storage)
     except (StudyError, OSError) as e:
         print(f"mdsweep study: error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ import json
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from orchestrator.results.groups import group_state, member_state
 from orchestrator.results.query import QueryError, load_table
@@ -51,8 +51,8 @@ def sweep_objectives(record: dict[str, Any]) -> list[tuple[str, str]]:
     return [(m, mode) for m, mode in objectives] or [(record["metric"], record.get("mode") or "max")]
 
 
-def build_study(results: str, sweep: str, storage: Optional[str] = None) -> SweepStudy:
-    """The sweep as a study named after it, in `storage` (an Optuna storage URL; None keeps it in memory).
+def build_study(results: str, sweep: str, storage: Any = None) -> SweepStudy:
+    """The sweep as a study named after it, in `storage` (an Optuna storage or its URL; None keeps it in memory).
     A study of that name already in the storage is replaced, so a re-run gives the same study."""
     try:
         record = sweep_record(results, sweep)
@@ -64,7 +64,7 @@ def build_study(results: str, sweep: str, storage: Optional[str] = None) -> Swee
 
 
 def study_from_rows(results: str, sweep: str, record: dict[str, Any], trials: list[dict[str, Any]],
-                    steps: list[dict[str, Any]], storage: Optional[str] = None) -> SweepStudy:
+                    steps: list[dict[str, Any]], storage: Any = None) -> SweepStudy:
     """`build_study` from the sweep's rows already read (the report has them)."""
     import optuna
 

@@ -1,21 +1,20 @@
 """A Ray Tune callback that writes the Parquet results dataset as the sweep goes.
 
-Every write replaces one whole per-trial file atomically (a temporary file in
-the same folder, then `os.replace`), so a reader never sees a torn file, and
-rows are keyed so that a retried trial or a resumed sweep rewrites rather than
-appends: `trials` by trial id, `steps` by (trial id, step), `predictions` by
-(trial id, sample id). On start-up the sink reads back what an earlier run of
-the same sweep wrote (start time, attempts, steps), which is what makes a
-resume lose and duplicate nothing.
+Every write replaces one whole file atomically (a temporary file in the same folder, then `os.replace`), so a
+reader never sees a torn file, and rows are keyed so that a retried trial or a resumed sweep rewrites rather
+than appends: `trials` by trial id, `steps` by (trial id, step), `predictions` by (trial id, sample id). On
+start-up the sink reads back what an earlier run of the same sweep wrote (start time, attempts, steps), which is
+what makes a resume lose and duplicate nothing.
 
-Files are named after the trial id, so the folder never holds two files for one
-trial; temporary files start with '.', which pyarrow, pandas, polars and DuckDB
-globs (`*.parquet`) all skip.
+`steps` and `predictions` have one file per trial, named after it: a report's steps row reaches disk when the
+report arrives. `trials` is one file per sweep (`trials.parquet`), rewritten when a row has changed, at most
+every `ROW_INTERVAL_S` seconds (longer when the file has grown so that its write would take more than 1/50 of the
+driver's time) and at the end of the run: with a file per trial, a query of a 1 000-trial sweep opened 1 000
+files of 120 columns (bench/scale.py). The rows of ended trials are kept as an Arrow table, so a rewrite converts
+only the rows that changed. A driver killed between rewrites loses at most that interval of trials-row changes,
+which the resume's repair rebuilds from Tune's own record (orchestrator.sweep.repair).
 
-Every report's `steps` row is written when it arrives. A running trial's `trials` row (its latest metrics, which
-the steps rows already hold) is rewritten at most every `ROW_INTERVAL_S` seconds, and at once on every change
-of state (start, retry, final report, end, error): at a thousand trials the per-report rewrite of that wide row
-was most of the driver's time (bench/scale.py).
+Temporary files start with '.', which pyarrow, pandas, polars and DuckDB globs (`*.parquet`) all skip.
 """
 from __future__ import annotations
 
@@ -46,7 +45,10 @@ from trainer.model.tokenizer_source import TOKENIZER_COLUMNS
 
 
 
-ROW_INTERVAL_S = 10.0
+ROW_INTERVAL_S = 1.0  # shortest time between two writes of a sweep's trials file
+WRITE_SHARE = 50  # and at least this many times the last write's duration
+TRIALS_FILE = "trials.parquet"
+ENDED = ("terminated", "error")  # statuses of trials that have ended
 
 
 def _now() -> dt.datetime:
@@ -58,8 +60,8 @@ def partition_dir(root: Path | str, table: str, sweep: str) -> Path:
     return Path(root) / table / f"sweep={sweep}"
 
 
-# Per-trial `steps` and `trials` files are a few kB, which compression does not shrink (measured: 5.9 kB zstd,
-# 5.7 kB plain for 20 steps) but makes twice as slow to write; `predictions` files are large and compress.
+# Per-trial `steps` files are a few kB, which compression does not shrink (measured: 5.9 kB zstd, 5.7 kB plain
+# for 20 steps) but makes twice as slow to write; the trials file is rewritten often; `predictions` compress.
 COMPRESSION = {"steps": "none", "trials": "none"}
 
 
@@ -105,13 +107,24 @@ def write_sweep_row(root: Path | str, sweep: str, row: dict[str, Any]) -> None:
     write_atomic(rows_to_table([merged], schema_for("sweeps")), partition_dir(root, "sweeps", sweep) / "sweep.parquet")
 
 
+def write_trials_file(root: Path | str, sweep: str, table: pa.Table) -> None:
+    """Replace the sweep's trials file with `table`. Rows of a trial in a file of its own (the layout before one
+    file per sweep) now live in the trials file, so those files go once it is written."""
+    folder = partition_dir(root, "trials", sweep)
+    write_atomic(table, folder / TRIALS_FILE, COMPRESSION["trials"])
+    for trial_id in set(table.column("trial_id").to_pylist()):
+        legacy = folder / f"{trial_id}.parquet"
+        if legacy.name != TRIALS_FILE:
+            legacy.unlink(missing_ok=True)
+
+
 def update_trial_row(root: Path | str, sweep: str, trial_id: str, values: dict[str, Any]) -> None:
     """Add `values` to one trial's row after its run (the held-out test at the end of a sweep)."""
-    path = partition_dir(root, "trials", sweep) / f"{trial_id}.parquet"
-    with open(path, "rb") as handle:
-        row = pq.read_table(handle).to_pylist()[0]
-    row.update(values)
-    write_atomic(rows_to_table([row], schema_for("trials")), path)
+    rows = read_partition(root, "trials", sweep)
+    for row in rows:
+        if row["trial_id"] == trial_id:
+            row.update(values)
+    write_trials_file(root, sweep, rows_to_table(rows, schema_for("trials")))
 
 
 def _tune_callback_base():
@@ -148,47 +161,124 @@ class ParquetSink(_tune_callback_base()):
         self.metric = metric
         self.mode = mode
         self.max_gpu_memory = max_gpu_memory
-        self._trials: dict[str, dict[str, Any]] = {}
-        self._steps: dict[str, dict[int, dict[str, Any]]] = {}
-        self._row_written: dict[str, float] = {}  # trial id -> when its trials row was last written
-        self._rows_behind: dict[str, Any] = {}  # trial id -> trial, for running rows not written since a report
-        self._attempts_reported: set[tuple[str, Any]] = set()  # (trial id, attempt) that reported at least once
+        self._trials: dict[str, dict[str, Any]] = {}  # rows of trials that have not ended
+        self._ended = rows_to_table([], schema_for("trials"))  # rows of ended trials, already converted
+        self._ended_ids: set[str] = set()  # their ids: a new trial is looked up without scanning the table
+        self._ended_new: dict[str, dict[str, Any]] = {}  # ended since the last write, not yet converted
+        self._steps: dict[str, dict[int, dict[str, Any]]] = {}  # steps rows of trials that have not ended
+        self._dirty = False  # the trials file is behind the rows
+        self._written_at = float("-inf")  # monotonic time of the last trials-file write
+        self._write_seconds = 0.0  # how long it took
         self._loaded = False
         self.write_errors = 0
 
     # --- persistence -------------------------------------------------------
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_trials"], state["_steps"], state["_loaded"] = {}, {}, False
-        state["_row_written"], state["_rows_behind"], state["_attempts_reported"] = {}, {}, set()
+        fresh = ParquetSink(self.results_dir, self.sweep, self.fixed, self.searched, self.metric, self.mode,
+                            self.max_gpu_memory)
+        for key in ("_trials", "_ended", "_ended_ids", "_ended_new", "_steps", "_dirty", "_written_at",
+                    "_write_seconds", "_loaded"):
+            state[key] = fresh.__dict__[key]
         return state
 
     def _load(self) -> None:
-        """Read back what earlier runs of this sweep wrote (resume, or a second driver)."""
+        """Read back the rows an earlier run of this sweep wrote (resume, or a second driver): the ended ones as
+        a table, the others to go on with. Their steps are read when their trial comes back."""
         if self._loaded:
             return
         self._loaded = True
-        for row in read_partition(self.results_dir, "trials", self.sweep):
-            self._trials[row["trial_id"]] = row
-        for row in read_partition(self.results_dir, "steps", self.sweep):
-            if row.get("step") is not None:
-                self._steps.setdefault(row["trial_id"], {})[int(row["step"])] = row
+        # by trial id: a driver killed while moving rows out of the one-file-per-trial layout left them twice
+        rows = list({r["trial_id"]: r for r in read_partition(self.results_dir, "trials", self.sweep)}.values())
+        ended = [r for r in rows if r.get("status") in ENDED]
+        self._trials = {r["trial_id"]: r for r in rows if r.get("status") not in ENDED}
+        self._ended = rows_to_table(ended, schema_for("trials"))
+        self._ended_ids = {r["trial_id"] for r in ended}
+        legacy = [f for f in partition_dir(self.results_dir, "trials", self.sweep).glob("*.parquet")
+                  if f.name != TRIALS_FILE and not f.name.startswith(".")]
+        self._dirty = bool(legacy)  # rows of the one-file-per-trial layout move into the trials file
 
     def _path(self, table: str, trial_id: str) -> Path:
         return partition_dir(self.results_dir, table, self.sweep) / f"{trial_id}.parquet"
 
     def _write(self, table: str, trial_id: str, rows: list[dict[str, Any]]) -> None:
+        self._write_safely(table, trial_id, lambda: write_atomic(
+            rows_to_table(rows, schema_for(table)), self._path(table, trial_id), COMPRESSION.get(table, "zstd")))
+
+    def _write_safely(self, table: str, what: str, write: Any) -> bool:
         try:
-            write_atomic(rows_to_table(rows, schema_for(table)), self._path(table, trial_id),
-                         COMPRESSION.get(table, "zstd"))
-        except OSError as e:  # a full disk must not kill the sweep; say so once per table
+            write()
+            return True
+        except OSError as e:  # a full disk must not kill the sweep; say so, a few times
             self.write_errors += 1
             if self.write_errors <= 3:
-                print(f"mdsweep: warning: could not write {table} for {trial_id}: {e}")
+                print(f"mdsweep: warning: could not write {table} for {what}: {e}")
+            return False
+
+    def _write_trials(self, force: bool = False) -> None:
+        """Rewrite the sweep's trials file if a row changed and the last write is long enough ago (`force`: now)."""
+        if not self._dirty:
+            return
+        interval = max(ROW_INTERVAL_S, WRITE_SHARE * self._write_seconds)
+        if not force and time.monotonic() - self._written_at < interval:
+            return
+        started = time.monotonic()
+        schema = schema_for("trials")
+        if self._ended_new:
+            self._ended = pa.concat_tables([self._ended, rows_to_table(list(self._ended_new.values()), schema)])
+            self._ended = self._ended.combine_chunks()  # one chunk: a chunk per write would slow every later one
+            self._ended_new = {}
+        for row in self._trials.values():
+            self._refresh_metrics(row)
+        table = pa.concat_tables([self._ended, rows_to_table(list(self._trials.values()), schema)])
+        if self._write_safely("trials", f"sweep {self.sweep}", lambda: write_trials_file(self.results_dir,
+                                                                                         self.sweep, table)):
+            self._dirty = False
+        self._written_at = time.monotonic()
+        self._write_seconds = self._written_at - started
+
+    def _steps_of(self, trial_id: str) -> dict[int, dict[str, Any]]:
+        """A live trial's steps rows by step; read back from its file the first time (a resumed or rerun trial)."""
+        steps = self._steps.get(trial_id)
+        if steps is None:
+            steps = {}
+            path = self._path("steps", trial_id)
+            if path.is_file():
+                with contextlib.suppress(OSError, pa.ArrowException):
+                    with open(path, "rb") as handle:
+                        steps = {int(r["step"]): r for r in pq.read_table(handle).to_pylist()
+                                 if r.get("step") is not None}
+            self._steps[trial_id] = steps
+        return steps
+
+    def _ended_row(self, trial_id: str, take: bool) -> Optional[dict[str, Any]]:
+        """An ended trial's row (`take`: taken out of the ended rows, as the trial runs again)."""
+        if trial_id in self._ended_new:
+            if not take:
+                return self._ended_new[trial_id]
+            self._ended_ids.discard(trial_id)
+            return self._ended_new.pop(trial_id)
+        if trial_id not in self._ended_ids:
+            return None
+        import pyarrow.compute as pc
+
+        match = pc.equal(self._ended.column("trial_id"), trial_id)
+        found = self._ended.filter(match).to_pylist()
+        if found and take:
+            self._ended = self._ended.filter(pc.invert(match))
+            self._ended_ids.discard(trial_id)
+        return found[0] if found else None
 
     # --- rows --------------------------------------------------------------
     def _trial_row(self, trial: Any) -> dict[str, Any]:
+        """The row of a trial that is running or about to; an ended trial that comes back (a replay, a rerun of
+        an errored trial) brings its row back from the ended ones."""
+        self._load()
         row = self._trials.get(trial.trial_id)
+        if row is None:
+            row = self._ended_row(trial.trial_id, take=True)
+            if row is not None:
+                self._trials[trial.trial_id] = row
         if row is None:
             params, meta = split_suggestion(dict(trial.config))
             row = {"trial_id": trial.trial_id, "outcome": "running", "attempts": 0, "num_failures": 0}
@@ -210,7 +300,7 @@ class ParquetSink(_tune_callback_base()):
         return row
 
     def _refresh_metrics(self, row: dict[str, Any]) -> None:
-        steps = self._steps.get(row["trial_id"], {})
+        steps = self._steps_of(row["trial_id"])
         row["n_reports"] = len(steps)
         if not steps:
             return
@@ -232,7 +322,9 @@ class ParquetSink(_tune_callback_base()):
         if peaks:
             row["peak_memory_bytes"] = max([*peaks, row.get("peak_memory_bytes") or 0])
 
-    def _flush_trial(self, trial: Any, status: Optional[str] = None) -> None:
+    def _update(self, trial: Any, status: Optional[str] = None) -> None:
+        """Bring a trial's row up to date; the trials file follows when it is due. A trial that has ended moves
+        to the ended rows, and its steps leave memory."""
         row = self._trial_row(trial)
         if status:
             row["status"] = status
@@ -246,20 +338,12 @@ class ParquetSink(_tune_callback_base()):
         if row.get("start_time") and row.get("end_time"):
             row["wall_time_s"] = (row["end_time"] - row["start_time"]).total_seconds()
         self._refresh_metrics(row)
-        self._write("trials", trial.trial_id, [row])
-        self._row_written[trial.trial_id] = time.monotonic()
-        self._rows_behind.pop(trial.trial_id, None)
-
-    def _row_due(self, trial_id: str) -> bool:
-        """Whether a running trial's row was last written `ROW_INTERVAL_S` or more ago."""
-        return time.monotonic() - self._row_written.get(trial_id, 0.0) >= ROW_INTERVAL_S
-
-    def _flush_when_due(self, trial: Any) -> None:
-        """A running trial's row after a report: written if it is due, else later."""
-        if self._row_due(trial.trial_id):
-            self._flush_trial(trial)
-        else:
-            self._rows_behind[trial.trial_id] = trial
+        if row.get("status") in ENDED:
+            self._ended_new[trial.trial_id] = self._trials.pop(trial.trial_id)
+            self._ended_ids.add(trial.trial_id)
+            self._steps.pop(trial.trial_id, None)
+        self._dirty = True
+        self._write_trials()
 
     # --- Tune callback hooks --------------------------------------------------
     def setup(self, stop: Any = None, num_samples: Any = None, total_num_samples: Any = None, **info: Any) -> None:
@@ -274,13 +358,13 @@ class ParquetSink(_tune_callback_base()):
         row["wall_time_s"] = None
         row["outcome"] = "running"
         row["error"] = None
-        self._flush_trial(trial, "running")
+        self._update(trial, "running")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._load()
         row = self._trial_row(trial)
         row["num_failures"] = int(row.get("num_failures") or 0) + 1
-        self._flush_trial(trial, "pending")
+        self._update(trial, "pending")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self._load()
@@ -304,12 +388,13 @@ class ParquetSink(_tune_callback_base()):
             step_row = {m: result.get(m) for m in METRICS}
             step_row.update(trial_id=tid, step=int(step), training_iteration=result.get("training_iteration"),
                             report_time=_now())
-            self._steps.setdefault(tid, {})[int(step)] = step_row
-            self._write("steps", tid, [self._steps[tid][s] for s in sorted(self._steps[tid])])
+            steps = self._steps_of(tid)
+            steps[int(step)] = step_row
+            self._write("steps", tid, [steps[s] for s in sorted(steps)])
         elif kind == "final":
             self._refresh_metrics(row)  # the last evaluation's metrics, while the row still says running
             final_step = int(step or 0)
-            steps = self._steps.get(tid, {})
+            steps = self._steps_of(tid)
             stale = [s for s in steps if s > final_step]
             if stale:  # rows of an earlier attempt beyond where this one ended
                 for s in stale:
@@ -335,22 +420,14 @@ class ParquetSink(_tune_callback_base()):
                 pred_rows = [{"trial_id": tid, "step": final_step, **{k: predictions[k][i] for k in predictions}}
                              for i in range(n)]
                 self._write("predictions", tid, pred_rows)
-        attempt = (tid, row.get("attempts"))
-        if kind == "final" or attempt not in self._attempts_reported:  # the end, or an attempt's first report
-            self._attempts_reported.add(attempt)  # (what it ran, where, under which cap)
-            self._flush_trial(trial)
-        else:
-            self._flush_when_due(trial)
+        self._update(trial)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        """Rows held back by the interval reach disk once it has passed, even if their trial reports no more."""
-        for trial_id, trial in list(self._rows_behind.items()):
-            if self._row_due(trial_id):
-                self._flush_trial(trial)
+        """Changes held back by the interval reach disk once it has passed, even if no trial reports again."""
+        self._write_trials()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        for trial in list(self._rows_behind.values()):
-            self._flush_trial(trial)
+        self._write_trials(force=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._load()
@@ -359,7 +436,7 @@ class ParquetSink(_tune_callback_base()):
         if row.get("outcome") in (None, "running"):
             row["outcome"] = "stopped"  # ended by the scheduler (early stopping) before its final report
         row["end_time"] = _now()
-        self._flush_trial(trial, "terminated")
+        self._update(trial, "terminated")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._load()
@@ -370,17 +447,17 @@ class ParquetSink(_tune_callback_base()):
         row["outcome"] = "host_oom" if host_oom else "error"
         row["error"] = host_oom or (text[-4000:] if text else row.get("error"))
         row["end_time"] = _now()
-        self._flush_trial(trial, "error")
+        self._update(trial, "error")
 
     # --- repair ------------------------------------------------------------
     def misses(self, trial_id: str, eval_steps: set[int], predicted: bool) -> bool:
         """Whether the tables lack part of a finished trial: its final row, a report, or (`predicted`: it ended
         with predictions) its predictions."""
         self._load()
-        row = self._trials.get(trial_id)
+        row = self._trials.get(trial_id) or self._ended_row(trial_id, take=False)
         if row is None or row.get("outcome") in (None, "running") or row.get("status") != "terminated":
             return True
-        if not eval_steps <= set(self._steps.get(trial_id, {})):
+        if not eval_steps <= set(self._steps_of(trial_id)):
             return True
         return predicted and not self._path("predictions", trial_id).is_file()
 
@@ -403,7 +480,7 @@ class ParquetSink(_tune_callback_base()):
         if row.get("outcome") in (None, "running"):
             row["outcome"] = "stopped"  # ended by the scheduler before its final report
         row["end_time"] = row.get("end_time") or ended
-        self._flush_trial(trial, "terminated")
+        self._update(trial, "terminated")
 
     @staticmethod
     def _error_text(trial: Any) -> Optional[str]:
@@ -417,5 +494,5 @@ class ParquetSink(_tune_callback_base()):
         return None
 
 
-__all__ = ["ParquetSink", "write_atomic", "read_partition", "write_sweep_row", "partition_dir",
+__all__ = ["ParquetSink", "write_atomic", "read_partition", "write_sweep_row", "write_trials_file", "partition_dir",
            "SCHEMA_VERSION", "METADATA_KEY"]
