@@ -18,14 +18,30 @@ The weights are written in the official Moondream2 layout (`model.safetensors`
 plus `mdsweep_config.json`), so they load through the same path as real
 Moondream2 checkpoints. Not run by tests or CI: the product is committed.
 Needs the DejaVu fonts (Debian: fonts-dejavu-core) for the font mix.
+
+Geometry. By default the model is the `tiny` preset (112-pixel crops of 14-pixel patches: an 8×8 grid, so a
+200×50 captcha's six digits get about 1.3 patch columns each). `--crop-size`, `--patch-size`, `--max-crops`,
+`--overlap-margin`, `--enc-dim` and `--text-dim` change that within the same architecture (see
+`reader_config` and GEOMETRY.md); any change starts from a random-weight base written in the official layout
+under `--data-dir`, or, with `--init-from`, from a trained reader of the same widths carried to the new
+geometry (`carry_weights`). The run that made `tiny-reader-v2` (168-pixel crops of 14-pixel patches, a 12×12
+grid: 2 patch columns per digit of a 200×50 six-digit captcha), from tiny-reader's weights:
+
+    python models/make_tiny_reader.py --out models/tiny-reader-v2 --data-dir data/pretrain --per-length 6000 \
+        --epochs 4 --threads 1 --workers 1 --crop-size 168 --patch-size 14 --init-from models/tiny-reader
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainer.model.config import MoondreamConfig
 
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 LENGTHS = range(1, 9)
@@ -52,6 +68,103 @@ def write_training_data(root: Path, per_length: int, seed: int, workers: int) ->
                        seed=seed * 10_000 + length * 100 + index, workers=workers)
 
 
+def reader_config(*, crop_size: int = 112, patch_size: int = 14, max_crops: int = 4, overlap_margin: int = 1,
+                  enc_dim: int = 64, text_dim: int = 96) -> "MoondreamConfig":
+    """The `tiny` preset with another crop geometry and/or widths (the defaults give `tiny` itself).
+
+    Depths and head counts stay; feed-forward and projection widths stay twice the width they serve, as in
+    `tiny`; the decoder's context grows with the image tokens (grid²) so that prompt and answer still fit.
+    """
+    from trainer.model.config import PRESETS
+
+    if patch_size < 1 or crop_size % patch_size:
+        raise ValueError(f"crop size {crop_size} must be a multiple of the patch size {patch_size}")
+    tiny = PRESETS["tiny"]
+    vision = dataclasses.replace(
+        tiny.vision, crop_size=crop_size, enc_patch_size=patch_size, max_crops=max_crops,
+        overlap_margin=overlap_margin, enc_dim=enc_dim, enc_ff_dim=2 * enc_dim, proj_inner_dim=2 * enc_dim,
+        proj_out_dim=text_dim)
+    if vision.grid - 2 * overlap_margin <= 0:
+        raise ValueError(f"overlap margin {overlap_margin} leaves no tile interior in a {vision.grid}-patch crop")
+    for name, width, heads in (("enc-dim", enc_dim, vision.enc_n_heads), ("text-dim", text_dim, tiny.text.n_heads)):
+        if width % heads or (width // heads) % 4:
+            raise ValueError(f"{name} {width} must split into {heads} heads of a multiple of 4")
+    text = dataclasses.replace(tiny.text, dim=text_dim, ff_dim=2 * text_dim,
+                               max_context=max(tiny.text.max_context, vision.n_image_tokens + 128))
+    return dataclasses.replace(tiny, vision=vision, text=text)
+
+
+def initial_model(config: "MoondreamConfig", directory: Path, seed: int, init_from: "str | None" = None) -> str:
+    """The `model` a job starting from `config` is given. From random weights: `tiny` when that is the preset,
+    else a directory holding seeded random weights (the ones the preset path would draw) in the official
+    layout. `init_from` (a trained reader of the same widths, e.g. models/tiny-reader): its weights carried to
+    this geometry (`carry_weights`), written to `directory`."""
+    from trainer.job_model import seed_everything
+    from trainer.model.config import PRESETS
+    from trainer.model.loading import LoadedModel, builtin_choice, load_model, save_model
+    from trainer.model.network import MoondreamModel
+    from trainer.model.tokenizer import CharTokenizer
+
+    if config == PRESETS["tiny"] and init_from is None:
+        return "tiny"
+    tokenizer = CharTokenizer()
+    seed_everything(seed)
+    model = MoondreamModel(config, bos_id=tokenizer.bos_id)
+    if init_from is not None:
+        carry_weights(load_model(init_from).model, model)
+    save_model(LoadedModel(model, tokenizer, None, builtin_choice(tokenizer)), directory)
+    return str(directory)
+
+
+def carry_weights(source, target) -> None:
+    """Copy a trained reader's weights into a model of the same widths and another crop geometry.
+
+    Tensors of equal shape are copied; the patch embedding's kernel is resized to the new patch side (area
+    resampling, scaled so a patch of the same pixels gives the same response) and the position embedding is
+    interpolated (bicubic) from the old patch grid to the new one, as when a ViT changes resolution.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    ours, theirs = target.state_dict(), source.state_dict()
+    if set(ours) != set(theirs):
+        raise ValueError("source and target models differ in their tensors (depth or layout)")
+    with torch.no_grad():
+        for key, tensor in ours.items():
+            old = theirs[key].to(tensor.dtype)
+            if old.shape == tensor.shape:
+                tensor.copy_(old)
+            elif key.endswith("patch_embedding.weight") and old.shape[:2] == tensor.shape[:2]:
+                ratio = old.shape[-1] / tensor.shape[-1]
+                tensor.copy_(F.interpolate(old, size=tensor.shape[-2:], mode="bilinear", antialias=True,
+                                           align_corners=False) * ratio ** 2)
+            elif key.endswith("position_embedding.weight") and old.shape[1] == tensor.shape[1]:
+                g_old, g_new = round(old.shape[0] ** 0.5), round(tensor.shape[0] ** 0.5)
+                grid = old.reshape(1, g_old, g_old, -1).permute(0, 3, 1, 2)
+                grid = F.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False)
+                tensor.copy_(grid.permute(0, 2, 3, 1).reshape(g_new * g_new, -1))
+            else:
+                raise ValueError(f"cannot carry {key}: shape {tuple(old.shape)} -> {tuple(tensor.shape)} "
+                                 "(only the geometry may differ, not the widths)")
+
+
+def add_geometry_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--crop-size", type=int, default=112, help="crop side in pixels (tiny: 112)")
+    parser.add_argument("--patch-size", type=int, default=14, help="vision patch side in pixels (tiny: 14)")
+    parser.add_argument("--max-crops", type=int, default=4, help="most local tiles per image (tiny: 4)")
+    parser.add_argument("--overlap-margin", type=int, default=1, help="tile overlap in patches (tiny: 1)")
+    parser.add_argument("--enc-dim", type=int, default=64, help="vision tower width (tiny: 64)")
+    parser.add_argument("--text-dim", type=int, default=96, help="text decoder width (tiny: 96)")
+    parser.add_argument("--init-from", default=None,
+                        help="start from this trained reader's weights (same widths), carried to the geometry, "
+                             "instead of random weights")
+
+
+def geometry_of_args(args: argparse.Namespace) -> "MoondreamConfig":
+    return reader_config(crop_size=args.crop_size, patch_size=args.patch_size, max_crops=args.max_crops,
+                         overlap_margin=args.overlap_margin, enc_dim=args.enc_dim, text_dim=args.text_dim)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("models/tiny-reader"), help="model directory to write")
@@ -63,7 +176,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--workers", type=int, default=2, help="processes rendering images")
     parser.add_argument("--seed", type=int, default=0, help="seed of data and training")
+    add_geometry_arguments(parser)
     args = parser.parse_args()
+    model_config = geometry_of_args(args)  # a bad geometry fails before any data is made
 
     import torch
 
@@ -80,9 +195,11 @@ def main() -> None:
         synthesize(400, val_path, length=5, alphabet=ALPHABET, width=240, height=60,
                    seed=args.seed * 10_000 + 9_999, workers=args.workers)
     print(f"data ready: {time.time() - started:.0f} s", flush=True)
+    model = initial_model(model_config, args.data_dir / "initial-model", args.seed, args.init_from)
+    print(f"model: {model} {json.dumps(model_config.to_dict())}", flush=True)
 
     config = JobConfig(
-        model="tiny", train_data=str(train_dir), val_data=str(val_path), max_val_samples=400,
+        model=model, train_data=str(train_dir), val_data=str(val_path), max_val_samples=400,
         train_scope="all", attention="prefix", gradient_checkpointing=False, batch_size=args.batch_size,
         lr=args.lr, warmup_ratio=0.03, weight_decay=0.01, epochs=args.epochs, eval_every=1000,
         seed=args.seed, save_model=str(args.out))
