@@ -101,7 +101,8 @@ def run_row(row: dict[str, int], args: argparse.Namespace, train: Path, val: Pat
     wall = time.time() - started
     final = result.final_metrics
     return {**row, **tiling_facts(config), "start": args.init_from or "random", "train": train.name,
-            "batch_size": args.batch_size, "lr": args.lr, "params": params, "steps": result.step, "samples": args.samples,
+            "batch_size": args.batch_size, "lr": args.lr, "params": params, "steps": result.step,
+            "samples": args.samples,
             "s_per_step": round(statistics.median(step_seconds), 3), "train_s": round(sum(step_seconds), 1),
             "wall_s": round(wall, 1), "outcome": result.outcome, "train_loss": round(final.get("train_loss", -1), 4),
             "per_char_acc": round(1 - final["val_cer"], 4), "exact_match": final["val_exact_match"],
