@@ -478,3 +478,79 @@ def test_an_ended_trial_that_runs_again_takes_its_row_back(tmp_path):
     (row,) = read_partition(tmp_path / "results", "trials", "demo")
     assert row["outcome"] == "ok" and row["attempts"] == 2 and row["start_time"] == first["start_time"]
     assert row["n_reports"] == 2 and row["best_val_exact_match"] == 0.5  # the steps of both runs
+
+
+def _tune_record(experiment: Path, trial: FakeTrial, reports: list[dict]) -> None:
+    """What Tune keeps of a trial in its folder: every report (result.json) and its suggestion (params.json)."""
+    import json
+
+    folder = experiment / f"trial_{trial.trial_id}"
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text("".join(
+        json.dumps({k: v for k, v in r.items() if k != PREDICTIONS_KEY} | {"timestamp": 1.7e9 + i,
+                                                                          "time_total_s": 1.0}) + "\n"
+        for i, r in enumerate(reports)))
+    (folder / "params.json").write_text(json.dumps(trial.config))
+
+
+def _frozen_clock(monkeypatch) -> list[float]:
+    import orchestrator.sweep.sink as sink_module
+
+    clock = [100.0]
+    monkeypatch.setattr(sink_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(sink_module, "ROW_INTERVAL_S", 1.0)
+    monkeypatch.setattr(sink_module, "WRITE_SHARE", 50)
+    return clock
+
+
+def test_the_resumes_repair_writes_every_row_it_puts_back(tmp_path, monkeypatch):
+    """A driver killed -9 after two trials finished in Tune but before the sink wrote their ends: the resume's
+    repair replays both within the interval, and both rows reach disk (its sink is thrown away afterwards)."""
+    from orchestrator.sweep.repair import repair_missing_rows
+
+    _frozen_clock(monkeypatch)
+    sink = _sink(tmp_path)
+    tuners_copy = pickle.dumps(sink)  # what tuner.pkl keeps
+    trials = [_trial("a"), _trial("b", lr=2e-4)]
+    for trial in trials:
+        sink.on_trial_start(0, [], trial)
+    sink.on_experiment_end([])
+    for trial in trials:
+        _tune_record(tmp_path / "exp", trial, [_eval(2, 0.25), _eval(4, 0.5), _final(4, 0.5, predictions=False)])
+    assert repair_missing_rows(_sink(tmp_path), str(tmp_path / "exp")) == ["a", "b"]
+    restored = pickle.loads(tuners_copy)  # Tune fires no hook for trials it restores as ended
+    restored.setup()
+    restored.on_experiment_end([])
+    rows = {r["trial_id"]: (r["status"], r["outcome"]) for r in read_partition(tmp_path / "results", "trials", "demo")}
+    assert rows == {"a": ("terminated", "ok"), "b": ("terminated", "ok")}
+
+
+@pytest.mark.parametrize("end", ["complete", "error"])
+def test_an_end_without_a_final_report_is_written_at_once(tmp_path, monkeypatch, end):
+    """Stopped by the scheduler or errored: Tune's record has no final report, so the repair cannot see that the
+    trial ended; a driver killed -9 right after must already have written it."""
+    clock = _frozen_clock(monkeypatch)
+    sink, trial = _sink(tmp_path), _trial()
+    sink.on_trial_start(0, [], trial)
+    clock[0] += 0.5
+    sink.on_trial_result(0, [], trial, _eval(2, 0.25))
+    getattr(sink, f"on_trial_{end}")(0, [], trial)  # half a second after the last write; then kill -9
+    (row,) = read_partition(tmp_path / "results", "trials", "demo")
+    assert row["status"] == ("terminated" if end == "complete" else "error")
+    assert row["outcome"] == ("stopped" if end == "complete" else "error") and row["n_reports"] == 1
+
+
+def test_updating_a_row_keeps_one_row_per_trial_when_a_migration_was_cut(tmp_path):
+    """Killed while moving rows out of the per-trial layout, a trial's row is in both files; the held-out test's
+    update leaves one."""
+    from orchestrator.results.schema import rows_to_table
+    from orchestrator.sweep.sink import update_trial_row
+
+    sink = _sink(tmp_path)
+    _run_one(sink, _trial("t1"))
+    folder = tmp_path / "results" / "trials" / "sweep=demo"
+    (row,) = read_partition(tmp_path / "results", "trials", "demo")
+    write_atomic(rows_to_table([row], schema_for("trials")), folder / "t1.parquet")
+    update_trial_row(tmp_path / "results", "demo", "t1", {"test_exact_match": 0.75})
+    (updated,) = read_partition(tmp_path / "results", "trials", "demo")
+    assert updated["test_exact_match"] == 0.75 and sorted(p.name for p in folder.iterdir()) == ["trials.parquet"]

@@ -80,4 +80,4 @@ def repair_missing_rows(sink: ParquetSink, experiment_path: str) -> list[str]:
             else None
         sink.replay(trial, reports, predictions, ended)
         repaired.append(trial_id)
-    return repaired
+    return repaired if sink.flush() else []  # rows left unwritten are not put back: the next resume tries again

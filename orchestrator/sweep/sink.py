@@ -12,7 +12,8 @@ every `ROW_INTERVAL_S` seconds (longer when the file has grown so that its write
 driver's time) and at the end of the run: with a file per trial, a query of a 1 000-trial sweep opened 1 000
 files of 120 columns (bench/scale.py). The rows of ended trials are kept as an Arrow table, so a rewrite converts
 only the rows that changed. A driver killed between rewrites loses at most that interval of trials-row changes,
-which the resume's repair rebuilds from Tune's own record (orchestrator.sweep.repair).
+which the resume's repair rebuilds from Tune's own record (orchestrator.sweep.repair); an end that record cannot
+show (a trial stopped by the scheduler or failed, with no final report) is written at once.
 
 Temporary files start with '.', which pyarrow, pandas, polars and DuckDB globs (`*.parquet`) all skip.
 """
@@ -107,24 +108,28 @@ def write_sweep_row(root: Path | str, sweep: str, row: dict[str, Any]) -> None:
     write_atomic(rows_to_table([merged], schema_for("sweeps")), partition_dir(root, "sweeps", sweep) / "sweep.parquet")
 
 
-def write_trials_file(root: Path | str, sweep: str, table: pa.Table) -> None:
-    """Replace the sweep's trials file with `table`. Rows of a trial in a file of its own (the layout before one
-    file per sweep) now live in the trials file, so those files go once it is written."""
+def legacy_trial_files(root: Path | str, sweep: str, trial_ids: set[str]) -> list[Path]:
+    """The files of the layout before one trials file per sweep: `<trial id>.parquet`, one per trial. Any other
+    file a user put in the folder is not one of them."""
     folder = partition_dir(root, "trials", sweep)
-    write_atomic(table, folder / TRIALS_FILE, COMPRESSION["trials"])
-    for trial_id in set(table.column("trial_id").to_pylist()):
-        legacy = folder / f"{trial_id}.parquet"
-        if legacy.name != TRIALS_FILE:
-            legacy.unlink(missing_ok=True)
+    return [folder / f"{t}.parquet" for t in sorted(trial_ids)
+            if f"{t}.parquet" != TRIALS_FILE and (folder / f"{t}.parquet").is_file()]
+
+
+def write_trials_file(root: Path | str, sweep: str, table: pa.Table, legacy: list[Path]) -> None:
+    """Replace the sweep's trials file with `table`; then the `legacy` per-trial files, whose rows it now holds,
+    go."""
+    write_atomic(table, partition_dir(root, "trials", sweep) / TRIALS_FILE, COMPRESSION["trials"])
+    for path in legacy:
+        path.unlink(missing_ok=True)
 
 
 def update_trial_row(root: Path | str, sweep: str, trial_id: str, values: dict[str, Any]) -> None:
     """Add `values` to one trial's row after its run (the held-out test at the end of a sweep)."""
-    rows = read_partition(root, "trials", sweep)
-    for row in rows:
-        if row["trial_id"] == trial_id:
-            row.update(values)
-    write_trials_file(root, sweep, rows_to_table(rows, schema_for("trials")))
+    rows = {r["trial_id"]: r for r in read_partition(root, "trials", sweep)}  # one per trial, as the sink loads
+    rows[trial_id].update(values)
+    write_trials_file(root, sweep, rows_to_table(list(rows.values()), schema_for("trials")),
+                      legacy_trial_files(root, sweep, set(rows)))
 
 
 def _tune_callback_base():
@@ -169,6 +174,7 @@ class ParquetSink(_tune_callback_base()):
         self._dirty = False  # the trials file is behind the rows
         self._written_at = float("-inf")  # monotonic time of the last trials-file write
         self._write_seconds = 0.0  # how long it took
+        self._legacy: list[Path] = []  # per-trial trials files of the earlier layout, to go once their rows moved
         self._loaded = False
         self.write_errors = 0
 
@@ -178,7 +184,7 @@ class ParquetSink(_tune_callback_base()):
         fresh = ParquetSink(self.results_dir, self.sweep, self.fixed, self.searched, self.metric, self.mode,
                             self.max_gpu_memory)
         for key in ("_trials", "_ended", "_ended_ids", "_ended_new", "_steps", "_dirty", "_written_at",
-                    "_write_seconds", "_loaded"):
+                    "_write_seconds", "_legacy", "_loaded"):
             state[key] = fresh.__dict__[key]
         return state
 
@@ -194,9 +200,8 @@ class ParquetSink(_tune_callback_base()):
         self._trials = {r["trial_id"]: r for r in rows if r.get("status") not in ENDED}
         self._ended = rows_to_table(ended, schema_for("trials"))
         self._ended_ids = {r["trial_id"] for r in ended}
-        legacy = [f for f in partition_dir(self.results_dir, "trials", self.sweep).glob("*.parquet")
-                  if f.name != TRIALS_FILE and not f.name.startswith(".")]
-        self._dirty = bool(legacy)  # rows of the one-file-per-trial layout move into the trials file
+        self._legacy = legacy_trial_files(self.results_dir, self.sweep, {r["trial_id"] for r in rows})
+        self._dirty = bool(self._legacy)  # rows of the one-file-per-trial layout move into the trials file
 
     def _path(self, table: str, trial_id: str) -> Path:
         return partition_dir(self.results_dir, table, self.sweep) / f"{trial_id}.parquet"
@@ -215,13 +220,14 @@ class ParquetSink(_tune_callback_base()):
                 print(f"mdsweep: warning: could not write {table} for {what}: {e}")
             return False
 
-    def _write_trials(self, force: bool = False) -> None:
-        """Rewrite the sweep's trials file if a row changed and the last write is long enough ago (`force`: now)."""
+    def _write_trials(self, force: bool = False) -> bool:
+        """Rewrite the sweep's trials file if a row changed and the last write is long enough ago (`force`: now).
+        False when a write was due but failed."""
         if not self._dirty:
-            return
+            return True
         interval = max(ROW_INTERVAL_S, WRITE_SHARE * self._write_seconds)
         if not force and time.monotonic() - self._written_at < interval:
-            return
+            return True
         started = time.monotonic()
         schema = schema_for("trials")
         if self._ended_new:
@@ -231,11 +237,18 @@ class ParquetSink(_tune_callback_base()):
         for row in self._trials.values():
             self._refresh_metrics(row)
         table = pa.concat_tables([self._ended, rows_to_table(list(self._trials.values()), schema)])
-        if self._write_safely("trials", f"sweep {self.sweep}", lambda: write_trials_file(self.results_dir,
-                                                                                         self.sweep, table)):
+        written = self._write_safely("trials", f"sweep {self.sweep}", lambda: write_trials_file(
+            self.results_dir, self.sweep, table, self._legacy))
+        if written:
             self._dirty = False
+            self._legacy = []
         self._written_at = time.monotonic()
         self._write_seconds = self._written_at - started
+        return written
+
+    def flush(self) -> bool:
+        """Write the trials file now if a row changed (the resume's repair, which no interval will follow)."""
+        return self._write_trials(force=True)
 
     def _steps_of(self, trial_id: str) -> dict[int, dict[str, Any]]:
         """A live trial's steps rows by step; read back from its file the first time (a resumed or rerun trial)."""
@@ -322,9 +335,9 @@ class ParquetSink(_tune_callback_base()):
         if peaks:
             row["peak_memory_bytes"] = max([*peaks, row.get("peak_memory_bytes") or 0])
 
-    def _update(self, trial: Any, status: Optional[str] = None) -> None:
-        """Bring a trial's row up to date; the trials file follows when it is due. A trial that has ended moves
-        to the ended rows, and its steps leave memory."""
+    def _update(self, trial: Any, status: Optional[str] = None, now: bool = False) -> None:
+        """Bring a trial's row up to date; the trials file follows when it is due (`now`: at once). A trial that
+        has ended moves to the ended rows, and its steps leave memory."""
         row = self._trial_row(trial)
         if status:
             row["status"] = status
@@ -343,7 +356,7 @@ class ParquetSink(_tune_callback_base()):
             self._ended_ids.add(trial.trial_id)
             self._steps.pop(trial.trial_id, None)
         self._dirty = True
-        self._write_trials()
+        self._write_trials(force=now)
 
     # --- Tune callback hooks --------------------------------------------------
     def setup(self, stop: Any = None, num_samples: Any = None, total_num_samples: Any = None, **info: Any) -> None:
@@ -433,10 +446,13 @@ class ParquetSink(_tune_callback_base()):
         self._load()
         row = self._trial_row(trial)
         self._refresh_metrics(row)  # a stopped trial's final metrics are its last report's (the row may be behind)
-        if row.get("outcome") in (None, "running"):
+        unreported = row.get("outcome") in (None, "running")
+        if unreported:
             row["outcome"] = "stopped"  # ended by the scheduler (early stopping) before its final report
         row["end_time"] = _now()
-        self._update(trial, "terminated")
+        # an end without a final report is written at once: Tune's record of the trial (result.json) has no final
+        # report either, so the resume's repair could not tell that it ended
+        self._update(trial, "terminated", now=unreported)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._load()
@@ -447,7 +463,7 @@ class ParquetSink(_tune_callback_base()):
         row["outcome"] = "host_oom" if host_oom else "error"
         row["error"] = host_oom or (text[-4000:] if text else row.get("error"))
         row["end_time"] = _now()
-        self._update(trial, "error")
+        self._update(trial, "error", now=True)  # no final report either (see on_trial_complete)
 
     # --- repair ------------------------------------------------------------
     def misses(self, trial_id: str, eval_steps: set[int], predicted: bool) -> bool:
