@@ -22,10 +22,10 @@ Needs the DejaVu fonts (Debian: fonts-dejavu-core) for the font mix.
 Geometry. By default the model is the `tiny` preset (112-pixel crops of 14-pixel patches: an 8×8 grid, so a
 200×50 captcha's six digits get about 1.3 patch columns each). `--crop-size`, `--patch-size`, `--max-crops`,
 `--overlap-margin`, `--enc-dim` and `--text-dim` change that within the same architecture (see
-`reader_config` and bench/RESULTS.md); any change starts from a random-weight base written in the official layout
-under `--data-dir`, or, with `--init-from`, from a trained reader of the same widths carried to the new
-geometry (`carry_weights`). The run that made `tiny-reader-v2` (168-pixel crops of 14-pixel patches, a 12×12
-grid: 2 patch columns per digit of a 200×50 six-digit captcha), from tiny-reader's weights:
+`reader_config` and bench/RESULTS.md); any change starts from a random-weight base written in the official
+layout under `--data-dir`, or, with `--init-from`, from a trained reader of the same widths carried to the new
+geometry (`carry_weights`). The run for a 168-pixel, 14-pixel-patch base (a 12×12 grid: 2 patch columns per
+digit of a 200×50 six-digit captcha; issue 22, not shipped yet), from tiny-reader's weights:
 
     python models/make_tiny_reader.py --out models/tiny-reader-v2 --data-dir data/pretrain --per-length 6000 \
         --epochs 4 --threads 1 --workers 1 --crop-size 168 --patch-size 14 --init-from models/tiny-reader
