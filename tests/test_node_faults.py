@@ -93,13 +93,16 @@ def test_a_node_dying_mid_trial_is_survived_with_every_row_once(two_nodes, tmp_p
     node_id, raylet_socket = _joined_node(env, address)
     results = tmp_path / "results"
     driver = _start_sweep(env, address, tmp_path, captcha_parquet, "nodefault", "--num-samples", "2",
-                          "--max-concurrent", "2", "--max-failures", "2", "--max-steps", "12")
+                          "--max-concurrent", "2", "--max-failures", "2", "--max-steps", "24")
 
     def victim() -> str | None:
-        """The trial running on the joined node, once it has a checkpoint to be retried from."""
+        """The trial running on the joined node, once it has a checkpoint to be retried from, and far from its
+        end: the trials file, which says where a trial runs, follows its steps by up to a second."""
         on_node = {t["trial_id"] for t in read_partition(results, "trials", "nodefault") if t.get("node_id") == node_id}
-        steps = read_partition(results, "steps", "nodefault")
-        return next((s["trial_id"] for s in steps if s["trial_id"] in on_node and s["step"] >= 4), None)
+        last: dict[str, int] = {}
+        for s in read_partition(results, "steps", "nodefault"):
+            last[s["trial_id"]] = max(last.get(s["trial_id"], 0), s["step"])
+        return next((t for t, step in last.items() if t in on_node and 2 <= step <= 12), None)
 
     try:
         deadline = time.monotonic() + 300
@@ -117,7 +120,7 @@ def test_a_node_dying_mid_trial_is_survived_with_every_row_once(two_nodes, tmp_p
     assert trials[trial]["num_failures"] >= 1 and trials[trial]["restored_from_step"] >= 2  # from its checkpoint
     assert trials[trial]["node_id"] != node_id  # finished on the node that survived
     steps = [(s["trial_id"], s["step"]) for s in read_partition(results, "steps", "nodefault")]
-    assert sorted(steps) == sorted((tid, s) for tid in trials for s in range(2, 13, 2))
+    assert sorted(steps) == sorted((tid, s) for tid in trials for s in range(2, 25, 2))
 
 
 def test_a_node_lost_between_trials_leaves_the_rest_of_the_sweep_to_the_others(two_nodes, tmp_path, captcha_parquet):
