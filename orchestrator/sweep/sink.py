@@ -24,7 +24,7 @@ import datetime as dt
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -166,27 +166,29 @@ class ParquetSink(_tune_callback_base()):
         self.metric = metric
         self.mode = mode
         self.max_gpu_memory = max_gpu_memory
-        self._trials: dict[str, dict[str, Any]] = {}  # rows of trials that have not ended
-        self._ended = rows_to_table([], schema_for("trials"))  # rows of ended trials, already converted
-        self._ended_ids: set[str] = set()  # their ids: a new trial is looked up without scanning the table
-        self._ended_new: dict[str, dict[str, Any]] = {}  # ended since the last write, not yet converted
-        self._steps: dict[str, dict[int, dict[str, Any]]] = {}  # steps rows of trials that have not ended
-        self._dirty = False  # the trials file is behind the rows
-        self._written_at = float("-inf")  # monotonic time of the last trials-file write
-        self._write_seconds = 0.0  # how long it took
-        self._legacy: list[Path] = []  # per-trial trials files of the earlier layout, to go once their rows moved
-        self._loaded = False
+        self.__dict__.update(self._run_state())
         self.write_errors = 0
+
+    @staticmethod
+    def _run_state() -> dict[str, Any]:
+        """What the sink holds of one driver run; empty at first, and in the copy Tune pickles, since `_load`
+        reads it back from the results."""
+        return {
+            "_trials": {},  # rows of trials that have not ended
+            "_ended": rows_to_table([], schema_for("trials")),  # rows of ended trials, already converted
+            "_ended_ids": set(),  # their ids: a new trial is looked up without scanning the table
+            "_ended_new": {},  # ended since the last write, not yet converted
+            "_steps": {},  # steps rows of trials that have not ended, by trial id and step
+            "_dirty": False,  # the trials file is behind the rows
+            "_written_at": float("-inf"),  # monotonic time of the last trials-file write
+            "_write_seconds": 0.0,  # how long it took
+            "_legacy": [],  # per-trial trials files of the earlier layout, to go once their rows moved
+            "_loaded": False,
+        }
 
     # --- persistence -------------------------------------------------------
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        fresh = ParquetSink(self.results_dir, self.sweep, self.fixed, self.searched, self.metric, self.mode,
-                            self.max_gpu_memory)
-        for key in ("_trials", "_ended", "_ended_ids", "_ended_new", "_steps", "_dirty", "_written_at",
-                    "_write_seconds", "_legacy", "_loaded"):
-            state[key] = fresh.__dict__[key]
-        return state
+        return {**self.__dict__, **self._run_state()}
 
     def _load(self) -> None:
         """Read back the rows an earlier run of this sweep wrote (resume, or a second driver): the ended ones as
@@ -210,7 +212,7 @@ class ParquetSink(_tune_callback_base()):
         self._write_safely(table, trial_id, lambda: write_atomic(
             rows_to_table(rows, schema_for(table)), self._path(table, trial_id), COMPRESSION.get(table, "zstd")))
 
-    def _write_safely(self, table: str, what: str, write: Any) -> bool:
+    def _write_safely(self, table: str, what: str, write: Callable[[], None]) -> bool:
         try:
             write()
             return True
@@ -286,7 +288,6 @@ class ParquetSink(_tune_callback_base()):
     def _trial_row(self, trial: Any) -> dict[str, Any]:
         """The row of a trial that is running or about to; an ended trial that comes back (a replay, a rerun of
         an errored trial) brings its row back from the ended ones."""
-        self._load()
         row = self._trials.get(trial.trial_id)
         if row is None:
             row = self._ended_row(trial.trial_id, take=True)
@@ -350,8 +351,8 @@ class ParquetSink(_tune_callback_base()):
             row["checkpoint_path"] = getattr(ckpt, "path", None)
         if row.get("start_time") and row.get("end_time"):
             row["wall_time_s"] = (row["end_time"] - row["start_time"]).total_seconds()
-        self._refresh_metrics(row)
-        if row.get("status") in ENDED:
+        if row.get("status") in ENDED:  # a live row's metrics are refreshed when the file is written
+            self._refresh_metrics(row)
             self._ended_new[trial.trial_id] = self._trials.pop(trial.trial_id)
             self._ended_ids.add(trial.trial_id)
             self._steps.pop(trial.trial_id, None)
