@@ -294,3 +294,15 @@ def test_past_fifty_trials_the_curves_are_the_best_fifty_and_the_page_says_so():
     assert f"the curves of the {MAX_CURVES} best of 80 trials" in drawn.note
     few = [s for s in steps if s["trial_id"] < f"t{MAX_CURVES:03d}"]
     assert curves(trials, few, "val_exact_match", in_samples=True).note is None
+
+
+@pytest.mark.parametrize("where", ["missing/study.log", "a-file/study.jsonl"])
+def test_a_journal_file_that_cannot_be_opened_is_one_line_naming_the_flag(tmp_path, capsys, where):
+    from orchestrator.cli.main import main
+
+    (tmp_path / "a-file").write_text("")
+    storage = str(tmp_path / where)
+    assert main(["study", str(tmp_path / "results"), "--sweep", "demo", "--storage", storage]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mdsweep study: error: --storage {storage}: ")
+    assert err[0].endswith("give a file in a writable directory") and not (tmp_path / "results").exists()

@@ -84,6 +84,11 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     try:
         storage, url = study_storage(args.storage)
+    except OSError as e:  # a journal file that cannot be opened where it was asked for
+        print(f"mdsweep study: error: --storage {args.storage}: {e.strerror or e}; give a file in a writable "
+              "directory", file=sys.stderr)
+        return 2
+    try:
         built = build_study(args.results, args.sweep, storage=storage)
     except (StudyError, OSError) as e:
         print(f"mdsweep study: error: {e}", file=sys.stderr)
