@@ -394,8 +394,8 @@ def test_the_trials_file_is_rewritten_at_most_every_interval_and_every_step_row_
     sink.on_trial_start(0, [], second)
     assert len(writes) == 1  # the first change at once; the second waits for the interval
     for step in (2, 4, 6, 8):
-        for trial in (first, second):
-            sink.on_trial_result(0, [], trial, _eval(step, step / 10))
+        for trial in (first, second):  # no placement in these reports: a new one is written at once (next test)
+            sink.on_trial_result(0, [], trial, _eval(step, step / 10, node_id=None))
         clock[0] += 1
     assert [s["step"] for s in read_partition(tmp_path / "results", "steps", "demo")] == [2, 4, 6, 8] * 2
     assert len(writes) == 1 and [r["trial_id"] for r in read_partition(tmp_path / "results", "trials", "demo")] == ["t1"]
@@ -554,3 +554,14 @@ def test_updating_a_row_keeps_one_row_per_trial_when_a_migration_was_cut(tmp_pat
     update_trial_row(tmp_path / "results", "demo", "t1", {"test_exact_match": 0.75})
     (updated,) = read_partition(tmp_path / "results", "trials", "demo")
     assert updated["test_exact_match"] == 0.75 and sorted(p.name for p in folder.iterdir()) == ["trials.parquet"]
+
+
+def test_where_a_trial_runs_is_written_as_soon_as_it_reports(tmp_path, monkeypatch):
+    """A new placement goes to disk at once, whatever the interval: a user (or a test killing that node) reads
+    where each trial runs from the table."""
+    _frozen_clock(monkeypatch)
+    sink, trial = _sink(tmp_path), _trial()
+    sink.on_trial_start(0, [], trial)
+    sink.on_trial_result(0, [], trial, _eval(2, 0.25))
+    (row,) = read_partition(tmp_path / "results", "trials", "demo")
+    assert row["node_id"] == "node-a" and row["n_reports"] == 1

@@ -389,7 +389,9 @@ class ParquetSink(_tune_callback_base()):
         ran = result.pop(JOB_CONFIG_KEY, None)
         if isinstance(ran, dict):  # the config the trial actually ran, as the trainable built it
             row.update({k: ran[k] for k in job_field_types() if k in ran})
-        # where the trial ran, what memory it was predicted, and the cap it ran under (set in the trial with auto)
+        # where the trial ran, what memory it was predicted, and the cap it ran under (set in the trial with auto);
+        # a new placement is written at once, so the table says where a trial runs as soon as it reports
+        placed = result.get("node_id") not in (None, "", row.get("node_id"))
         for k in ("node_id", "node_ip", "hostname", "gpu_ids", "predicted_peak_bytes", "max_gpu_memory"):
             if result.get(k) not in (None, ""):
                 row[k] = result[k]
@@ -434,7 +436,7 @@ class ParquetSink(_tune_callback_base()):
                 pred_rows = [{"trial_id": tid, "step": final_step, **{k: predictions[k][i] for k in predictions}}
                              for i in range(n)]
                 self._write("predictions", tid, pred_rows)
-        self._update(trial)
+        self._update(trial, now=placed)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         """Changes held back by the interval reach disk once it has passed, even if no trial reports again."""
