@@ -176,12 +176,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--workers", type=int, default=2, help="processes rendering images")
     parser.add_argument("--seed", type=int, default=0, help="seed of data and training")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on from the checkpoint a cut run left in DATA_DIR/checkpoint (same flags)")
     add_geometry_arguments(parser)
     args = parser.parse_args()
     model_config = geometry_of_args(args)  # a bad geometry fails before any data is made
 
     import torch
 
+    from trainer.checkpoint import STATE_FILE
     from trainer.job import run_job
     from trainer.job_config import JobConfig
     from trainer.data.synth import synthesize
@@ -211,10 +214,16 @@ def main() -> None:
         curve.append(row)
         print(json.dumps(row), flush=True)
 
-    result = run_job(config, on_report=on_report, checkpoint_dir=args.data_dir / "checkpoint")
+    checkpoint_dir = args.data_dir / "checkpoint"
+    resume_from = checkpoint_dir if args.resume else None
+    if args.resume and not (checkpoint_dir / STATE_FILE).is_file():
+        parser.error(f"--resume: no checkpoint in {checkpoint_dir}; run without --resume to start afresh")
+    resumed_at: list[int] = []
+    result = run_job(config, on_report=on_report, checkpoint_dir=checkpoint_dir, resume_from=resume_from,
+                     on_resume=lambda step, _report: resumed_at.append(step))
     (args.out / "pretraining.json").write_text(json.dumps({
         "recipe": "models/make_tiny_reader.py", "args": {k: str(v) for k, v in vars(args).items()},
-        "outcome": result.outcome, "steps": result.step, "wall_time_s": round(time.time() - started),
+        "outcome": result.outcome, "steps": result.step, "resumed_from_step": resumed_at[0] if resumed_at else None, "wall_time_s": round(time.time() - started),
         "final_metrics": result.final_metrics, "curve": curve}, indent=1))
     print(f"{result.outcome}: {result.step} steps, {time.time() - started:.0f} s; wrote {args.out}")
 

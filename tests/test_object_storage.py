@@ -8,7 +8,6 @@ the export can only work if they read them back from there.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import sigterm_driver_when
 from orchestrator.sweep.sink import read_partition
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,32 +82,21 @@ def resumed(s3_env, tmp_path_factory, captcha_parquet):
     """The sweep run until its first trial is done and the second has a checkpoint, ended by SIGTERM, resumed."""
     tmp = tmp_path_factory.mktemp("s3-sweep")
     results = tmp / "results"
-    log = open(tmp / "driver.log", "w")
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "run", "--name", "bucketed", "--space", "smoke",
-         "--num-samples", "2", "--max-concurrent", "1", "--num-cpus", "2", "--storage", STORAGE,
-         "--results", str(results), "--progress-interval", "1", "--train-data", str(captcha_parquet),
-         "--max-steps", "8", "--eval-every", "2", "--batch-size", "2", "--max-val-samples", "4",
-         "--set", "max_new_tokens=5", "--set", "fault=crash@5"],
-        stdout=log, stderr=subprocess.STDOUT, env=_cli_env(s3_env), cwd=str(tmp), start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            trials = read_partition(results, "trials", "bucketed")
-            done = {t["trial_id"] for t in trials if t["outcome"] == "ok"}
-            later = {s["trial_id"] for s in read_partition(results, "steps", "bucketed") if s["step"] >= 2} - done
-            if len(done) == 1 and later:
-                break
-            assert driver.poll() is None, (tmp / "driver.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no second trial with a checkpoint before the deadline"
-            time.sleep(0.25)
-        before = {t["trial_id"]: t for t in trials}
-        driver.send_signal(signal.SIGTERM)
-        code = driver.wait(timeout=120)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        log.close()
+    before: dict[str, dict] = {}
+
+    def first_done_second_checkpointed() -> bool:
+        trials = read_partition(results, "trials", "bucketed")
+        done = {t["trial_id"] for t in trials if t["outcome"] == "ok"}
+        later = {s["trial_id"] for s in read_partition(results, "steps", "bucketed") if s["step"] >= 2} - done
+        before.update({t["trial_id"]: t for t in trials})
+        return len(done) == 1 and bool(later)
+
+    code = sigterm_driver_when(
+        ["run", "--name", "bucketed", "--space", "smoke", "--num-samples", "2", "--max-concurrent", "1",
+         "--num-cpus", "2", "--storage", STORAGE, "--results", str(results), "--progress-interval", "1",
+         "--train-data", str(captcha_parquet), "--max-steps", "8", "--eval-every", "2", "--batch-size", "2",
+         "--max-val-samples", "4", "--set", "max_new_tokens=5", "--set", "fault=crash@5"],
+        first_done_second_checkpointed, tmp / "driver.log", _cli_env(s3_env), tmp)
     interrupted = (tmp / "driver.log").read_text()
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resume", "bucketed", "--storage", STORAGE],
                           capture_output=True, text=True, timeout=300, env=_cli_env(s3_env), cwd=str(tmp))

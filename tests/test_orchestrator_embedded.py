@@ -19,6 +19,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import sigterm_driver_when
+
 ROOT = Path(__file__).resolve().parent.parent
 
 FAULT_SPACE = """
@@ -465,32 +467,17 @@ def test_a_multi_objective_sweep_prints_its_pareto_front(tmp_path, captcha_parqu
 def test_sigterm_ends_a_sweep_like_ctrl_c_and_resume_completes_it(tmp_path, captcha_parquet):
     """SIGTERM (kill, systemd, a batch scheduler) used to hit Ray's native handler: a stack dump, exit 134, the sweep
     left `running`. It must save the state, say how to resume, exit 143, and resume must finish with each row once."""
-    import signal
-    import time
-
     from orchestrator.sweep.sink import read_partition
 
     results, storage = tmp_path / "results", tmp_path / "sweeps"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "run", "--name", "termed", "--space", "smoke", "--num-samples", "2",
-         "--max-concurrent", "1", "--num-cpus", "2", "--storage", str(storage), "--results", str(results),
-         "--progress-interval", "1", "--train-data", str(captcha_parquet), "--max-steps", "16", "--eval-every", "2",
-         "--batch-size", "2", "--max-val-samples", "4", "--set", "max_new_tokens=5"],
-        stdout=log, stderr=subprocess.STDOUT, env={**env, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT),
-        start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not any((s["step"] or 0) >= 4 for s in read_partition(results, "steps", "termed")):
-            assert driver.poll() is None and time.monotonic() < deadline, "no report before the deadline"
-            time.sleep(0.25)
-        driver.send_signal(signal.SIGTERM)  # the driver alone, as `kill PID` does
-        code = driver.wait(timeout=120)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        log.close()
+    code = sigterm_driver_when(
+        ["run", "--name", "termed", "--space", "smoke", "--num-samples", "2", "--max-concurrent", "1",
+         "--num-cpus", "2", "--storage", str(storage), "--results", str(results), "--progress-interval", "1",
+         "--train-data", str(captcha_parquet), "--max-steps", "16", "--eval-every", "2", "--batch-size", "2",
+         "--max-val-samples", "4", "--set", "max_new_tokens=5"],
+        lambda: any((s["step"] or 0) >= 4 for s in read_partition(results, "steps", "termed")),
+        tmp_path / "driver.log", {**env, "PYTHONPATH": str(ROOT)}, ROOT, deadline_s=240)
     output = (tmp_path / "driver.log").read_text()
     assert code == 143, output[-3000:]
     assert "SIGTERM received" not in output and "Traceback" not in output
