@@ -3,7 +3,7 @@
     python bench/demo_sweep.py                 # ~6-9 min on 2 CPU cores
 
 Runs the same steps as the README (synthesize the 6-digit captchas, sweep the
-shipped `tiny-reader` base on an embedded Ray, export the best trial), then
+shipped base it names on an embedded Ray, export the best trial), then
 scores the base zero-shot and the export on *fresh* captchas of another seed.
 Prints one row per trial (wall time, exact match and its 95 % interval) and the
 totals; every figure comes from the Parquet results the sweep wrote.
@@ -73,7 +73,8 @@ def main() -> None:
         fresh = work / "fresh.parquet"
         run(f"mdsweep data synth --n {args.fresh} --length 6 --seed 99 --out {fresh}", work)
         run(f"mdsweep export results --sweep demo --best --out {work / 'best'} --force", work)
-        print(f"base tiny-reader zero-shot on {args.fresh} fresh captchas: {score('tiny-reader', fresh, work)}")
+        base = next(c for c in commands if c.startswith("mdsweep run")).split("--model ")[1].split()[0]
+        print(f"base {base} zero-shot on {args.fresh} fresh captchas: {score(base, fresh, work)}")
         print(f"best trial, exported, on the same captchas:  {score(str(work / 'best'), fresh, work)}")
 
 

@@ -1,7 +1,7 @@
-"""The CPU demo's space: fine-tuning the shipped `tiny-reader` base on captchas.
+"""The CPU demo's space: fine-tuning a shipped base (`tiny-reader-v2`, `tiny-reader`) on captchas.
 
-The learning-rate range spans what does too little (around 1e-6 the base barely
-moves from its zero-shot score in a demo's budget; 2e-5 already learns) through
+The learning-rate range spans what does too little (around 1e-6 the base moves
+little from its zero-shot score in a demo's budget; 2e-5 already learns) through
 what works, so a sweep of a few trials has real differences to find. grad_accum is
 searched under a sample budget (`--max-samples`), so every value sees the same
 data and the comparison rewards the setting, not the compute.
