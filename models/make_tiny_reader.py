@@ -181,10 +181,13 @@ def main() -> None:
     add_geometry_arguments(parser)
     args = parser.parse_args()
     model_config = geometry_of_args(args)  # a bad geometry fails before any data is made
+    checkpoint_dir = args.data_dir / "checkpoint"
+    resume_from = checkpoint_dir if args.resume else None
+    if args.resume and not (checkpoint_dir / "state.pt").is_file():
+        parser.error(f"--resume: no checkpoint in {checkpoint_dir}; run without --resume to start afresh")
 
     import torch
 
-    from trainer.checkpoint import STATE_FILE
     from trainer.job import run_job
     from trainer.job_config import JobConfig
     from trainer.data.synth import synthesize
@@ -214,10 +217,6 @@ def main() -> None:
         curve.append(row)
         print(json.dumps(row), flush=True)
 
-    checkpoint_dir = args.data_dir / "checkpoint"
-    resume_from = checkpoint_dir if args.resume else None
-    if args.resume and not (checkpoint_dir / STATE_FILE).is_file():
-        parser.error(f"--resume: no checkpoint in {checkpoint_dir}; run without --resume to start afresh")
     resumed_at: list[int] = []
     result = run_job(config, on_report=on_report, checkpoint_dir=checkpoint_dir, resume_from=resume_from,
                      on_resume=lambda step, _report: resumed_at.append(step))

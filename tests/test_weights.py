@@ -119,22 +119,24 @@ def test_official_conversion_rejects_mismatched_config():
         official_to_ours(tensors, PRESETS["tiny"], "reference")
 
 
-def test_the_shipped_base_loads_by_name_through_the_official_layout():
+@pytest.mark.parametrize("name, crop, grid", [("tiny-reader", 112, 8), ("tiny-reader-v2", 168, 12)])
+def test_the_shipped_bases_load_by_name_through_the_official_layout(name, crop, grid):
     from trainer.model.loading import SHIPPED_MODELS_DIR, shipped_models
 
-    assert "tiny-reader" in shipped_models()
-    by_name, by_path = load_model("tiny-reader"), load_model(str(SHIPPED_MODELS_DIR / "tiny-reader"))
-    assert by_name.source_dir == SHIPPED_MODELS_DIR / "tiny-reader"
-    official = load_file(SHIPPED_MODELS_DIR / "tiny-reader" / WEIGHTS_FILE)
+    assert name in shipped_models()
+    by_name, by_path = load_model(name), load_model(str(SHIPPED_MODELS_DIR / name))
+    assert by_name.source_dir == SHIPPED_MODELS_DIR / name
+    assert (by_name.model.config.vision.crop_size, by_name.model.config.vision.grid) == (crop, grid)
+    official = load_file(SHIPPED_MODELS_DIR / name / WEIGHTS_FILE)
     assert {k.split(".")[1] for k in official} == {"vision", "text"}  # model.vision.*, model.text.*
-    expected = official_to_ours(official, by_name.model.config, "tiny-reader")
+    expected = official_to_ours(official, by_name.model.config, name)
     state = by_name.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in expected.items())
     assert all(torch.equal(state[k], v) for k, v in by_path.model.state_dict().items())
 
 
 def test_an_unknown_model_name_lists_presets_and_shipped_models():
-    with pytest.raises(CheckpointError, match=r"shipped model \(tiny-reader\)"):
+    with pytest.raises(CheckpointError, match=r"shipped model \(tiny-reader, tiny-reader-v2\)"):
         load_model("tiny-readr")
 
 
