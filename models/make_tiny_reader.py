@@ -1,4 +1,5 @@
-"""The recipe that made `models/tiny-reader`: pretrain the `tiny` preset to read text images.
+"""The recipe that made `models/tiny-reader` and `models/tiny-reader-v2`: pretrain a `tiny`-sized model to read
+text images.
 
     python models/make_tiny_reader.py --out models/tiny-reader      # 47 min on 2 CPU cores
 
@@ -24,11 +25,13 @@ Geometry. By default the model is the `tiny` preset (112-pixel crops of 14-pixel
 `--overlap-margin`, `--enc-dim` and `--text-dim` change that within the same architecture (see
 `reader_config` and bench/RESULTS.md); any change starts from a random-weight base written in the official
 layout under `--data-dir`, or, with `--init-from`, from a trained reader of the same widths carried to the new
-geometry (`carry_weights`). The run for a 168-pixel, 14-pixel-patch base (a 12×12 grid: 2 patch columns per
-digit of a 200×50 six-digit captcha; issue 22, not shipped yet), from tiny-reader's weights:
+geometry (`carry_weights`). tiny-reader-v2 is the 168-pixel, 14-pixel-patch base (a 12×12 grid: 2 patch
+columns per digit of a 200×50 six-digit captcha), from tiny-reader's weights (54 min):
 
-    python models/make_tiny_reader.py --out models/tiny-reader-v2 --data-dir data/pretrain --per-length 6000 \
-        --epochs 4 --threads 1 --workers 1 --crop-size 168 --patch-size 14 --init-from models/tiny-reader
+    python models/make_tiny_reader.py --out models/tiny-reader-v2 --epochs 4 --crop-size 168 --patch-size 14 \
+        --init-from models/tiny-reader
+
+A run that was cut goes on from its last checkpoint (every 1 000 steps) with the same flags and `--resume`.
 """
 from __future__ import annotations
 
