@@ -14,10 +14,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # Each layer and the layers it may load, bottom first. A module belongs to the longest prefix it starts with.
-TRAINER_BASE = ("trainer.job_config", "trainer.files")
+# cpu_math is loaded by the package's __init__, before anything computes
+TRAINER_BASE = ("trainer.job_config", "trainer.files", "trainer.cpu_math")
 MAY_LOAD: dict[str, tuple[str, ...]] = {
-    "trainer.job_config": (),
-    "trainer.files": (),
+    "trainer.job_config": ("trainer.cpu_math",),
+    "trainer.files": ("trainer.cpu_math",),
+    "trainer.cpu_math": (),
     "trainer.model": TRAINER_BASE,
     "trainer.memory": ("trainer.model",) + TRAINER_BASE,
     "trainer.data": ("trainer.model",) + TRAINER_BASE,

@@ -5,7 +5,11 @@
     memory/    sizes and caps, the memory estimate, precision and optimizer choices
     model/     the network, its config, weights, tokenizer and loading
 
-`job_config` (the contract) and `files` (atomic writes) are the base every layer may read. This package
+`job_config` (the contract) and `files` (atomic writes) are the base every layer may read. Importing the
+package pins MKL's code path first (`cpu_math`), so a job's numbers do not depend on the process it runs in. This package
 never imports Ray, Optuna or `orchestrator`, so a single job runs (and is tested) without a cluster; the
 sweep driver calls `trainer.job.run_job`.
 """
+from trainer.cpu_math import pin_mkl_code_path
+
+pin_mkl_code_path()
