@@ -184,9 +184,10 @@ def main() -> None:
     add_geometry_arguments(parser)
     args = parser.parse_args()
     model_config = geometry_of_args(args)  # a bad geometry fails before any data is made
+    from trainer.checkpoint import STATE_FILE
     checkpoint_dir = args.data_dir / "checkpoint"
     resume_from = checkpoint_dir if args.resume else None
-    if args.resume and not (checkpoint_dir / "state.pt").is_file():
+    if args.resume and not (checkpoint_dir / STATE_FILE).is_file():
         parser.error(f"--resume: no checkpoint in {checkpoint_dir}; run without --resume to start afresh")
 
     import torch
@@ -225,7 +226,8 @@ def main() -> None:
                      on_resume=lambda step, _report: resumed_at.append(step))
     (args.out / "pretraining.json").write_text(json.dumps({
         "recipe": "models/make_tiny_reader.py", "args": {k: str(v) for k, v in vars(args).items()},
-        "outcome": result.outcome, "steps": result.step, "resumed_from_step": resumed_at[0] if resumed_at else None, "wall_time_s": round(time.time() - started),
+        "outcome": result.outcome, "steps": result.step, "resumed_from_step": resumed_at[0] if resumed_at else None,
+        "wall_time_s": round(time.time() - started),
         "final_metrics": result.final_metrics, "curve": curve}, indent=1))
     print(f"{result.outcome}: {result.step} steps, {time.time() - started:.0f} s; wrote {args.out}")
 

@@ -28,13 +28,17 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
+def mkl_path_for(flags: set[str]) -> Optional[str]:
+    """The reproducible MKL path for a CPU with these flags; None where MKL has none worth pinning."""
+    branch = "AVX512" if AVX512_FLAGS <= flags else "AVX2" if "avx2" in flags else None
+    return f"{branch},STRICT" if branch else None
+
+
 def pin_mkl_code_path(flags: Optional[set[str]] = None) -> Optional[str]:
     """Set MKL_CBWR for this process and the processes it starts; the value set, or None if left alone."""
     if MKL_PATH_VARIABLE in os.environ:
         return None
-    flags = cpu_flags() if flags is None else flags
-    branch = "AVX512" if AVX512_FLAGS <= flags else "AVX2" if "avx2" in flags else None
-    if branch is None:
-        return None
-    os.environ[MKL_PATH_VARIABLE] = f"{branch},STRICT"
-    return os.environ[MKL_PATH_VARIABLE]
+    path = mkl_path_for(cpu_flags() if flags is None else flags)
+    if path is not None:
+        os.environ[MKL_PATH_VARIABLE] = path
+    return path
