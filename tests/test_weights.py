@@ -107,10 +107,26 @@ def test_corrupt_file_and_missing_weights_are_clear(tmp_path):
 
 
 def test_unreachable_hub_gives_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    """Offline for real, network or not: huggingface_hub reads HF_HUB_OFFLINE and its cache path once, when it is
+    first imported, so the test sets the values it reads, and any connection attempted fails the test (a connection
+    error would otherwise be turned into the very CheckpointError expected here)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    connections: list[tuple] = []
+
+    def no_connection(self, address, *args):
+        connections.append(address)
+        raise OSError("the test is offline")
+
+    monkeypatch.setattr(socket.socket, "connect", no_connection)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: connections.append(host) or [])
     with pytest.raises(CheckpointError, match="(?s)could not fetch vikhyatk/moondream2@2025-01-09.*local directory"):
         load_model("vikhyatk/moondream2", revision="2025-01-09")
+    assert connections == []
 
 
 def test_official_conversion_rejects_mismatched_config():
@@ -154,3 +170,53 @@ def test_the_streaming_writer_is_read_back_exactly_by_safetensors(tmp_path, dtyp
     with pytest.raises(ValueError, match="header says"):
         write_safetensors(tmp_path / "x.safetensors", [("a", torch.float32, (2,), lambda: torch.zeros(3))], {})
     assert not list(tmp_path.glob(".x.safetensors*"))  # nothing half-written left behind
+
+
+# --- a model directory a user can get wrong: one line naming the file, from the header and config alone --------
+
+def test_an_int8_checkpoint_is_refused_from_its_header_naming_the_dtype(tmp_path):
+    directory = _broken(tmp_path, lambda t: t.update({k: v.to(torch.int8) for k, v in t.items()}))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor '.*' is stored as I8; the loader reads "
+                                              r"F32, F16, BF16 or F64 weights"):
+        load_model(str(directory))
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("{not json", "not JSON"),
+    ("[1, 2]", "a JSON list, not an object"),
+    ('{"text": {"n_heads": 0}}', r"text.n_heads must be ≥ 1, got 0"),
+    ('{"text": {"n_heads": 5}}', r"text.dim 2048 must be a multiple of text.n_heads 5"),
+    ('{"vision": [1]}', "vision must be an object"),
+    ('{"text": {"dim": "wide"}}', "text.dim must be a whole number, got 'wide'"),
+])
+def test_a_bad_config_file_is_one_line_naming_the_file(tmp_path, text, reason):
+    _, directory = _saved_tiny(tmp_path)
+    (directory / "mdsweep_config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=rf"^{directory / 'mdsweep_config.json'}: .*{reason}"):
+        load_model(str(directory))
+
+
+def test_without_a_config_the_real_size_is_assumed_and_the_message_says_so(tmp_path):
+    _, directory = _saved_tiny(tmp_path)
+    (directory / "mdsweep_config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"no mdsweep_config.json, so the real Moondream2 sizes were assumed, "
+                                              r"and .*'model.vision.patch_emb.weight' has shape \(64, 588\), the "
+                                              r"model config expects \(1152, 588\)"):
+        load_model(str(directory))
+
+
+def test_predict_reads_every_bad_model_as_one_line(tmp_path, captcha_parquet, capsys):
+    """Through the CLI: an int8 file, a bad config, ids past the vocabulary each end in one line, no traceback."""
+    from conftest import write_bpe_model
+    from orchestrator.cli.main import main
+    from trainer.model.synth_tokenizer import write_bpe_tokenizer
+
+    int8 = _broken(tmp_path / "int8", lambda t: t.update({k: v.to(torch.int8) for k, v in t.items()}))
+    _, no_heads = _saved_tiny(tmp_path / "heads")
+    (no_heads / "mdsweep_config.json").write_text('{"text": {"n_heads": 0}}')
+    small_vocab = write_bpe_model(tmp_path / "vocab", vocab_size=128)
+    write_bpe_tokenizer(small_vocab)
+    for model, says in ((int8, "stored as I8"), (no_heads, "n_heads must be ≥ 1"), (small_vocab, "300 ids")):
+        assert main(["predict", "--model", str(model), "--data", str(captcha_parquet), "--show", "0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
