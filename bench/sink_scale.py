@@ -27,7 +27,7 @@ import pyarrow as pa  # noqa: E402
 
 import orchestrator.sweep.sink as sink_module  # noqa: E402
 from orchestrator.sweep.sink import ParquetSink  # noqa: E402
-from orchestrator.sweep.spaces import GROUP_KEY, MEMBER_KEY  # noqa: E402
+from orchestrator.results.spaces import GROUP_KEY, MEMBER_KEY  # noqa: E402
 from orchestrator.sweep.trainable import KIND_KEY, PREDICTIONS_KEY  # noqa: E402
 
 FIXED = {"train_data": "/data/train.parquet", "model": "tiny-reader", "max_steps": 20, "eval_every": 1}

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.sweep.baselines import FINETUNE_TEXT_2025, NOTEBOOK_2024, BaselineError, plan_baselines
-from orchestrator.sweep.spaces import validate_space
+from orchestrator.results.spaces import validate_space
 
 ROOT = Path(__file__).resolve().parent.parent
 

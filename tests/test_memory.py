@@ -11,8 +11,8 @@ import torch
 
 import trainer.job
 from trainer.job import run_job
-from trainer.job_config import JobConfig
-from trainer.memory.sizes import apply_gpu_cap, cap_fraction, parse_bytes
+from trainer.job_config import JobConfig, cap_fraction, parse_bytes
+from trainer.memory.sizes import apply_gpu_cap
 
 GiB = 2 ** 30
 # two GPUs of different sizes, so a cap computed against the wrong one shows

@@ -14,8 +14,8 @@ from trainer.data.batching import Batch
 from trainer.model.config import PRESETS
 from trainer.devices import autocast_dtype_of, resolve_precision
 from trainer.job import accumulate_gradients, optimizer_step, prepare_model
-from trainer.job_config import JobConfig
-from trainer.memory.sizes import parse_bytes, track_allocations
+from trainer.job_config import JobConfig, parse_bytes
+from trainer.memory.sizes import track_allocations
 from orchestrator.sweep.memory_plan import ShapePlan
 from trainer.memory.estimate import (CUDA_CONTEXT_BYTES, GIB, Workload, estimate_memory, memory_shape,
                                     optimizer_state_bytes, parameter_tensors)

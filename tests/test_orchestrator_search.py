@@ -12,7 +12,7 @@ from orchestrator.sweep.early_stopping import make_scheduler
 from orchestrator.results.job_values import parse_assignments, parse_value
 from orchestrator.results.groups import build_expansions, parse_cross
 from orchestrator.sweep.search import make_searcher
-from orchestrator.sweep.spaces import (
+from orchestrator.results.spaces import (
     DROP_KEY,
     GROUP_KEY,
     MEMBER_KEY,

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.results.schema import METADATA_KEY, METRICS, SCHEMA_VERSION, TABLES, schema_for
-from orchestrator.sweep.spaces import GROUP_KEY, MEMBER_KEY
+from orchestrator.results.spaces import GROUP_KEY, MEMBER_KEY
 from orchestrator.sweep.sink import ParquetSink, read_partition, write_atomic, write_sweep_row
 from orchestrator.sweep.trainable import JOB_CONFIG_KEY, KIND_KEY, PREDICTIONS_KEY, job_config_from
 

@@ -6,7 +6,7 @@ import math
 import optuna
 import pytest
 
-from orchestrator.sweep.spaces import list_spaces, load_space_function, validate_space
+from orchestrator.results.spaces import list_spaces, load_space_function, validate_space
 
 FIXED = {"train_data": "/data/train.parquet"}
 

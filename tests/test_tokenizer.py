@@ -1,7 +1,9 @@
 import json
+import typing
 
 import pytest
 
+from trainer.job_config import PromptTemplateName
 from trainer.model.tokenizer import PROMPT_TEMPLATES, BpeTokenizer, CharTokenizer, get_template
 
 
@@ -12,6 +14,11 @@ def test_char_tokenizer_round_trip_and_clear_error():
     assert tok.eos_id not in ids
     with pytest.raises(ValueError, match="'é'"):
         tok.encode("café")
+
+
+def test_every_template_name_the_config_accepts_has_a_template_and_no_other():
+    """JobConfig checks `prompt_template` against its own names; the tokenizer must have exactly those."""
+    assert list(PROMPT_TEMPLATES) == list(typing.get_args(PromptTemplateName))
 
 
 def test_the_text_templates_render_the_same_text_and_starmie_uses_its_fixed_ids():

@@ -2,10 +2,11 @@
 
     job*.py, evaluate, predict, export, ...   the job: its config, loop, evaluation, checkpoints
     data/      samples from files, synthetic captchas, the crop cache, batches
-    memory/    sizes and caps, the memory estimate, precision and optimizer choices
+    memory/    the GPU cap and peak readings, the memory estimate, precision and optimizer choices
     model/     the network, its config, weights, tokenizer and loading
 
-`job_config` (the contract) and `files` (atomic writes) are the base every layer may read. Importing the
+The base every layer may read: `job_config` (the contract, which checks every value), the torch-free
+modules it reads them with (`budget`, `faults`), `files` (atomic writes) and `cpu_math`. Importing the
 package pins MKL's code path first (`cpu_math`), so a job's numbers do not depend on the process it runs in. This package
 never imports Ray, Optuna or `orchestrator`, so a single job runs (and is tested) without a cluster; the
 sweep driver calls `trainer.job.run_job`.

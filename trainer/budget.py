@@ -8,7 +8,8 @@ optimizer step takes only the micro-batches left, so every grad_accum sees
 exactly the same samples. `eval_every_samples` puts evaluations at the same
 sample counts across trials (the step that reaches an evaluation point
 accumulates only up to it), so curves and early-stopping rungs compare like
-with like. Torch-free: the sweep driver validates budgets with it.
+with like. Torch-free and importing nothing of the project: it is part of the trainer's base, so
+`JobConfig` checks a budget with it and the sweep driver validates budgets without the model stack.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 "oom@N" raises a real `torch.OutOfMemoryError` inside optimizer step N, "nan@N"
 makes the loss NaN from step N on, "crash@N" ends the process abruptly at step N
-(on a fresh start only, so a retry from a checkpoint can get past it).
+(on a fresh start only, so a retry from a checkpoint can get past it). Part of the trainer's base (torch
+only inside `before_step`), so `JobConfig` reads a fault spec with `Fault.parse`.
 """
 from __future__ import annotations
 

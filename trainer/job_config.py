@@ -1,7 +1,10 @@
 """The contract between one fine-tuning job and whoever runs it (CLI or sweep).
 
 Kept in its own module, free of torch imports, so the sweep driver can build and
-validate configs without loading the model stack.
+validate configs without loading the model stack. It is the trainer's base: every
+check of a value lives here or in the torch-free modules it imports (`budget`,
+`faults`), and the layers above (memory, model, the job) import the readings from
+here, so `JobConfig(...)` names every bad value without importing any of them.
 """
 from __future__ import annotations
 
@@ -12,7 +15,10 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
+
+from trainer.budget import check_budget_fields
+from trainer.faults import Fault
 
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -25,6 +31,7 @@ TrainScope = Literal["text", "text+projection", "all", "lora"]
 OptimizerName = Literal["adamw", "adamw-fused", "adamw8bit"]
 DType = Literal["fp16", "bf16", "fp32"]
 OnBadSample = Literal["error", "skip"]
+PromptTemplateName = Literal["moondream2-2025", "moondream2-legacy", "moondream2-starmie"]
 
 # every linear layer of a Phi decoder block: attention projections and the MLP
 LORA_TARGETS = "q_proj,k_proj,v_proj,dense,fc1,fc2"
@@ -33,6 +40,56 @@ LORA_TARGETS = "q_proj,k_proj,v_proj,dense,fc1,fc2"
 def lora_target_names(targets: str) -> list[str]:
     """'q_proj, fc2' -> ['q_proj', 'fc2']: the one reading of `lora_targets`."""
     return [name.strip() for name in str(targets).split(",") if name.strip()]
+
+
+def precision_problem(precision: Optional[str], trained_dtype: str) -> Optional[str]:
+    """Why this pair cannot work, or None: half trained weights compute in their own type."""
+    if trained_dtype != "fp32" and precision not in (None, trained_dtype):
+        return (f"trained_dtype={trained_dtype} computes in {trained_dtype}; precision={precision} "
+                "cannot be combined with it (leave precision unset)")
+    return None
+
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(text: Union[str, int, float]) -> int:
+    """'16GiB', '1.5e10', '512MB', 2**30 → bytes (positive). Raises ValueError naming the bad text. The one
+    reading of a size, for `max_gpu_memory` and the sweep's memory flags."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        match = _SIZE.match(str(text))
+        if not match:
+            raise ValueError(f"cannot read {text!r} as a size; use e.g. 16GiB, 512MB, 1.5e10")
+        value, unit = float(match.group(1)), match.group(2).lower()
+    if unit not in _UNITS:
+        raise ValueError(f"unknown unit {unit!r} in {text!r}; use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB")
+    size = int(value * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"{text!r} must be positive")
+    return size
+
+
+def cap_fraction(cap: Union[str, int, float], total_bytes: int) -> float:
+    """A cap given as bytes or as a fraction ('0.25') → the fraction of `total_bytes` it allows: the one
+    reading of `max_gpu_memory`."""
+    text = str(cap).strip()
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is not None and 0 < value <= 1:
+        return value
+    fraction = parse_bytes(text) / total_bytes
+    if not 0 < fraction <= 1:
+        raise ValueError(f"GPU memory cap {cap!r} is not within the device's {total_bytes / 2**30:.1f} GiB")
+    return fraction
 
 
 def _field(default: Any, help: str) -> Any:
@@ -65,7 +122,7 @@ class JobConfig:
                                             "per node and read from disk by every trial (default: "
                                             "$MDSWEEP_CACHE_DIR, else ~/.cache/mdsweep/crops on each node)")
     question: str = _field("What does the text say?", "the question asked about every image")
-    prompt_template: Optional[str] = _field(None, "prompt layout: moondream2-2025, moondream2-legacy or "
+    prompt_template: Optional[PromptTemplateName] = _field(None, "prompt layout: moondream2-2025, moondream2-legacy or "
                                                   "moondream2-starmie (default: the one that goes with the "
                                                   "model's tokenizer: legacy for 2024 revisions, starmie for "
                                                   "2025-06-21 and later, else 2025)")
@@ -129,12 +186,6 @@ class JobConfig:
     def problems(self) -> list[str]:
         """Every value that cannot work, each naming its field: one check for `train`, `run`, its
         `--dry-run` and the space probe, so a bad setting fails before any trial is scheduled."""
-        from trainer.budget import check_budget_fields
-        from trainer.faults import Fault
-        from trainer.memory.sizes import cap_fraction
-        from trainer.memory.precision import precision_problem
-        from trainer.model.tokenizer import PROMPT_TEMPLATES
-
         found: list[str] = []
 
         def need(ok: bool, message: str) -> None:
@@ -174,8 +225,6 @@ class JobConfig:
                                   f"decoder; it has {LORA_TARGETS.replace(',', ', ')}")
         need(precision_problem(self.precision, self.trained_dtype) is None,
              str(precision_problem(self.precision, self.trained_dtype)))
-        need(self.prompt_template is None or self.prompt_template in PROMPT_TEMPLATES,
-             f"prompt_template must be one of {', '.join(PROMPT_TEMPLATES)}, got {self.prompt_template!r}")
         need(self.device is None or bool(DEVICE.match(str(self.device))),
              f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         checks = (

@@ -73,7 +73,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from orchestrator.sweep.memory_plan import plan_space, varying_fields
     from orchestrator.cluster.resources import format_size, parse_size
     from orchestrator.results.groups import parse_cross
-    from orchestrator.sweep.spaces import SpaceError
+    from orchestrator.results.spaces import SpaceError
     from trainer.memory.estimate import PLANNING_CROPS_PER_IMAGE, PLANNING_TEXT_TOKENS, Workload
 
     try:

@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
-from trainer.memory.sizes import parse_bytes
+from trainer.job_config import parse_bytes
 
 # Ray schedules fractional GPUs in steps of 1e-4.
 GPU_GRANULARITY = 10_000

@@ -5,6 +5,10 @@ returned keys are JobConfig fields and whose values are constants. Suggestions t
 function makes but does not return (e.g. a `log_lr` it turns into `lr`) are kept
 by Optuna as parameters but not passed to the job. A function returning None
 passes every suggestion, which then must be a JobConfig field.
+
+Here, under both the sweep and its readers, because both run a space: the sweep to search it and check it
+before anything is scheduled, `mdsweep study` to probe it again for each parameter's range. The suggestion
+keys (`_group`, `_member`, ...) live here for the same reason. Ray-free; Optuna only inside `validate_space`.
 """
 from __future__ import annotations
 

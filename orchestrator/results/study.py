@@ -25,6 +25,7 @@ from typing import Any
 
 from orchestrator.results.groups import group_state, member_state
 from orchestrator.results.query import QueryError, load_table
+from orchestrator.results.spaces import SpaceError, validate_space
 
 
 class StudyError(ValueError):
@@ -90,8 +91,6 @@ def study_from_rows(results: str, sweep: str, record: dict[str, Any], trials: li
 
 
 def _space_distributions(record: dict[str, Any], notes: list[str]) -> dict[str, Any]:
-    from orchestrator.sweep.spaces import SpaceError, validate_space
-
     try:
         fixed = json.loads(record.get("fixed_json") or "{}")
         return validate_space(record["space"], fixed).distributions

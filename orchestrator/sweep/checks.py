@@ -14,7 +14,7 @@ from orchestrator.cluster import connect as cluster_mod
 from orchestrator.results.objectives import default_mode
 from orchestrator.cluster.resources import ResourceError, is_auto, parse_size
 from orchestrator.results.schema import METRICS, validate_sweep_name
-from orchestrator.sweep.spaces import SpaceError, SpaceInfo, validate_space
+from orchestrator.results.spaces import SpaceError, SpaceInfo, validate_space
 from orchestrator.sweep.settings import SweepError, SweepSettings
 
 def check_settings(s: SweepSettings) -> SpaceInfo:

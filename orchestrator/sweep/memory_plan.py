@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from orchestrator.results.groups import build_expansions
-from orchestrator.sweep.spaces import validate_space
+from orchestrator.results.spaces import validate_space
 from orchestrator.sweep.trainable import job_config_from
 from trainer.job_config import JobConfig
 from trainer.memory.estimate import MEMORY_FIELDS, MemoryEstimate, Workload, estimate_memory, memory_shape

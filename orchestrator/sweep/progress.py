@@ -8,7 +8,7 @@ from typing import Any, Optional, TextIO
 
 from ray.tune import Callback
 
-from orchestrator.sweep.spaces import split_suggestion
+from orchestrator.results.spaces import split_suggestion
 from orchestrator.sweep.trainable import KIND_KEY
 
 

@@ -23,7 +23,7 @@ from ray.tune.search import Searcher
 
 from orchestrator.results.groups import group_state, member_state
 from orchestrator.results.objectives import is_finite_number
-from orchestrator.sweep.spaces import BASELINE_EXTRA_KEY, BASELINE_KEY, GROUP_KEY, MEMBER_KEY, SpaceFunction, \
+from orchestrator.results.spaces import BASELINE_EXTRA_KEY, BASELINE_KEY, GROUP_KEY, MEMBER_KEY, SpaceFunction, \
     split_suggestion
 
 def make_searcher(space: str, metric: str, mode: str, seed: int, expansions: list[dict[str, Any]],

@@ -39,7 +39,7 @@ from orchestrator.results.schema import (
     schema_for,
     validate_sweep_name,
 )
-from orchestrator.sweep.spaces import BASELINE_EXTRA_KEY, BASELINE_KEY, GROUP_KEY, MEMBER_KEY, split_suggestion
+from orchestrator.results.spaces import BASELINE_EXTRA_KEY, BASELINE_KEY, GROUP_KEY, MEMBER_KEY, split_suggestion
 from orchestrator.sweep.trainable import JOB_CONFIG_KEY, KIND_KEY, PREDICTIONS_KEY, job_config_from
 from trainer.files import atomic_path
 from trainer.model.tokenizer_source import TOKENIZER_COLUMNS

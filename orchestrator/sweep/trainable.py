@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 from orchestrator.results.schema import METRICS
 from orchestrator.results.job_values import normalize_value
 from orchestrator.sweep.scratch import trial_scratch
-from orchestrator.sweep.spaces import split_suggestion
+from orchestrator.results.spaces import split_suggestion
 
 PREDICTIONS_KEY = "mdsweep_predictions"
 KIND_KEY = "mdsweep_kind"  # "eval" for a report at an evaluation, "final" for the trial's last one

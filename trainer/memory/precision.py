@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass
 from typing import Optional
 
-from trainer.job_config import DType
+from trainer.job_config import DType, precision_problem
 
 DTYPES: tuple[str, ...] = typing.get_args(DType)
 BYTES_PER_VALUE = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -39,14 +39,6 @@ class PrecisionPlan:
         """fp16 compute over fp32 master weights: the case the GradScaler exists for (it cannot
         unscale half-precision gradients)."""
         return self.compute == "fp16" and self.trained == "fp32"
-
-
-def precision_problem(precision: Optional[str], trained_dtype: str) -> Optional[str]:
-    """Why this pair cannot work, or None: half trained weights compute in their own type."""
-    if trained_dtype != "fp32" and precision not in (None, trained_dtype):
-        return (f"trained_dtype={trained_dtype} computes in {trained_dtype}; precision={precision} "
-                "cannot be combined with it (leave precision unset)")
-    return None
 
 
 def plan_precision(precision: Optional[str], trained_dtype: str, frozen_dtype: Optional[str],

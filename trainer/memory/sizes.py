@@ -1,57 +1,19 @@
-"""Memory sizes, the per-job GPU cap, peak-memory readings on GPU or CPU, and a tracker of the bytes torch
+"""The per-job GPU cap applied, peak-memory readings on GPU or CPU, and a tracker of the bytes torch
 allocates (the CPU measurement the memory model is checked against).
 
-torch is imported inside the functions that need it, so the sweep driver can parse
-sizes without loading it.
+Sizes are read by the contract (`trainer.job_config.parse_bytes`, `cap_fraction`), so `JobConfig` checks
+`max_gpu_memory` without this layer. torch is imported inside the functions that need it.
 """
 from __future__ import annotations
 
-import re
 import resource
 import sys
 from typing import TYPE_CHECKING, Optional, Union
 
+from trainer.job_config import cap_fraction
+
 if TYPE_CHECKING:
     import torch
-
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-    "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40,
-}
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_bytes(text: Union[str, int, float]) -> int:
-    """'16GiB', '1.5e10', '512MB', 2**30 → bytes (positive). Raises ValueError naming the bad text."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value, unit = float(text), ""
-    else:
-        match = _SIZE.match(str(text))
-        if not match:
-            raise ValueError(f"cannot read {text!r} as a size; use e.g. 16GiB, 512MB, 1.5e10")
-        value, unit = float(match.group(1)), match.group(2).lower()
-    if unit not in _UNITS:
-        raise ValueError(f"unknown unit {unit!r} in {text!r}; use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB")
-    size = int(value * _UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"{text!r} must be positive")
-    return size
-
-
-def cap_fraction(cap: Union[str, int, float], total_bytes: int) -> float:
-    """A cap given as bytes or as a fraction ('0.25') → the fraction of `total_bytes` it allows."""
-    text = str(cap).strip()
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is not None and 0 < value <= 1:
-        return value
-    fraction = parse_bytes(text) / total_bytes
-    if not 0 < fraction <= 1:
-        raise ValueError(f"GPU memory cap {cap!r} is not within the device's {total_bytes / 2**30:.1f} GiB")
-    return fraction
 
 
 def apply_gpu_cap(cap: Optional[Union[str, int, float]], device: torch.device) -> Optional[int]:

@@ -1,1 +1,1 @@
-"""The Moondream2 network, its config, weights, tokenizer and loading. May import `trainer.job_config` and `trainer.files` only."""
+"""The Moondream2 network, its config, weights, tokenizer and loading. May import the trainer's base only (`job_config`, `budget`, `faults`, `files`)."""

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Union
 
+from trainer.job_config import PromptTemplateName
+
 END_OF_TEXT = "<|endoftext|>"
 
 
@@ -97,7 +99,8 @@ class PromptTemplate:
         return tokenizer.encode(self.answer_format.format(a=answer)) + [tokenizer.eos_id]
 
 
-PROMPT_TEMPLATES: dict[str, PromptTemplate] = {
+# keyed by the contract's names (JobConfig.prompt_template), so the config checks a name without this module
+PROMPT_TEMPLATES: dict[PromptTemplateName, PromptTemplate] = {
     # 2025 checkpoints: fixed "\n\nQuestion:" / "\n\nAnswer:" ids around " " + question
     "moondream2-2025": PromptTemplate(prefix="\n\nQuestion:", question_format=" {q}", suffix="\n\nAnswer:"),
     # older checkpoints: the whole prompt is one string
