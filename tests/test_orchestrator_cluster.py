@@ -149,3 +149,53 @@ def test_rays_log_file_goes_quiet_on_a_full_disk_instead_of_printing_tracebacks(
             ray_logger.removeHandler(handler)
         for handler in saved:
             ray_logger.addHandler(handler)
+
+
+def test_localhost_is_checked_like_any_other_host():
+    """`localhost:PORT` began with "local" (the embedded address Ray answers at once), so it skipped the check and
+    Ray retried the dead address for minutes."""
+    port = _closed_port()
+    with pytest.raises(ClusterError, match=rf"--address: cannot reach a Ray head at localhost:{port}"):
+        check_reachable(f"localhost:{port}")
+
+
+@pytest.mark.parametrize("address", ["localhost:99999", "10.0.0.5:0", "ray://head:70000", "[::1]:65536"])
+def test_a_port_outside_1_65535_is_refused(address):
+    with pytest.raises(ValueError, match=r"port \d+ .*outside 1-65535"):
+        split_host_port(address)
+    with pytest.raises(ClusterError, match="RAY_ADDRESS: port"):
+        check_reachable(address, source="RAY_ADDRESS")
+
+
+@pytest.mark.parametrize("command", [["run", "--train-data", "x.parquet"], ["resume", "demo"], ["plan"]])
+def test_every_address_flag_refuses_a_bad_port_at_parse_time(command, capsys):
+    from orchestrator.cli.main import build_parser
+
+    for address in ("localhost:99999", "head:0", "head:http"):
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args([*command, "--address", address])
+        assert exit_.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith(f"mdsweep {command[0]}: error: argument --address: ") and address in error
+    for address in ("auto", "head:6379", "ray://head", "[::1]:6380"):
+        assert build_parser().parse_args([*command, "--address", address]).address == address
+
+
+def test_an_open_port_that_is_not_a_ray_head_fails_in_seconds():
+    """A port that accepts connections but does not speak gRPC (here a plain HTTP server) passed the reachability
+    check, then Ray retried it for minutes (and Ctrl-C took 19 s to act): now it is one line, in seconds."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    server = HTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ClusterError, match=rf"--address: 127.0.0.1:{server.server_port} answers, but not as a "
+                                               "Ray head"):
+            check_reachable(f"127.0.0.1:{server.server_port}", timeout_s=2.0)
+        assert time.monotonic() - started < 5
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -136,3 +136,19 @@ def test_concurrency_capacity_packs_fractional_gpus():
     assert concurrency_capacity(plan_resources(nodes, cpus_per_trial=1, gpus_per_trial=0.25), nodes) == 8
     assert concurrency_capacity(plan_resources(nodes, cpus_per_trial=3, gpus_per_trial=0.25), nodes) == 4
     assert concurrency_capacity(plan_resources(nodes, cpus_per_trial=1, gpus_per_trial=1), nodes) == 2
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["run", "--train-data", "x.parquet", "--cpus-per-trial", "0"], "--cpus-per-trial"),
+    (["run", "--train-data", "x.parquet", "--cpus-per-trial", "-1"], "--cpus-per-trial"),
+    (["run", "--train-data", "x.parquet", "--num-gpus", "-1"], "--num-gpus"),
+    (["resume", "demo", "--num-gpus", "-1"], "--num-gpus"),
+])
+def test_resource_counts_ray_would_refuse_are_refused_at_parse_time(argv, flag, capsys):
+    """Ray refused these only once it had started, with its resource dict dumped; argparse names the flag."""
+    from orchestrator.cli.main import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"mdsweep {argv[0]}: error: argument {flag}: must be")

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from orchestrator.cli.run import JOB_FLAG_FIELDS
 from orchestrator.cli.job_flags import add_job_arguments
-from orchestrator.sweep.settings import positive_int
+from orchestrator.sweep.settings import positive_int, ray_address
 
 DEFAULT_GPU_TYPES = ("24GiB", "80GiB")
 
@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-type", action="append", default=[], metavar="SIZE",
                    help=f"memory of a GPU to plan for, e.g. 24GiB or 80GiB; repeatable (default: "
                         f"{', '.join(DEFAULT_GPU_TYPES)}, or the attached cluster's GPUs with --address)")
-    p.add_argument("--address", default=None,
+    p.add_argument("--address", default=None, type=ray_address,
                    help="plan for the GPUs of this Ray cluster (auto, host:port), measured with nvidia-smi on "
                         "each GPU node or given with --node-gpu-memory")
     p.add_argument("--node-gpu-memory", default=None, metavar="SIZE",

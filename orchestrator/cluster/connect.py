@@ -55,25 +55,54 @@ def split_host_port(address: str) -> tuple[str, int, bool]:
         port_n = int(port) if port else (DEFAULT_CLIENT_PORT if client else DEFAULT_GCS_PORT)
     except ValueError:
         raise ValueError(f"bad port {port!r} in address {address!r}") from None
+    if not 1 <= port_n <= 65535:  # the socket layer wraps such a port silently, and Ray retries it for minutes
+        raise ValueError(f"port {port_n} in address {address!r} is outside 1-65535")
     return host, port_n, client
 
 
 def check_reachable(address: str, source: str = "--address", timeout_s: float = 5.0) -> None:
     """Fail fast (seconds, not Ray's long reconnect loop) when nothing listens there."""
-    if address == "auto" or address.startswith("local"):
-        return  # ray.init answers at once when no local head is running
+    if address in ("auto", "local"):
+        return  # ray.init answers at once when no local head is running (never skip `localhost:PORT`)
     try:
         host, port, _ = split_host_port(address)
     except ValueError as e:
         raise ClusterError(f"{source}: {e}; use auto, host:port or ray://host:port") from None
     try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            pass
+        with socket.create_connection((host, port), timeout=timeout_s) as conn:
+            speaks_grpc = _speaks_grpc(conn)
     except OSError as e:
         raise ClusterError(
             f"{source}: cannot reach a Ray head at {host}:{port} ({e.strerror or e}). Is the cluster "
             "running (`ray status`)? Start one with `ray start --head`, or leave out --address "
             "(and RAY_ADDRESS) to run an embedded Ray on this machine.") from None
+    if not speaks_grpc:
+        raise ClusterError(
+            f"{source}: {host}:{port} answers, but not as a Ray head (no gRPC there); give the head's GCS port "
+            f"(default {DEFAULT_GCS_PORT}, or ray://host:{DEFAULT_CLIENT_PORT} for Ray Client), as `ray status` "
+            "on the head shows it")
+
+
+# An HTTP/2 client's opening (the preface and an empty SETTINGS frame); a gRPC server, as Ray's GCS and Ray
+# Client are, must answer with its own SETTINGS frame (RFC 9113, 3.4)
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_HTTP2_SETTINGS = 4
+
+
+def _speaks_grpc(conn: socket.socket) -> bool:
+    """Whether the server on `conn` opens HTTP/2 as gRPC does. Ray retries any other open port for minutes
+    (and Ctrl-C then takes seconds to act), so this is asked first, bounded by the socket's timeout. A cluster
+    with TLS (RAY_USE_TLS) cannot be asked in clear text and is left to Ray."""
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return True
+    conn.sendall(_HTTP2_PREFACE)
+    header = b""
+    while len(header) < 9:
+        chunk = conn.recv(9 - len(header))
+        if not chunk:
+            return False
+        header += chunk
+    return header[3] == _HTTP2_SETTINGS
 
 
 def _project_root() -> str:

@@ -27,6 +27,32 @@ def positive_int(text: str) -> int:
     return v
 
 
+def nonneg_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
+def ray_address(text: str) -> str:
+    """An --address, checked as it is parsed: a malformed one or a port outside 1-65535 would otherwise pass to
+    Ray, which retries it for minutes."""
+    if text.strip() in ("auto", "local"):
+        return text
+    try:
+        cluster_mod.split_host_port(text.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e}; use auto, host:port or ray://host:port") from None
+    return text
+
+
 def nonneg_float(text: str) -> float:
     v = float(text)
     if v < 0:
@@ -88,7 +114,7 @@ class SweepSettings:
                           type=positive_int)
     max_failures: int = _flag(2, "output", "retries of a trial lost to a worker or node failure, from its last "
                               "checkpoint (default 2); oom, diverged and error outcomes are never retried", type=int)
-    cpus_per_trial: Optional[float] = _flag(None, "resources", "CPUs per trial (default 1)", type=nonneg_float)
+    cpus_per_trial: Optional[float] = _flag(None, "resources", "CPUs per trial (default 1)", type=positive_float)
     gpus_per_trial: Optional[float] = _flag(
         None, "resources", "GPUs per trial; a fraction packs trials on one GPU (0.25: four per GPU) and caps each "
         "trial's allocator at that fraction (default: 1 if the cluster has GPUs, else 0)", type=nonneg_float)
@@ -106,11 +132,11 @@ class SweepSettings:
     address: Optional[str] = _flag(None, "cluster",
                                    "Ray cluster to attach to: auto (a `ray start --head` on this machine), "
                                    "host:port (the head's GCS port) or ray://host:port (Ray Client). Default: "
-                                   "$RAY_ADDRESS if set, else an embedded Ray on this machine")
+                                   "$RAY_ADDRESS if set, else an embedded Ray on this machine", type=ray_address)
     num_cpus: Optional[int] = _flag(None, "cluster", "logical CPUs of the embedded Ray (default: all); not with "
                                     "--address", type=positive_int)
     num_gpus: Optional[int] = _flag(None, "cluster", "logical GPUs of the embedded Ray (default: detected); not "
-                                    "with --address", type=int)
+                                    "with --address", type=nonneg_int)
     progress_interval: float = _flag(15.0, "output", "seconds between progress tables (0: none; default 15)",
                                      type=nonneg_float)
     worker_logs: bool = _flag(False, "output", "forward the trials' stdout/stderr to this terminal")
