@@ -16,11 +16,11 @@ from orchestrator.results.spaces import validate_space
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _plan(spec, revision=None, space="smoke:paired", fixed=None, crossed=("attention",)):
+def _plan(spec, revision=None, space="smoke:paired", fixed=None, crossed=("attention",), num_samples=8):
     fixed = {"train_data": "x", **(fixed or {})}
     info = validate_space(space, fixed)
     return plan_baselines(spec, revision, distributions=info.distributions, searched=info.searched, fixed=fixed,
-                          crossed=list(crossed))
+                          crossed=list(crossed), num_samples=num_samples)
 
 
 def test_the_official_recipe_follows_the_revision_and_is_fitted_to_the_sweep():
@@ -62,6 +62,21 @@ def test_a_bad_enqueue_file_is_one_line_naming_the_file_and_entry(tmp_path, cont
     if content is not None:
         path.write_text(content)
     with pytest.raises(BaselineError, match=match):
+        _plan(str(path))
+
+
+def test_every_announced_baseline_runs_and_each_has_its_own_name(tmp_path):
+    """Baselines are the sweep's first proposals: more of them than --num-samples were announced and never ran,
+    and two of one name could not be told apart in the table or by --vs-baseline."""
+    path = tmp_path / "recipes.json"
+    path.write_text(json.dumps([{"name": "a", "lr": 1e-4}, {"name": "b", "lr": 1e-5}, {"lr": 1e-6}]))
+    assert len(_plan(str(path), num_samples=3)) == 3
+    with pytest.raises(BaselineError, match=r"^--enqueue .*recipes.json: 3 baselines but --num-samples 2; each "
+                                            r"baseline is one of the proposals: give --num-samples 3 or more$"):
+        _plan(str(path), num_samples=2)
+    path.write_text(json.dumps([{"name": "a", "lr": 1e-4}, {"name": "a", "lr": 1e-5}]))
+    with pytest.raises(BaselineError, match=r"^--enqueue .*recipes.json: entries 0 and 1 are both named 'a'; "
+                                            r"give each its own \"name\"$"):
         _plan(str(path))
 
 

@@ -78,10 +78,14 @@ def read_baselines(spec: str, revision: Optional[str]) -> list[tuple[str, dict[s
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise BaselineError(f"--enqueue {spec}: expected a list of objects of settings, e.g. "
                             '[{"lr": 1e-5, "grad_accum": 2}]')
-    out = []
+    out: list[tuple[str, dict[str, Any]]] = []
     for i, entry in enumerate(entries):
         entry = dict(entry)
         label = str(entry.pop("name", f"{path.name}[{i}]"))
+        first = next((j for j, (other, _) in enumerate(out) if other == label), None)
+        if first is not None:  # the trials table and --vs-baseline tell baselines apart by name
+            raise BaselineError(f"--enqueue {spec}: entries {first} and {i} are both named {label!r}; give each "
+                                'its own "name"')
         out.append((label, entry))
     return out
 
@@ -142,8 +146,16 @@ def _fit_to_distribution(label: str, name: str, value: Any, distribution: Any, n
 
 
 def plan_baselines(spec: Optional[str], revision: Optional[str], *, distributions: dict[str, Any],
-                   searched: Sequence[str], fixed: dict[str, Any], crossed: Sequence[str]) -> list[Baseline]:
+                   searched: Sequence[str], fixed: dict[str, Any], crossed: Sequence[str],
+                   num_samples: int) -> list[Baseline]:
+    """The baselines of `--enqueue spec`, fitted to the sweep. Each is one of the sweep's `num_samples` proposals
+    (Optuna runs enqueued trials first), so more baselines than proposals is refused: the rest would be announced
+    and never run."""
     if not spec:
         return []
+    entries = read_baselines(spec, revision)
+    if len(entries) > num_samples:
+        raise BaselineError(f"--enqueue {spec}: {len(entries)} baselines but --num-samples {num_samples}; each "
+                            f"baseline is one of the proposals: give --num-samples {len(entries)} or more")
     return [fit_baseline(label, settings, distributions=distributions, searched=searched, fixed=fixed,
-                         crossed=crossed) for label, settings in read_baselines(spec, revision)]
+                         crossed=crossed) for label, settings in entries]
