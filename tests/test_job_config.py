@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
                                          "q_proj, k_proj, v_proj, dense, fc1, fc2"),
     (dict(adam_beta2=1.0), r"adam_beta2 must be in \[0, 1\)"),
     (dict(adam_eps=0.0), "adam_eps must be > 0"),
+    (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*32\), got -1"),  # numpy's range: every trial failed
+    (dict(seed=2**32), r"seed must be an integer in \[0, 2\*\*32\)"),
 ])
 def test_values_that_cannot_work_are_named(values, message):
     with pytest.raises(ValueError, match=message):

@@ -204,6 +204,8 @@ class JobConfig:
              f"weight_decay must be ≥ 0, got {self.weight_decay!r}")
         need(number(self.max_grad_norm) and self.max_grad_norm > 0,
              f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
+        need(isinstance(self.seed, int) and 0 <= self.seed < 2 ** 32,  # numpy's seeds; others fail in every trial
+             f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         for name in ("diverge_patience", "max_new_tokens", "max_val_samples"):
             value = getattr(self, name)
             need(value is None or value >= 1, f"{name} must be ≥ 1, got {value!r}")
