@@ -2,6 +2,7 @@
 page in a real headless Chromium, the study through Optuna's own loader, and bad input."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -317,3 +318,76 @@ def test_a_journal_file_that_cannot_be_opened_is_one_line_naming_the_flag(tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"mdsweep study: error: --storage {storage}: ")
     assert err[0].endswith("give a file in a writable directory") and not (tmp_path / "results").exists()
+
+
+@pytest.fixture
+def tiny_sweep(tmp_path) -> Path:
+    """A sweep's results written directly (no Ray): its record and two ok proposals of the smoke space."""
+    from orchestrator.results.schema import rows_to_table, schema_for
+    from orchestrator.sweep.sink import partition_dir, write_atomic, write_sweep_row
+
+    root = tmp_path / "results"
+    write_sweep_row(root, "demo", {"name": "demo", "space": "smoke", "metric": "val_exact_match", "mode": "max",
+                                   "fixed_json": json.dumps({"train_data": "x"})})
+    rows = [{"trial_id": f"t{i}", "group_id": i, "member": 0, "outcome": "ok", "status": "terminated",
+             "searched": ["lr"], "params_json": json.dumps({"lr": lr}), "lr": lr, "final_val_exact_match": value,
+             "objective": value, "objective_metric": "val_exact_match", "objective_mode": "max"}
+            for i, (lr, value) in enumerate([(1e-4, 0.5), (1e-5, 0.25)])]
+    write_atomic(rows_to_table(rows, schema_for("trials")), partition_dir(root, "trials", "demo") / "trials.parquet")
+    for row in rows:
+        step = {"trial_id": row["trial_id"], "step": 1, "val_exact_match": row["objective"]}
+        write_atomic(rows_to_table([step], schema_for("steps")),
+                     partition_dir(root, "steps", "demo") / f"{row['trial_id']}.parquet")
+    return root
+
+
+def main_study(results: Path, storage: Path | str) -> int:
+    from orchestrator.cli.main import main
+
+    return main(["study", str(results), "--sweep", "demo", "--storage", str(storage)])
+
+
+def _sqlite_file(path: Path, table: str) -> bytes:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(f"create table {table} (x)")
+        db.commit()
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("name, content", [
+    ("notes.jsonl", b'{"note": "mine"}\n'), ("notes.log", b"2026-12-01 started the run\n"),
+    ("notes.db", b"my notes, not a database\n"), ("other.db", None)])
+def test_study_never_writes_to_a_file_that_is_not_an_optuna_storage(tiny_sweep, tmp_path, capsys, name, content):
+    """`--storage notes.jsonl` appended a journal line to the user's file before failing; an existing .log was a
+    traceback; another program's SQLite file would get Optuna's tables. Each is one line, the file untouched."""
+    path = tmp_path / name
+    if content is None:
+        content = _sqlite_file(path, "customers")
+    else:
+        path.write_bytes(content)
+    assert main_study(tiny_sweep, path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mdsweep study: error: --storage {path}: "), err
+    assert "not an Optuna" in err[0] and path.read_bytes() == content
+
+
+@pytest.mark.parametrize("name", ["study.jsonl", "study.db"])
+def test_study_replaces_itself_in_its_own_storage_and_leaves_other_studies(tiny_sweep, tmp_path, capsys, name):
+    import optuna
+
+    storage = tmp_path / name
+    for _ in range(2):
+        assert main_study(tiny_sweep, storage) == 0
+    url = f"sqlite:///{storage}" if name.endswith(".db") else optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(storage)))
+    assert len(optuna.load_study(study_name="demo", storage=url).trials) == 2
+
+
+def test_a_storage_url_that_fails_is_one_line_naming_the_flag(tiny_sweep, tmp_path, capsys):
+    """SQLAlchemy's errors run over several lines (the statement, a link to its docs)."""
+    url = f"sqlite:///{tmp_path / 'missing' / 'x.db'}"
+    assert main_study(tiny_sweep, url) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mdsweep study: error: --storage {url}: "), err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -61,22 +62,63 @@ def cmd_report(args: argparse.Namespace) -> int:
 JOURNAL_SUFFIXES = (".log", ".jsonl")
 
 
+SQLITE_URL = "sqlite:///"
+SQLITE_HEADER = b"SQLite format 3\x00"
+OPTUNA_TABLES = {"studies", "trials", "version_info"}  # in every Optuna RDB schema
+
+
 def study_storage(text: str) -> tuple[Any, str]:
     """The Optuna storage `--storage` names, and what to give optuna-dashboard to open it.
 
     A URL is taken as given. A path ending in .log or .jsonl is an Optuna journal file: one append per trial,
     where SQLite runs a query per intermediate value (a 1 000-trial sweep: 3.4 s against 21.5 s,
-    bench/RESULTS.md). Any other path is a SQLite file there."""
+    bench/RESULTS.md). Any other path is a SQLite file there. An existing file (of a path or a sqlite:/// URL)
+    must already be such a storage: see `check_storage_file`."""
+    if text.startswith(SQLITE_URL):
+        check_storage_file(Path(text[len(SQLITE_URL):]), journal=False)
     if "://" in text:
         return text, text
     path = Path(text).expanduser().resolve()
-    if path.suffix in JOURNAL_SUFFIXES:
+    journal = path.suffix in JOURNAL_SUFFIXES
+    check_storage_file(path, journal)
+    if journal:
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
         return JournalStorage(JournalFileBackend(str(path))), str(path)
-    url = f"sqlite:///{path}"
+    url = f"{SQLITE_URL}{path}"
     return url, url
+
+
+def check_storage_file(path: Path, journal: bool) -> None:
+    """Raise ValueError unless `path` is new, empty, or already an Optuna journal (its first line one of Optuna's
+    operations) or SQLite database (with Optuna's tables): Optuna appends its log to any file and adds its
+    tables to any SQLite database, so a user's notes.jsonl or another program's database would be altered."""
+    import json
+    import sqlite3
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    kind = "journal" if journal else "database (SQLite)"
+    with path.open("rb") as f:
+        head = f.readline(1 << 20)
+    if journal:
+        try:
+            ok = "op_code" in json.loads(head)
+        except (ValueError, TypeError):  # not JSON, or not an object
+            ok = False
+    else:
+        ok = head.startswith(SQLITE_HEADER)
+        if ok:
+            try:
+                with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+                    tables = {name for (name,) in db.execute("select name from sqlite_master where type='table'")}
+            except sqlite3.Error:
+                tables = set()
+            ok = OPTUNA_TABLES <= tables
+    if not ok:
+        raise ValueError(f"{path} exists and is not an Optuna {kind}, which the study would write into; give a "
+                         "new file, or one an earlier `mdsweep study` wrote")
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -88,13 +130,18 @@ def cmd_study(args: argparse.Namespace) -> int:
         print(f"mdsweep study: error: --storage {args.storage}: {e.strerror or e}; give a file in a writable "
               "directory", file=sys.stderr)
         return 2
+    except ValueError as e:  # an existing file that is not an Optuna storage
+        print(f"mdsweep study: error: --storage {args.storage}: {e}", file=sys.stderr)
+        return 2
     try:
         built = build_study(args.results, args.sweep, storage=storage)
     except (StudyError, OSError) as e:
         print(f"mdsweep study: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # the storage itself: a bad URL, a database that cannot be opened
-        print(f"mdsweep study: error: --storage {args.storage}: {type(e).__name__}: {e}", file=sys.stderr)
+        # SQLAlchemy's messages go on with the statement and a link to its docs: the first line says it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"mdsweep study: error: --storage {args.storage}: {type(e).__name__}: {first}", file=sys.stderr)
         return 2
     for note in built.notes:
         print(f"mdsweep study: {note}", file=sys.stderr)
