@@ -371,6 +371,35 @@ def test_export_force_never_deletes_what_it_did_not_write(sweep, tmp_path, monke
 
 
 @pytest.mark.slow
+def test_export_force_refuses_the_trials_own_model_and_home(sweep, exported, tmp_path, monkeypatch, capsys):
+    """The probe's LOSS, through the CLI: a sweep whose --model is a previous export (here the best trial's row
+    pointed at one), exported with --force into that export, lost its tokenizer.json and weights. Also `--out ~`,
+    with HOME a temporary folder."""
+    import shutil
+
+    from orchestrator.cli.main import main
+    from orchestrator.sweep.sink import update_trial_row
+
+    results, previous = tmp_path / "results", tmp_path / "previous"
+    shutil.copytree(sweep[0] / "results", results)
+    shutil.copytree(exported[0], previous)
+    best = _trials(sweep[0])["none"]
+    update_trial_row(results, "faults", best["trial_id"], {"model": str(previous)})
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    monkeypatch.setenv("HOME", str(home))
+    before = _snapshot(previous)
+    for out, message in [(previous, f"is or holds the trial's --model {previous}"),
+                         (Path("~"), "is or holds the home directory")]:
+        assert main(["export", str(results), "--sweep", "faults", "--trial", best["trial_id"], "--out", str(out),
+                     "--force"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (out, err)
+    assert _snapshot(previous) == before and [f.name for f in home.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.slow
 def test_the_best_trials_are_tested_on_held_out_data_as_their_export_scores(sweep, exported, captcha_test_parquet):
     from trainer.data.dataset import load_samples
     from trainer.export import read_model_card
@@ -652,3 +681,59 @@ def test_asha_stops_the_weak_trials_of_a_real_sweep_and_budgets_are_recorded(tmp
         ran = 8 if t["outcome"] == "ok" else t["steps_completed"]
         assert t["final_samples_seen"] == ran * 4  # batch 4 x grad_accum 1 per step
     assert all(t["steps_completed"] < 8 for t in trials.values() if t["outcome"] == "stopped")
+
+
+# --- export guards that need no sweep ------------------------------------------------------------------------
+
+
+def _previous_export(tmp_path: Path) -> tuple[Path, Path]:
+    """An export of a BPE model (weights, config, tokenizer.json, card) and a step-2 job checkpoint of it that
+    trained nothing: the probe's case of a sweep whose --model is a previous export."""
+    from conftest import write_bpe_model
+    from trainer.checkpoint import save_checkpoint
+    from trainer.export import export_checkpoint
+    from trainer.job_config import JobConfig
+    from trainer.model.synth_tokenizer import write_bpe_tokenizer
+
+    base = write_bpe_model(tmp_path / "base")
+    write_bpe_tokenizer(base)
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    save_checkpoint(checkpoint, {"progress": {"step": 2}, "model": {}})
+    previous = export_checkpoint(checkpoint, JobConfig(model=str(base)), tmp_path / "previous", {}, final_step=2)
+    return previous, checkpoint
+
+
+def test_export_refuses_to_replace_the_model_it_reads(tmp_path):
+    """`export --out DIR --force` with DIR the trial's own --model (a previous export) removed DIR's tokenizer.json,
+    then skipped copying it (source == destination), and overwrote the weights it was built from."""
+    from trainer.export import export_checkpoint
+    from trainer.job_config import JobConfig
+    from trainer.model.weights import CheckpointError
+
+    previous, checkpoint = _previous_export(tmp_path)
+    before = {f.name: f.read_bytes() for f in previous.iterdir()}
+    assert "tokenizer.json" in before
+    for out in (previous, previous.parent):
+        with pytest.raises(CheckpointError, match=rf"--out {out} is or holds the trial's --model"):
+            export_checkpoint(checkpoint, JobConfig(model=str(previous)), out, {}, final_step=2, replace=True)
+    assert {f.name: f.read_bytes() for f in previous.iterdir()} == before
+
+
+def test_export_out_under_a_file_or_home_is_one_line(tmp_path, monkeypatch):
+    """`--out FILE/sub` was a NotADirectoryError traceback; `--out ~` is refused with HOME a temporary folder
+    whose files stay as they were."""
+    from orchestrator.cli.export import out_problem
+
+    (tmp_path / "a-file").write_text("x")
+    results = tmp_path / "results"
+    results.mkdir()
+    assert out_problem(tmp_path / "a-file" / "sub", False, results, None) == \
+        f"--out {tmp_path / 'a-file' / 'sub'}: {tmp_path / 'a-file'} is a file, not a directory"
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "model_card.json").write_text("{}")  # even what looks like a previous export
+    monkeypatch.setenv("HOME", str(home))
+    for force in (False, True):
+        assert "is or holds the home directory" in out_problem(Path("~"), force, results, None)
+    assert [f.name for f in home.iterdir()] == ["model_card.json"]

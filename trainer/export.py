@@ -35,6 +35,7 @@ def export_checkpoint(checkpoint_dir: Path, config: JobConfig, out: Path, card: 
     """
     loaded, n_trained = checkpoint_model(checkpoint_dir, config, final_step)
     out = Path(out)
+    refuse_overwriting_sources(out, loaded, config.model)
     if replace:  # only the files an export writes: anything else in `out` is not ours to delete
         for name in EXPORT_FILES:
             (out / name).unlink(missing_ok=True)
@@ -43,6 +44,17 @@ def export_checkpoint(checkpoint_dir: Path, config: JobConfig, out: Path, card: 
             **loaded.tokenizer_choice.as_record(), "job_config": config.to_dict()}
     (out / MODEL_CARD).write_text(json.dumps(card, indent=1, default=str))
     return out
+
+
+def refuse_overwriting_sources(out: Path, loaded: LoadedModel, model: str) -> None:
+    """An export reads the trial's base model (its weights were read already, its tokenizer.json is copied after
+    the old files are removed): an `out` that is or holds them would lose the tokenizer and overwrite the
+    weights it came from, so it is refused before anything is removed or written."""
+    target = out.expanduser().resolve()
+    for source in (loaded.source_dir, loaded.tokenizer_choice.path):
+        if source is not None and Path(source).resolve().is_relative_to(target):
+            raise CheckpointError(f"--out {out} is or holds the trial's --model {model} ({source}), which the "
+                                  "export reads; choose a directory of its own")
 
 
 def checkpoint_model(checkpoint_dir: Path, config: JobConfig, final_step: int) -> tuple[LoadedModel, int]:

@@ -76,7 +76,10 @@ def run_export(args: argparse.Namespace) -> int:
 def out_problem(out: Path, force: bool, results: Path, experiment_path: str | None) -> str | None:
     """Why `out` cannot take an export, or None. An export never writes into the results or the sweep's storage,
     never replaces a directory that is or holds them, the working directory or the home directory, and with
-    --force replaces only a previous export (recognised by its model card), file by file."""
+    --force replaces only a previous export (recognised by its model card), file by file. (One that is or holds
+    the trial's base model is refused once the model is known: trainer.export.refuse_overwriting_sources.)"""
+    from orchestrator.sweep.checks import check_writable_directory
+    from orchestrator.sweep.settings import SweepError
     from trainer.export import MODEL_CARD
 
     target = out.expanduser().resolve()
@@ -91,6 +94,10 @@ def out_problem(out: Path, force: bool, results: Path, experiment_path: str | No
             return f"--out {out} is or holds {what} ({path}); choose a directory of its own"
         if what in ("the results (RESULTS)", "the sweep's storage") and target.is_relative_to(path):
             return f"--out {out} lies inside {what} ({path}); choose a directory outside it"
+    try:  # a file in the path, a read-only or full disk: one line before the checkpoint is read
+        check_writable_directory("--out", str(out))
+    except SweepError as e:
+        return str(e)
     if target.is_dir() and any(target.iterdir()):
         if not force:
             return f"--out {out} already holds files; pass --force to replace a previous export there"
