@@ -356,3 +356,44 @@ def test_empty_split_names_fraction_and_count():
         split_samples(_mem_samples(10), 1.0, seed=0)
     with pytest.raises(DataError, match="between 0 and 1"):
         split_samples(_mem_samples(10), 0.0, seed=0)
+
+
+# ----------------------------------------------------------------- messages a user reads
+
+
+def test_empty_image_bytes_and_files_are_called_empty_naming_the_row(tmp_path):
+    """0-byte image bytes with a path beside them were reported as "image file not found"; a 0-byte file as "not a
+    recognised image format"."""
+    f = write_parquet(tmp_path / "e.parquet", [structs(1)[0], {"bytes": b"", "path": "nowhere.png"}], ["a", "b"])
+    with pytest.raises(DataError, match=rf"^{f} row 1: empty image \(0 bytes\) "):
+        load_samples(f)
+    (tmp_path / "empty.png").write_bytes(b"")
+    write_png(tmp_path / "a.png")
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"image": "a.png", "text": "ok"}) + "\n" + json.dumps({"image": "empty.png", "text": "x"}))
+    with pytest.raises(DataError, match=rf"^{m} row 1 \(line 2\): empty image file \(0 bytes\): {tmp_path}/empty.png "):
+        load_samples(m)
+
+
+def test_an_unreadable_unlabelled_image_is_named_without_a_buffer_repr(tmp_path):
+    """`predict --images` said "cannot identify image file <_io.BytesIO object at 0x...>"."""
+    from trainer.data.dataset import load_unlabelled_images
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    for name, says in [("empty.png", "empty image (0 bytes)"),
+                       ("junk.png", "unreadable image (not a recognised image format)")]:
+        with pytest.raises(DataError) as err:
+            load_unlabelled_images([tmp_path / name])
+        assert str(err.value) == f"{tmp_path / name}: {says}"
+
+
+def test_a_long_label_is_cut_in_messages():
+    """A 5 000-character label was printed whole."""
+    from trainer.data.samples import RowCollector, label_in_message
+
+    collector = RowCollector("skip")
+    collector.add("s", "m.jsonl row 0", png_bytes(), ["9"] * 5000)  # a JSON list where the label should be
+    assert len(collector.reasons[0]) < 120 and "(25000 characters)" in collector.reasons[0]
+    assert label_in_message("9" * 5000) == repr("9" * 40) + "… (5000 characters)"
+    assert label_in_message("1234") == "'1234'"

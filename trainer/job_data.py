@@ -18,6 +18,7 @@ from trainer.model.config import MoondreamConfig, VisionConfig, model_config_of
 from trainer.data.crop_cache import ReadOptions, geometry_of, open_cached
 from trainer.data.crop_store import CropStore
 from trainer.data.dataset import SKIP_HINT, DataError, split_indices
+from trainer.data.samples import label_in_message
 from trainer.job_config import JobConfig
 from trainer.model.loading import LoadedModel
 from trainer.model.tokenizer import PromptTemplate, Tokenizer
@@ -132,9 +133,10 @@ def answer_ids(text: str, tokenizer: Tokenizer, template: PromptTemplate,
     try:
         ids = tuple(template.answer_ids(tokenizer, text))
     except ValueError as e:
-        return None, f"label {text!r} cannot be encoded: {e}"
+        return None, f"label {label_in_message(text)} cannot be encoded: {e}"
     if len(ids) > room:
-        return None, f"label {text!r} is {len(ids)} tokens with its end token, the context leaves room for {room}"
+        return None, (f"label {label_in_message(text)} is {len(ids)} tokens with its end token, the context leaves "
+                      f"room for {room}")
     return ids, None
 
 

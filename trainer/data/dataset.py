@@ -28,7 +28,8 @@ from typing import Optional, Sequence
 from trainer.data.formats import load_csv, load_image_folder, load_jsonl, load_parquet
 from trainer.job_config import OnBadSample
 from trainer.data.samples import (IMAGE_EXTENSIONS, MANIFEST_SUFFIXES, SKIP_HINT, TEXT_COLUMN_CANDIDATES, DataError,
-                             LoadedDataset, PathLike, Sample, RowCollector, files_under, decode_image)
+                             LoadedDataset, PathLike, Sample, RowCollector, files_under, decode_image,
+                             decoded)
 
 __all__ = [
     "DataError",
@@ -166,9 +167,11 @@ def load_unlabelled_images(paths: Sequence[PathLike]) -> list[Sample]:
         for f in files:
             try:
                 data = f.read_bytes()
-                decode_image(data)
-            except Exception as exc:  # OSError, or PIL's many types for corrupt input
-                raise DataError(f"{f}: unreadable image ({type(exc).__name__}: {exc})") from None
+            except OSError as exc:
+                raise DataError(f"{f}: cannot read image file ({exc.strerror or exc})") from None
+            image, why = decoded(data)
+            if image is None:
+                raise DataError(f"{f}: {why}")
             samples.append(Sample(str(f), data, ""))
     if not samples:
         raise DataError("no images given")

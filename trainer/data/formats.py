@@ -147,16 +147,13 @@ def load_parquet(path: Path, collector: RowCollector, image_column: Optional[str
 def _parquet_image_bytes(cell: Any, file: Path, where: str, collector: RowCollector) -> Optional[bytes]:
     if isinstance(cell, dict):
         data, ref = cell.get("bytes"), cell.get("path")
-        if data:
+        if data is not None:  # empty bytes are an empty image, whatever the path beside them says
             return bytes(data)
         if ref:
             return read_image_file(resolve_path(file.parent, ref), where, collector)
         collector.bad(where, "image struct has neither bytes nor path")
         return None
     if isinstance(cell, (bytes, bytearray)):
-        if not cell:
-            collector.bad(where, "empty image bytes")
-            return None
         return bytes(cell)
     if isinstance(cell, str) and cell:
         return read_image_file(resolve_path(file.parent, cell), where, collector)

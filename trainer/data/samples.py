@@ -59,6 +59,31 @@ def decode_image(data: bytes) -> Image.Image:
         return _to_rgb(im)
 
 
+def decoded(data: bytes) -> tuple[Optional[Image.Image], Optional[str]]:
+    """(the decoded image, None), or (None, why it cannot be read, for a message). PIL's own messages name its
+    in-memory buffer (`<_io.BytesIO object at 0x...>`), which tells a user nothing; the caller names the row."""
+    if not data:
+        return None, "empty image (0 bytes)"
+    try:
+        return decode_image(data), None
+    except Image.UnidentifiedImageError:
+        return None, "unreadable image (not a recognised image format)"
+    except Exception as exc:  # PIL raises many types for corrupt input
+        return None, f"unreadable image ({type(exc).__name__}: {exc})"
+
+
+LABEL_SHOWN = 40  # characters of a label that a message quotes
+
+
+def label_in_message(text: Any) -> str:
+    """A label as a message quotes it: whole when short, else its start and its length, so that a 5 000-character
+    label (or a list where a label should be) does not fill the terminal."""
+    if isinstance(text, str):
+        return repr(text) if len(text) <= LABEL_SHOWN else f"{text[:LABEL_SHOWN]!r}… ({len(text)} characters)"
+    shown = repr(text)
+    return shown if len(shown) <= LABEL_SHOWN else f"{shown[:LABEL_SHOWN]}… ({len(shown)} characters)"
+
+
 class _ImageField:
     """Dataclass field descriptor: holds a PIL image or encoded bytes, reads as RGB image.
 
@@ -146,18 +171,15 @@ class RowCollector:
         if text is None:
             return self.bad(where, "empty label (missing value)")
         if not isinstance(text, str):
-            return self.bad(where, f"label must be a string, got {type(text).__name__} {text!r}")
+            return self.bad(where, f"label must be a string, got {type(text).__name__} {label_in_message(text)}")
         text = text.strip()
         if not text:
             return self.bad(where, "empty label")
         if data is None:
             return self.bad(where, "no image data")
-        try:
-            image = decode_image(data)
-        except Image.UnidentifiedImageError:
-            return self.bad(where, "unreadable image (not a recognised image format)")
-        except Exception as exc:  # PIL raises many types for corrupt input
-            return self.bad(where, f"unreadable image ({type(exc).__name__}: {exc})")
+        image, why = decoded(data)
+        if image is None:
+            return self.bad(where, str(why))
         if sample_id in self._ids:  # guard: every loader builds unique ids, keep it that way
             raise DataError(f"{where}: duplicate sample id {sample_id!r}")
         self._ids.add(sample_id)
@@ -181,11 +203,15 @@ class RowCollector:
 
 def read_image_file(path: Path, where: str, collector: RowCollector) -> Optional[bytes]:
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except FileNotFoundError:
         collector.bad(where, f"image file not found: {path}")
     except OSError as exc:
         collector.bad(where, f"cannot read image file {path}: {exc.strerror or exc}")
+    else:
+        if data:
+            return data
+        collector.bad(where, f"empty image file (0 bytes): {path}")
     return None
 
 
