@@ -31,7 +31,27 @@ columns per digit of a 200×50 six-digit captcha), from tiny-reader's weights (5
     python models/make_tiny_reader.py --out models/tiny-reader-v2 --epochs 4 --crop-size 168 --patch-size 14 \
         --init-from models/tiny-reader
 
-A run that was cut goes on from its last checkpoint (every 1 000 steps) with the same flags and `--resume`.
+A run that was cut goes on from its last checkpoint (every `--checkpoint-every` steps, 1 000 by default) with
+the same flags and `--resume`.
+
+Data mixes (`--data-mix`). `v2` (the default) is the data above, which made tiny-reader and tiny-reader-v2, kept
+as it was so that both recipes still reproduce. `general` (issue 34) is for a base that reads the captchas users
+bring rather than one renderer's: digits, lower-case and upper-case letters (each file draws from one of four
+alphabets: digits, digits+lower, digits+upper, all 62), lengths 3-8, six sizes from 120×50 to 280×80 with
+200×50 among them, and two renderers: the `captcha` package (its own font and four font sets) and the project's
+own PIL renderer (`trainer.data.synth.generate_drawn`: backgrounds, colours, rotation, curves, strike-throughs, noise, shear,
+blur) over all of those fonts. Kept out of it on purpose, for `bench/own_captchas.py` to test on: the Comic Neue,
+Carlito and Caladea fonts, GNU FreeFont (multicolorcaptcha bundles it) and the claptcha, multicolorcaptcha and
+easy-captcha generators. Its fonts come from Debian's fonts-dejavu-core, fonts-liberation, fonts-urw-base35,
+fonts-roboto-unhinted and fonts-open-sans (`apt-get install ...`); a missing font file stops the run before any
+data is made. The character tokenizer already covers printable ASCII (vocab 128), so lower-case letters need
+no new embedding rows: their rows exist in every base, trained only as answers never given (v2 never saw one).
+
+The tiny-reader-v3 run, from tiny-reader-v2's weights at its geometry:
+
+    python models/make_tiny_reader.py --data-mix general --out models/tiny-reader-v3 --data-dir runs/pretrain-v3 \
+        --per-length 12000 --epochs 3 --crop-size 168 --patch-size 14 --init-from models/tiny-reader-v2 \
+        --checkpoint-every 500
 """
 from __future__ import annotations
 
@@ -57,8 +77,34 @@ FONT_SETS = (
 )
 
 
+DIGITS, LOWER, UPPER = "0123456789", "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+GENERAL_ALPHABETS = (DIGITS, DIGITS + LOWER, DIGITS + UPPER, DIGITS + LOWER + UPPER)
+GENERAL_LENGTHS = range(3, 9)
+GENERAL_SIZES = ((200, 50), (160, 60), (240, 60), (150, 40), (280, 80), (120, 50))
+FONTS = Path("/usr/share/fonts")
+GENERAL_FONT_SETS: tuple[tuple[Path, ...], ...] = (
+    tuple(DEJAVU / f for f in FONT_SETS[1]),
+    tuple(FONTS / "truetype/liberation" / f for f in (
+        "LiberationSans-Regular.ttf", "LiberationSans-Bold.ttf", "LiberationSerif-Regular.ttf",
+        "LiberationSerif-Italic.ttf", "LiberationMono-Regular.ttf", "LiberationSansNarrow-Bold.ttf")),
+    tuple(FONTS / "opentype/urw-base35" / f for f in (
+        "NimbusSans-Regular.otf", "NimbusRoman-Bold.otf", "URWBookman-Light.otf", "URWGothic-Book.otf",
+        "C059-Roman.otf", "P052-Italic.otf", "NimbusMonoPS-Regular.otf", "Z003-MediumItalic.otf")),
+    (FONTS / "truetype/roboto/unhinted/RobotoTTF/Roboto-Regular.ttf",
+     FONTS / "truetype/roboto/unhinted/RobotoTTF/Roboto-Bold.ttf",
+     FONTS / "truetype/roboto/unhinted/RobotoCondensed-Regular.ttf",
+     FONTS / "truetype/open-sans/OpenSans-Regular.ttf", FONTS / "truetype/open-sans/OpenSans-Bold.ttf",
+     FONTS / "truetype/open-sans/OpenSans-CondBold.ttf"),
+)
+# (renderer, fonts) per file of a length: the captcha package with its own font and each font set, then the
+# own renderer twice as often, over every font (a font per image, sometimes a mix)
+GENERAL_SOURCES: tuple[tuple[str, "tuple[Path, ...] | None"], ...] = (
+    ("captcha", None), *(("captcha", fonts) for fonts in GENERAL_FONT_SETS),
+    *(("drawn", tuple(f for fonts in GENERAL_FONT_SETS for f in fonts)),) * 7)
+
+
 def write_training_data(root: Path, per_length: int, seed: int, workers: int) -> None:
-    """One Parquet file per (length, size, font set); `per_length` samples per length in all."""
+    """The v2 mix: one Parquet file per (length, size, font set); `per_length` samples per length in all."""
     from trainer.data.synth import synthesize
 
     combos = list(itertools.product(SIZES, FONT_SETS))
@@ -69,6 +115,40 @@ def write_training_data(root: Path, per_length: int, seed: int, workers: int) ->
             synthesize(per_file, root / f"len{length}_{width}x{height}_f{index % len(FONT_SETS)}.parquet",
                        length=length, alphabet=ALPHABET, width=width, height=height, fonts=font_paths,
                        seed=seed * 10_000 + length * 100 + index, workers=workers)
+
+
+def general_files(per_length: int, seed: int) -> list[dict]:
+    """The general mix as one `synthesize` call per file: for each length, one file per source in
+    `GENERAL_SOURCES`, its size and alphabet turning with the file's index so that every length meets every
+    size, alphabet and renderer. The file name says what is inside; a file that exists is not made again."""
+    per_file = per_length // len(GENERAL_SOURCES)
+    files = []
+    for length in GENERAL_LENGTHS:
+        for index, (renderer, fonts) in enumerate(GENERAL_SOURCES):
+            width, height = GENERAL_SIZES[(index + length) % len(GENERAL_SIZES)]
+            alphabet_index = (index + 2 * length) % len(GENERAL_ALPHABETS)
+            files.append(dict(
+                name=f"len{length}_{renderer}{index:02d}_{width}x{height}_a{alphabet_index}.parquet",
+                n=per_file, length=length, alphabet=GENERAL_ALPHABETS[alphabet_index], width=width, height=height,
+                fonts=list(fonts) if fonts else None, renderer=renderer,
+                seed=seed * 10_000 + 5_000 + length * 100 + index))
+    return files
+
+
+def write_general_data(root: Path, val_path: Path, per_length: int, seed: int, workers: int) -> None:
+    """The general mix's training files under `root`, and its validation: 400 five-character captchas from
+    all 62 characters at 200×50, half from each renderer (own seeds), in one directory."""
+    from trainer.data.synth import synthesize
+
+    every_font = [f for fonts in GENERAL_FONT_SETS for f in fonts]
+    for spec in general_files(per_length, seed):
+        out = root / spec.pop("name")
+        if not out.is_file():  # a cut data stage goes on where it stopped
+            synthesize(spec.pop("n"), out, workers=workers, **spec)
+    for index, renderer in enumerate(("captcha", "drawn")):
+        synthesize(200, val_path / f"val_{renderer}.parquet", length=5, alphabet=GENERAL_ALPHABETS[-1],
+                   width=200, height=50, fonts=every_font, renderer=renderer,
+                   seed=seed * 10_000 + 9_990 + index, workers=workers)
 
 
 def reader_config(*, crop_size: int = 112, patch_size: int = 14, max_crops: int = 4, overlap_margin: int = 1,
@@ -172,13 +252,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("models/tiny-reader"), help="model directory to write")
     parser.add_argument("--data-dir", type=Path, default=Path("data/pretrain"), help="where the synthetic data goes")
-    parser.add_argument("--per-length", type=int, default=6000, help="training images per answer length (1-8)")
+    parser.add_argument("--per-length", type=int, default=6000, help="training images per answer length (v2: 1-8; general: 3-8)")
     parser.add_argument("--epochs", type=float, default=7.0, help="passes over the training data")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (warmup, then cosine)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--workers", type=int, default=2, help="processes rendering images")
     parser.add_argument("--seed", type=int, default=0, help="seed of data and training")
+    parser.add_argument("--data-mix", choices=("v2", "general"), default="v2",
+                        help="v2: tiny-reader/tiny-reader-v2's data (digits + upper case, lengths 1-8, captcha "
+                             "package); general: many renderers, fonts, sizes and cases, lengths 3-8 (issue 34)")
+    parser.add_argument("--checkpoint-every", type=int, default=1000,
+                        help="steps between evaluations and checkpoints (--resume goes on from the last)")
     parser.add_argument("--resume", action="store_true",
                         help="go on from the checkpoint a cut run left in DATA_DIR/checkpoint (same flags)")
     add_geometry_arguments(parser)
@@ -198,12 +283,18 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     started = time.time()
-    train_dir, val_path = args.data_dir / "train", args.data_dir / "val.parquet"
-    if not train_dir.is_dir():
-        write_training_data(train_dir, args.per_length, args.seed, args.workers)
-        # validation: mixed lengths like training, one size it trains on
-        synthesize(400, val_path, length=5, alphabet=ALPHABET, width=240, height=60,
-                   seed=args.seed * 10_000 + 9_999, workers=args.workers)
+    train_dir = args.data_dir / "train"
+    if args.data_mix == "general":
+        val_path = args.data_dir / "val"
+        if not (val_path / "val_drawn.parquet").is_file():
+            write_general_data(train_dir, val_path, args.per_length, args.seed, args.workers)
+    else:
+        val_path = args.data_dir / "val.parquet"
+        if not train_dir.is_dir():
+            write_training_data(train_dir, args.per_length, args.seed, args.workers)
+            # validation: mixed lengths like training, one size it trains on
+            synthesize(400, val_path, length=5, alphabet=ALPHABET, width=240, height=60,
+                       seed=args.seed * 10_000 + 9_999, workers=args.workers)
     print(f"data ready: {time.time() - started:.0f} s", flush=True)
     model = initial_model(model_config, args.data_dir / "initial-model", args.seed, args.init_from)
     print(f"model: {model} {json.dumps(model_config.to_dict())}", flush=True)
@@ -211,8 +302,8 @@ def main() -> None:
     config = JobConfig(
         model=model, train_data=str(train_dir), val_data=str(val_path), max_val_samples=400,
         train_scope="all", attention="prefix", gradient_checkpointing=False, batch_size=args.batch_size,
-        lr=args.lr, warmup_ratio=0.03, weight_decay=0.01, epochs=args.epochs, eval_every=1000,
-        seed=args.seed, save_model=str(args.out))
+        lr=args.lr, warmup_ratio=0.03, weight_decay=0.01, epochs=args.epochs, eval_every=args.checkpoint_every,
+        seed=args.seed, save_model=str(args.out), cache_dir=str(args.data_dir / "crops"))
     curve: list[dict] = []
 
     def on_report(metrics: dict, _checkpoint) -> None:
