@@ -273,3 +273,21 @@ def test_corrupt_training_data_fails_before_ray_starts(tmp_path):
         run_sweep(_settings(tmp_path, fixed={"train_data": str(data)}), quiet=True)
     assert not ray.is_initialized()
     assert not (tmp_path / "sweeps" / "demo").exists()
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_an_interrupted_sweep_says_how_to_resume_even_when_quiet(tmp_path, capsys, quiet):
+    """Ctrl-C on `mdsweep run --quiet` printed "nothing to recommend" and never how to resume."""
+    from orchestrator.results.schema import rows_to_table, schema_for
+    from orchestrator.sweep.driver import _finish
+    from orchestrator.sweep.sink import partition_dir, write_atomic
+
+    s = _settings(tmp_path, num_samples=2)
+    s.results = str(tmp_path / "results")
+    row = {"trial_id": "t0", "group_id": 0, "member": 0, "status": "running", "outcome": "running"}
+    write_atomic(rows_to_table([row], schema_for("trials")),
+                 partition_dir(s.results, "trials", s.name) / "trials.parquet")
+    assert _finish(s, 0.0, None, quiet=quiet).status == "interrupted"
+    captured = capsys.readouterr()
+    said = (captured.err if quiet else captured.out).strip().splitlines()
+    assert f"sweep demo is interrupted: continue it with `mdsweep resume demo --storage {s.storage}`" in said

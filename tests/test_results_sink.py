@@ -525,6 +525,25 @@ def test_the_resumes_repair_writes_every_row_it_puts_back(tmp_path, monkeypatch)
     assert rows == {"a": ("terminated", "ok"), "b": ("terminated", "ok")}
 
 
+def test_rows_the_repair_rebuilds_carry_the_trials_starts(tmp_path):
+    """A trial whose rows never reached the disk (it filled up before its first write) was rebuilt with
+    `attempts = 0`. Tune's record shows every start that reported (`iterations_since_restore` back at 1): here
+    a first run cut after step 2, then a retry from that checkpoint to the end; and a trial that ran once."""
+    from orchestrator.sweep.repair import repair_missing_rows
+
+    retried, once = _trial("retried"), _trial("once", lr=2e-4)
+    _tune_record(tmp_path / "exp", retried, [
+        _eval(2, 0.25, iterations_since_restore=1),
+        _eval(4, 0.5, iterations_since_restore=1, restored_from_step=2),
+        _final(4, 0.5, predictions=False, iterations_since_restore=2, restored_from_step=2)])
+    _tune_record(tmp_path / "exp", once, [_eval(2, 0.25, iterations_since_restore=1),
+                                         _final(2, 0.25, predictions=False, iterations_since_restore=2)])
+    assert repair_missing_rows(_sink(tmp_path), str(tmp_path / "exp")) == ["once", "retried"]
+    rows = {r["trial_id"]: r for r in read_partition(tmp_path / "results", "trials", "demo")}
+    assert (rows["retried"]["attempts"], rows["retried"]["restored_from_step"]) == (2, 2)
+    assert rows["once"]["attempts"] == 1
+
+
 @pytest.mark.parametrize("end", ["complete", "error"])
 def test_an_end_without_a_final_report_is_written_at_once(tmp_path, monkeypatch, end):
     """Stopped by the scheduler or errored: Tune's record has no final report, so the repair cannot see that the

@@ -177,8 +177,9 @@ def _finish(s: SweepSettings, started: float, req: TrialResources, quiet: bool) 
         print(found_summary(rows, s))
         print(f"\nresults: {s.results}  (mdsweep query {s.results} --sweep {s.name})")
         print(f"report:  {report}")
-        if status != "finished":
-            print(f"sweep {s.name} is {status}: continue it with `mdsweep resume {s.name} --storage {s.storage}`")
+    if status != "finished":  # how to go on must be seen even when asked for quiet
+        print(f"sweep {s.name} is {status}: continue it with `mdsweep resume {s.name} --storage {s.storage}`",
+              file=sys.stderr if quiet else sys.stdout)
     return outcome
 
 

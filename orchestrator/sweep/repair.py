@@ -38,6 +38,13 @@ def finished_reports(trial_dir: Path) -> Optional[list[dict[str, Any]]]:
     return reports if any(r.get(KIND_KEY) == "final" for r in reports) else None
 
 
+def starts(reports: list[dict[str, Any]]) -> int:
+    """How many times the trial started (the first run, retries, resumes), as the trials table counts them: Tune
+    sets `iterations_since_restore` back to 1 in the first report after each start. A start cut before its first
+    report leaves no trace, so this is a floor; a finished trial started at least once."""
+    return max(1, sum(1 for r in reports if r.get("iterations_since_restore") == 1))
+
+
 def last_checkpoint(trial_dir: Path) -> Optional[Path]:
     found = sorted(trial_dir.glob("checkpoint_*"))
     return found[-1] if found else None
@@ -78,6 +85,6 @@ def repair_missing_rows(sink: ParquetSink, experiment_path: str) -> list[str]:
         predictions = checkpoint_predictions(checkpoint, int(final.get("step") or 0)) if predicted else None
         ended = dt.datetime.fromtimestamp(float(final["timestamp"]), dt.timezone.utc) if final.get("timestamp") \
             else None
-        sink.replay(trial, reports, predictions, ended)
+        sink.replay(trial, reports, predictions, ended, starts(reports))
         repaired.append(trial_id)
     return repaired if sink.flush() else []  # rows left unwritten are not put back: the next resume tries again

@@ -481,10 +481,11 @@ class ParquetSink(_tune_callback_base()):
         return predicted and not self._path("predictions", trial_id).is_file()
 
     def replay(self, trial: Any, results: list[dict[str, Any]], predictions: Optional[dict[str, list]],
-               ended: Optional[dt.datetime]) -> None:
-        """Rebuild a finished trial's rows from what Tune kept of it: its reported results in order, and the
-        predictions of its last checkpoint. Tune never reports a finished trial again, so rows the sink could
-        not write (a full disk) are otherwise lost for good; keyed as always (trial, step), nothing doubles."""
+               ended: Optional[dt.datetime], attempts: int) -> None:
+        """Rebuild a finished trial's rows from what Tune kept of it: its reported results in order, the
+        predictions of its last checkpoint, and how many times it started (`attempts`, from its record; a row
+        that reached the disk may have counted more). Tune never reports a finished trial again, so rows the sink
+        could not write (a full disk) are otherwise lost for good; keyed as always (trial, step), nothing doubles."""
         self._load()
         for result in results:
             result = dict(result)
@@ -492,6 +493,7 @@ class ParquetSink(_tune_callback_base()):
                 result[PREDICTIONS_KEY] = predictions
             self.on_trial_result(0, [], trial, result)
         row = self._trial_row(trial)
+        row["attempts"] = max(attempts, int(row.get("attempts") or 0))
         if results and row.get("start_time") is None:
             first = results[0]
             started = float(first.get("timestamp") or 0) - float(first.get("time_total_s") or 0)
