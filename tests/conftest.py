@@ -47,8 +47,9 @@ def crop_cache_dir(tmp_path_factory) -> Path:
     return path
 
 
-def write_bpe_model(directory: Path, seed: int = 0) -> Path:
-    """A `tiny`-sized checkpoint with a BPE vocabulary and no tokenizer beside it, as a 2025 revision comes."""
+def write_bpe_model(directory: Path, seed: int = 0, vocab_size: int = 320) -> Path:
+    """A `tiny`-sized checkpoint with a BPE vocabulary and no tokenizer beside it, as a 2025 revision comes. The
+    synthetic tokenizer has about 300 ids: a `vocab_size` below that makes a model its ids do not fit."""
     import dataclasses
 
     from trainer.model.config import PRESETS
@@ -56,7 +57,7 @@ def write_bpe_model(directory: Path, seed: int = 0) -> Path:
     from trainer.model.weights import WEIGHTS_FILE, save_official_weights
 
     tiny = PRESETS["tiny"]
-    config = dataclasses.replace(tiny, tokenizer="bpe", text=dataclasses.replace(tiny.text, vocab_size=320))
+    config = dataclasses.replace(tiny, tokenizer="bpe", text=dataclasses.replace(tiny.text, vocab_size=vocab_size))
     torch.manual_seed(seed)
     directory.mkdir(parents=True, exist_ok=True)
     save_official_weights(MoondreamModel(config, bos_id=0), directory / WEIGHTS_FILE)
@@ -79,11 +80,14 @@ def fake_hub_cache(cache: Path, repo: str, revision: str, files: dict[str, Path]
         shutil.copyfile(source, snapshot / name)
 
 
-def sigterm_driver_when(argv: list[str], ready: Callable[[], bool], log_path: Path, env: dict, cwd: Path,
-                        deadline_s: float = 300) -> int:
-    """Run an `mdsweep` driver in its own session, SIGTERM it (it alone, as `kill PID` does) once `ready()` holds,
-    and return its exit code. Whatever happens, its whole process group is gone afterwards: a test that fails
-    half-way must not leave a Ray head running on the machine."""
+def signal_driver_when(argv: list[str], ready: Callable[[], bool], log_path: Path, env: dict, cwd: Path,
+                       how: str = "kill", deadline_s: float = 300) -> int:
+    """Run an `mdsweep` driver in its own session, signal it once `ready()` holds, and return its exit code.
+
+    `how` is what a user does: "kill" sends SIGTERM to the driver alone (`kill PID`, a batch scheduler); "ctrl-c"
+    sends SIGINT to its whole process group, as a terminal does, so an embedded cluster's processes get it too.
+    Whatever happens, the process group is gone afterwards: a test that fails half-way must not leave a Ray head
+    running on the machine."""
     with open(log_path, "w") as log:
         driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *argv], stdout=log,
                                   stderr=subprocess.STDOUT, env=env, cwd=str(cwd), start_new_session=True)
@@ -93,7 +97,11 @@ def sigterm_driver_when(argv: list[str], ready: Callable[[], bool], log_path: Pa
                 assert driver.poll() is None, log_path.read_text()[-3000:]
                 assert time.monotonic() < deadline, f"not ready within {deadline_s} s: {log_path}"
                 time.sleep(0.25)
-            driver.send_signal(signal.SIGTERM)
+            if how == "ctrl-c":
+                os.killpg(driver.pid, signal.SIGINT)
+            else:
+                assert how == "kill", how
+                driver.send_signal(signal.SIGTERM)
             return driver.wait(timeout=120)
         finally:
             if driver.poll() is None:

@@ -6,6 +6,7 @@ everything under it, and the whole cluster by its own processes at the end (neve
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import psutil
 import pytest
@@ -123,24 +125,70 @@ def test_a_node_dying_mid_trial_is_survived_with_every_row_once(two_nodes, tmp_p
     assert sorted(steps) == sorted((tid, s) for tid in trials for s in range(2, 25, 2))
 
 
-def test_a_node_lost_between_trials_leaves_the_rest_of_the_sweep_to_the_others(two_nodes, tmp_path, captcha_parquet):
-    env, address = two_nodes
-    _node_id, raylet_socket = _joined_node(env, address)
-    results = tmp_path / "results"
-    driver = _start_sweep(env, address, tmp_path, captcha_parquet, "between", "--num-samples", "3",
-                          "--max-concurrent", "1", "--max-steps", "4")
+SEAT_ON_THE_HEAD = """
+import sys, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init(address=sys.argv[1], logging_level="ERROR")
+head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
+
+@ray.remote(num_cpus=1)
+class Seat:
+    def ready(self):
+        return True
+
+seat = Seat.options(scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote()
+ray.get(seat.ready.remote())
+print("seated", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def _head_taken(env: dict, address: str) -> Iterator[Callable[[], None]]:
+    """The head's one CPU held by an actor, so trials can only start on the joined node; yields the function that
+    frees it. Ray would otherwise place every trial of a sequential sweep on whichever of two equal nodes it
+    ranks first, which may be the head: the node killed would then never have run a trial."""
+    seat = subprocess.Popen([sys.executable, "-c", SEAT_ON_THE_HEAD, address], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env={**env, "RAY_AUTH_MODE": "token"})
+
+    def free() -> None:
+        if seat.poll() is None:
+            seat.stdin.close()  # its driver ends, and its actor with it
+            seat.wait(timeout=60)
+
     try:
-        deadline = time.monotonic() + 300
-        while not any(t["outcome"] == "ok" for t in read_partition(results, "trials", "between")):
-            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[1][-3000:]
-            time.sleep(0.2)
-        _kill_node(raylet_socket)
-        out, err = driver.communicate(timeout=400)
+        assert seat.stdout.readline().strip() == "seated"
+        yield free
     finally:
-        if driver.poll() is None:
-            driver.kill()
+        free()
+        seat.stdout.close()
+
+
+def test_a_node_lost_between_trials_leaves_the_rest_of_the_sweep_to_the_others(two_nodes, tmp_path, captcha_parquet):
+    """The joined node runs the first trial to its end (the head is held meanwhile), then dies: the sweep's other
+    trials run on the head."""
+    env, address = two_nodes
+    node_id, raylet_socket = _joined_node(env, address)
+    results = tmp_path / "results"
+    with _head_taken(env, address) as free_the_head:
+        driver = _start_sweep(env, address, tmp_path, captcha_parquet, "between", "--num-samples", "3",
+                              "--max-concurrent", "1", "--max-steps", "4")
+        try:
+            deadline = time.monotonic() + 300
+            while not (done := [t for t in read_partition(results, "trials", "between") if t["outcome"] == "ok"]):
+                assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[1][-3000:]
+                time.sleep(0.2)
+            _kill_node(raylet_socket)
+            free_the_head()
+            out, err = driver.communicate(timeout=400)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
     assert driver.returncode == 0, err[-3000:]
+    (first,) = done
+    assert first["node_id"] == node_id  # the node killed had run a trial
     trials = read_partition(results, "trials", "between")
     assert len(trials) == 3 and all(t["outcome"] == "ok" for t in trials)
+    assert all(t["node_id"] != node_id for t in trials if t["trial_id"] != first["trial_id"])  # the rest: the head
     steps = [(s["trial_id"], s["step"]) for s in read_partition(results, "steps", "between")]
     assert sorted(steps) == sorted((t["trial_id"], s) for t in trials for s in (2, 4))

@@ -10,6 +10,7 @@ import contextlib
 import glob
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import sigterm_driver_when
+from conftest import signal_driver_when
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +44,19 @@ def job_flags(data: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, captcha_parquet, captcha_test_parquet):
+def scratch_dir():
+    """The module sweep's TMPDIR: where its trials keep their scratch folders, and Ray its session (a short path:
+    Ray's socket paths under it must fit the 107 bytes of a Unix socket name)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="mds"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, captcha_parquet, captcha_test_parquet, scratch_dir):
     tmp = tmp_path_factory.mktemp("embedded")
     space = tmp / "fault_space.py"
     space.write_text(textwrap.dedent(FAULT_SPACE))
@@ -53,7 +66,8 @@ def sweep(tmp_path_factory, captcha_parquet, captcha_test_parquet):
          "--num-samples", "4", "--storage", str(tmp / "sweeps"), "--results", str(tmp / "results"),
          "--num-cpus", "2", "--max-failures", "1", "--progress-interval", "1", *job_flags(captcha_parquet),
          "--test-data", str(captcha_test_parquet), "--test-top", "2"],
-        capture_output=True, text=True, timeout=400, env={**env, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
+        capture_output=True, text=True, timeout=400,
+        env={**env, "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch_dir)}, cwd=str(ROOT))
     return tmp, proc
 
 
@@ -89,6 +103,17 @@ def test_a_dead_worker_is_retried_from_its_checkpoint(sweep):
     assert t["restored_from_step"] == 2  # the checkpoint of the step-2 evaluation
     steps = pq.read_table(tmp / "results" / "steps", filters=[("trial_id", "=", t["trial_id"])]).to_pylist()
     assert [s["step"] for s in steps] == [2, 4]  # nothing lost, nothing twice
+
+
+@pytest.mark.slow
+def test_the_scratch_folder_of_the_killed_worker_is_removed_by_the_trials_after_it(sweep, scratch_dir):
+    """The crash@3 trial's worker died by `os._exit` with a checkpoint in its scratch folder, so its own cleanup
+    never ran; the trials started after it (its retry first) must have removed that folder, and every other trial
+    its own: after the sweep only Ray's session and torch's kernel cache are left in the trials' temporary
+    directory."""
+    assert _trials(sweep[0])["crash@3"]["num_failures"] == 1  # the worker did die mid-trial
+    left = [p.name for p in scratch_dir.iterdir() if p.name != "ray" and not p.name.startswith("torchinductor_")]
+    assert left == []
 
 
 @pytest.mark.slow
@@ -493,23 +518,24 @@ def test_a_multi_objective_sweep_prints_its_pareto_front(tmp_path, captcha_parqu
 
 
 @pytest.mark.slow
-def test_sigterm_ends_a_sweep_like_ctrl_c_and_resume_completes_it(tmp_path, captcha_parquet):
-    """SIGTERM (kill, systemd, a batch scheduler) used to hit Ray's native handler: a stack dump, exit 134, the sweep
-    left `running`. It must save the state, say how to resume, exit 143, and resume must finish with each row once."""
+def test_ctrl_c_ends_a_sweep_saved_with_exit_3_and_resume_completes_it(tmp_path, captcha_parquet):
+    """Ctrl-C in the terminal (SIGINT to the driver's whole process group, the embedded cluster's processes
+    included) must save the state, say how to resume, exit 3, and resume must finish with each row once. SIGTERM,
+    which reaches the driver alone, is tested on the same path in test_object_storage.py (exit 143)."""
     from orchestrator.sweep.sink import read_partition
 
     results, storage = tmp_path / "results", tmp_path / "sweeps"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    code = sigterm_driver_when(
+    code = signal_driver_when(
         ["run", "--name", "termed", "--space", "smoke", "--num-samples", "2", "--max-concurrent", "1",
          "--num-cpus", "2", "--storage", str(storage), "--results", str(results), "--progress-interval", "1",
          "--train-data", str(captcha_parquet), "--max-steps", "16", "--eval-every", "2", "--batch-size", "2",
          "--max-val-samples", "4", "--set", "max_new_tokens=5"],
         lambda: any((s["step"] or 0) >= 4 for s in read_partition(results, "steps", "termed")),
-        tmp_path / "driver.log", {**env, "PYTHONPATH": str(ROOT)}, ROOT, deadline_s=240)
+        tmp_path / "driver.log", {**env, "PYTHONPATH": str(ROOT)}, ROOT, how="ctrl-c", deadline_s=240)
     output = (tmp_path / "driver.log").read_text()
-    assert code == 143, output[-3000:]
-    assert "SIGTERM received" not in output and "Traceback" not in output
+    assert code == 3, output[-3000:]
+    assert "Traceback" not in output
     assert f"sweep termed is interrupted: continue it with `mdsweep resume termed --storage {storage}`" in output
     assert read_partition(results, "sweeps", "termed")[0]["status"] == "interrupted"
 
@@ -586,6 +612,7 @@ def test_rows_lost_to_a_full_results_disk_are_put_back_by_resume(tmp_path, captc
         assert "put back the rows of" in resumed.stderr
         trials = read_partition(results, "trials", "full")
         assert len(trials) == 2 and all(t["outcome"] == "ok" and t["status"] == "terminated" for t in trials)
+        assert all(t["attempts"] >= 1 for t in trials)  # a row rebuilt from Tune's record counts its starts
         steps = [(s["trial_id"], s["step"]) for s in read_partition(results, "steps", "full")]
         assert sorted(steps) == sorted((t["trial_id"], s) for t in trials for s in (2, 4, 6, 8))
         predictions = read_partition(results, "predictions", "full")
@@ -594,6 +621,84 @@ def test_rows_lost_to_a_full_results_disk_are_put_back_by_resume(tmp_path, captc
         assert read_partition(results, "sweeps", "full")[0]["status"] == "finished"
     finally:
         subprocess.run(["umount", "-l", str(results)])
+
+
+TALKING_JOB = """
+from trainer.job import run_job
+
+def job(config, **kwargs):
+    print("the trial speaks", flush=True)
+    return run_job(config, **kwargs)
+"""
+
+
+@pytest.mark.slow
+def test_results_turning_read_only_mid_sweep_are_warned_about_and_put_back_by_resume(tmp_path, captcha_parquet):
+    """The results turn read-only mid-sweep: the trials go on in Tune, the rows not written are warned about, exit
+    3; once writable again, `mdsweep resume` rebuilds them. Linux refuses to make a mount read-only while a file on
+    it is open for writing, and the sweep's lock stays open in the `sweeps` table for its whole life, so each of the
+    other tables gets a tmpfs of its own that turns read-only.
+
+    The same sweep runs with `--ray-logs` and `--worker-logs` (the default, Ray's lines in the log file and no
+    trial's output, is tested on the module's sweep): Ray's lines and a trial's own print reach the terminal, and
+    no log file is written."""
+    import time
+
+    from orchestrator.sweep.sink import read_partition
+
+    results, storage = tmp_path / "results", tmp_path / "sweeps"
+    tables = [results / table for table in ("trials", "steps", "predictions")]
+    for folder in tables:
+        folder.mkdir(parents=True)
+    mounted: list[Path] = []
+    try:
+        for folder in tables:
+            if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)]).returncode != 0:
+                pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
+            mounted.append(folder)
+        (tmp_path / "talking_job.py").write_text(TALKING_JOB)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{tmp_path}"
+        argv = ["run", "--name", "ro", "--space", "smoke", "--num-samples", "2", "--max-concurrent", "1",
+                "--num-cpus", "2", "--storage", str(storage), "--results", str(results), "--ray-logs",
+                "--worker-logs", "--job-fn", "talking_job:job", "--train-data", str(captcha_parquet),
+                "--max-steps", "8", "--eval-every", "2", "--batch-size", "2", "--max-val-samples", "4", "--set",
+                "max_new_tokens=5"]
+        driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *argv], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT), start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not read_partition(results, "steps", "ro"):
+                assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[1][-2000:]
+                time.sleep(0.1)
+            for folder in tables:  # busy for the instant a row is being written: try again
+                while subprocess.run(["mount", "-o", "remount,ro", str(folder)]).returncode != 0:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            out, err = driver.communicate(timeout=300)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+        terminal = out + err
+        assert driver.returncode == 3, terminal[-3000:]
+        assert "Read-only file system" in terminal and "Traceback" not in terminal
+        lost = read_partition(results, "trials", "ro")
+        assert len(lost) < 2 or any(t["outcome"] == "running" for t in lost)  # rows were lost
+        assert "Started a local Ray instance" in terminal and not (results / "logs").exists()  # --ray-logs
+        assert "the trial speaks" in terminal  # --worker-logs
+
+        for folder in tables:
+            subprocess.run(["mount", "-o", "remount,rw", str(folder)], check=True)
+        resumed = mdsweep("resume", "ro", "--storage", str(storage), env={"PYTHONPATH": env["PYTHONPATH"]})
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "put back the rows of" in resumed.stderr
+        trials = read_partition(results, "trials", "ro")
+        assert len(trials) == 2 and all(t["outcome"] == "ok" and t["status"] == "terminated" for t in trials)
+        steps = [(s["trial_id"], s["step"]) for s in read_partition(results, "steps", "ro")]
+        assert sorted(steps) == sorted((t["trial_id"], s) for t in trials for s in (2, 4, 6, 8))
+    finally:
+        for folder in mounted:
+            subprocess.run(["umount", "-l", str(folder)])
 
 
 @pytest.mark.slow
@@ -651,6 +756,13 @@ def test_a_trial_rays_memory_monitor_kills_is_host_oom_with_a_short_account(tmp_
     assert trial["error"].startswith("killed by Ray's memory monitor: the node ran low on host memory.")
     assert "OOM kill reason: Memory usage" in trial["error"] and len(trial["error"]) < 1500
     assert "First failure, trial" in proc.stderr and "(host_oom)" in proc.stderr
+
+    # `resume --restart-errored` runs the errored trial's settings again from scratch (Tune gives the rerun a new
+    # trial id): without the low threshold, to the end
+    resumed = mdsweep("resume", "hostoom", "--storage", str(tmp_path / "s"), "--restart-errored", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (rerun,) = [t for t in read_partition(tmp_path / "r", "trials", "hostoom") if t["outcome"] == "ok"]
+    assert rerun["lr"] == trial["lr"] and rerun["steps_completed"] == 4 and rerun["restored_from_step"] == 0
 
 
 ASHA_SPACE = """
