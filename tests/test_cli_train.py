@@ -29,10 +29,14 @@ def test_train_resume_continues_from_the_checkpoint(captcha_parquet, tmp_path):
     args = ["train", "--train-data", str(captcha_parquet), "--eval-every", "2", "--val-fraction", "0.25",
             "--out", str(out), "--resume"]
     assert main(args + ["--max-steps", "2"]) == 0
+    first = pq.read_table(out / "steps.parquet").to_pylist()
     assert main(args + ["--max-steps", "4"]) == 0
     # the second invocation started after the step-2 checkpoint and kept the first one's rows
     assert pq.read_table(out / "steps.parquet").column("step").to_pylist() == [1, 2, 3, 4]
     assert pq.read_table(out / "reports.parquet").column("step").to_pylist() == [2, 4]
+    # ...as the first one wrote them, timings included: a job that started over (training is deterministic)
+    # would write the same steps and losses, but not the same samples per second
+    assert pq.read_table(out / "steps.parquet").to_pylist()[:2] == first
 
 
 @pytest.mark.slow
@@ -126,3 +130,24 @@ def test_an_output_that_cannot_be_written_is_one_line(captcha_parquet, tmp_path,
         blocker = tmp_path / "a-file"
         assert capsys.readouterr().err.strip().splitlines() == [
             f"mdsweep train: error: {flag} {blocker / 'x'}: {blocker} is a file, not a directory"]
+
+
+def test_train_with_a_bad_model_config_is_one_line_naming_the_file(captcha_parquet, tmp_path, capsys):
+    from trainer.model.loading import load_model, save_model
+
+    save_model(load_model("tiny"), tmp_path / "model")
+    config = tmp_path / "model" / "mdsweep_config.json"
+    for text in ("{not json", '{"text": {"n_heads": 0}}'):
+        config.write_text(text)
+        code = main(["train", "--model", str(tmp_path / "model"), "--train-data", str(captcha_parquet),
+                     "--max-steps", "1", "--out", str(tmp_path / "o")])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("train:")]
+        assert code == 2 and len(err) == 1 and err[0].startswith(f"mdsweep train: error: {config}: "), err
+
+
+def test_max_new_tokens_0_is_one_line_naming_the_flag_in_train_and_predict(captcha_parquet, tmp_path, capsys):
+    for command in (["train", "--train-data", str(captcha_parquet), "--out", str(tmp_path / "o")],
+                    ["predict", "--model", "tiny", "--data", str(captcha_parquet)]):
+        assert main([*command, "--max-new-tokens", "0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "max-new-tokens" in err[0].replace("_", "-") and "got 0" in err[0], err

@@ -275,6 +275,73 @@ def test_corrupt_training_data_fails_before_ray_starts(tmp_path):
     assert not (tmp_path / "sweeps" / "demo").exists()
 
 
+def test_the_held_out_test_takes_the_best_ok_trials_once_per_test_set():
+    """--test-top 2: the two best ok trials by the validation objective, never a failed one listed before them
+    nor one already tested on the same data (a resumed sweep); one tested on other data is tested again."""
+    from orchestrator.sweep.held_out import trials_to_test
+
+    rows = [{"trial_id": "oom", "outcome": "oom", "objective": None},
+            {"trial_id": "low", "outcome": "ok", "objective": 0.25},
+            {"trial_id": "top", "outcome": "ok", "objective": 0.75},
+            {"trial_id": "mid", "outcome": "ok", "objective": 0.5}]
+    assert [r["trial_id"] for r in trials_to_test(rows, 2, "test.parquet")] == ["top", "mid"]
+    rows[2] |= {"test_n": 24, "test_data": "test.parquet"}
+    assert [r["trial_id"] for r in trials_to_test(rows, 2, "test.parquet")] == ["mid"]
+    assert [r["trial_id"] for r in trials_to_test(rows, 2, "other.parquet")] == ["top", "mid"]
+
+
+def _model_case(tmp_path: Path, case: str) -> tuple[str, list[str]]:
+    """(--model value, extra flags) of a model a sweep cannot use, as the probe of issue 29 wrote them."""
+    from conftest import write_bpe_model
+    from trainer.model.synth_tokenizer import write_bpe_tokenizer
+
+    model = tmp_path / "model"
+    if case == "empty":
+        model.mkdir()
+        return str(model), []
+    write_bpe_model(model, vocab_size=128 if case == "ids past the vocabulary" else 320)
+    write_bpe_tokenizer(model)
+    config = json.loads((model / "mdsweep_config.json").read_text())
+    if case in ("wrong shapes", "zero heads"):
+        config["text"] |= {"ff_dim": 100} if case == "wrong shapes" else {"n_heads": 0}
+        (model / "mdsweep_config.json").write_text(json.dumps(config))
+    extra = {"tokenizer /nonexistent": ["--set", "tokenizer=/nonexistent"],
+             "revision no date": ["--set", "revision=2024-13-99"]}.get(case, [])
+    return str(model), extra
+
+
+@pytest.mark.parametrize("case, says", [
+    ("empty", "no model.safetensors"),
+    ("wrong shapes", "has shape (192, 96), the model config expects (100, 96)"),
+    ("zero heads", "text.n_heads must be ≥ 1, got 0"),
+    ("ids past the vocabulary", "300 ids, but the model's vocabulary has 128 rows"),
+    ("tokenizer /nonexistent", "tokenizer /nonexistent: no tokenizer.json in /nonexistent"),
+    ("revision no date", "revision 2024-13-99: not a date"),
+])
+def test_a_model_no_trial_could_load_is_one_line_before_ray_starts(tmp_path, captcha_parquet, case, says, capsys):
+    """`run` and its --dry-run read the model's header, config and tokenizer as `predict` does, before Ray."""
+    import ray
+
+    from orchestrator.cli.main import main
+
+    model, extra = _model_case(tmp_path, case)
+    for dry_run in (["--dry-run"], []):
+        argv = ["run", "--name", "x", "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"),
+                "--train-data", str(captcha_parquet), "--model", model, *extra, *dry_run]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"mdsweep run: error: --model {model}: ") and says in err[0], err
+        assert not ray.is_initialized() and not (tmp_path / "s").exists()
+
+
+def test_the_model_check_passes_the_shipped_bases_and_a_good_checkpoint(tmp_path, captcha_parquet):
+    from orchestrator.sweep.checks import check_model
+
+    model, _ = _model_case(tmp_path, "good")
+    for spec in ("tiny", "tiny-reader-v2", model):
+        check_model({"train_data": str(captcha_parquet), "model": spec})
+
+
 @pytest.mark.parametrize("quiet", [False, True])
 def test_an_interrupted_sweep_says_how_to_resume_even_when_quiet(tmp_path, capsys, quiet):
     """Ctrl-C on `mdsweep run --quiet` printed "nothing to recommend" and never how to resume."""

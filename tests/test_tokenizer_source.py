@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import fake_hub_cache, write_bpe_model
-from trainer.model.loading import load_model, save_model
+from trainer.model.loading import load_model, model_text, save_model
 from trainer.model.synth_tokenizer import write_bpe_tokenizer
 from trainer.model.tokenizer_source import REVISION_RULES, rule_for
 from trainer.model.weights import CheckpointError
@@ -84,11 +84,13 @@ def test_offline_without_the_tokenizer_is_one_line_naming_what_to_download_and_w
 def test_a_starmie_revision_uses_starmie_ids_and_template_not_the_stale_files_beside_it(tmp_path, offline_hub):
     model = write_bpe_model(tmp_path / "md2")
     write_bpe_tokenizer(model)  # the GPT-2 style files the 2025-06-21 repository still ships
-    starmie = write_bpe_tokenizer(tmp_path / "starmie", extra_special=("<|a|>", "<|b|>", "<|c|>"))
+    # id 0 is not <|endoftext|> here: the rule's fixed id 0 must be what is used, not the token's name
+    starmie = write_bpe_tokenizer(tmp_path / "starmie", extra_special=("<|b|>", "<|c|>"), first_special=("<|a|>",))
     fake_hub_cache(offline_hub, "moondream/starmie-v1", "main", {"tokenizer.json": starmie})
     loaded = load_model(str(model), revision="2025-06-21")
     assert loaded.tokenizer_choice.source == "moondream/starmie-v1@main"
-    assert loaded.tokenizer.bos_id == loaded.tokenizer.eos_id == 0
+    assert loaded.tokenizer.bos_id == loaded.tokenizer.eos_id == loaded.tokenizer_choice.bos_id == 0
+    assert json.loads(starmie.read_text())["model"]["vocab"]["<|endoftext|>"] == 1
     template = loaded.template(None)
     prompt = template.prompt_ids(loaded.tokenizer, "What?")
     assert prompt[:3] == [1, 15381, 2] and prompt[-1] == 3
@@ -125,3 +127,32 @@ def test_train_records_the_tokenizer_in_its_result_and_saved_model(tmp_path, off
     assert result["tokenizer"] == {"tokenizer_source": "vikhyatk/moondream2@2024-08-26", "tokenizer_bos_id": 0,
                                    "tokenizer_eos_id": 0, "tokenizer_template": "moondream2-2025"}
     assert (out / "model" / "tokenizer.json").read_bytes() == tokenizer.read_bytes()
+
+
+def test_a_tokenizer_with_more_ids_than_the_model_has_rows_is_refused_before_any_embedding(tmp_path, offline_hub):
+    model = write_bpe_model(tmp_path / "md2", vocab_size=128)
+    tokenizer = write_bpe_tokenizer(model)
+    with pytest.raises(CheckpointError, match=rf"tokenizer {tokenizer}: 300 ids, but the model's vocabulary has "
+                                              r"128 rows"):
+        load_model(str(model))
+
+
+def test_a_revision_that_is_no_date_is_refused(tmp_path, offline_hub):
+    model = write_bpe_model(tmp_path / "md2")
+    write_bpe_tokenizer(model)
+    with pytest.raises(CheckpointError, match=r"revision 2024-13-99: not a date; a dated revision is YYYY-MM-DD"):
+        model_text(str(model), revision="2024-13-99")
+    with pytest.raises(CheckpointError, match=r"revision 2024-13-99: not a date"):
+        model_text("tiny", revision="2024-13-99")
+
+
+def test_a_tokenizer_spec_overrides_the_built_in_character_tokenizer_too(tmp_path, offline_hub):
+    """docs/models.md: the tokenizer setting overrides everything, so a character-tokenizer model or preset reads
+    it too (and one whose vocabulary it does not fit is refused) rather than ignoring it."""
+    tokenizer = write_bpe_tokenizer(tmp_path / "tok")
+    real_size = model_text("moondream2", tokenizer=str(tokenizer.parent))
+    assert real_size.choice.source == str(tokenizer) and real_size.config.tokenizer == "bpe"
+    with pytest.raises(CheckpointError, match=r"300 ids, but the model's vocabulary has 128 rows"):
+        model_text("tiny", tokenizer=str(tokenizer.parent))
+    with pytest.raises(CheckpointError, match=r"tokenizer /nonexistent: no tokenizer.json in /nonexistent"):
+        model_text("tiny-reader-v2", tokenizer="/nonexistent")

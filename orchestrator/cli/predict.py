@@ -74,6 +74,8 @@ def run_predict(args: argparse.Namespace) -> int:
         return fail(f"--limit must be ≥ 1, got {args.limit}")
     if args.batch_size is not None and args.batch_size < 1:
         return fail(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        return fail(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
     try:
         samples = load_samples(args.data).samples if args.data else load_unlabelled_images(args.images)
         loaded = load_model(args.model, revision=args.revision, tokenizer=args.tokenizer)

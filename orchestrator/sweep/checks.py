@@ -139,6 +139,26 @@ def check_data(fixed: dict[str, Any], test_data: Optional[str] = None) -> Option
     return f"data checked in {time.time() - started:.1f} s: {', '.join(counts)}" if counts else None
 
 
+def check_model(fixed: dict[str, Any]) -> None:
+    """Read the model as every trial will load it, through the check `predict` and `train` use (its revision,
+    config, tokenizer with its ids against the vocabulary, and the checkpoint's names, shapes and dtypes from the
+    header; no tensor is read), so that a model no trial could load fails before Ray starts instead of in every
+    trial. A hub id is fetched by the trials, not downloaded here; its revision is still checked."""
+    from trainer.job_config import JobConfig
+    from trainer.model.config import PRESETS
+    from trainer.model.loading import local_model_directory, model_text
+    from trainer.model.tokenizer_source import check_revision
+
+    job = JobConfig.from_dict(fixed)
+    try:
+        if job.model not in PRESETS and local_model_directory(job.model) is None:
+            check_revision(job.revision)
+        else:
+            model_text(job.model, revision=job.revision, tokenizer=job.tokenizer, check_weights=True)
+    except ValueError as e:  # CheckpointError is one
+        raise SweepError(f"--model {job.model}: {e}") from None
+
+
 def check_fixed_settings(fixed: dict[str, Any]) -> None:
     """Fixed settings that cannot work (a zero batch, lr 0, an unknown fault, max_samples with max_steps)
     fail here, before Ray starts, naming the setting: JobConfig checks its own values."""

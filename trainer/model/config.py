@@ -9,7 +9,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
     from transformers import PhiConfig, SiglipVisionConfig
@@ -110,24 +110,67 @@ class MoondreamConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "MoondreamConfig":
+    def from_dict(cls, values: Any) -> "MoondreamConfig":
         """Accepts our own saved config and the official `{vision: {...}, text: {...}}` layout.
 
         Official fields we do not model (e.g. `prefix_attn`, which follows from the crop
-        grid) are ignored.
+        grid) are ignored. Sizes that cannot build a model (zero heads, a width the heads do not divide, text
+        where a number belongs) raise ValueError naming the field: they would otherwise surface as a division
+        by zero or a shape error deep in the network.
         """
-        def pick(kind: type, raw: dict[str, Any]) -> Any:
+        if not isinstance(values, dict):
+            raise ValueError(f"a JSON {_json_kind(values)}, not an object of sizes")
+
+        def pick(kind: type, section: str) -> Any:
+            raw = values.get(section, {})
+            if not isinstance(raw, dict):
+                raise ValueError(f"{section} must be an object of sizes, got a JSON {_json_kind(raw)}")
             names = {f.name for f in dataclasses.fields(kind)}
             return kind(**{k: v for k, v in raw.items() if k in names})
 
-        return cls(
-            vision=pick(VisionConfig, values.get("vision", {})),
-            text=pick(TextConfig, values.get("text", {})),
-            tokenizer=values.get("tokenizer", "bpe"),
-        )
+        config = cls(vision=pick(VisionConfig, "vision"), text=pick(TextConfig, "text"),
+                     tokenizer=values.get("tokenizer", "bpe"))
+        problems = config.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return config
+
+    def problems(self) -> list[str]:
+        """Every size that cannot build a model, each naming its field (`text.n_heads`)."""
+        found = [*_size_problems("vision", self.vision), *_size_problems("text", self.text)]
+        if found:  # the ratios below need whole, positive sizes
+            return found
+        v, t = self.vision, self.text
+        for width, heads, w, h in (("vision.enc_dim", "vision.enc_n_heads", v.enc_dim, v.enc_n_heads),
+                                   ("text.dim", "text.n_heads", t.dim, t.n_heads),
+                                   ("text.n_heads", "text.n_kv_heads", t.n_heads, t.n_kv_heads)):
+            if w % h:
+                found.append(f"{width} {w} must be a multiple of {heads} {h}")
+        if v.crop_size < v.enc_patch_size:
+            found.append(f"vision.crop_size {v.crop_size} must be at least vision.enc_patch_size {v.enc_patch_size}")
+        if self.tokenizer not in ("bpe", "char"):
+            found.append(f"tokenizer must be bpe or char, got {self.tokenizer!r}")
+        return found
 
     def save(self, directory: Path) -> None:
         (Path(directory) / CONFIG_FILE).write_text(json.dumps(self.to_dict(), indent=1))
+
+
+def _json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in the words a user reads (a list, where JSON says array)."""
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def _size_problems(section: str, sizes: Any) -> list[str]:
+    """Each size of one section must be a whole number, at least 1 (0 allowed for the crop overlap)."""
+    found = []
+    for f in dataclasses.fields(sizes):
+        value, least = getattr(sizes, f.name), 0 if f.name == "overlap_margin" else 1
+        if not isinstance(value, int) or isinstance(value, bool):
+            found.append(f"{section}.{f.name} must be a whole number, got {value!r}")
+        elif value < least:
+            found.append(f"{section}.{f.name} must be ≥ {least}, got {value}")
+    return found
 
 
 # `tiny` trains at several steps/s on 2 CPU cores and is the from-scratch learning demo
@@ -162,7 +205,25 @@ def model_config_of(spec: str) -> MoondreamConfig:
     if spec in PRESETS:
         return PRESETS[spec]
     directory = SHIPPED_MODELS_DIR / spec if spec in shipped_models() else Path(spec).expanduser()
-    path = directory / CONFIG_FILE
-    if path.is_file():
-        return MoondreamConfig.from_dict(json.loads(path.read_text()))
-    return PRESETS["moondream2"]
+    saved = read_saved_config(directory)
+    return MoondreamConfig.from_dict(saved) if saved is not None else PRESETS["moondream2"]
+
+
+def read_saved_config(directory: Path) -> Optional[dict[str, Any]]:
+    """`directory`'s CONFIG_FILE as saved (sizes, and what loading.py keeps beside them), its sizes checked;
+    None when there is none. A file that is not JSON, not an object or holds sizes no model can have is a
+    ValueError naming the file, so that a user knows which file to mend."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text())
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    try:
+        MoondreamConfig.from_dict(values)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return values

@@ -4,15 +4,16 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 from trainer.model.attention import AttentionBackend
-from trainer.model.config import CONFIG_FILE, PRESETS, SHIPPED_MODELS_DIR, MoondreamConfig, shipped_models
+from trainer.model.config import CONFIG_FILE, PRESETS, SHIPPED_MODELS_DIR, MoondreamConfig, read_saved_config, \
+    shipped_models
 from trainer.model.network import MoondreamModel
 from trainer.model.tokenizer import CharTokenizer, PromptTemplate, Tokenizer, get_template
-from trainer.model.tokenizer_source import TOKENIZER_FILE, TokenizerChoice, resolve_tokenizer
+from trainer.model.tokenizer_source import TOKENIZER_FILE, TokenizerChoice, check_revision, resolve_tokenizer
 from trainer.model.weights import HUB_ID, WEIGHTS_FILE, CheckpointError, checkpoint_keys, fetch_from_hub, \
     load_official_weights, save_official_weights
 
@@ -47,29 +48,75 @@ class ModelText:
 
 def model_text(spec: str, *, revision: Optional[str] = None, tokenizer: Optional[str] = None,
                check_weights: bool = False) -> ModelText:
-    """The sizes and tokenizer `spec` loads with (see `load_model`); `check_weights` also checks the checkpoint's
-    names and shapes against the sizes, from its header, so that a checkpoint that does not fit fails before
-    a model is built."""
-    if spec in PRESETS:
-        tok = preset_tokenizer(spec)
-        return ModelText(PRESETS[spec], tok, builtin_choice(tok), None)
-    directory = model_directory(spec, revision)
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} (expected an official Moondream2 checkpoint)")
-    config_path = directory / CONFIG_FILE
-    saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    config = MoondreamConfig.from_dict(saved) if saved else PRESETS["moondream2"]
-    if check_weights:
-        checkpoint_keys(weights, config)
-    if config.tokenizer == "char":
-        tok: Tokenizer = CharTokenizer()
-        return ModelText(config, tok, builtin_choice(tok), directory)
+    """The sizes and tokenizer `spec` loads with (see `load_model`), every input a user can get wrong checked
+    from files alone: the revision, the config, the tokenizer's ids against the vocabulary and (`check_weights`)
+    the checkpoint's names, shapes and dtypes from its header. `predict`, `train` and the sweep's pre-flight all
+    check a model here, so that none of them meets a bad one as a traceback inside the network."""
     try:
-        tok, choice = resolve_tokenizer(directory, revision=revision, spec=tokenizer, recorded=saved.get(CHOICE_KEY))
+        check_revision(revision)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    if spec in PRESETS:
+        config, directory, saved = PRESETS[spec], None, None
+    else:
+        directory = model_directory(spec, revision)
+        weights = directory / WEIGHTS_FILE
+        if not weights.is_file():
+            raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} (expected an official Moondream2 checkpoint)")
+        try:
+            saved = read_saved_config(directory)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        config = MoondreamConfig.from_dict(saved) if saved is not None else PRESETS["moondream2"]
+        if check_weights:
+            check_checkpoint(weights, config, assumed=saved is None)
+    tok, choice = text_tokenizer(spec, config, directory, revision=revision, tokenizer=tokenizer,
+                                 recorded=(saved or {}).get(CHOICE_KEY))
+    if choice.path is not None:  # a tokenizer.json read: the saved model must read it again
+        config = replace(config, tokenizer="bpe")
+    check_vocabulary(tok, choice, config)
+    return ModelText(config, tok, choice, directory)
+
+
+def check_checkpoint(weights: Path, config: MoondreamConfig, *, assumed: bool) -> None:
+    """The header against the sizes. Without a config file the sizes are the real Moondream2's, an assumption
+    the message then states, since a small model's directory without its config otherwise reads as a broken
+    checkpoint."""
+    try:
+        checkpoint_keys(weights, config)
+    except CheckpointError as exc:
+        if not assumed:
+            raise
+        raise CheckpointError(f"{weights.parent}: no {CONFIG_FILE}, so the real Moondream2 sizes were assumed, and "
+                              f"the weights disagree: {exc}. A model saved by mdsweep keeps its {CONFIG_FILE} "
+                              "beside the weights: copy it back") from None
+
+
+def text_tokenizer(spec: str, config: MoondreamConfig, directory: Optional[Path], *, revision: Optional[str],
+                   tokenizer: Optional[str], recorded: Optional[dict]) -> tuple[Tokenizer, TokenizerChoice]:
+    """The tokenizer a model reads with: `tokenizer` (a spec) overrides everything, the built-in character
+    tokenizer included, as docs/models.md promises; else a preset's, the character tokenizer of a `char`
+    config, or the BPE tokenizer the checkpoint's revision calls for."""
+    if tokenizer is None and spec in PRESETS:
+        tok = preset_tokenizer(spec)
+        return tok, builtin_choice(tok)
+    if tokenizer is None and config.tokenizer == "char":
+        tok = CharTokenizer()
+        return tok, builtin_choice(tok)
+    try:
+        return resolve_tokenizer(directory, revision=revision, spec=tokenizer, recorded=recorded)
     except (FileNotFoundError, ValueError) as exc:
         raise CheckpointError(str(exc)) from None
-    return ModelText(config, tok, choice, directory)
+
+
+def check_vocabulary(tok: Tokenizer, choice: TokenizerChoice, config: MoondreamConfig) -> None:
+    """Every id the tokenizer can give must have a row in the model's embedding: an id past it is an IndexError
+    inside `torch.embedding`, in every trial."""
+    rows = config.text.vocab_size
+    if tok.vocab_size > rows or max(tok.bos_id, tok.eos_id) >= rows:
+        raise CheckpointError(f"tokenizer {choice.source}: {tok.vocab_size} ids, but the model's vocabulary has "
+                              f"{rows} rows; pass the tokenizer the model was trained with (--tokenizer; in a sweep "
+                              "--set tokenizer=)")
 
 
 def load_model(spec: str, *, revision: Optional[str] = None, tokenizer: Optional[str] = None,
@@ -87,8 +134,13 @@ def load_model(spec: str, *, revision: Optional[str] = None, tokenizer: Optional
 
 
 def model_directory(spec: str, revision: Optional[str]) -> Path:
-    """The local directory of a shipped model, a path, or a hub id (fetched). Something written as a path
-    (starting with ., / or ~, or with more than one /) is never looked up on the hub."""
+    """The local directory of a shipped model, a path, or a hub id (fetched)."""
+    return local_model_directory(spec) or fetch_from_hub(spec, revision)
+
+
+def local_model_directory(spec: str) -> Optional[Path]:
+    """The local directory of a shipped model or a path; None for a hub id, which is fetched. Something written
+    as a path (starting with ., / or ~, or with more than one /) is never looked up on the hub."""
     if spec in shipped_models():
         return SHIPPED_MODELS_DIR / spec
     directory = Path(spec).expanduser()
@@ -100,7 +152,7 @@ def model_directory(spec: str, revision: Optional[str]) -> Path:
         raise CheckpointError(f"model {spec!r} is neither a preset ({', '.join(PRESETS)}), a shipped model "
                               f"({', '.join(shipped_models()) or 'none'}), a local directory, nor a hub id "
                               "(owner/name)")
-    return fetch_from_hub(spec, revision)
+    return None
 
 
 def builtin_choice(tok: Tokenizer) -> TokenizerChoice:

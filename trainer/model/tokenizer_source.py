@@ -19,6 +19,7 @@ every trial and export.
 """
 from __future__ import annotations
 
+import datetime
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,18 @@ TOKENIZER_COLUMNS: dict[str, type] = {"tokenizer_source": str, "tokenizer_bos_id
                                    "tokenizer_template": str}
 
 
+def check_revision(revision: Optional[str]) -> None:
+    """A revision written as a date must be one: `2024-13-99` would otherwise pick a tokenizer rule by string
+    order and then fail to download in every trial."""
+    if revision is None or not DATED_REVISION.match(revision):
+        return
+    try:
+        datetime.date.fromisoformat(revision)
+    except ValueError:
+        raise ValueError(f"revision {revision}: not a date; a dated revision is YYYY-MM-DD (e.g. 2025-01-09), "
+                         "else a branch, tag or commit") from None
+
+
 def rule_for(revision: Optional[str]) -> TokenizerRule:
     if revision is None or not DATED_REVISION.match(revision):
         return UNDATED_RULE
@@ -115,10 +128,11 @@ def _from_hub(repo: str, revision: Optional[str], model_dir: Optional[Path]) -> 
             + _download_hint(repo, revision, model_dir)) from None
 
 
-def resolve_tokenizer(model_dir: Path, *, revision: Optional[str] = None, spec: Optional[str] = None,
+def resolve_tokenizer(model_dir: Optional[Path], *, revision: Optional[str] = None, spec: Optional[str] = None,
                       recorded: Optional[dict[str, Any]] = None) -> tuple[BpeTokenizer, TokenizerChoice]:
-    """The BPE tokenizer for the checkpoint in `model_dir` (at hub `revision`, when known): `spec` if given,
-    else a `tokenizer.json` beside the weights, else the one the official code of that revision loaded.
+    """The BPE tokenizer for the checkpoint in `model_dir` (None: a preset, which needs `spec`) at hub
+    `revision`, when known: `spec` if given, else a `tokenizer.json` beside the weights, else the one the
+    official code of that revision loaded.
     `recorded` is what a model saved here wrote of its tokenizer (`TokenizerChoice.as_record`): it keeps the
     original source, ids and template of the tokenizer.json saved beside it."""
     rule = rule_for(revision)

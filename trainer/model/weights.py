@@ -162,8 +162,9 @@ class CheckpointKeys:
 
 def match_layout(shapes: dict[str, tuple[int, ...]], config: MoondreamConfig, source: str) -> CheckpointKeys:
     """The layout `shapes` (a file's names and shapes) is written in, every tensor and shape checked against
-    `config`. A file that fits no layout is named with the layout it came closest to and its first missing
-    key; an unknown key or a wrong shape is named, since either means the config and the file disagree."""
+    `config`. A wrong shape is named first, since it means that the config and the file disagree; then a file
+    that fits no layout is named with the layout it came closest to and its first missing key, and an unknown
+    key is named."""
     by_plain = {name.replace(ORIG_MOD, ""): name for name in shapes}
     mappings = key_mappings(config)
 
@@ -172,6 +173,10 @@ def match_layout(shapes: dict[str, tuple[int, ...]], config: MoondreamConfig, so
 
     layout = max(LAYOUTS, key=present)  # ties go to the first, the layout this project writes
     expected = {layout.rename(m.official): m for m in mappings}
+    for name, m in expected.items():  # a wrong shape first: it says that the config and the file disagree
+        if name in by_plain and tuple(shapes[by_plain[name]]) != m.official_shape:
+            raise CheckpointError(f"{source}: key {name!r} has shape {tuple(shapes[by_plain[name]])}, the model "
+                                  f"config expects {m.official_shape}")
     missing = [name for name in expected if name not in by_plain]
     if missing:
         found = present(layout)
@@ -184,11 +189,6 @@ def match_layout(shapes: dict[str, tuple[int, ...]], config: MoondreamConfig, so
     if unexpected:
         raise CheckpointError(f"{source}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all); "
                               "the checkpoint does not match the model config")
-    for name, m in expected.items():
-        shape = tuple(shapes[by_plain[name]])
-        if shape != m.official_shape:
-            raise CheckpointError(f"{source}: key {name!r} has shape {shape}, the model config expects "
-                                  f"{m.official_shape}")
     return CheckpointKeys(layout, {m.official: by_plain[name] for name, m in expected.items()}, len(region))
 
 
@@ -228,10 +228,19 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def checkpoint_keys(path: Path, config: MoondreamConfig) -> CheckpointKeys:
     """The file's layout and names, checked against `config` from its header alone (no tensor is read), so a
-    checkpoint that does not fit fails before a model is built."""
+    checkpoint that does not fit fails before a model is built: its names, shapes and dtypes (an int8 file would
+    otherwise fail halfway through the load)."""
     with open_safetensors(path) as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    return match_layout(shapes, config, str(path))
+        slices = {k: f.get_slice(k) for k in f.keys()}
+        shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
+        dtypes = {k: s.get_dtype() for k, s in slices.items()}
+    keys = match_layout(shapes, config, str(path))
+    *others, last = SAFETENSORS_DTYPES.values()  # what TensorReader reads
+    for name in keys.names.values():
+        if dtypes[name] not in SAFETENSORS_DTYPES.values():
+            raise CheckpointError(f"{path}: tensor {name!r} is stored as {dtypes[name]}; the loader reads "
+                                  f"{', '.join(others)} or {last} weights (dequantize the checkpoint first)")
+    return keys
 
 
 class TensorReader:
