@@ -799,20 +799,19 @@ def test_asha_stops_the_weak_trials_of_a_real_sweep_and_budgets_are_recorded(tmp
 
 
 def _previous_export(tmp_path: Path) -> tuple[Path, Path]:
-    """An export of a BPE model (weights, config, tokenizer.json, card) and a step-2 job checkpoint of it that
-    trained nothing: the probe's case of a sweep whose --model is a previous export."""
+    """A model directory as an export leaves it (weights, config, tokenizer.json, card), and a step-2 job checkpoint
+    that trained nothing: the probe's case of a sweep whose --model is a previous export."""
     from conftest import write_bpe_model
     from trainer.checkpoint import save_checkpoint
-    from trainer.export import export_checkpoint
-    from trainer.job_config import JobConfig
+    from trainer.export import MODEL_CARD
     from trainer.model.synth_tokenizer import write_bpe_tokenizer
 
-    base = write_bpe_model(tmp_path / "base")
-    write_bpe_tokenizer(base)
+    previous = write_bpe_model(tmp_path / "previous")
+    write_bpe_tokenizer(previous)
+    (previous / MODEL_CARD).write_text("{}")
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
     save_checkpoint(checkpoint, {"progress": {"step": 2}, "model": {}})
-    previous = export_checkpoint(checkpoint, JobConfig(model=str(base)), tmp_path / "previous", {}, final_step=2)
     return previous, checkpoint
 
 
