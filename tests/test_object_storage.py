@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sigterm_driver_when
+from conftest import signal_driver_when
 from orchestrator.sweep.sink import read_partition
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,9 +62,11 @@ def s3_env(tmp_path_factory):
         log.close()
 
 
-def _cli_env(s3_env: dict) -> dict:
+def _cli_env(s3_env: dict, home: Path, temp: Path) -> dict:
+    """The commands' environment: the S3 endpoint, and a HOME and TMPDIR of the test's own (TMPDIR holds Ray's
+    session and the trials' scratch folders), so every local place a sweep could write can be looked at."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return {**env, **s3_env, "PYTHONPATH": str(ROOT)}
+    return {**env, **s3_env, "PYTHONPATH": str(ROOT), "HOME": str(home), "TMPDIR": str(temp)}
 
 
 def _bucket_files(s3_env: dict, prefix: str) -> dict[str, int]:
@@ -78,10 +80,23 @@ def _bucket_files(s3_env: dict, prefix: str) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def resumed(s3_env, tmp_path_factory, captcha_parquet):
+def local(tmp_path_factory):
+    """The sweep's HOME and TMPDIR (a short path: Ray's socket names under it must fit in 107 bytes)."""
+    import shutil
+    import tempfile
+
+    temp = Path(tempfile.mkdtemp(prefix="mds3"))
+    home = tmp_path_factory.mktemp("s3-home")
+    yield {"home": home, "temp": temp}
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def resumed(s3_env, local, tmp_path_factory, captcha_parquet):
     """The sweep run until its first trial is done and the second has a checkpoint, ended by SIGTERM, resumed."""
     tmp = tmp_path_factory.mktemp("s3-sweep")
     results = tmp / "results"
+    env = _cli_env(s3_env, local["home"], local["temp"])
     before: dict[str, dict] = {}
 
     def first_done_second_checkpointed() -> bool:
@@ -91,21 +106,22 @@ def resumed(s3_env, tmp_path_factory, captcha_parquet):
         before.update({t["trial_id"]: t for t in trials})
         return len(done) == 1 and bool(later)
 
-    code = sigterm_driver_when(
+    code = signal_driver_when(
         ["run", "--name", "bucketed", "--space", "smoke", "--num-samples", "2", "--max-concurrent", "1",
          "--num-cpus", "2", "--storage", STORAGE, "--results", str(results), "--progress-interval", "1",
          "--train-data", str(captcha_parquet), "--max-steps", "8", "--eval-every", "2", "--batch-size", "2",
          "--max-val-samples", "4", "--set", "max_new_tokens=5", "--set", "fault=crash@5"],
-        first_done_second_checkpointed, tmp / "driver.log", _cli_env(s3_env), tmp)
+        first_done_second_checkpointed, tmp / "driver.log", env, tmp)
     interrupted = (tmp / "driver.log").read_text()
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resume", "bucketed", "--storage", STORAGE],
-                          capture_output=True, text=True, timeout=300, env=_cli_env(s3_env), cwd=str(tmp))
+                          capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp))
     return tmp, code, interrupted, before, proc
 
 
 def test_the_interrupted_sweep_says_how_to_resume_from_the_bucket(resumed):
     tmp, code, interrupted, _, _ = resumed
     assert code == 143, interrupted[-3000:]
+    assert "SIGTERM received" not in interrupted and "Traceback" not in interrupted  # Ray's native handler's dump
     assert f"continue it with `mdsweep resume bucketed --storage {STORAGE}`" in interrupted
     assert "already reported" not in interrupted  # Optuna's warning when a retried trial re-reports its checkpoint
 
@@ -130,7 +146,7 @@ def test_resume_from_the_bucket_finishes_every_trial_with_each_row_once(resumed)
     assert sweep_row["status"] == "finished"
 
 
-def test_checkpoints_and_state_are_in_the_bucket_and_nowhere_local(resumed, s3_env):
+def test_checkpoints_and_state_are_in_the_bucket_and_nowhere_local(resumed, s3_env, local):
     tmp = resumed[0]
     files = _bucket_files(s3_env, "runs/bucketed")
     names = {p.rsplit("/", 1)[1] for p in files}
@@ -141,9 +157,21 @@ def test_checkpoints_and_state_are_in_the_bucket_and_nowhere_local(resumed, s3_e
         assert files.get(ckpt, 0) > 0, sorted(files)
     # no local folder named after the URI (a classic of s3:// paths handled as local ones)
     assert sorted(p.name for p in tmp.iterdir()) == ["driver.log", "results"]
+    # and nothing of Tune's anywhere local: the results hold the tables, Ray's log and the report only; HOME no
+    # ray_results; TMPDIR (Ray's session, the trials' scratch) no checkpoint and no scratch folder. Tune's and the
+    # searcher's state appear in one local place only: the driver's staging copy in its Ray session's
+    # `driver_artifacts`, which Tune uploads from and a resume (another session) never reads
+    assert sorted(p.name for p in (tmp / "results").iterdir()) == ["logs", "predictions", "report-bucketed.html",
+                                                                   "steps", "sweeps", "trials"]
+    assert not (local["home"] / "ray_results").exists()
+    tunes = ("state.pt", "mdsweep_sweep.json", "tuner.pkl", "experiment_state-*", "searcher-state-*")
+    for place in (tmp, local["home"], local["temp"]):
+        found = [p for pattern in tunes for p in place.rglob(pattern)]
+        assert [str(p) for p in found if p.name == "state.pt" or p.parent.name != "driver_artifacts"] == [], place
+    assert not list(local["temp"].glob("mdsweep-trial-*"))
 
 
-def test_export_copies_the_best_checkpoint_out_of_the_bucket(resumed, s3_env, tmp_path):
+def test_export_copies_the_best_checkpoint_out_of_the_bucket(resumed, s3_env, local, tmp_path):
     import pyarrow.fs as pafs
     import torch
 
@@ -155,7 +183,8 @@ def test_export_copies_the_best_checkpoint_out_of_the_bucket(resumed, s3_env, tm
     out = tmp_path / "best"
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "export", str(tmp / "results"), "--sweep",
                            "bucketed", "--best", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, env=_cli_env(s3_env), cwd=str(tmp))
+                          capture_output=True, text=True, timeout=300,
+                          env=_cli_env(s3_env, local["home"], local["temp"]), cwd=str(tmp))
     assert proc.returncode == 0, proc.stderr[-3000:]
     card = read_model_card(out)
     row = next(t for t in read_partition(tmp / "results", "trials", "bucketed") if t["trial_id"] == card["trial_id"])
