@@ -21,6 +21,12 @@ def test_a_sample_budget_is_the_same_data_for_every_grad_accum():
         assert budget.total_micro_batches == 25  # 200 samples over 72-sample epochs of 8-sample batches
         assert budget.samples_in(budget.total_micro_batches) == 200
         assert budget.total_steps == -(-25 // accum)  # the last step takes what is left
+        groups, done = [], 0
+        for _ in range(budget.total_steps):  # as the job draws them: no step reaches past the budget
+            groups.append(budget.group_size(done))
+            done += groups[-1]
+        assert sum(groups) == 25 and groups[:-1] == [accum] * (len(groups) - 1) and groups[-1] == 25 - accum * (
+            len(groups) - 1)
 
 
 def test_epochs_end_with_a_short_batch():

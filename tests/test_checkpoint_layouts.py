@@ -7,6 +7,7 @@ infixes, and half-precision files.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -32,14 +33,48 @@ def compiled(name: str) -> str:
     return f"{head}._orig_mod.{rest}"
 
 
+# The 2024 names written out as the official loader of those revisions reads them (moondream/torch/weights.py),
+# so that the tests make 2024 files without the code under test (the renames in LAYOUTS): by module, and the
+# parts of a block whose names changed.
+MODULES_2024 = {
+    "model.vision.patch_emb": "vision_encoder.encoder.model.visual.patch_embed.linear",
+    "model.vision.pos_emb": "vision_encoder.encoder.model.visual.pos_embed",
+    "model.vision.blocks": "vision_encoder.encoder.model.visual.blocks",
+    "model.vision.post_ln": "vision_encoder.encoder.model.visual.norm",
+    "model.vision.proj_mlp": "vision_encoder.projection.mlp",
+    "model.text.wte": "text_model.transformer.embd.wte.weight",
+    "model.text.blocks": "text_model.transformer.h",
+    "model.text.post_ln": "text_model.lm_head.ln",
+    "model.text.lm_head": "text_model.lm_head.linear",
+}
+BLOCK_PARTS_2024 = {"vision": {"ln1": "norm1", "ln2": "norm2"},
+                    "text": {"attn.qkv": "mixer.Wqkv", "attn.proj": "mixer.out_proj"}}
+
+
+def name_2024(name: str) -> str:
+    """A 2025 tensor name in the 2024 layout, from the tables above."""
+    block = re.match(r"^model\.(vision|text)\.blocks\.(\d+)\.(.+)\.(weight|bias)$", name)
+    if block:
+        tower, index, part, kind = block.groups()
+        return f"{MODULES_2024[f'model.{tower}.blocks']}.{index}.{BLOCK_PARTS_2024[tower].get(part, part)}.{kind}"
+    if name in MODULES_2024:  # tensors that are a module of their own: pos_emb, wte
+        return MODULES_2024[name]
+    module = next(m for m in MODULES_2024 if name.startswith(m + "."))
+    return MODULES_2024[module] + name[len(module):]
+
+
+# every layout's names, written by the tests themselves
+WRITE_NAME = {"2025": lambda name: name, "2025 without the 'model.' prefix": lambda name: name.removeprefix("model."),
+              "2024": name_2024}
+
+
 def rewrite(tensors: dict[str, torch.Tensor], layout_name: str, *, orig_mod: bool = False,
             dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """A 2025-layout state dict in another layout; non-weight keys (`expected.*`) kept as they are."""
-    layout = {lay.name: lay for lay in LAYOUTS}[layout_name]
     out = {}
     for key, tensor in tensors.items():
         if key.startswith("model."):
-            key = layout.rename(key)
+            key = WRITE_NAME[layout_name](key)
             key = compiled(key) if orig_mod else key
             tensor = tensor.to(dtype) if dtype is not None else tensor
         out[key] = tensor.contiguous()
@@ -69,6 +104,10 @@ def test_the_2024_names_are_the_official_loaders():
     assert rename("model.text.blocks.0.mlp.fc1.weight") == "text_model.transformer.h.0.mlp.fc1.weight"
     assert rename("model.text.post_ln.bias") == "text_model.lm_head.ln.bias"
     assert rename("model.text.lm_head.weight") == "text_model.lm_head.linear.weight"
+    # and every name of a real checkpoint as the tests write it (the round trips below)
+    assert set(WRITE_NAME) == set(LAYOUT_NAMES)
+    names = list(load_file(TINY_READER / WEIGHTS_FILE))
+    assert [rename(n) for n in names] == [name_2024(n) for n in names]
 
 
 @pytest.mark.parametrize("orig_mod", [False, True], ids=["plain", "orig_mod"])

@@ -157,6 +157,22 @@ def test_paired_comparison_pairs_trials_that_differ_only_in_the_factor(results):
     assert r["ci_low"] < -0.25 < r["ci_high"] < 0
 
 
+def test_the_best_trial_is_paired_with_the_baseline_run_of_its_own_member():
+    """A crossed sweep (attention): the baseline ran as member 0 (causal) and member 1 (prefix). The best trial is
+    a proposal's prefix run, so it is compared with the baseline's prefix run, on their shared samples, even
+    though the baseline's causal run scored higher."""
+    trials = [_trial_row("base-c", "causal", 1e-5, objective=0.6) | {"baseline": "recipe", "member": 0},
+              _trial_row("base-p", "prefix", 1e-5, objective=0.4) | {"baseline": "recipe", "member": 1},
+              _trial_row("prop-c", "causal", 3e-4, objective=0.5) | {"member": 0},
+              _trial_row("prop-p", "prefix", 3e-4, objective=0.8) | {"member": 1}]
+    predictions = (_pred_rows("base-c", [True] * 6 + [False] * 4) + _pred_rows("base-p", [True] * 4 + [False] * 6)
+                   + _pred_rows("prop-p", [True] * 8 + [False] * 2))
+    record = Q.versus_baseline(trials, predictions)
+    assert (record["best_trial"], record["baseline_trial"], record["baseline"]) == ("prop-p", "base-p", "recipe")
+    assert (record["em_best"], record["em_baseline"], record["n"]) == (0.8, 0.4, 10)
+    assert Q.describe_versus_baseline(record).startswith("vs baseline recipe (trial base-p): exact match +0.400 ")
+
+
 def test_paired_levels_can_be_ordered(results):
     out = Q.paired_comparison(Q.load_table(results), Q.load_table(results, "predictions"),
                               Q.parse_paired("attention=prefix,causal")).to_pylist()

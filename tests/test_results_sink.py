@@ -525,6 +525,31 @@ def test_the_resumes_repair_writes_every_row_it_puts_back(tmp_path, monkeypatch)
     assert rows == {"a": ("terminated", "ok"), "b": ("terminated", "ok")}
 
 
+def test_the_resumes_repair_puts_back_missing_step_rows_and_leaves_unfinished_trials_to_tune(tmp_path):
+    """A finished trial whose trials row and predictions landed but whose step-2 row did not (a full disk) is
+    replayed: the repair looks at every table, not only the trials row. A trial Tune has not finished (no final
+    report in its record) is not recorded as ended: Tune runs it again and the sink writes it then."""
+    from orchestrator.results.schema import rows_to_table
+    from orchestrator.sweep.repair import repair_missing_rows
+
+    sink, done, unfinished = _sink(tmp_path), _trial("done"), _trial("half", lr=2e-4)
+    _run_one(sink, done)
+    _tune_record(tmp_path / "exp", done, [_eval(2, 0.25), _eval(4, 0.5), _final(4, 0.5)])
+    sink.on_trial_start(0, [], unfinished)
+    sink.on_trial_result(0, [], unfinished, _eval(2, 0.25))
+    _tune_record(tmp_path / "exp", unfinished, [_eval(2, 0.25)])
+    steps_file = tmp_path / "results" / "steps" / "sweep=demo" / "done.parquet"
+    kept = [r for r in read_partition(tmp_path / "results", "steps", "demo") if r["trial_id"] == "done"][1:]
+    write_atomic(rows_to_table(kept, schema_for("steps")), steps_file)  # the step-2 row never landed
+
+    assert repair_missing_rows(_sink(tmp_path), str(tmp_path / "exp")) == ["done"]
+    steps = sorted((r["trial_id"], r["step"]) for r in read_partition(tmp_path / "results", "steps", "demo"))
+    assert steps == [("done", 2), ("done", 4), ("half", 2)]
+    rows = {r["trial_id"]: (r["status"], r["outcome"]) for r in read_partition(tmp_path / "results", "trials", "demo")}
+    assert rows == {"done": ("terminated", "ok"), "half": ("running", "running")}
+    assert repair_missing_rows(_sink(tmp_path), str(tmp_path / "exp")) == []  # nothing missing any more
+
+
 def test_rows_the_repair_rebuilds_carry_the_trials_starts(tmp_path):
     """A trial whose rows never reached the disk (it filled up before its first write) was rebuilt with
     `attempts = 0`. Tune's record shows every start that reported (`iterations_since_restore` back at 1): here
@@ -573,6 +598,13 @@ def test_updating_a_row_keeps_one_row_per_trial_when_a_migration_was_cut(tmp_pat
     update_trial_row(tmp_path / "results", "demo", "t1", {"test_exact_match": 0.75})
     (updated,) = read_partition(tmp_path / "results", "trials", "demo")
     assert updated["test_exact_match"] == 0.75 and sorted(p.name for p in folder.iterdir()) == ["trials.parquet"]
+    # and so does a resumed sink that finds the same cut migration
+    write_atomic(rows_to_table([updated], schema_for("trials")), folder / "t1.parquet")
+    resumed = _sink(tmp_path)
+    resumed.setup()
+    resumed.on_experiment_end([])
+    assert [r["trial_id"] for r in read_partition(tmp_path / "results", "trials", "demo")] == ["t1"]
+    assert sorted(p.name for p in folder.iterdir()) == ["trials.parquet"]
 
 
 def test_where_a_trial_runs_is_written_as_soon_as_it_reports(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.sweep.lock import LOCK_FILE, SweepLock, describe_stale
+from orchestrator.sweep.lock import LOCK_FILE, SweepLock, describe_stale, sweep_lock
 from orchestrator.sweep.settings import SweepError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +24,17 @@ def test_a_held_lock_refuses_a_second_holder_naming_the_first(tmp_path):
     first.release()
     with SweepLock("x", [tmp_path / "b"], "resume") as second:
         assert describe_stale(second) is None  # released properly: nothing stale
+
+
+def test_the_results_partition_alone_refuses_a_second_driver(tmp_path):
+    """Two drivers of sweep x on different storage (or on object storage, which has no lock) but the same
+    results: the lock on the results partition is what refuses the second, before Ray or the storage check."""
+    results = str(tmp_path / "results")
+    with sweep_lock("x", str(tmp_path / "storage-a" / "x"), results, "run"):
+        for experiment_path in (str(tmp_path / "storage-b" / "x"), "s3://bucket/sweeps/x"):
+            with pytest.raises(SweepError, match=r"--name x: sweep x is being run now by another driver \(mdsweep run"):
+                sweep_lock("x", experiment_path, results, "resume").acquire()
+    assert (tmp_path / "results" / "sweeps" / "sweep=x" / LOCK_FILE).read_text() == ""  # released
 
 
 def test_a_lock_whose_holder_died_is_taken_over_and_named(tmp_path):

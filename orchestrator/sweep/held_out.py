@@ -24,8 +24,7 @@ def test_best_trials(s: SweepSettings, req: TrialResources, say: Callable[[str],
 
     from orchestrator.sweep.sink import read_partition, update_trial_row
 
-    chosen = ranked_trials(read_partition(s.results, "trials", s.name))[: s.test_top]
-    todo = [r for r in chosen if r.get("test_n") is None or r.get("test_data") != s.test_data]
+    todo = trials_to_test(read_partition(s.results, "trials", s.name), s.test_top, s.test_data)
     if not todo:
         return
     say(f"testing the {len(todo)} best trial(s) on --test-data {s.test_data}")
@@ -40,6 +39,13 @@ def test_best_trials(s: SweepSettings, req: TrialResources, say: Callable[[str],
             continue
         update_trial_row(s.results, s.name, trial_id, {**metrics, "test_data": s.test_data})
         say(f"trial {trial_id}: test {describe_test(metrics)}")
+
+
+def trials_to_test(rows: list[dict[str, Any]], test_top: int, test_data: str) -> list[dict[str, Any]]:
+    """Of the `test_top` best trials (ok ones, by the objective, as `export --best` ranks them), those not yet
+    tested on `test_data`: the choice is made on validation alone, and a resumed sweep tests no trial twice."""
+    chosen = ranked_trials(rows)[:test_top]
+    return [r for r in chosen if r.get("test_n") is None or r.get("test_data") != test_data]
 
 
 def _test_trial(row: dict[str, Any], experiment_path: str, test_data: str) -> dict[str, Any]:
