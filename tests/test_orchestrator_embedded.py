@@ -758,11 +758,14 @@ def test_a_trial_rays_memory_monitor_kills_is_host_oom_with_a_short_account(tmp_
     assert "First failure, trial" in proc.stderr and "(host_oom)" in proc.stderr
 
     # `resume --restart-errored` runs the errored trial's settings again from scratch (Tune gives the rerun a new
-    # trial id): without the low threshold, to the end
+    # trial id): without the low threshold, to the end, in the trial's one row
     resumed = mdsweep("resume", "hostoom", "--storage", str(tmp_path / "s"), "--restart-errored", "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    (rerun,) = [t for t in read_partition(tmp_path / "r", "trials", "hostoom") if t["outcome"] == "ok"]
+    (rerun,) = read_partition(tmp_path / "r", "trials", "hostoom")
+    assert rerun["outcome"] == "ok" and rerun["trial_id"] != trial["trial_id"]
     assert rerun["lr"] == trial["lr"] and rerun["steps_completed"] == 4 and rerun["restored_from_step"] == 0
+    assert rerun["attempts"] == trial["attempts"] + 1  # the errored row's count goes on
+    assert {s["trial_id"] for s in read_partition(tmp_path / "r", "steps", "hostoom")} == {rerun["trial_id"]}
 
 
 ASHA_SPACE = """

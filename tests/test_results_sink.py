@@ -480,6 +480,32 @@ def test_an_ended_trial_that_runs_again_takes_its_row_back(tmp_path):
     assert row["n_reports"] == 2 and row["best_val_exact_match"] == 0.5  # the steps of both runs
 
 
+def test_a_trial_tune_restarts_under_a_new_id_keeps_one_row(tmp_path):
+    """What Tune really does on `resume --restart-errored`: the errored trial comes back as a new trial (a new id,
+    the same config) and the old id leaves its list. One row and one steps file per trial, under the new id;
+    an errored trial of other settings, and one Tune still lists, keep their own rows."""
+    sink = _sink(tmp_path)
+    errored, other, listed = _trial("t1"), _trial("t2", lr=3e-4), _trial("t3")
+    for trial in (errored, other, listed):
+        sink.on_trial_start(0, [errored, other, listed], trial)
+        sink.on_trial_result(0, [], trial, _eval(2, 0.25))
+        sink.on_trial_error(0, [], trial)
+    first = {r["trial_id"]: r for r in read_partition(tmp_path / "results", "trials", "demo")}
+    sink = _sink(tmp_path)  # the resumed driver's sink
+    restarted = _trial("t9")
+    sink.on_trial_start(0, [restarted, other, listed], restarted)
+    sink.on_trial_result(0, [], restarted, _eval(4, 0.5))
+    sink.on_trial_result(0, [], restarted, _final(4, 0.5))
+    sink.on_trial_complete(0, [], restarted)
+    rows = {r["trial_id"]: r for r in read_partition(tmp_path / "results", "trials", "demo")}
+    assert sorted(rows) == ["t2", "t3", "t9"]
+    assert rows["t9"]["outcome"] == "ok" and rows["t9"]["attempts"] == 2
+    assert rows["t9"]["start_time"] == first["t1"]["start_time"] and rows["t9"]["n_reports"] == 2
+    steps = read_partition(tmp_path / "results", "steps", "demo")
+    assert sorted((r["trial_id"], r["step"]) for r in steps) == [("t2", 2), ("t3", 2), ("t9", 2), ("t9", 4)]
+    assert {r["trial_id"] for r in read_partition(tmp_path / "results", "predictions", "demo")} == {"t9"}
+
+
 def _tune_record(experiment: Path, trial: FakeTrial, reports: list[dict]) -> None:
     """What Tune keeps of a trial in its folder: every report (result.json) and its suggestion (params.json)."""
     import json

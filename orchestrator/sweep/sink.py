@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from orchestrator.results.objectives import is_finite_number
@@ -55,6 +56,10 @@ ENDED = ("terminated", "error")  # statuses of trials that have ended
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
+
+def _params_json(config: dict[str, Any]) -> str:
+    """A trial's suggested parameters as the row keeps them (auxiliary `_` keys left out)."""
+    return json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, default=str, sort_keys=True)
 
 
 def partition_dir(root: Path | str, table: str, sweep: str) -> Path:
@@ -208,8 +213,8 @@ class ParquetSink(_tune_callback_base()):
     def _path(self, table: str, trial_id: str) -> Path:
         return partition_dir(self.results_dir, table, self.sweep) / f"{trial_id}.parquet"
 
-    def _write(self, table: str, trial_id: str, rows: list[dict[str, Any]]) -> None:
-        self._write_safely(table, trial_id, lambda: write_atomic(
+    def _write(self, table: str, trial_id: str, rows: list[dict[str, Any]]) -> bool:
+        return self._write_safely(table, trial_id, lambda: write_atomic(
             rows_to_table(rows, schema_for(table)), self._path(table, trial_id), COMPRESSION.get(table, "zstd")))
 
     def _write_safely(self, table: str, what: str, write: Callable[[], None]) -> bool:
@@ -275,8 +280,6 @@ class ParquetSink(_tune_callback_base()):
             return self._ended_new.pop(trial_id)
         if trial_id not in self._ended_ids:
             return None
-        import pyarrow.compute as pc
-
         match = pc.equal(self._ended.column("trial_id"), trial_id)
         found = self._ended.filter(match).to_pylist()
         if found and take:
@@ -305,13 +308,50 @@ class ParquetSink(_tune_callback_base()):
                 row["max_gpu_memory"] = self.max_gpu_memory
             row["searched"] = sorted(k for k in params if k in types_ and k not in (meta.get(BASELINE_EXTRA_KEY) or ()))
             row["baseline"] = meta.get(BASELINE_KEY)
-            row["params_json"] = json.dumps({k: v for k, v in trial.config.items() if not k.startswith("_")},
-                                            default=str, sort_keys=True)
+            row["params_json"] = _params_json(trial.config)
             row["group_id"] = meta.get(GROUP_KEY)
             row["member"] = meta.get(MEMBER_KEY)
             row["objective_metric"], row["objective_mode"] = self.metric, self.mode
             self._trials[trial.trial_id] = row
         return row
+
+    def _take_restarted_row(self, trial: Any, trials: list) -> None:
+        """`resume --restart-errored`: Tune restarts an errored trial as a new trial (a new id, the same config)
+        and drops the old one from its list. The old id's row and steps become the new id's, so the tables keep
+        one row per trial, its attempts counted, and no row of a trial Tune no longer knows."""
+        tid = trial.trial_id
+        if tid in self._trials or tid in self._ended_ids:
+            return
+        live = {t.trial_id for t in trials}
+        params, meta = _params_json(trial.config), split_suggestion(dict(trial.config))[1]
+        candidates = list(self._ended_new.values()) + self._ended.filter(
+            pc.equal(self._ended.column("status"), "error")).to_pylist()
+        old = next((r["trial_id"] for r in candidates
+                    if r.get("status") == "error" and r["trial_id"] not in live and r.get("params_json") == params
+                    and r.get("group_id") == meta.get(GROUP_KEY) and r.get("member") == meta.get(MEMBER_KEY)), None)
+        if old is None:
+            return
+        row = self._ended_row(old, take=True)
+        row["trial_id"] = tid
+        self._trials[tid] = row
+        steps = {step: {**r, "trial_id": tid} for step, r in self._steps_of(old).items()}
+        self._steps.pop(old, None)
+        self._steps[tid] = steps
+        if not steps or self._write("steps", tid, [steps[s] for s in sorted(steps)]):
+            with contextlib.suppress(OSError):
+                self._path("steps", old).unlink(missing_ok=True)
+        self._rekey_predictions(old, tid)
+
+    def _rekey_predictions(self, old: str, new: str) -> None:
+        """Move an errored attempt's predictions (if it left any) to the id its restart runs under."""
+        path = self._path("predictions", old)
+        if not path.is_file():
+            return
+        with contextlib.suppress(OSError, pa.ArrowException):
+            with open(path, "rb") as handle:
+                rows = [{**r, "trial_id": new} for r in pq.read_table(handle).to_pylist()]
+            if self._write("predictions", new, rows):
+                path.unlink()
 
     def _refresh_metrics(self, row: dict[str, Any]) -> None:
         steps = self._steps_of(row["trial_id"])
@@ -365,6 +405,7 @@ class ParquetSink(_tune_callback_base()):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._load()
+        self._take_restarted_row(trial, trials)
         row = self._trial_row(trial)
         row["attempts"] = int(row.get("attempts") or 0) + 1
         row["start_time"] = row.get("start_time") or _now()
