@@ -139,6 +139,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         'rows = read_partition(self.results_dir, "trials", self.sweep)',
         ("tests/test_results_sink.py::test_updating_a_row_keeps_one_row_per_trial_when_a_migration_was_cut",)),
     Mutation(
+        "K3", "sink keys: a trial Tune restarts under a new id (resume --restart-errored) keeps its one row",
+        "orchestrator/sweep/sink.py",
+        "        self._take_restarted_row(trial, trials)\n",
+        "",
+        ("tests/test_results_sink.py::test_a_trial_tune_restarts_under_a_new_id_keeps_one_row",)),
+    Mutation(
         "T1", "tokenizer rules: from 2025-06-21 the stale tokenizer.json beside the weights is not used",
         "trainer/model/tokenizer_source.py",
         '"moondream2-starmie", own_file_wins=False)',
