@@ -39,8 +39,8 @@ as it was so that both recipes still reproduce. `general` (issue 34) is for a ba
 bring rather than one renderer's: digits, lower-case and upper-case letters (each file draws from one of four
 alphabets: digits, digits+lower, digits+upper, all 62), lengths 3-8, six sizes from 120×50 to 280×80 with
 200×50 among them, and two renderers: the `captcha` package (its own font and four font sets) and the project's
-own PIL renderer (`trainer.data.synth.generate_drawn`: backgrounds, colours, rotation, curves, strike-throughs, noise, shear,
-blur) over all of those fonts. Kept out of it on purpose, for `bench/own_captchas.py` to test on: the Comic Neue,
+own PIL renderer (`trainer.data.synth.generate_drawn`: backgrounds, colours, rotation, curves, strike-throughs,
+noise, shear, blur) over all of those fonts. Kept out of it on purpose, for `bench/own_captchas.py` to test on: the Comic Neue,
 Carlito and Caladea fonts, GNU FreeFont (multicolorcaptcha bundles it) and the claptcha, multicolorcaptcha and
 easy-captcha generators. Its fonts come from Debian's fonts-dejavu-core, fonts-liberation, fonts-urw-base35,
 fonts-roboto-unhinted and fonts-open-sans (`apt-get install ...`); a missing font file stops the run before any
@@ -252,7 +252,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("models/tiny-reader"), help="model directory to write")
     parser.add_argument("--data-dir", type=Path, default=Path("data/pretrain"), help="where the synthetic data goes")
-    parser.add_argument("--per-length", type=int, default=6000, help="training images per answer length (v2: 1-8; general: 3-8)")
+    parser.add_argument("--per-length", type=int, default=6000,
+                        help="training images per answer length (v2: 1-8; general: 3-8)")
     parser.add_argument("--epochs", type=float, default=7.0, help="passes over the training data")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (warmup, then cosine)")

@@ -1,4 +1,5 @@
-"""The own captcha renderer (trainer.data.synth.generate_drawn) and the general pretraining mix of models/make_tiny_reader.py."""
+"""The own captcha renderer (trainer.data.synth.generate_drawn) and the general pretraining mix of
+models/make_tiny_reader.py."""
 from __future__ import annotations
 
 import importlib.util
