@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import pickletools
 import time
 from typing import Any, Optional
 
@@ -24,17 +25,25 @@ BACKUP_DIR = ".mdsweep-state"
 STATE_FILES = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
 
 
-def complete(name: str, data: bytes) -> bool:
-    """Whether a state file's bytes are whole: JSON that parses, or a pickle that ends with its STOP opcode."""
+def complete(data: bytes) -> bool:
+    """Whether a state file's bytes are whole: a pickle whose opcodes run to their STOP, or JSON that parses.
+
+    Judged by the bytes, not the file name: Tune writes `search_gen_state-*.json` with cloudpickle, so a check by
+    suffix would never find it whole, never back it up, and leave a resume with an empty one."""
     if not data:
         return False
-    if name.endswith(".json"):
+    if data[:1] == b"\x80":  # a pickle's PROTO opcode
         try:
-            json.loads(data)
-        except ValueError:
+            for _ in pickletools.genops(data):
+                pass
+        except (ValueError, EOFError):
             return False
         return True
-    return data.endswith(b".")
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
 
 
 def _state_files(fs: Any, root: str) -> list[Any]:
@@ -60,7 +69,7 @@ def back_up(experiment_path: str, seen: Optional[dict[str, tuple]] = None) -> in
         if seen.get(info.base_name) == stamp:
             continue
         data = _read(fs, info.path)
-        if not complete(info.base_name, data):
+        if not complete(data):
             continue  # being written right now: the next pass takes it
         fs.create_dir(f"{root}/{BACKUP_DIR}", recursive=True)
         write_file_atomic(fs, f"{root}/{BACKUP_DIR}/{info.base_name}", data)
@@ -69,21 +78,35 @@ def back_up(experiment_path: str, seen: Optional[dict[str, tuple]] = None) -> in
     return copied
 
 
+class StateLost(Exception):
+    """A state file is incomplete and no complete copy of it was kept: resuming would restart the search blind."""
+
+
 def restore_incomplete(experiment_path: str) -> list[str]:
-    """Put the backup copy back over every state file on storage that is incomplete; returns their names."""
+    """Put the backup copy back over every state file on storage that is incomplete; returns their names.
+
+    Raises StateLost naming the files that are incomplete with no complete copy: Tune would otherwise resume
+    with a searcher that has forgotten the trials it proposed, and propose them again."""
     fs, root = storage_filesystem(experiment_path)
-    restored = []
-    for info in _state_files(fs, root):
-        if complete(info.base_name, _read(fs, info.path)):
+    files = _state_files(fs, root)
+    # Tune reads only the newest file of each kind (by name); an older session's cut file does not matter
+    newest = {max(i.base_name for i in files if fnmatch.fnmatch(i.base_name, p)) for p in STATE_FILES
+              if any(fnmatch.fnmatch(i.base_name, p) for i in files)}
+    restored, lost = [], []
+    for info in files:
+        if complete(_read(fs, info.path)):
             continue
-        backup = f"{root}/{BACKUP_DIR}/{info.base_name}"
         try:
-            data = _read(fs, backup)
+            data = _read(fs, f"{root}/{BACKUP_DIR}/{info.base_name}")
         except (FileNotFoundError, OSError):
-            continue
-        if complete(info.base_name, data):
+            data = b""
+        if complete(data):
             write_file_atomic(fs, info.path, data)
             restored.append(info.base_name)
+        elif info.base_name in newest:
+            lost.append(info.base_name)
+    if lost:
+        raise StateLost(", ".join(lost))
     return restored
 
 

@@ -390,10 +390,15 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
             from orchestrator.sweep.progress import ProgressTable
             from orchestrator.sweep.repair import repair_missing_rows
             from orchestrator.sweep.sink import ParquetSink, write_sweep_row
-            from orchestrator.cluster.tune_state import restore_incomplete
+            from orchestrator.cluster.tune_state import StateLost, restore_incomplete
 
             path = s.experiment_path()
-            restored = restore_incomplete(path)
+            try:
+                restored = restore_incomplete(path)
+            except StateLost as lost:
+                raise SweepError(f"NAME: the driver was killed while writing {lost} in {path}, and no complete copy "
+                                 "of it was kept, so the search cannot be resumed where it stopped; the results so "
+                                 f"far stay in {s.results}; start a new sweep under another name") from None
             if restored:
                 _say(f"the driver was killed while writing {', '.join(restored)}: put back its last complete copy",
                      quiet)
