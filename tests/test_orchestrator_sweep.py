@@ -336,10 +336,11 @@ def test_a_model_no_trial_could_load_is_one_line_before_ray_starts(tmp_path, cap
 
 def test_the_model_check_passes_the_shipped_bases_and_a_good_checkpoint(tmp_path, captcha_parquet):
     from orchestrator.sweep.checks import check_model
+    from trainer.job_config import JobConfig
 
     model, _ = _model_case(tmp_path, "good")
     for spec in ("tiny", "tiny-reader-v2", model):
-        check_model({"train_data": str(captcha_parquet), "model": spec})
+        check_model(JobConfig(train_data=str(captcha_parquet), model=spec))
 
 
 @pytest.mark.parametrize("quiet", [False, True])

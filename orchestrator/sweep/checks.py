@@ -16,6 +16,7 @@ from orchestrator.cluster.resources import ResourceError, is_auto, parse_size
 from orchestrator.results.schema import METRICS, validate_sweep_name
 from orchestrator.results.spaces import SpaceError, SpaceInfo, validate_space
 from orchestrator.sweep.settings import SweepError, SweepSettings
+from trainer.job_config import JobConfig
 
 def check_settings(s: SweepSettings) -> SpaceInfo:
     """Everything that needs no cluster. Returns the validated space."""
@@ -55,7 +56,7 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
         raise SweepError("--train-data is required (a Parquet file/dir, image folder or JSONL/CSV manifest)")
     if not 0 <= s.search_seed < 2 ** 32:
         raise SweepError(f"--search-seed must be between 0 and {2 ** 32 - 1}, got {s.search_seed}")
-    check_fixed_settings(s.fixed)
+    job = check_fixed_settings(s.fixed)
     for flag, value in (("--results", s.results), ("--storage", s.storage), ("--cache-dir", s.fixed.get("cache_dir"))):
         if value:
             check_writable_directory(flag, value)
@@ -82,6 +83,7 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
                        s.asha_reduction_factor)
     except ValueError as e:
         raise SweepError(str(e)) from None
+    check_model(job)
     return info
 
 
@@ -139,17 +141,15 @@ def check_data(fixed: dict[str, Any], test_data: Optional[str] = None) -> Option
     return f"data checked in {time.time() - started:.1f} s: {', '.join(counts)}" if counts else None
 
 
-def check_model(fixed: dict[str, Any]) -> None:
+def check_model(job: JobConfig) -> None:
     """Read the model as every trial will load it, through the check `predict` and `train` use (its revision,
     config, tokenizer with its ids against the vocabulary, and the checkpoint's names, shapes and dtypes from the
     header; no tensor is read), so that a model no trial could load fails before Ray starts instead of in every
     trial. A hub id is fetched by the trials, not downloaded here; its revision is still checked."""
-    from trainer.job_config import JobConfig
     from trainer.model.config import PRESETS
     from trainer.model.loading import local_model_directory, model_text
     from trainer.model.tokenizer_source import check_revision
 
-    job = JobConfig.from_dict(fixed)
     try:
         if job.model not in PRESETS and local_model_directory(job.model) is None:
             check_revision(job.revision)
@@ -159,13 +159,12 @@ def check_model(fixed: dict[str, Any]) -> None:
         raise SweepError(f"--model {job.model}: {e}") from None
 
 
-def check_fixed_settings(fixed: dict[str, Any]) -> None:
+def check_fixed_settings(fixed: dict[str, Any]) -> JobConfig:
     """Fixed settings that cannot work (a zero batch, lr 0, an unknown fault, max_samples with max_steps)
-    fail here, before Ray starts, naming the setting: JobConfig checks its own values."""
-    from trainer.job_config import JobConfig
-
+    fail here, before Ray starts, naming the setting: JobConfig checks its own values. Returns the job they make,
+    for the checks that read it."""
     try:
-        JobConfig.from_dict(fixed)
+        return JobConfig.from_dict(fixed)
     except (ValueError, TypeError) as e:
         raise SweepError(f"job settings: {e}") from None
 

@@ -25,7 +25,7 @@ from orchestrator.cluster.resources import (ResourceError, TrialResources, check
 from orchestrator.results.schema import FAILED_OUTCOMES, validate_sweep_name
 from orchestrator.cluster.signals import sigterm_as_interrupt
 from orchestrator.sweep.lock import describe_stale, refusal, running_driver, sweep_lock
-from orchestrator.sweep.checks import check_data, check_model, check_settings, searched_columns
+from orchestrator.sweep.checks import check_data, check_settings, searched_columns
 from orchestrator.sweep.settings import (MANIFEST, SweepError, SweepSettings, manifest_exists, normalize_storage,
                                          read_manifest, write_manifest)
 from orchestrator.cluster.tune_state import drop_repair_copies, repair_checkpoints
@@ -248,7 +248,6 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
     cluster_mod.check_output_outlives_job("--results", s.results)
     s.results = str(Path(s.results).expanduser().resolve())
     info = check_settings(s)
-    check_model(s.fixed)
     data_note = check_data(s.fixed, s.test_data)
     searched = searched_columns(s, info)
     baselines = plan_baselines(s.enqueue, s.fixed.get("revision"), distributions=info.distributions,
@@ -373,7 +372,6 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
     s.storage = storage
     s.address, s.num_cpus, s.num_gpus = address, num_cpus, num_gpus
     info = check_settings(s)
-    check_model(s.fixed)
     with sweep_lock(name, s.experiment_path(), s.results, "resume") as lock:
         taken = describe_stale(lock)
         if taken:
