@@ -72,7 +72,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "M3", "mdsweep train --resume continues from the checkpoint (does not start over)",
         "orchestrator/cli/train.py",
-        'resume_from = checkpoint if args.resume and (checkpoint / "state.pt").is_file() else None',
+        "resume_from = checkpoint if args.resume and TrainState.exists(checkpoint) else None",
         "resume_from = None",
         ("tests/test_cli_train.py::test_train_resume_continues_from_the_checkpoint",)),
     Mutation(

@@ -270,10 +270,10 @@ def main() -> None:
     add_geometry_arguments(parser)
     args = parser.parse_args()
     model_config = geometry_of_args(args)  # a bad geometry fails before any data is made
-    from trainer.checkpoint import STATE_FILE
+    from trainer.checkpoint import TrainState
     checkpoint_dir = args.data_dir / "checkpoint"
     resume_from = checkpoint_dir if args.resume else None
-    if args.resume and not (checkpoint_dir / STATE_FILE).is_file():
+    if args.resume and not TrainState.exists(checkpoint_dir):
         parser.error(f"--resume: no checkpoint in {checkpoint_dir}; run without --resume to start afresh")
 
     import torch

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint import TrainState, load_checkpoint
 from trainer.data.dataset import DataError
 from trainer.job import run_job
 from trainer.job_config import REPORT_METRICS, JobConfig
@@ -49,8 +49,13 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(captcha_parquet, tmp_p
     resumed = run_job(config, checkpoint_dir=tmp_path / "resumed", resume_from=saved_at_4)
     assert resumed.final_metrics["train_loss"] == full.final_metrics["train_loss"]
     assert [p.prediction for p in resumed.predictions] == [p.prediction for p in full.predictions]
-    a, b = load_checkpoint(tmp_path / "full")["model"], load_checkpoint(tmp_path / "resumed")["model"]
+    a, b = TrainState.load(tmp_path / "full").model, TrainState.load(tmp_path / "resumed").model
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the file keeps the keys and plain types of the checkpoints written before TrainState, so those still load
+    raw = load_checkpoint(tmp_path / "full")
+    assert set(raw) == {"model", "optimizer", "scheduler", "scaler", "progress", "rng", "config", "final",
+                        "predictions"}
+    assert raw["progress"]["step"] == 8 and raw["predictions"] and all(type(p) is dict for p in raw["predictions"])
 
 
 def test_grad_accum_matches_one_large_batch(captcha_parquet, tmp_path):
@@ -59,7 +64,7 @@ def test_grad_accum_matches_one_large_batch(captcha_parquet, tmp_path):
         steps = []
         run_job(_config(captcha_parquet, max_steps=1, grad_accum=accum, batch_size=batch, max_grad_norm=1e9),
                 on_step=steps.append, checkpoint_dir=tmp_path / str(accum))
-        runs[accum] = (steps[0], load_checkpoint(tmp_path / str(accum))["model"])
+        runs[accum] = (steps[0], TrainState.load(tmp_path / str(accum)).model)
     (large, large_weights), (small, small_weights) = runs[1], runs[4]
     assert small["grad_norm"] == pytest.approx(large["grad_norm"], rel=1e-4)
     assert small["train_loss"] == pytest.approx(large["train_loss"], rel=1e-5)
@@ -92,7 +97,7 @@ def test_fp16_scales_the_loss_and_still_learns_on_cpu(captcha_parquet, tmp_path)
 
     def keep_scaler(metrics, ckpt):
         if ckpt is not None:
-            scalers.append(load_checkpoint(ckpt)["scaler"])
+            scalers.append(TrainState.load(ckpt).scaler)
     result = run_job(_config(captcha_parquet, max_steps=12, precision="fp16"), on_step=steps.append,
                      on_report=keep_scaler, checkpoint_dir=tmp_path / "ckpt")
     assert result.outcome == "ok"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint import TrainState
 from trainer.job import run_job
 from trainer.job_config import JobConfig
 from trainer.job_model import build_job_model
@@ -81,7 +81,7 @@ def test_lean_job_resumes_exactly(captcha_parquet, tmp_path):
     full = run_job(config, on_report=keep_first, checkpoint_dir=tmp_path / "full")
     resumed = run_job(config, checkpoint_dir=tmp_path / "resumed", resume_from=tmp_path / "at4")
     assert resumed.final_metrics["train_loss"] == full.final_metrics["train_loss"]
-    a, b = load_checkpoint(tmp_path / "full")["model"], load_checkpoint(tmp_path / "resumed")["model"]
+    a, b = TrainState.load(tmp_path / "full").model, TrainState.load(tmp_path / "resumed").model
     assert a.keys() == b.keys() and all(".lora_" in key for key in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
 

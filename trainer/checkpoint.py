@@ -3,10 +3,15 @@
 Frozen weights are not stored (they come back from the model source, or from the
 seeded initialisation of a preset), so a checkpoint of a 1.9 B model that trains
 only the text tower holds the text tower, optimizer and counters.
+
+`TrainState` is the one home of the file's keys: its field names are the keys, and
+the job saves, `--resume` and the sweep's retries load, and export and repair read
+through it, so a part cannot be written under one name and read under another.
 """
 from __future__ import annotations
 
 import random
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +19,7 @@ import numpy as np
 import torch
 
 from trainer.files import atomic_path
+from trainer.job_config import JobConfig, Prediction
 
 STATE_FILE = "state.pt"
 
@@ -50,3 +56,75 @@ def load_checkpoint(directory: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: no job checkpoint here")
     # our own file: it holds RNG states and counters besides tensors
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@dataclass
+class Progress:
+    """Counters that a checkpoint must carry for a resumed job to continue exactly."""
+
+    step: int = 0  # optimizer steps completed
+    micro_batches: int = 0  # micro-batches consumed since the start (fixes the data position)
+    samples_seen: int = 0  # training samples consumed since the start
+    nonfinite_streak: int = 0
+    scaler_skipped_steps: int = 0
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainState:
+    """What a job checkpoint holds, one field per key of the file (`STATE_FILE` in the checkpoint directory).
+
+    On disk it is a plain dict of those keys, `progress` and `predictions` as dicts, so every checkpoint written
+    before this class existed loads. Every part has an empty default: export and repair read only `model`,
+    `progress` and `predictions`, and a file without the rest is still theirs to read (resuming from one fails
+    where the missing part is restored).
+    """
+
+    model: dict[str, torch.Tensor] = field(default_factory=dict)  # the trained tensors only
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    scaler: dict[str, Any] = field(default_factory=dict)
+    progress: Progress = field(default_factory=Progress)
+    rng: dict[str, Any] = field(default_factory=dict)  # python, numpy, torch (and cuda): the draws to come
+    config: dict[str, Any] = field(default_factory=dict)  # the job's settings, for whoever reads the file
+    final: dict[str, Any] = field(default_factory=dict)  # the report of the evaluation the checkpoint follows
+    predictions: list[Prediction] = field(default_factory=list)  # that evaluation's, one per validation sample
+
+    @classmethod
+    def capture(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, *,
+                progress: Progress, config: JobConfig, final: dict[str, Any],
+                predictions: list[Prediction]) -> TrainState:
+        """A running job's state now, RNGs included, so that a job resumed from it draws what this one would."""
+        return cls(model=trainable_state(model), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                   scaler=scaler.state_dict(), progress=progress, rng=rng_state(), config=config.to_dict(),
+                   final=final, predictions=predictions)
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler) -> None:
+        """Put this state into a job built afresh with the same settings, and into the RNGs. Not strict about the
+        model: its frozen tensors are not in the checkpoint, they were built from the model source."""
+        model.load_state_dict(self.model, strict=False)
+        optimizer.load_state_dict(self.optimizer)
+        scheduler.load_state_dict(self.scheduler)
+        scaler.load_state_dict(self.scaler)
+        restore_rng(self.rng)
+
+    @staticmethod
+    def exists(directory: Path) -> bool:
+        """Whether `directory` holds a job checkpoint (what `--resume` and repair test before loading one)."""
+        return (Path(directory) / STATE_FILE).is_file()
+
+    def save(self, directory: Path) -> None:
+        """Write the checkpoint into `directory`, atomically (see `save_checkpoint`)."""
+        state = {part.name: getattr(self, part.name) for part in fields(self)}
+        state.update(progress=asdict(self.progress), predictions=[asdict(p) for p in self.predictions])
+        save_checkpoint(Path(directory), state)
+
+    @classmethod
+    def load(cls, directory: Path) -> TrainState:
+        """The checkpoint in `directory`; FileNotFoundError when there is none."""
+        state = load_checkpoint(directory)
+        state.update(progress=Progress(**state.get("progress", {})),
+                     predictions=[Prediction(**p) for p in state.get("predictions", [])])
+        return cls(**state)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint import TrainState
 from trainer.model.config import CONFIG_FILE, WEIGHTS_FILE
 from trainer.job_config import JobConfig
 from trainer.job_model import trained_model
@@ -61,13 +61,12 @@ def checkpoint_model(checkpoint_dir: Path, config: JobConfig, final_step: int) -
     """The model a trial ended with, rebuilt from its checkpoint (base + trained tensors, fp32, LoRA merged), and
     how many tensors it trained. `final_step` is the step the trial ran to: a checkpoint from an earlier step
     does not hold its final weights, and is refused."""
-    state = load_checkpoint(checkpoint_dir)
-    step = state["progress"]["step"]
+    state = TrainState.load(checkpoint_dir)
+    step = state.progress.step
     if step != final_step:
         raise CheckpointError(f"{checkpoint_dir}: the checkpoint is at step {step}, but the trial ran to step "
                               f"{final_step}; its final weights were not kept")
-    trained = state.get("model") or {}
-    return trained_model(config, trained, str(checkpoint_dir)), len(trained)
+    return trained_model(config, state.model, str(checkpoint_dir)), len(state.model)
 
 
 def read_model_card(model_dir: Path) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -17,7 +16,7 @@ import torch
 
 from trainer.data.batching import Batch
 from trainer.budget import plan_budget
-from trainer.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint, trainable_state
+from trainer.checkpoint import Progress, TrainState, trainable_state
 from trainer.devices import TORCH_DTYPES, autocast_dtype_of, resolve_device, resolve_precision
 from trainer.evaluate import evaluate
 from trainer.faults import Fault
@@ -38,18 +37,6 @@ ResumeCallback = Callable[[int, dict[str, Any]], None]
 
 class Diverged(Exception):
     """The loss stayed non-finite for `diverge_patience` consecutive steps."""
-
-
-@dataclass
-class Progress:
-    """Counters that a checkpoint must carry for a resumed job to continue exactly."""
-
-    step: int = 0  # optimizer steps completed
-    micro_batches: int = 0  # micro-batches consumed since the start (fixes the data position)
-    samples_seen: int = 0  # training samples consumed since the start
-    nonfinite_streak: int = 0
-    scaler_skipped_steps: int = 0
-    best_metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def cap_note(cap: Optional[int]) -> str:
@@ -113,15 +100,10 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     predictions: list[Prediction] = []
     resumed = resume_from is not None
     if resumed:
-        state = load_checkpoint(resume_from)
-        model.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        progress = Progress(**state["progress"])
-        restore_rng(state["rng"])
+        saved = TrainState.load(resume_from)
+        saved.restore(model, optimizer, scheduler, scaler)
         # a checkpoint taken at the last step leaves nothing to run: its evaluation is the result
-        final, predictions = state["final"], [Prediction(**p) for p in state["predictions"]]
+        progress, final, predictions = saved.progress, saved.final, saved.predictions
         if on_resume:
             on_resume(progress.step, dict(final))
 
@@ -179,11 +161,8 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
                 if not progress.best_metrics or final["val_exact_match"] > progress.best_metrics["val_exact_match"]:
                     progress.best_metrics = dict(final)
                 if checkpoint_dir is not None:
-                    save_checkpoint(Path(checkpoint_dir), {
-                        "model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                        "progress": asdict(progress), "rng": rng_state(), "config": config.to_dict(),
-                        "final": final, "predictions": [asdict(p) for p in predictions]})
+                    TrainState.capture(model, optimizer, scheduler, scaler, progress=progress, config=config,
+                                       final=final, predictions=predictions).save(Path(checkpoint_dir))
                 if on_report:
                     on_report(dict(final), Path(checkpoint_dir) if checkpoint_dir is not None else None)
     except torch.OutOfMemoryError as exc:

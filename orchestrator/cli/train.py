@@ -72,6 +72,7 @@ def run_train(args: argparse.Namespace) -> int:
     from orchestrator.sweep.checks import check_writable_directory
     from orchestrator.sweep.settings import SweepError
     from orchestrator.results.ranking import describe_test
+    from trainer.checkpoint import TrainState
     from trainer.data.dataset import DataError
     from trainer.job import run_job
     from trainer.job_config import JobConfig
@@ -97,7 +98,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint"
-    resume_from = checkpoint if args.resume and (checkpoint / "state.pt").is_file() else None
+    resume_from = checkpoint if args.resume and TrainState.exists(checkpoint) else None
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
     # rows by step, on disk as the job goes: a step's row is written before the checkpoint that follows it, so a

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from orchestrator.cluster.connect import is_remote_storage
 from orchestrator.sweep.sink import ParquetSink
-from orchestrator.sweep.trainable import KIND_KEY
+from orchestrator.sweep.trainable import KIND_KEY, predictions_columns
 
 RESULT_FILE = "result.json"
 PARAMS_FILE = "params.json"
@@ -52,15 +52,14 @@ def last_checkpoint(trial_dir: Path) -> Optional[Path]:
 
 def checkpoint_predictions(checkpoint: Optional[Path], step: int) -> Optional[dict[str, list]]:
     """The predictions of the evaluation at `step`, from a job checkpoint taken there; None otherwise."""
-    from trainer.checkpoint import STATE_FILE, load_checkpoint
+    from trainer.checkpoint import TrainState
 
-    if checkpoint is None or not (checkpoint / STATE_FILE).is_file():
+    if checkpoint is None or not TrainState.exists(checkpoint):
         return None
-    state = load_checkpoint(checkpoint)
-    if state["progress"]["step"] != step or not state.get("predictions"):
+    state = TrainState.load(checkpoint)
+    if state.progress.step != step or not state.predictions:
         return None
-    rows = state["predictions"]
-    return {key: [row[key] for row in rows] for key in ("sample_id", "target", "prediction", "correct", "cer")}
+    return predictions_columns(state.predictions)
 
 
 def repair_missing_rows(sink: ParquetSink, experiment_path: str) -> list[str]:
