@@ -9,7 +9,7 @@ from __future__ import annotations
 import typing
 from typing import Any
 
-from trainer.job_config import AttentionMode
+from trainer.model.choices import AttentionMode
 
 LR_RANGE = (1e-6, 1e-3)
 GRAD_ACCUM = (1, 2, 4, 8, 16)

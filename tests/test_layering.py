@@ -20,19 +20,22 @@ PACKAGES = ("trainer", "search_spaces", "orchestrator")
 SWEEP_LIBRARIES = ("ray", "optuna")
 # Every module of the three packages, `__init__` and `__main__` included. Adding or removing a module
 # changes it; a module the walk stops seeing changes it too, which is the point.
-MODULE_COUNT = 100
+MODULE_COUNT = 101
 
 # Each layer and the layers it may import, bottom first. A module belongs to the longest layer name that is
 # the module or a package above it. The trainer's base: the contract and the torch-free readings of its
 # values (budget, faults), atomic writes, and the MKL pin the package's `__init__` runs.
-TRAINER_BASE = ("trainer.job_config", "trainer.budget", "trainer.faults", "trainer.files", "trainer.cpu_math")
+TRAINER_BASE = ("trainer.job_config", "trainer.budget", "trainer.faults", "trainer.files", "trainer.cpu_math",
+                "trainer.model.choices")
 MAY_IMPORT: dict[str, tuple[str, ...]] = {
+    "trainer.model.choices": (),  # the model's own choices, which the contract imports (torch-free)
     "trainer.budget": (),
     "trainer.faults": (),
     "trainer.files": (),
     "trainer.cpu_math": (),
-    "trainer.job_config": ("trainer.budget", "trainer.faults"),
-    "trainer.model": TRAINER_BASE,
+    "trainer.job_config": ("trainer.budget", "trainer.faults", "trainer.model.choices"),
+    # the model owns its choices and never reads the job's contract: the contract imports the model's types
+    "trainer.model": tuple(m for m in TRAINER_BASE if m != "trainer.job_config"),
     "trainer.memory": ("trainer.model",) + TRAINER_BASE,
     "trainer.data": ("trainer.model",) + TRAINER_BASE,
     "trainer": ("trainer",),

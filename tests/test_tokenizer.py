@@ -3,7 +3,7 @@ import typing
 
 import pytest
 
-from trainer.job_config import PromptTemplateName
+from trainer.model.choices import PromptTemplateName
 from trainer.model.tokenizer import PROMPT_TEMPLATES, BpeTokenizer, CharTokenizer, get_template
 
 

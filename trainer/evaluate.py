@@ -5,7 +5,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from trainer.model.attention import AttentionMode
+from trainer.model.choices import AttentionMode
 from trainer.data.batching import EncodedSample, collate
 from trainer.generate import greedy_decode
 from trainer.job_config import Prediction

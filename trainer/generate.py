@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from trainer.model.attention import AttentionMode, build_mask
+from trainer.model.attention import build_mask
+from trainer.model.choices import AttentionMode
 from trainer.data.batching import Batch
 from trainer.model.network import MoondreamModel
 

@@ -19,27 +19,16 @@ from typing import Any, Literal, Optional, Union
 
 from trainer.budget import check_budget_fields
 from trainer.faults import Fault
+from trainer.model.choices import (LORA_TARGETS, AttentionBackend, AttentionMode, DType, PromptTemplateName,
+                                   TrainScope, lora_target_names)
 
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 Outcome = Literal["ok", "oom", "diverged", "error"]
-# The choices of the job's settings, defined here once; the modules that act on them read them with
-# typing.get_args (attention masks, model scopes, precisions, optimizers, data loading, search spaces, CLI).
-AttentionMode = Literal["causal", "prefix"]
-AttentionBackend = Literal["sdpa", "flex", "eager-4d"]
-TrainScope = Literal["text", "text+projection", "all", "lora"]
+# The job's own choices; the model's (attention, scopes, dtypes, prompts, LoRA layers) are the model's, in
+# trainer.model.choices. Each is read with typing.get_args where it is listed (optimizers, data, search spaces, CLI).
 OptimizerName = Literal["adamw", "adamw-fused", "adamw8bit"]
-DType = Literal["fp16", "bf16", "fp32"]
 OnBadSample = Literal["error", "skip"]
-PromptTemplateName = Literal["moondream2-2025", "moondream2-legacy", "moondream2-starmie"]
-
-# every linear layer of a Phi decoder block: attention projections and the MLP
-LORA_TARGETS = "q_proj,k_proj,v_proj,dense,fc1,fc2"
-
-
-def lora_target_names(targets: str) -> list[str]:
-    """'q_proj, fc2' -> ['q_proj', 'fc2']: the one reading of `lora_targets`."""
-    return [name.strip() for name in str(targets).split(",") if name.strip()]
 
 
 def precision_problem(precision: Optional[str], trained_dtype: str) -> Optional[str]:

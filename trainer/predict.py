@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from trainer.model.attention import AttentionMode
+from trainer.model.choices import AttentionMode
 from trainer.data.batching import encode_samples
 from trainer.data.dataset import Sample
 from trainer.evaluate import evaluate

@@ -13,7 +13,7 @@ import time
 import typing
 from pathlib import Path
 
-from trainer.job_config import AttentionMode
+from trainer.model.choices import AttentionMode
 from trainer.model.tokenizer import PROMPT_TEMPLATES
 
 DEFAULT_SHOW = 20

@@ -43,7 +43,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from trainer.model.config import MoondreamConfig, TextConfig, model_config_of
-from trainer.job_config import LORA_TARGETS, JobConfig, lora_target_names
+from trainer.job_config import JobConfig
+from trainer.model.choices import LORA_TARGETS, lora_target_names
 from trainer.memory.optimizers import BLOCK_SIZE_8BIT, MIN_8BIT_SIZE, QUANTILE_MAP_VALUES
 from trainer.memory.precision import BYTES_PER_VALUE, plan_precision
 

@@ -22,7 +22,8 @@ import typing
 from dataclasses import dataclass
 from typing import Optional
 
-from trainer.job_config import DType, precision_problem
+from trainer.job_config import precision_problem
+from trainer.model.choices import DType
 
 DTYPES: tuple[str, ...] = typing.get_args(DType)
 BYTES_PER_VALUE = {"fp16": 2, "bf16": 2, "fp32": 4}

@@ -19,7 +19,7 @@ import typing
 
 import torch
 
-from trainer.job_config import AttentionBackend, AttentionMode
+from trainer.model.choices import AttentionBackend, AttentionMode
 
 ATTENTION_MODES: tuple[str, ...] = typing.get_args(AttentionMode)
 ATTENTION_BACKENDS: tuple[str, ...] = typing.get_args(AttentionBackend)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from trainer.model.attention import AttentionBackend
+from trainer.model.choices import AttentionBackend
 from trainer.model.config import CONFIG_FILE, PRESETS, SHIPPED_MODELS_DIR, MoondreamConfig, read_saved_config, \
     shipped_models
 from trainer.model.network import MoondreamModel

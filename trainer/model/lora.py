@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainer.job_config import lora_target_names
+from trainer.model.choices import lora_target_names
 
 
 def add_lora(text_decoder: nn.Module, *, rank: int, alpha: float, targets: str) -> None:

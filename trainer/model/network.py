@@ -17,7 +17,7 @@ from transformers import PhiForCausalLM, SiglipVisionModel
 from trainer.model.attention import TRANSFORMERS_IMPLEMENTATION, build_mask
 from trainer.model.config import MoondreamConfig
 from trainer.model.image_crops import pool_to_grid, stitch_local_features
-from trainer.job_config import AttentionBackend, AttentionMode, TrainScope
+from trainer.model.choices import AttentionBackend, AttentionMode, TrainScope
 
 TRAIN_SCOPES: tuple[str, ...] = typing.get_args(TrainScope)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Union
 
-from trainer.job_config import PromptTemplateName
+from trainer.model.choices import PromptTemplateName
 
 END_OF_TEXT = "<|endoftext|>"
 
