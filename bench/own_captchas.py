@@ -78,7 +78,7 @@ def sweep(style: str, model: str, data: Path, work: Path, name: str) -> dict:
 
 def ocr_zero_shot(venv_python: Path, folder: Path) -> dict:
     """ddddocr on the held-out folder: exact match as it answers and ignoring case, with intervals, and CER."""
-    from trainer.metrics import character_error_rate, wilson_interval
+    from trainer.evaluation.metrics import character_error_rate, wilson_interval
 
     readings = json.loads(run([str(venv_python), str(HELPER), "ocr", str(folder)]).strip().splitlines()[-1])
     labels = {name: Path(name).stem for name in readings}

@@ -20,7 +20,7 @@ from trainer.model.config import PRESETS
 from trainer.data.crop_cache import ReadOptions, entry_key, open_cached
 from trainer.data.crop_store import CROPS_FILE, INDEX_FILE, META_FILE, CacheEntryInvalid, CropStore
 from trainer.data.dataset import DataError, load_samples, split_samples
-from trainer.evaluate import evaluate
+from trainer.evaluation.evaluate import evaluate
 from trainer.job import run_job
 from trainer.job_config import JobConfig
 from trainer.job_data import SampleView, micro_batches, open_job_data, prepare_data, tokenised

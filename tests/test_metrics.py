@@ -1,6 +1,6 @@
 import pytest
 
-from trainer.metrics import character_error_rate, edit_distance, wilson_interval
+from trainer.evaluation.metrics import character_error_rate, edit_distance, wilson_interval
 
 
 def test_edit_distance_and_cer():

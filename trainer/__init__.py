@@ -1,9 +1,10 @@
-"""One Moondream2 fine-tuning job, in three layers under the job itself; each imports only the layers under it.
+"""One Moondream2 fine-tuning job, in four layers under the job itself; each imports only the layers under it.
 
-    job*.py, evaluate, predict, export, ...   the job: its config, loop, evaluation, checkpoints
-    data/      samples from files, synthetic captchas, the crop cache, batches
-    memory/    the GPU cap and peak readings, the memory estimate, precision and optimizer choices
-    model/     the network, its config, weights, tokenizer and loading
+    job*.py, predict, export, ...   the job: its config, loop, checkpoints, prediction and export
+    evaluation/   greedy decoding and the scores (exact match, CER)
+    data/         samples from files, synthetic captchas, the crop cache, batches
+    memory/       the GPU cap and peak readings, the memory estimate, precision and optimizer choices
+    model/        the network, its config, its choices, weights, tokenizer and loading
 
 The base every layer may read: `job_config` (the contract, which checks every value), the torch-free
 modules it reads them with (`budget`, `faults`), `files` (atomic writes) and `cpu_math`. Importing the

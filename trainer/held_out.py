@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from trainer.devices import autocast_dtype_of, resolve_device, resolve_precision
-from trainer.evaluate import evaluate
+from trainer.evaluation.evaluate import evaluate
 from trainer.export import checkpoint_model
 from trainer.job_config import JobConfig
 from trainer.job_data import SampleView, open_dataset, tokenised

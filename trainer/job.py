@@ -18,7 +18,7 @@ from trainer.data.batching import Batch
 from trainer.budget import plan_budget
 from trainer.checkpoint import Progress, TrainState, trainable_state
 from trainer.devices import TORCH_DTYPES, autocast_dtype_of, resolve_device, resolve_precision
-from trainer.evaluate import evaluate
+from trainer.evaluation.evaluate import evaluate
 from trainer.faults import Fault
 from trainer.held_out import test_metrics
 from trainer.job_config import JobConfig, JobResult, Prediction

@@ -14,7 +14,7 @@ import torch
 from trainer.model.choices import AttentionMode
 from trainer.data.batching import encode_samples
 from trainer.data.dataset import Sample
-from trainer.evaluate import evaluate
+from trainer.evaluation.evaluate import evaluate
 from trainer.devices import autocast_dtype_of, resolve_device
 from trainer.job_config import Prediction
 from trainer.model.loading import LoadedModel

@@ -7,9 +7,9 @@ import torch
 
 from trainer.model.choices import AttentionMode
 from trainer.data.batching import EncodedSample, collate
-from trainer.generate import greedy_decode
+from trainer.evaluation.generate import greedy_decode
 from trainer.job_config import Prediction
-from trainer.metrics import character_error_rate, wilson_interval
+from trainer.evaluation.metrics import character_error_rate, wilson_interval
 from trainer.model.network import MoondreamModel
 from trainer.model.tokenizer import Tokenizer
 
