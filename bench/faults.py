@@ -32,7 +32,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.sweep.sink import read_partition  # noqa: E402
+from orchestrator.results.store import read_partition  # noqa: E402
 
 FAULTS = ("sigint", "sigterm", "kill9", "full-disk", "twice")
 STEPS = (2, 4, 6, 8)

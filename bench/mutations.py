@@ -77,9 +77,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_cli_train.py::test_train_resume_continues_from_the_checkpoint",)),
     Mutation(
         "M4", "repair: a finished trial missing step rows is replayed",
-        "orchestrator/sweep/sink.py",
-        "        if not eval_steps <= set(self._steps_of(trial_id)):\n",
-        "        if not eval_steps <= set(self._steps_of(trial_id)) | eval_steps:\n",
+        "orchestrator/sweep/repair.py",
+        "    if not steps <= written:\n",
+        "    if not steps <= written | steps:\n",
         ("tests/test_results_sink.py::test_the_resumes_repair_puts_back_missing_step_rows_and_leaves_unfinished_"
          "trials_to_tune",)),
     Mutation(
@@ -129,14 +129,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "K1", "sink keys: steps rows are keyed by (trial, step), so a retried report replaces its row",
         "orchestrator/sweep/sink.py",
-        "            steps[int(step)] = step_row\n",
-        "            steps[len(steps) + 1] = step_row\n",
+        "            steps[int(step)] = steps_row(tid, result)\n",
+        "            steps[len(steps) + 1] = steps_row(tid, result)\n",
         ("tests/test_results_sink.py::test_a_retried_trial_neither_duplicates_nor_loses_rows",)),
     Mutation(
         "K2", "sink keys: trials rows are read back once per trial id",
-        "orchestrator/sweep/sink.py",
-        'rows = list({r["trial_id"]: r for r in read_partition(self.results_dir, "trials", self.sweep)}.values())',
-        'rows = read_partition(self.results_dir, "trials", self.sweep)',
+        "orchestrator/results/store.py",
+        'rows = list({r["trial_id"]: r for r in read_partition(self.root, "trials", self.sweep)}.values())',
+        'rows = read_partition(self.root, "trials", self.sweep)',
         ("tests/test_results_sink.py::test_updating_a_row_keeps_one_row_per_trial_when_a_migration_was_cut",)),
     Mutation(
         "K3", "sink keys: a trial Tune restarts under a new id (resume --restart-errored) keeps its one row",

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pyarrow as pa  # noqa: E402
 
-import orchestrator.sweep.sink as sink_module  # noqa: E402
+import orchestrator.results.store as store  # noqa: E402
 from orchestrator.sweep.sink import ParquetSink  # noqa: E402
 from orchestrator.results.spaces import GROUP_KEY, MEMBER_KEY  # noqa: E402
 from orchestrator.sweep.trainable import KIND_KEY, PREDICTIONS_KEY  # noqa: E402
@@ -92,7 +92,7 @@ def drive(results: Path, trials: int, reports: int, concurrent: int, seconds: fl
 
 def measure(trials: int, reports: int, concurrent: int, seconds: float) -> dict[str, float]:
     clock = Clock()
-    sink_module.time.monotonic = clock  # the sink's interval runs on the simulated clock
+    store.time.monotonic = clock  # the trials file's interval (store.SweepWriter) runs on the simulated clock
     with tempfile.TemporaryDirectory(prefix="sink-scale-") as tmp:
         cpu = time.process_time()
         drive(Path(tmp) / "a", trials, reports, concurrent, seconds, clock)

@@ -62,7 +62,7 @@ def sleep_job(config: Any, on_report: Optional[Callable] = None, checkpoint_dir:
 
 def run_sweep_once(name: str, *, trials: int, concurrency: int, fixed: dict[str, Any], job_fn: str,
                    work: Path) -> tuple[float, list[dict[str, Any]]]:
-    from orchestrator.sweep.sink import read_partition
+    from orchestrator.results.store import read_partition
     from orchestrator.sweep.driver import run_sweep
     from orchestrator.sweep.settings import SweepSettings
 

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import psutil
 import pytest
 
-from orchestrator.sweep.sink import read_partition
+from orchestrator.results.store import read_partition
 from test_orchestrator_ray_start import RAY, ROOT, _agent_ports, _end_processes_of, _free_port
 
 pytestmark = pytest.mark.slow  # real Ray heads and sweeps: the fast lane (-m "not slow") leaves them out

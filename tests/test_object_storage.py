@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import signal_driver_when
-from orchestrator.sweep.sink import read_partition
+from orchestrator.results.store import read_partition
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "sweeps"

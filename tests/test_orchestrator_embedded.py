@@ -311,7 +311,7 @@ def test_export_refuses_a_trial_that_ended_in_error(sweep, tmp_path):
     same. Shown on a copy of the sweep whose clean trial is recorded as `error`, its checkpoint still in place."""
     import shutil
 
-    from orchestrator.sweep.sink import update_trial_row
+    from orchestrator.results.store import update_trial_row
 
     results = tmp_path / "results"
     shutil.copytree(sweep[0] / "results", results)
@@ -331,7 +331,7 @@ def test_export_says_when_storage_is_gone(sweep, tmp_path, capsys):
 
     from orchestrator.cli.main import main
 
-    from orchestrator.sweep.sink import read_partition, update_trial_row
+    from orchestrator.results.store import read_partition, update_trial_row
 
     tmp = tmp_path / "moved"
     shutil.copytree(sweep[0] / "results", tmp / "results")
@@ -401,7 +401,7 @@ def test_export_force_refuses_the_trials_own_model_and_home(sweep, exported, tmp
     import shutil
 
     from orchestrator.cli.main import main
-    from orchestrator.sweep.sink import update_trial_row
+    from orchestrator.results.store import update_trial_row
 
     results, previous = tmp_path / "results", tmp_path / "previous"
     shutil.copytree(sweep[0] / "results", results)
@@ -520,7 +520,7 @@ def test_ctrl_c_ends_a_sweep_saved_with_exit_3_and_resume_completes_it(tmp_path,
     """Ctrl-C in the terminal (SIGINT to the driver's whole process group, the embedded cluster's processes
     included) must save the state, say how to resume, exit 3, and resume must finish with each row once. SIGTERM,
     which reaches the driver alone, is tested on the same path in test_object_storage.py (exit 143)."""
-    from orchestrator.sweep.sink import read_partition
+    from orchestrator.results.store import read_partition
 
     results, storage = tmp_path / "results", tmp_path / "sweeps"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -585,7 +585,7 @@ def test_a_full_and_a_read_only_results_disk_mid_sweep_lose_no_row_once_resumed(
     no log file is written."""
     import time
 
-    from orchestrator.sweep.sink import read_partition
+    from orchestrator.results.store import read_partition
 
     results, storage = tmp_path / "results", tmp_path / "sweeps"
     full, read_only = results / "steps", [results / "trials", results / "predictions"]
@@ -663,7 +663,7 @@ def test_an_embedded_cluster_ends_with_its_driver_even_after_kill_9(tmp_path, ca
 
     import psutil
 
-    from orchestrator.sweep.sink import read_partition
+    from orchestrator.results.store import read_partition
 
     results = tmp_path / "results"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -697,7 +697,7 @@ def test_an_embedded_cluster_ends_with_its_driver_even_after_kill_9(tmp_path, ca
 def test_a_trial_rays_memory_monitor_kills_is_host_oom_with_a_short_account(tmp_path, captcha_parquet):
     """The node's host RAM, not the GPU's: a threshold of 1 % of the machine's memory makes Ray's memory monitor
     kill the trial's worker at once, every time."""
-    from orchestrator.sweep.sink import read_partition
+    from orchestrator.results.store import read_partition
 
     proc = mdsweep("run", "--name", "hostoom", "--space", "smoke", "--num-samples", "1", "--num-cpus", "2",
                    "--max-failures", "1", "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"),

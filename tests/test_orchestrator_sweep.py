@@ -348,7 +348,7 @@ def test_an_interrupted_sweep_says_how_to_resume_even_when_quiet(tmp_path, capsy
     """Ctrl-C on `mdsweep run --quiet` printed "nothing to recommend" and never how to resume."""
     from orchestrator.results.schema import rows_to_table, schema_for
     from orchestrator.sweep.driver import _finish
-    from orchestrator.sweep.sink import partition_dir, write_atomic
+    from orchestrator.results.store import partition_dir, write_atomic
 
     s = _settings(tmp_path, num_samples=2)
     s.results = str(tmp_path / "results")

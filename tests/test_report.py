@@ -324,7 +324,7 @@ def test_a_journal_file_that_cannot_be_opened_is_one_line_naming_the_flag(tmp_pa
 def tiny_sweep(tmp_path) -> Path:
     """A sweep's results written directly (no Ray): its record and two ok proposals of the smoke space."""
     from orchestrator.results.schema import rows_to_table, schema_for
-    from orchestrator.sweep.sink import partition_dir, write_atomic, write_sweep_row
+    from orchestrator.results.store import partition_dir, write_atomic, write_sweep_row
 
     root = tmp_path / "results"
     write_sweep_row(root, "demo", {"name": "demo", "space": "smoke", "metric": "val_exact_match", "mode": "max",

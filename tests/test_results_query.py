@@ -11,7 +11,7 @@ from orchestrator.results import intervals, where
 from orchestrator.results import query as Q
 from orchestrator.cli.main import main
 from orchestrator.results.schema import rows_to_table, schema_for
-from orchestrator.sweep.sink import partition_dir, write_atomic
+from orchestrator.results.store import partition_dir, write_atomic
 
 
 def _table():

@@ -14,14 +14,15 @@ import pytest
 
 from orchestrator.results.schema import METADATA_KEY, METRICS, SCHEMA_VERSION, TABLES, schema_for
 from orchestrator.results.spaces import GROUP_KEY, MEMBER_KEY
-from orchestrator.sweep.sink import ParquetSink, read_partition, write_atomic, write_sweep_row
+from orchestrator.results.store import read_partition, write_atomic, write_sweep_row
+from orchestrator.sweep.sink import ParquetSink
 from orchestrator.sweep.trainable import JOB_CONFIG_KEY, KIND_KEY, PREDICTIONS_KEY, job_config_from
 
 @pytest.fixture(autouse=True)
 def every_change_written(monkeypatch):
     """These tests read the tables right after each hook: the trials file is written on every change, as it is
     when its interval has passed (the interval's own test sets a clock)."""
-    import orchestrator.sweep.sink as sink_module
+    import orchestrator.results.store as sink_module
 
     monkeypatch.setattr(sink_module, "ROW_INTERVAL_S", 0.0)
     monkeypatch.setattr(sink_module, "WRITE_SHARE", 0)
@@ -374,7 +375,7 @@ def test_the_trials_row_records_the_config_the_trial_reports_it_ran(tmp_path):
 def test_the_trials_file_is_rewritten_at_most_every_interval_and_every_step_row_at_once(tmp_path, monkeypatch):
     """At scale, rewriting the wide trials rows per report was most of the driver's time: reports land in `steps`
     at once; the sweep's one trials file follows by the interval (longer when its write is slow) or at the end."""
-    import orchestrator.sweep.sink as sink_module
+    import orchestrator.results.store as sink_module
 
     clock = [100.0]
     monkeypatch.setattr(sink_module.time, "monotonic", lambda: clock[0])
@@ -520,7 +521,7 @@ def _tune_record(experiment: Path, trial: FakeTrial, reports: list[dict]) -> Non
 
 
 def _frozen_clock(monkeypatch) -> list[float]:
-    import orchestrator.sweep.sink as sink_module
+    import orchestrator.results.store as sink_module
 
     clock = [100.0]
     monkeypatch.setattr(sink_module.time, "monotonic", lambda: clock[0])
@@ -614,7 +615,7 @@ def test_updating_a_row_keeps_one_row_per_trial_when_a_migration_was_cut(tmp_pat
     """Killed while moving rows out of the per-trial layout, a trial's row is in both files; the held-out test's
     update leaves one."""
     from orchestrator.results.schema import rows_to_table
-    from orchestrator.sweep.sink import update_trial_row
+    from orchestrator.results.store import update_trial_row
 
     sink = _sink(tmp_path)
     _run_one(sink, _trial("t1"))

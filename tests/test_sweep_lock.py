@@ -83,7 +83,7 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_runs(tmp_path,
 
 @pytest.mark.slow
 def test_a_sweep_name_from_another_storage_in_the_same_results_is_refused(tmp_path):
-    from orchestrator.sweep.sink import write_sweep_row
+    from orchestrator.results.store import write_sweep_row
     from orchestrator.sweep.driver import check_name_is_free
     from orchestrator.sweep.settings import SweepSettings
 

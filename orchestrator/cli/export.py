@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from orchestrator.sweep.sink import ResultsError, read_partition
+    from orchestrator.results.store import ResultsError, read_partition
     from orchestrator.results.ranking import TrialPickError, describe_trial, find_trial
 
     def fail(message: str) -> int:

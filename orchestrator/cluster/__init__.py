@@ -1,1 +1,1 @@
-"""The Ray cluster and the machines under a sweep: attach, resources, storage, signals. May import `trainer` only."""
+"""The Ray cluster and the machines under a sweep: attach, resources, storage, signals, what Ray says of a failed trial. May import `trainer` only."""

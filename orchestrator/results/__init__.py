@@ -1,1 +1,1 @@
-"""The tables read back, and the terms the sweep shares with them: proposals, objectives, spaces, values. May import `trainer` only."""
+"""The results dataset: its store (paths, writes, a sweep's reads), its rows, the tables read back for queries, and the terms the sweep shares with them: proposals, objectives, spaces, values. May import `trainer` only."""

@@ -1,12 +1,12 @@
 """Versioned Arrow schemas of the Parquet results dataset.
 
-The dataset is plain Parquet in hive partitions, one folder per table and one
-partition per sweep:
+The dataset is plain Parquet: one dataset per table, each hive-partitioned by sweep
+(the files of each, and how they are written, are in orchestrator.results.store):
 
-    RESULTS/trials/sweep=NAME/<trial_id>.parquet       one row per trial
-    RESULTS/steps/sweep=NAME/<trial_id>.parquet        one row per report (evaluation)
-    RESULTS/predictions/sweep=NAME/<trial_id>.parquet  one row per validation sample
-    RESULTS/sweeps/sweep=NAME/sweep.parquet            one row: how the sweep was run
+    trials       one row per trial (one file per sweep)
+    steps        one row per report (evaluation; one file per trial)
+    predictions  one row per validation sample of the final evaluation (one file per trial)
+    sweeps       one row: how the sweep was run and where it stands
 
 The partition column `sweep` lives in the folder name only (never inside the
 files), so every hive-aware reader (pyarrow, pandas, polars, DuckDB) adds it

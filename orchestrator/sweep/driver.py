@@ -147,7 +147,7 @@ def _say(msg: str, quiet: bool = False) -> None:
 def _finish(s: SweepSettings, started: float, req: TrialResources, quiet: bool) -> SweepOutcome:
     from orchestrator.sweep.held_out import test_best_trials
     from orchestrator.results.query import leaderboard
-    from orchestrator.sweep.sink import read_partition, write_sweep_row
+    from orchestrator.results.store import ENDED, read_partition, write_sweep_row
 
     if s.test_data:
         test_best_trials(s, req, lambda message: _say(message, quiet))
@@ -155,7 +155,7 @@ def _finish(s: SweepSettings, started: float, req: TrialResources, quiet: bool) 
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.get("outcome") or "?"] = counts.get(r.get("outcome") or "?", 0) + 1
-    unfinished = [r for r in rows if r.get("status") not in ("terminated", "error")]
+    unfinished = [r for r in rows if r.get("status") not in ENDED]
     expected = s.num_samples * len(build_expansions(s.replicates, int(s.fixed.get("seed", 0) or 0), s.cross))
     status = "finished" if not unfinished and len(rows) >= expected else "interrupted"
     try:
@@ -199,7 +199,7 @@ def _write_report(s: SweepSettings) -> str:
 def found_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
     """What the sweep found: the best trial with its interval, the spread, and how to take the model out."""
     from orchestrator.results.query import describe_versus_baseline, versus_baseline
-    from orchestrator.sweep.sink import read_partition
+    from orchestrator.results.store import read_partition
     from orchestrator.results.ranking import best_trial, describe_test, describe_trial
 
     best = best_trial(rows)
@@ -290,7 +290,7 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
 def check_name_is_free(s: SweepSettings) -> None:
     """A new sweep's name must be new to its storage and to its results (another storage's sweep of that name
     there would merge with it)."""
-    from orchestrator.sweep.sink import read_partition
+    from orchestrator.results.store import read_partition
 
     if manifest_exists(s.storage, s.name):
         running = None if cluster_mod.is_remote_storage(s.storage) else running_driver(Path(s.experiment_path()))
@@ -325,7 +325,8 @@ def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], exp
     from orchestrator.sweep.progress import ProgressTable
     from orchestrator.sweep.early_stopping import make_scheduler
     from orchestrator.sweep.search import make_searcher
-    from orchestrator.sweep.sink import ParquetSink, write_sweep_row
+    from orchestrator.results.store import write_sweep_row
+    from orchestrator.sweep.sink import ParquetSink
     from orchestrator.cluster.tune_state import StateBackup
     from orchestrator.sweep.trainable import trial_dirname
 
@@ -387,7 +388,8 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
 
             from orchestrator.sweep.progress import ProgressTable
             from orchestrator.sweep.repair import repair_missing_rows
-            from orchestrator.sweep.sink import ParquetSink, write_sweep_row
+            from orchestrator.results.store import write_sweep_row
+            from orchestrator.sweep.sink import ParquetSink
             from orchestrator.cluster.tune_state import StateLost, restore_incomplete
 
             path = s.experiment_path()

@@ -22,7 +22,7 @@ def test_best_trials(s: SweepSettings, req: TrialResources, say: Callable[[str],
     the sweep's results have landed either way."""
     import ray
 
-    from orchestrator.sweep.sink import read_partition, update_trial_row
+    from orchestrator.results.store import read_partition, update_trial_row
 
     todo = trials_to_test(read_partition(s.results, "trials", s.name), s.test_top, s.test_data)
     if not todo:

@@ -123,7 +123,7 @@ def describe_stale(lock: SweepLock) -> Optional[str]:
 def sweep_lock(name: str, experiment_path: str, results: str, purpose: str) -> SweepLock:
     """The lock of sweep `name` over its local experiment folder and its results partition."""
     from orchestrator.cluster.connect import is_remote_storage
-    from orchestrator.sweep.sink import partition_dir
+    from orchestrator.results.store import partition_dir
 
     folders = [] if is_remote_storage(experiment_path) else [Path(experiment_path)]
     folders.append(partition_dir(results, "sweeps", name))

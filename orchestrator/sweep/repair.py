@@ -4,8 +4,9 @@ When the results disk fills up (or goes read-only) mid-sweep, the trials go on a
 the sink cannot write their rows; Tune will never report those trials again. What Tune kept of each trial is
 enough to rebuild them: `result.json` in the trial's folder holds every report it made (the evaluations and
 the final outcome), `params.json` its suggestion, and its last checkpoint the final evaluation's predictions.
-Each finished trial the tables miss anything of is replayed through the sink (orchestrator.sweep.sink.ParquetSink),
-so its rows are exactly what the sink would have written; rows already there are not doubled.
+Each finished trial the tables (orchestrator.results.store) miss anything of is replayed through the sink
+(orchestrator.sweep.sink.ParquetSink), so its rows are exactly what the sink would have written; rows already
+there are not doubled.
 Local storage only: on object storage the experiment folder is not read here.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 from orchestrator.cluster.connect import is_remote_storage
+from orchestrator.results.store import read_partition, read_trial_rows, trial_file
 from orchestrator.sweep.sink import ParquetSink
 from orchestrator.sweep.trainable import KIND_KEY, predictions_columns
 
@@ -62,10 +64,30 @@ def checkpoint_predictions(checkpoint: Optional[Path], step: int) -> Optional[di
     return predictions_columns(state.predictions)
 
 
+def misses(results: str, sweep: str, trial_id: str, row: Optional[dict[str, Any]], steps: set[int],
+           predicted: bool) -> bool:
+    """Whether the tables lack part of a finished trial: its final trials `row` (as read back), a report (`steps`,
+    those of its evaluations), or (`predicted`: it ended with predictions) its predictions."""
+    if row is None or row.get("outcome") in (None, "running") or row.get("status") != "terminated":
+        return True
+    written = {r.get("step") for r in read_trial_rows(results, "steps", sweep, trial_id) or []}
+    if not steps <= written:
+        return True
+    return predicted and not trial_file(results, "predictions", sweep, trial_id).is_file()
+
+
+def started_at(report: dict[str, Any]) -> Optional[dt.datetime]:
+    """When the trial started, from its first report (Tune's `timestamp` less the time it had run)."""
+    started = float(report.get("timestamp") or 0) - float(report.get("time_total_s") or 0)
+    return dt.datetime.fromtimestamp(started, dt.timezone.utc) if started > 0 else None
+
+
 def repair_missing_rows(sink: ParquetSink, experiment_path: str) -> list[str]:
     """Replay every finished trial the tables miss part of; returns their ids."""
     if is_remote_storage(experiment_path):
         return []
+    # by trial id, as the sink reads them back
+    rows = {r["trial_id"]: r for r in read_partition(sink.results_dir, "trials", sink.sweep)}
     repaired = []
     for trial_dir in sorted(Path(experiment_path).glob("trial_*")):
         reports = finished_reports(trial_dir)
@@ -75,7 +97,8 @@ def repair_missing_rows(sink: ParquetSink, experiment_path: str) -> list[str]:
         final = next(r for r in reversed(reports) if r.get(KIND_KEY) == "final")
         evals = [r for r in reports if r.get(KIND_KEY, "eval") == "eval" and r.get("step") is not None]
         predicted = final.get("outcome") == "ok"
-        if not sink.misses(trial_id, {int(r["step"]) for r in evals}, predicted):
+        if not misses(sink.results_dir, sink.sweep, trial_id, rows.get(trial_id), {int(r["step"]) for r in evals},
+                      predicted):
             continue
         checkpoint = last_checkpoint(trial_dir)
         params = json.loads((trial_dir / PARAMS_FILE).read_text()) if (trial_dir / PARAMS_FILE).is_file() else {}
@@ -84,6 +107,6 @@ def repair_missing_rows(sink: ParquetSink, experiment_path: str) -> list[str]:
         predictions = checkpoint_predictions(checkpoint, int(final.get("step") or 0)) if predicted else None
         ended = dt.datetime.fromtimestamp(float(final["timestamp"]), dt.timezone.utc) if final.get("timestamp") \
             else None
-        sink.replay(trial, reports, predictions, ended, starts(reports))
+        sink.replay(trial, reports, predictions, started_at(reports[0]), ended, starts(reports))
         repaired.append(trial_id)
     return repaired if sink.flush() else []  # rows left unwritten are not put back: the next resume tries again
