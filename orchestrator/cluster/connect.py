@@ -8,7 +8,6 @@ cluster). No address and no RAY_ADDRESS: an embedded Ray on this machine.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator.cluster.resources import NodeInfo, nodes_from_ray
+from orchestrator.cluster.tune_internals import head_accepts, submitted_job_runtime_env, token_auth_enabler
 
 DEFAULT_GCS_PORT = 6379
 DEFAULT_CLIENT_PORT = 10001
@@ -130,17 +130,10 @@ def project_runtime_env() -> dict[str, Any]:
     return {"py_modules": [orchestrator, trainer, search_spaces]}
 
 
-def _submitted_job_runtime_env() -> dict[str, Any]:
-    """The runtime env of the `ray job submit` that started this driver (Ray's job manager passes it in an
-    environment variable); empty outside a submitted job."""
-    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    return (json.loads(job_config).get("runtime_env") or {}) if job_config else {}
-
-
 def _submitted_job_ships_code() -> bool:
     """True in a driver started by `ray job submit --working-dir ...` (or `--runtime-env` with py_modules):
     the job's runtime env already ships the code, and Ray refuses a second working_dir from ray.init."""
-    runtime_env = _submitted_job_runtime_env()
+    runtime_env = submitted_job_runtime_env()
     return bool(runtime_env.get("working_dir") or runtime_env.get("py_modules"))
 
 
@@ -153,7 +146,7 @@ def leave_job_working_dir() -> None:
     load libtorch_cpu.so"), in Tune (`os.getcwd()`: FileNotFoundError), or on a module the driver imports
     late (`No module named 'orchestrator.sweep.progress'`, read while the directory was being replaced). So
     the driver loads all of its own code first, while the copy is whole."""
-    if _submitted_job_runtime_env().get("working_dir"):
+    if submitted_job_runtime_env().get("working_dir"):
         import_project_modules()
         os.chdir(Path.home() if Path.home().is_dir() else tempfile.gettempdir())
 
@@ -177,7 +170,7 @@ def import_project_modules() -> None:
 def check_output_outlives_job(flag: str, path: str) -> None:
     """A driver started by `ray job submit --working-dir` runs in Ray's temporary copy of that directory,
     deleted with the Ray session: a relative output path there would lose the sweep's results."""
-    if not Path(path).expanduser().is_absolute() and _submitted_job_runtime_env().get("working_dir"):
+    if not Path(path).expanduser().is_absolute() and submitted_job_runtime_env().get("working_dir"):
         raise ClusterError(f"{flag} {path}: relative, and this driver runs in Ray's temporary copy of the job's "
                            "--working-dir, which Ray deletes; give an absolute path (shared storage on a "
                            "multi-node cluster)")
@@ -296,39 +289,22 @@ def use_token_auth(address: str, source: str = "--address") -> bool:
         return False
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode is not None:
-        if mode != "token" and _head_accepts(address) is False:
+        if mode != "token" and head_accepts(address) is False:
             raise ClusterError(f"{source} {address}: the head requires Ray token authentication, but "
                                f"RAY_AUTH_MODE={mode} here turns it off; unset RAY_AUTH_MODE or set it to token")
         return False
-    try:
-        from ray._private.authentication.authentication_token_setup import \
-            maybe_enable_token_auth_if_token_available
-    except ImportError:  # a Ray without token authentication
+    enable_token_auth = token_auth_enabler()
+    if enable_token_auth is None:  # a Ray without token authentication
         return False
-    if _head_accepts(address) is not False:  # accepted, or unreachable / not a head: ray.init reports that
+    if head_accepts(address) is not False:  # accepted, or unreachable / not a head: ray.init reports that
         return False
-    if not maybe_enable_token_auth_if_token_available(warn_if_disabled=False):
+    if not enable_token_auth():
         raise ClusterError(f"{source} {address}: the head requires Ray token authentication and this machine "
                            f"has no token; {TOKEN_HELP}")
-    if _head_accepts(address) is False:
+    if head_accepts(address) is False:
         raise ClusterError(f"{source} {address}: the head rejects this machine's Ray token (a token from "
                            f"another cluster?); {TOKEN_HELP}")
     return True
-
-
-def _head_accepts(address: str) -> Optional[bool]:
-    """True when the head at `address` answers a read, False when it refuses our (lack of a) token, None
-    when it cannot be asked."""
-    from ray._raylet import GcsClient
-    from ray.exceptions import AuthenticationError
-
-    try:
-        GcsClient(address=address).internal_kv_get(b"mdsweep-auth-probe", None, timeout=5)
-        return True
-    except AuthenticationError:
-        return False
-    except Exception:
-        return None
 
 
 def is_remote_storage(storage: str) -> bool:

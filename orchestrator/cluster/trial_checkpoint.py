@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from orchestrator.cluster.connect import is_remote_storage
+from orchestrator.cluster.tune_internals import checkpoint_in_experiment
 
 if TYPE_CHECKING:
     from trainer.job_config import JobConfig
@@ -35,8 +36,7 @@ def local_checkpoint(row: dict[str, Any], experiment_path: str | None) -> Iterat
     import pyarrow.fs as pafs
 
     # Tune records bucket paths without the scheme: rebuild the URI from the experiment path
-    relative = "/".join(Path(recorded).parts[-2:])  # trial_<id>/checkpoint_<n>
-    uri = f"{experiment_path.rstrip('/')}/{relative}"
+    uri = f"{experiment_path.rstrip('/')}/{checkpoint_in_experiment(recorded)}"
     with tempfile.TemporaryDirectory(prefix="mdsweep-export-") as tmp:
         fs, path = pafs.FileSystem.from_uri(uri)
         if fs.get_file_info(path).type != pafs.FileType.Directory:

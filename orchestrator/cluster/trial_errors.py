@@ -2,19 +2,20 @@
 
 Ray's account of a failure is pages long and in Ray's own words; the trials table keeps the end of it, or, for
 a kill by the memory monitor (the node's host RAM ran low, outcome `host_oom`), a short account that says what
-to change. Reading Ray's text is this layer's knowledge; the sink only records the result.
+to change. Reading Ray's text is this layer's knowledge (its words are in orchestrator.cluster.tune_internals);
+the sink only records the result.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Optional
 
-HOST_OOM_MARKER = "killed due to the node running low on memory"
+from orchestrator.cluster.tune_internals import HOST_OOM_MARKER, RAYLET_OOM_LINES, TUNE_FAILURE_LINE, trial_error_file
 
 
 def trial_error_text(trial: Any) -> Optional[str]:
     """The trial's error file (Tune's `trial.error_file`): every failure, the latest last; None without one."""
-    path = getattr(trial, "error_file", None)
+    path = trial_error_file(trial)
     try:
         if path and Path(path).is_file():
             return Path(path).read_text(errors="replace").strip()
@@ -29,8 +30,8 @@ def host_oom_summary(error: Optional[str]) -> Optional[str]:
     if not error or HOST_OOM_MARKER not in error:
         return None
     lines = error.splitlines()
-    detail = [line.strip() for line in lines if line.startswith(("Memory on the node", "OOM kill reason", "1 worker",
-                                                                 "Failure #")) or HOST_OOM_MARKER in line]
+    detail = [line.strip() for line in lines
+              if line.startswith(RAYLET_OOM_LINES + (TUNE_FAILURE_LINE,)) or HOST_OOM_MARKER in line]
     return ("killed by Ray's memory monitor: the node ran low on host memory. Give each trial more host memory "
             "(--memory-per-trial), run fewer at once (--max-concurrent) or raise RAY_memory_usage_threshold on the "
             "nodes.\n" + "\n".join(dict.fromkeys(detail)))

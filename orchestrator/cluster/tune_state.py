@@ -3,13 +3,12 @@ repair of the one checkpoint Tune may delete too early.
 
 A last-known-good copy, so a driver killed mid-write can still be resumed.
 
-Tune uploads its state (`experiment_state-*.json`, the searcher's `search_gen_state-*.json`
-and `searcher-state-*.pkl`) by overwriting the files on storage in place. A driver
-killed during that write leaves an empty or truncated file, and `Tuner.restore` then
-fails with a JSON error: the whole sweep cannot be resumed (seen here in about one
-kill in five). The driver therefore copies every complete state file to
-`.mdsweep-state/` (write to a temporary name, then rename), and `mdsweep resume` puts
-a copy back wherever the file on storage is incomplete.
+Tune uploads its state (`experiment_state-*.json`, the searcher's `search_gen_state-*.json` and
+`searcher-state-*.pkl`, named in orchestrator.cluster.tune_internals) by overwriting the files on storage in
+place. A driver killed during that write leaves an empty or truncated file, and `Tuner.restore` then fails with a
+JSON error: the whole sweep cannot be resumed (seen here in about one kill in five). The driver therefore copies
+every complete state file to `.mdsweep-state/` (write to a temporary name, then rename), and `mdsweep resume`
+puts a copy back wherever the file on storage is incomplete.
 """
 from __future__ import annotations
 
@@ -20,9 +19,10 @@ import time
 from typing import Any, Optional
 
 from orchestrator.cluster.connect import storage_filesystem, write_file_atomic
+from orchestrator.cluster.tune_internals import (EXPERIMENT_STATE_FILE, STATE_FILE_PATTERNS, checkpoint_dir_name,
+                                                 checkpoint_index, tune_callback_base, unfinished_trials)
 
 BACKUP_DIR = ".mdsweep-state"
-STATE_FILES = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
 
 
 def complete(data: bytes) -> bool:
@@ -50,7 +50,7 @@ def _state_files(fs: Any, root: str) -> list[Any]:
     import pyarrow.fs as pafs
 
     return [info for info in fs.get_file_info(pafs.FileSelector(root))
-            if info.type == pafs.FileType.File and any(fnmatch.fnmatch(info.base_name, p) for p in STATE_FILES)]
+            if info.type == pafs.FileType.File and any(fnmatch.fnmatch(info.base_name, p) for p in STATE_FILE_PATTERNS)]
 
 
 def _read(fs: Any, path: str) -> bytes:
@@ -90,7 +90,7 @@ def restore_incomplete(experiment_path: str) -> list[str]:
     fs, root = storage_filesystem(experiment_path)
     files = _state_files(fs, root)
     # Tune reads only the newest file of each kind (by name); an older session's cut file does not matter
-    newest = {max(i.base_name for i in files if fnmatch.fnmatch(i.base_name, p)) for p in STATE_FILES
+    newest = {max(i.base_name for i in files if fnmatch.fnmatch(i.base_name, p)) for p in STATE_FILE_PATTERNS
               if any(fnmatch.fnmatch(i.base_name, p) for i in files)}
     restored, lost = [], []
     for info in files:
@@ -110,13 +110,7 @@ def restore_incomplete(experiment_path: str) -> list[str]:
     return restored
 
 
-def _tune_callback_base():
-    from ray.tune import Callback
-
-    return Callback
-
-
-class StateBackup(_tune_callback_base()):
+class StateBackup(tune_callback_base()):
     """Backs the experiment state up while the sweep runs (at most every `interval_s`) and when it ends."""
 
     def __init__(self, experiment_path: str, interval_s: float = 2.0) -> None:
@@ -144,20 +138,11 @@ def _unfinished_trials(fs: Any, root: str) -> Optional[dict[str, Optional[str]]]
 
     try:
         states = sorted(e.path for e in fs.get_file_info(pafs.FileSelector(root))
-                        if e.base_name.startswith("experiment_state-") and e.base_name.endswith(".json"))
+                        if fnmatch.fnmatch(e.base_name, EXPERIMENT_STATE_FILE.format("*")))
         if not states:
             return None
         with fs.open_input_stream(states[-1]) as f:
-            data = json.loads(f.read().decode())
-        out: dict[str, Optional[str]] = {}
-        for entry in data["trial_data"]:
-            trial = json.loads(entry[0])
-            if trial.get("status") == "TERMINATED":
-                continue
-            meta = json.loads(entry[1]) if len(entry) > 1 else {}
-            last = meta.get("last_result") or {}
-            out[trial.get("custom_dirname") or trial.get("relative_logdir")] = last.get("checkpoint_dir_name")
-        return out
+            return unfinished_trials(json.loads(f.read().decode()))
     except Exception:
         return None  # an unknown format: consider every trial
 
@@ -172,13 +157,10 @@ def repair_checkpoints(experiment_path: str) -> list[str]:
     registered only once fully written), so the missing folder is recreated as a
     copy of N: the trial continues from its newest state.
     """
-    import re
-
     import pyarrow.fs as pafs
 
     fs, root = storage_filesystem(experiment_path)
     repaired = []
-    pattern = re.compile(r"^checkpoint_(\d{6})$")
     unfinished = _unfinished_trials(fs, root)
     for trial_dir in fs.get_file_info(pafs.FileSelector(root)):
         if trial_dir.type != pafs.FileType.Directory:
@@ -187,9 +169,9 @@ def repair_checkpoints(experiment_path: str) -> list[str]:
             continue  # finished trials are not restored: nothing to repair
         indices = []
         for entry in fs.get_file_info(pafs.FileSelector(trial_dir.path)):
-            m = pattern.match(entry.base_name)
-            if m and entry.type == pafs.FileType.Directory:
-                indices.append(int(m.group(1)))
+            index = checkpoint_index(entry.base_name)
+            if index is not None and entry.type == pafs.FileType.Directory:
+                indices.append(index)
         if not indices:
             continue
         newest = max(indices)
@@ -197,11 +179,11 @@ def repair_checkpoints(experiment_path: str) -> list[str]:
         if wanted is None:  # the state does not say: assume the one before the newest
             if newest == 0:
                 continue
-            wanted = f"checkpoint_{newest - 1:06d}"
-        m = pattern.match(wanted)
-        if not m or int(m.group(1)) >= newest or int(m.group(1)) in indices:
+            wanted = checkpoint_dir_name(newest - 1)
+        wanted_index = checkpoint_index(wanted)
+        if wanted_index is None or wanted_index >= newest or wanted_index in indices:
             continue
-        src = f"{trial_dir.path}/checkpoint_{newest:06d}"
+        src = f"{trial_dir.path}/{checkpoint_dir_name(newest)}"
         dst = f"{trial_dir.path}/{wanted}"
         fs.create_dir(dst, recursive=True)
         pafs.copy_files(src, dst, source_filesystem=fs, destination_filesystem=fs)
@@ -211,14 +193,11 @@ def repair_checkpoints(experiment_path: str) -> list[str]:
 
 def drop_repair_copies(experiment_path: str, repaired: list[str]) -> None:
     """After the resumed run: remove repair copies that a newer checkpoint made redundant."""
-    import re
-
     import pyarrow.fs as pafs
 
     fs, root = storage_filesystem(experiment_path)
-    pattern = re.compile(r"^checkpoint_(\d{6})$")
     for name in repaired:
         entries = fs.get_file_info(pafs.FileSelector(f"{root}/{name}"))
-        indices = sorted(int(m.group(1)) for e in entries if (m := pattern.match(e.base_name)))
+        indices = sorted(i for e in entries if (i := checkpoint_index(e.base_name)) is not None)
         for i in indices[:-1]:  # Tune keeps one checkpoint per trial: anything older is a leftover copy
-            fs.delete_dir(f"{root}/{name}/checkpoint_{i:06d}")
+            fs.delete_dir(f"{root}/{name}/{checkpoint_dir_name(i)}")

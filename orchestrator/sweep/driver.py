@@ -28,6 +28,7 @@ from orchestrator.sweep.lock import describe_stale, refusal, running_driver, swe
 from orchestrator.sweep.checks import check_data, check_settings, searched_columns
 from orchestrator.sweep.settings import (MANIFEST, SweepError, SweepSettings, manifest_exists, normalize_storage,
                                          read_manifest, write_manifest)
+from orchestrator.cluster.tune_internals import set_tune_environment
 from orchestrator.cluster.tune_state import drop_repair_copies, repair_checkpoints
 
 @dataclass
@@ -124,19 +125,9 @@ def _prepare_env(s: SweepSettings, req: TrialResources) -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
-    # Tune's periodic experiment snapshot: frequent, so that a killed driver loses little.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0
-    # Tune's CSV and TensorBoard loggers copy every result the Parquet tables hold (measured in bench/scale.py: a
-    # tenth of the driver's time at a thousand trials); its JSON logger stays (_start_tuner adds it): the rows
-    # lost to a full disk are rebuilt from its result.json.
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    # A snapshot per reported checkpoint is intended (num_to_keep=1): keeps resume exact.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Tune starts trials of a custom searcher one at a time (one pending trial); let as
-    # many trials be pending as can run at once, so that they start together.
+    # as many trials may be pending as can run at once, so that they start together
     pending = min(x for x in (s.max_concurrent, getattr(req, "capacity", None), 64) if x)
-    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = os.environ.get("MDSWEEP_MAX_PENDING_TRIALS", str(max(1, pending)))
+    set_tune_environment(os.environ.get("MDSWEEP_MAX_PENDING_TRIALS", str(max(1, pending))))
 
 
 def _say(msg: str, quiet: bool = False) -> None:
@@ -327,8 +318,8 @@ def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], exp
     from orchestrator.sweep.search import make_searcher
     from orchestrator.results.store import write_sweep_row
     from orchestrator.sweep.sink import ParquetSink
+    from orchestrator.cluster.tune_internals import trial_dirname
     from orchestrator.cluster.tune_state import StateBackup
-    from orchestrator.sweep.trainable import trial_dirname
 
     write_sweep_row(s.results, s.name, {
         "status": "running", "experiment_path": s.experiment_path(), "space": s.space, "metric": s.metric,

@@ -7,6 +7,7 @@ the final outcome), `params.json` its suggestion, and its last checkpoint the fi
 Each finished trial the tables (orchestrator.results.store) miss anything of is replayed through the sink
 (orchestrator.sweep.sink.ParquetSink), so its rows are exactly what the sink would have written; rows already
 there are not doubled.
+Tune's file names and report keys come from orchestrator.cluster.tune_internals.
 Local storage only: on object storage the experiment folder is not read here.
 """
 from __future__ import annotations
@@ -18,12 +19,12 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 from orchestrator.cluster.connect import is_remote_storage
+from orchestrator.cluster.tune_internals import (CHECKPOINT_PREFIX, PARAMS_FILE, REPORT_ITERATIONS_SINCE_RESTORE,
+                                                 REPORT_TIME_TOTAL_S, REPORT_TIMESTAMP, RESULT_FILE, TRIAL_DIR_PREFIX,
+                                                 trial_id_of_dir)
 from orchestrator.results.store import read_partition, read_trial_rows, trial_file
 from orchestrator.sweep.sink import ParquetSink
 from orchestrator.sweep.trainable import KIND_KEY, predictions_columns
-
-RESULT_FILE = "result.json"
-PARAMS_FILE = "params.json"
 
 
 def finished_reports(trial_dir: Path) -> Optional[list[dict[str, Any]]]:
@@ -44,11 +45,11 @@ def starts(reports: list[dict[str, Any]]) -> int:
     """How many times the trial started (the first run, retries, resumes), as the trials table counts them: Tune
     sets `iterations_since_restore` back to 1 in the first report after each start. A start cut before its first
     report leaves no trace, so this is a floor; a finished trial started at least once."""
-    return max(1, sum(1 for r in reports if r.get("iterations_since_restore") == 1))
+    return max(1, sum(1 for r in reports if r.get(REPORT_ITERATIONS_SINCE_RESTORE) == 1))
 
 
 def last_checkpoint(trial_dir: Path) -> Optional[Path]:
-    found = sorted(trial_dir.glob("checkpoint_*"))
+    found = sorted(trial_dir.glob(f"{CHECKPOINT_PREFIX}*"))
     return found[-1] if found else None
 
 
@@ -78,7 +79,7 @@ def misses(results: str, sweep: str, trial_id: str, row: Optional[dict[str, Any]
 
 def started_at(report: dict[str, Any]) -> Optional[dt.datetime]:
     """When the trial started, from its first report (Tune's `timestamp` less the time it had run)."""
-    started = float(report.get("timestamp") or 0) - float(report.get("time_total_s") or 0)
+    started = float(report.get(REPORT_TIMESTAMP) or 0) - float(report.get(REPORT_TIME_TOTAL_S) or 0)
     return dt.datetime.fromtimestamp(started, dt.timezone.utc) if started > 0 else None
 
 
@@ -89,11 +90,11 @@ def repair_missing_rows(sink: ParquetSink, experiment_path: str) -> list[str]:
     # by trial id, as the sink reads them back
     rows = {r["trial_id"]: r for r in read_partition(sink.results_dir, "trials", sink.sweep)}
     repaired = []
-    for trial_dir in sorted(Path(experiment_path).glob("trial_*")):
+    for trial_dir in sorted(Path(experiment_path).glob(f"{TRIAL_DIR_PREFIX}*")):
         reports = finished_reports(trial_dir)
         if reports is None:
             continue  # unfinished: Tune runs it again, and the sink writes its rows then
-        trial_id = trial_dir.name.removeprefix("trial_")
+        trial_id = trial_id_of_dir(trial_dir.name)
         final = next(r for r in reversed(reports) if r.get(KIND_KEY) == "final")
         evals = [r for r in reports if r.get(KIND_KEY, "eval") == "eval" and r.get("step") is not None]
         predicted = final.get("outcome") == "ok"
@@ -105,8 +106,8 @@ def repair_missing_rows(sink: ParquetSink, experiment_path: str) -> list[str]:
         trial = SimpleNamespace(trial_id=trial_id, config=params, num_failures=None,
                                 checkpoint=SimpleNamespace(path=str(checkpoint)) if checkpoint else None)
         predictions = checkpoint_predictions(checkpoint, int(final.get("step") or 0)) if predicted else None
-        ended = dt.datetime.fromtimestamp(float(final["timestamp"]), dt.timezone.utc) if final.get("timestamp") \
-            else None
+        ended = dt.datetime.fromtimestamp(float(final[REPORT_TIMESTAMP]), dt.timezone.utc) \
+            if final.get(REPORT_TIMESTAMP) else None
         sink.replay(trial, reports, predictions, started_at(reports[0]), ended, starts(reports))
         repaired.append(trial_id)
     return repaired if sink.flush() else []  # rows left unwritten are not put back: the next resume tries again

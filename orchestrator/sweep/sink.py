@@ -15,6 +15,7 @@ import datetime as dt
 from typing import Any, Optional
 
 from orchestrator.cluster.trial_errors import trial_failure
+from orchestrator.cluster.tune_internals import tune_callback_base
 from orchestrator.results.schema import job_field_types, validate_sweep_name
 from orchestrator.results.store import ENDED, SweepWriter, read_trial_rows
 from orchestrator.results.trial_rows import (new_trial_row, params_json, prediction_rows, record_final,
@@ -27,13 +28,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _tune_callback_base() -> type:
-    from ray.tune import Callback
-
-    return Callback
-
-
-class ParquetSink(_tune_callback_base()):
+class ParquetSink(tune_callback_base()):
     """Keeps the trials, steps and predictions tables of one sweep up to date."""
 
     def __init__(self, results_dir: str, sweep: str, fixed: dict[str, Any], searched: list[str], metric: str,

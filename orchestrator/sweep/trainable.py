@@ -221,11 +221,6 @@ def run_trial(spec: TrialSpec, config: dict[str, Any]) -> None:
     tune.report(report)
 
 
-def trial_dirname(trial: Any) -> str:
-    """Short trial folder names in the experiment directory (Tune's default spells out the config)."""
-    return f"trial_{trial.trial_id}"
-
-
 def make_trainable(spec: TrialSpec) -> Callable[[dict[str, Any]], None]:
     """A Tune function trainable bound to `spec` (a closure: Tune pickles it by value)."""
 
