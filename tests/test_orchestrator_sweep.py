@@ -347,6 +347,7 @@ def test_the_model_check_passes_the_shipped_bases_and_a_good_checkpoint(tmp_path
 def test_an_interrupted_sweep_says_how_to_resume_even_when_quiet(tmp_path, capsys, quiet):
     """Ctrl-C on `mdsweep run --quiet` printed "nothing to recommend" and never how to resume."""
     from orchestrator.results.schema import rows_to_table, schema_for
+    from orchestrator.cli.run import print_outcome
     from orchestrator.sweep.driver import _finish
     from orchestrator.results.store import partition_dir, write_atomic
 
@@ -355,7 +356,9 @@ def test_an_interrupted_sweep_says_how_to_resume_even_when_quiet(tmp_path, capsy
     row = {"trial_id": "t0", "group_id": 0, "member": 0, "status": "running", "outcome": "running"}
     write_atomic(rows_to_table([row], schema_for("trials")),
                  partition_dir(s.results, "trials", s.name) / "trials.parquet")
-    assert _finish(s, 0.0, None, quiet=quiet).status == "interrupted"
+    outcome = _finish(s, 0.0, None, quiet=quiet)
+    print_outcome(outcome, quiet)
+    assert outcome.status == "interrupted"
     captured = capsys.readouterr()
     said = (captured.err if quiet else captured.out).strip().splitlines()
     assert f"sweep demo is interrupted: continue it with `mdsweep resume demo --storage {s.storage}`" in said

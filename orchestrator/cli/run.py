@@ -6,10 +6,14 @@ import dataclasses
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Collection, Optional
+from typing import TYPE_CHECKING, Any, Collection, Optional
 
 from orchestrator.cli.job_flags import add_job_arguments, job_overrides
 from orchestrator.cluster.signals import EXIT_INTERRUPTED, EXIT_TERMINATED
+
+if TYPE_CHECKING:
+    from orchestrator.sweep.driver import SweepOutcome
+    from orchestrator.sweep.settings import SweepSettings
 
 # JobConfig fields with their own flag on `mdsweep run` (help texts come from JobConfig);
 # every other field is reachable through --set
@@ -139,6 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings = SweepSettings(name=args.name or f"sweep-{utc_stamp()}", fixed=fixed, objectives=objectives,
                                  cross=cross, argv=" ".join(["mdsweep", *map(shlex.quote, sys.argv[1:])]), **flags)
         outcome = run_sweep(settings, quiet=args.quiet, dry_run=args.dry_run)
+        print_outcome(outcome, args.quiet)
     except (ValueError, SweepError, ClusterError) as e:
         print(f"mdsweep run: error: {e}", file=sys.stderr)
         return 2
@@ -170,6 +175,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         outcome = resume_sweep(args.name, args.storage, address=args.address, num_cpus=args.num_cpus,
                                num_gpus=args.num_gpus, resume_errored=args.resume_errored,
                                restart_errored=args.restart_errored, quiet=args.quiet)
+        print_outcome(outcome, args.quiet)
     except (ValueError, SweepError, ClusterError) as e:
         print(f"mdsweep resume: error: {e}", file=sys.stderr)
         return 2
@@ -178,3 +184,72 @@ def cmd_resume(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_INTERRUPTED
     return exit_code(outcome)
+
+
+def print_outcome(outcome: SweepOutcome, quiet: bool) -> None:
+    """The end of `run` and `resume`: the leaderboard, what the sweep found, where its results and report are,
+    and how to go on when it did not finish. --quiet keeps a total failure and how to go on, on stderr."""
+    from orchestrator.results.query import leaderboard
+
+    if outcome.status == "dry-run":
+        return
+    s, counts = outcome.settings, outcome.counts
+    if quiet and "ok" not in counts:  # a failure must be seen even when asked for quiet
+        print(found_summary(outcome.rows, s).strip(), file=sys.stderr)
+    if not quiet:
+        print(f"\nLeaderboard of sweep {s.name} ({s.metric}, {s.mode}; outcomes: "
+              + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ")")
+        print(leaderboard(s.results, s.name))
+        print(found_summary(outcome.rows, s))
+        print(f"\nresults: {s.results}  (mdsweep query {s.results} --sweep {s.name})")
+        print(f"report:  {outcome.report}")
+    if outcome.status != "finished":  # how to go on must be seen even when asked for quiet
+        print(f"sweep {s.name} is {outcome.status}: continue it with `mdsweep resume {s.name} --storage {s.storage}`",
+              file=sys.stderr if quiet else sys.stdout)
+
+
+def found_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
+    """What the sweep found: the best trial with its interval, the spread, and how to take the model out."""
+    from orchestrator.results.query import describe_versus_baseline, versus_baseline
+    from orchestrator.results.ranking import best_trial, describe_test, describe_trial
+    from orchestrator.results.schema import FAILED_OUTCOMES
+    from orchestrator.results.store import read_partition
+
+    best = best_trial(rows)
+    if best is None:
+        failed = [r for r in rows if r.get("outcome") in FAILED_OUTCOMES and r.get("error")]
+        first = f"\nFirst failure, trial {failed[0]['trial_id']} ({failed[0]['outcome']}): " \
+                f"{failed[0]['error'].strip().splitlines()[0]}" if failed else ""
+        return "\nNo trial ended ok with a value of the objective: nothing to recommend." + first
+    searched = list(best.get("searched") or [])
+    scores = [r["objective"] for r in rows if r.get("outcome") == "ok" and r.get("objective") is not None]
+    lines = [f"\nBest: trial {best['trial_id']}: {describe_trial(best, searched)}"]
+    if best.get("test_n"):
+        lines.append(f"  on held-out --test-data: {describe_test(best)}: the estimate to quote; "
+                     f"the validation number chose it")
+    if len(scores) > 1:
+        lines.append(f"Spread over {len(scores)} ok trials: {min(scores):.3f} to {max(scores):.3f} "
+                     f"({s.metric}); `mdsweep query {s.results} --sweep {s.name} --group-by ...` breaks it down")
+    compared = versus_baseline(rows, read_partition(s.results, "predictions", s.name)) \
+        if any(r.get("baseline") for r in rows) else None
+    if compared is not None:
+        lines.append(describe_versus_baseline(compared))
+    lines.append(f"Its model: mdsweep export {s.results} --sweep {s.name} --best --out models/{s.name}-best")
+    if len(s.objectives) > 1:
+        lines.append(pareto_summary(rows, s))
+    return "\n".join(lines)
+
+
+def pareto_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
+    """A multi-objective sweep's answer: the trials no other trial beats on every objective."""
+    from orchestrator.results.objectives import pareto_front
+    from orchestrator.results.ranking import describe_trial
+
+    front = pareto_front(rows, s.objectives)
+    names = ", ".join(f"{m} ({mode})" for m, mode in s.objectives)
+    lines = [f"Pareto front over {names}: {len(front)} of {sum(r.get('outcome') == 'ok' for r in rows)} ok trials"]
+    for row in front:
+        values = "  ".join(f"{m}={row[f'final_{m}']:.4g}" for m, _ in s.objectives)
+        lines.append(f"  {row['trial_id']}: {values}  ({describe_trial(row, list(row.get('searched') or []))})")
+    lines.append(f"The front as a table: mdsweep query {s.results} --sweep {s.name} --pareto")
+    return "\n".join(lines)

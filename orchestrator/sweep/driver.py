@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +22,7 @@ from orchestrator.sweep.baselines import plan_baselines
 from orchestrator.results.groups import build_expansions
 from orchestrator.cluster.resources import (ResourceError, TrialResources, check_fit, concurrency_capacity, format_size,
                                     plan_resources)
-from orchestrator.results.schema import FAILED_OUTCOMES, validate_sweep_name
+from orchestrator.results.schema import validate_sweep_name
 from orchestrator.cluster.signals import sigterm_as_interrupt
 from orchestrator.sweep.lock import describe_stale, refusal, running_driver, sweep_lock
 from orchestrator.sweep.checks import check_data, check_settings, searched_columns
@@ -33,14 +33,19 @@ from orchestrator.cluster.tune_state import drop_repair_copies, repair_checkpoin
 
 @dataclass
 class SweepOutcome:
+    """How a run or resume ended and what it left: the CLI prints the leaderboard and summary from it
+    (orchestrator.cli.run) and picks the exit code, so the driver decides what happened and never how it reads."""
     name: str
     experiment_path: str
     results: str
-    status: str  # finished, interrupted
+    status: str  # finished, interrupted, dry-run
     counts: dict[str, int]
+    settings: SweepSettings
     resources: Optional[TrialResources] = None
     wall_time_s: float = 0.0
     terminated: bool = False  # ended by SIGTERM (orchestrator.cluster.signals)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # the trials table's rows of this sweep at its end
+    report: str = ""  # where the HTML report is and how to remake it, or why it was not written
 
 
 def resolve_resources(s: SweepSettings, handle: cluster_mod.ClusterHandle,
@@ -118,6 +123,63 @@ def _trainable(s: SweepSettings, req: TrialResources):
     return tune.with_resources(make_trainable(_trial_spec(s, req)), req.ray_resources())
 
 
+def _expansions(s: SweepSettings) -> list[dict[str, Any]]:
+    """The runs of each suggestion (--replicates, --cross)."""
+    return build_expansions(s.replicates, int(s.fixed.get("seed", 0) or 0), s.cross)
+
+
+def total_trials(s: SweepSettings) -> int:
+    """How many trials the sweep runs in all: each suggestion once per expansion."""
+    return s.num_samples * len(_expansions(s))
+
+
+def _sink(s: SweepSettings, req: TrialResources, searched: list[str]) -> Any:
+    """The Tune callback that writes this sweep's rows (and, on resume, the rows the results had missed)."""
+    from orchestrator.sweep.sink import ParquetSink
+
+    return ParquetSink(s.results, s.name, s.fixed, searched, s.metric, s.mode, req.max_gpu_memory)
+
+
+@dataclass
+class TunerParts:
+    """What a run's Tuner and a resumed one take from this process: one builder makes both, so a callback or
+    setting added here reaches `run` and `resume` alike."""
+    trainable: Any  # the trainable with its per-trial resources
+    callbacks: list[Any]  # the Parquet sink, progress table, state backup and Tune's JSON logger
+
+
+def tuner_parts(s: SweepSettings, req: TrialResources, searched: list[str], quiet: bool) -> TunerParts:
+    """The trainable and callbacks of a sweep's Tuner, for `run` (tune.Tuner) and `resume` (tune.Tuner.restore,
+    whose saved callbacks these replace, so that the resuming command's --quiet decides the progress table)."""
+    from ray.tune.logger import JsonLoggerCallback
+
+    from orchestrator.cluster.tune_state import StateBackup
+    from orchestrator.sweep.progress import ProgressTable
+
+    progress = ProgressTable(s.metric, searched, interval_s=0 if quiet else s.progress_interval,
+                             total=total_trials(s), mode=s.mode,
+                             redraw=not s.worker_logs)  # trials' own lines would be drawn over
+    # Tune's JSON logger stays although the Parquet sink holds every result: the rows lost to a full disk are
+    # rebuilt from its result.json (orchestrator.sweep.repair)
+    return TunerParts(trainable=_trainable(s, req),
+                      callbacks=[_sink(s, req, searched), progress, StateBackup(s.experiment_path()),
+                                 JsonLoggerCallback()])
+
+
+def _restore_tuner(path: str, parts: TunerParts, resume_errored: bool, restart_errored: bool) -> Any:
+    """The Tuner of a saved experiment, with this process's trainable and callbacks. Tune restores the callbacks
+    it pickled with the first run and takes no others; they are replaced on its run config (a private attribute)
+    before `fit` reads them. Under Ray Client the Tuner lives in the cluster and keeps the saved ones."""
+    from ray import tune
+
+    tuner = tune.Tuner.restore(path, trainable=parts.trainable, resume_unfinished=True,
+                               resume_errored=resume_errored, restart_errored=restart_errored)
+    local = getattr(tuner, "_local_tuner", None)
+    if local is not None:
+        local.get_run_config().callbacks = parts.callbacks
+    return tuner
+
+
 def _prepare_env(s: SweepSettings, req: TrialResources) -> None:
     import logging
 
@@ -136,8 +198,9 @@ def _say(msg: str, quiet: bool = False) -> None:
 
 
 def _finish(s: SweepSettings, started: float, req: TrialResources, quiet: bool) -> SweepOutcome:
+    """Test the best trials on held-out data, record whether the sweep finished, write its report, and say what
+    it left; the leaderboard and summary are the CLI's to print."""
     from orchestrator.sweep.held_out import test_best_trials
-    from orchestrator.results.query import leaderboard
     from orchestrator.results.store import ENDED, read_partition, write_sweep_row
 
     if s.test_data:
@@ -147,31 +210,16 @@ def _finish(s: SweepSettings, started: float, req: TrialResources, quiet: bool) 
     for r in rows:
         counts[r.get("outcome") or "?"] = counts.get(r.get("outcome") or "?", 0) + 1
     unfinished = [r for r in rows if r.get("status") not in ENDED]
-    expected = s.num_samples * len(build_expansions(s.replicates, int(s.fixed.get("seed", 0) or 0), s.cross))
-    status = "finished" if not unfinished and len(rows) >= expected else "interrupted"
+    status = "finished" if not unfinished and len(rows) >= total_trials(s) else "interrupted"
     try:
         write_sweep_row(s.results, s.name, {"status": status})
     except OSError as e:  # a full or read-only results disk: the sweep's state is safe with Tune
         _say(f"could not record the sweep's status in {s.results} ({e.strerror}); once the disk is fixed, "
              f"`mdsweep resume {s.name} --storage {s.storage}` puts back what is missing")
         status = "interrupted"
-    outcome = SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results, status=status,
-                           counts=counts, resources=req,
-                           wall_time_s=time.time() - started)
-    report = _write_report(s)
-    if quiet and "ok" not in counts:  # a failure must be seen even when asked for quiet
-        print(found_summary(rows, s).strip(), file=sys.stderr)
-    if not quiet:
-        print(f"\nLeaderboard of sweep {s.name} ({s.metric}, {s.mode}; outcomes: "
-              + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ")")
-        print(leaderboard(s.results, s.name))
-        print(found_summary(rows, s))
-        print(f"\nresults: {s.results}  (mdsweep query {s.results} --sweep {s.name})")
-        print(f"report:  {report}")
-    if status != "finished":  # how to go on must be seen even when asked for quiet
-        print(f"sweep {s.name} is {status}: continue it with `mdsweep resume {s.name} --storage {s.storage}`",
-              file=sys.stderr if quiet else sys.stdout)
-    return outcome
+    return SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results, status=status,
+                        counts=counts, settings=s, resources=req, wall_time_s=time.time() - started, rows=rows,
+                        report=_write_report(s))
 
 
 def _write_report(s: SweepSettings) -> str:
@@ -187,52 +235,6 @@ def _write_report(s: SweepSettings) -> str:
         return f"not written ({type(e).__name__}: {e}); try: mdsweep report {s.results} --sweep {s.name}"
 
 
-def found_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
-    """What the sweep found: the best trial with its interval, the spread, and how to take the model out."""
-    from orchestrator.results.query import describe_versus_baseline, versus_baseline
-    from orchestrator.results.store import read_partition
-    from orchestrator.results.ranking import best_trial, describe_test, describe_trial
-
-    best = best_trial(rows)
-    if best is None:
-        failed = [r for r in rows if r.get("outcome") in FAILED_OUTCOMES and r.get("error")]
-        first = f"\nFirst failure, trial {failed[0]['trial_id']} ({failed[0]['outcome']}): " \
-                f"{failed[0]['error'].strip().splitlines()[0]}" if failed else ""
-        return "\nNo trial ended ok with a value of the objective: nothing to recommend." + first
-    searched = list(best.get("searched") or [])
-    scores = [r["objective"] for r in rows if r.get("outcome") == "ok" and r.get("objective") is not None]
-    lines = [f"\nBest: trial {best['trial_id']}: {describe_trial(best, searched)}"]
-    if best.get("test_n"):
-        lines.append(f"  on held-out --test-data: {describe_test(best)}: the estimate to quote; "
-                     f"the validation number chose it")
-    if len(scores) > 1:
-        lines.append(f"Spread over {len(scores)} ok trials: {min(scores):.3f} to {max(scores):.3f} "
-                     f"({s.metric}); `mdsweep query {s.results} --sweep {s.name} --group-by ...` breaks it down")
-    compared = versus_baseline(rows, read_partition(s.results, "predictions", s.name)) \
-        if any(r.get("baseline") for r in rows) else None
-    if compared is not None:
-        lines.append(describe_versus_baseline(compared))
-    lines.append(f"Its model: mdsweep export {s.results} --sweep {s.name} --best --out models/{s.name}-best")
-    if len(s.objectives) > 1:
-        lines.append(pareto_summary(rows, s))
-    return "\n".join(lines)
-
-
-def pareto_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
-    """A multi-objective sweep's answer: the trials no other trial beats on every objective."""
-    from orchestrator.results.objectives import pareto_front
-    from orchestrator.results.ranking import describe_trial
-
-    front = pareto_front(rows, s.objectives)
-    names = ", ".join(f"{m} ({mode})" for m, mode in s.objectives)
-    lines = [f"Pareto front over {names}: {len(front)} of {sum(r.get('outcome') == 'ok' for r in rows)} ok trials"]
-    for row in front:
-        values = "  ".join(f"{m}={row[f'final_{m}']:.4g}" for m, _ in s.objectives)
-        lines.append(f"  {row['trial_id']}: {values}  ({describe_trial(row, list(row.get('searched') or []))})")
-    lines.append(f"The front as a table: mdsweep query {s.results} --sweep {s.name} --pareto")
-    return "\n".join(lines)
-
-
 def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> SweepOutcome:
     started = time.time()
     s.storage = normalize_storage(s.storage)
@@ -246,7 +248,7 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
                                num_samples=s.num_samples)
     s.baselines = [{"label": b.label, "params": b.params, "extra": b.extra} for b in baselines]
     check_name_is_free(s)  # early, before Ray starts; again under the lock, where it counts
-    expansions = build_expansions(s.replicates, int(s.fixed.get("seed", 0) or 0), s.cross)
+    expansions = _expansions(s)
     handle = cluster_mod.connect(s.address, num_cpus=s.num_cpus, num_gpus=s.num_gpus, log_to_driver=s.worker_logs,
                                  ray_log_file=s.ray_log_file())
     try:
@@ -259,7 +261,7 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
             _say(f"runs first, {b.describe()}", quiet)
         if dry_run:
             return SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results,
-                                status="dry-run", counts={}, resources=req)
+                                status="dry-run", counts={}, settings=s, resources=req)
         # one driver per sweep, from here to its end (orchestrator.sweep.lock)
         with sweep_lock(s.name, s.experiment_path(), s.results, "run"):
             check_name_is_free(s)
@@ -308,18 +310,14 @@ def _forget_unstarted(s: SweepSettings) -> None:
 
 def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], expansions: list[dict[str, Any]],
                  quiet: bool) -> None:
-    """Write the sweep's row, build the searcher, scheduler, sink and Tuner, and run it (results land through
-    the sink)."""
+    """Write the sweep's row, build the searcher, scheduler and Tuner, and run it (results land through the
+    sink)."""
     from ray import tune
-    from ray.tune.logger import JsonLoggerCallback
 
-    from orchestrator.sweep.progress import ProgressTable
     from orchestrator.sweep.early_stopping import make_scheduler
     from orchestrator.sweep.search import make_searcher
     from orchestrator.results.store import write_sweep_row
-    from orchestrator.sweep.sink import ParquetSink
     from orchestrator.cluster.tune_internals import trial_dirname
-    from orchestrator.cluster.tune_state import StateBackup
 
     write_sweep_row(s.results, s.name, {
         "status": "running", "experiment_path": s.experiment_path(), "space": s.space, "metric": s.metric,
@@ -331,18 +329,13 @@ def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], exp
                              sweep=s.name, fixed=s.fixed, objectives=s.objectives, baselines=s.baselines)
     scheduler = make_scheduler(s.early_stop, s.metric, s.mode, s.fixed, s.asha_grace,
                                s.asha_reduction_factor)
-    total = s.num_samples * len(expansions)
-    sink = ParquetSink(s.results, s.name, s.fixed, searched, s.metric, s.mode, req.max_gpu_memory)
-    progress = ProgressTable(s.metric, searched, interval_s=0 if quiet else s.progress_interval, total=total,
-                             mode=s.mode, redraw=not s.worker_logs)  # trials' own lines would be drawn over
+    parts = tuner_parts(s, req, searched, quiet)
     tuner = tune.Tuner(
-        _trainable(s, req),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
+        parts.trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total_trials(s),
                                     reuse_actors=False, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
-            name=s.name, storage_path=s.storage,
-            callbacks=[sink, progress, StateBackup(s.experiment_path()), JsonLoggerCallback()],
-            verbose=0,
+            name=s.name, storage_path=s.storage, callbacks=parts.callbacks, verbose=0,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
@@ -377,10 +370,8 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
             _prepare_env(s, req)
             from ray import tune
 
-            from orchestrator.sweep.progress import ProgressTable
             from orchestrator.sweep.repair import repair_missing_rows
             from orchestrator.results.store import write_sweep_row
-            from orchestrator.sweep.sink import ParquetSink
             from orchestrator.cluster.tune_state import StateLost, restore_incomplete
 
             path = s.experiment_path()
@@ -396,9 +387,8 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
             if not tune.Tuner.can_restore(path):
                 raise SweepError(f"NAME: {path} holds no Ray Tune experiment state to resume")
             write_sweep_row(s.results, s.name, {"status": "running"})
-            sink = ParquetSink(s.results, s.name, s.fixed, searched_columns(s, info), s.metric, s.mode,
-                               req.max_gpu_memory)
-            rebuilt = repair_missing_rows(sink, path)
+            searched = searched_columns(s, info)
+            rebuilt = repair_missing_rows(_sink(s, req, searched), path)
             if rebuilt:
                 _say(f"put back the rows of {len(rebuilt)} finished trial(s) the results had missed, from Ray Tune's "
                      f"records: {', '.join(rebuilt)}", quiet)
@@ -406,10 +396,9 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
             if repaired:
                 _say(f"recreated the checkpoint the saved state points at for {', '.join(repaired)}", quiet)
             _say(f"resuming sweep {name} from {path}", quiet)
-            ProgressTable.interval_override = 0 if quiet else s.progress_interval
             with sigterm_as_interrupt() as signalled:
-                tuner = tune.Tuner.restore(path, trainable=_trainable(s, req), resume_unfinished=True,
-                                           resume_errored=resume_errored, restart_errored=restart_errored)
+                tuner = _restore_tuner(path, tuner_parts(s, req, searched, quiet), resume_errored,
+                                       restart_errored)
                 tuner.fit()
                 if repaired:
                     drop_repair_copies(path, repaired)

@@ -36,11 +36,8 @@ LOG_INTERVAL_S = 30.0
 
 class ProgressTable(Callback):
     """One line per trial: redrawn in place on a terminal every `interval_s` seconds and on every change of
-    state; off a terminal, printed only when something changed, at most every 30 s."""
-
-    # A resumed sweep gets this table back from its saved state, printing as the first run asked; the resuming
-    # command's choice (`mdsweep resume --quiet`) is set here and wins, for this process.
-    interval_override: Optional[float] = None
+    state; off a terminal, printed only when something changed, at most every 30 s. `interval_s` 0: never
+    printed (`--quiet`); a resumed sweep gets a new table from the resuming command, so its choice holds."""
 
     def __init__(self, metric: str, searched: list[str], interval_s: float = 15.0, total: Optional[int] = None,
                  stream: Optional[TextIO] = None, mode: str = "max", max_rows: int = 20, redraw: bool = True):
@@ -108,23 +105,19 @@ class ProgressTable(Callback):
         self._entry(trial)["status"] = "retrying"
         self._dirty = True
 
-    @property
-    def interval(self) -> float:
-        return self.interval_s if self.interval_override is None else self.interval_override
-
     def _on_terminal(self) -> bool:
         isatty = getattr(self.stream, "isatty", None)
         return bool(isatty and isatty())
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        if self.interval <= 0:
+        if self.interval_s <= 0:
             return
         now = time.time()
         since = now - self._last_print
         if self._on_terminal():
-            due = since >= self.interval or (self._dirty and since > 2)
+            due = since >= self.interval_s or (self._dirty and since > 2)
         else:
-            due = since >= max(self.interval, LOG_INTERVAL_S) and self._body() != self._last_body
+            due = since >= max(self.interval_s, LOG_INTERVAL_S) and self._body() != self._last_body
         if not due:
             return
         self._last_print = now
@@ -132,7 +125,7 @@ class ProgressTable(Callback):
         self.print_table()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        if self.interval > 0:
+        if self.interval_s > 0:
             self.print_table()
 
     def print_table(self) -> None:
