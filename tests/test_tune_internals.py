@@ -199,3 +199,20 @@ def test_every_callback_hook_the_project_defines_is_one_tune_calls():
         assert hooks and all(callable(getattr(base, name, None)) for name in hooks), moved(
             f"ray.tune.Callback no longer has {[n for n in hooks if not hasattr(base, n)]} ({callback.__name__})",
             f"tune_callback_base (and {callback.__module__})")
+
+
+def test_a_restored_tuner_takes_this_processs_callbacks_on_the_run_config_fit_reads(tmp_path):
+    from ray import tune
+
+    assert "run_config" not in inspect.signature(tune.Tuner.restore).parameters, moved(
+        "Tuner.restore takes a run_config now", "replace_restored_callbacks (pass the callbacks to restore instead)")
+    tuner = tune.Tuner(lambda config: None, run_config=tune.RunConfig(storage_path=str(tmp_path), name="exp"))
+    local = getattr(tuner, "_local_tuner", None)
+    assert local is not None and local.get_run_config() is local._run_config, moved(
+        "a local Tuner no longer keeps the run config fit reads on _local_tuner", "replace_restored_callbacks")
+    callbacks = [tune.Callback()]
+    assert ti.replace_restored_callbacks(tuner, callbacks)
+    assert local._run_config.callbacks == callbacks
+    source = inspect.getsource(type(local))  # fit hands Tune the callbacks from the run config it keeps
+    assert "callbacks=self._run_config.callbacks" in source, moved(
+        "TunerInternal no longer hands Tune the callbacks of self._run_config", "replace_restored_callbacks")

@@ -112,6 +112,19 @@ def tune_callback_base() -> type:
     return Callback
 
 
+def replace_restored_callbacks(tuner: Any, callbacks: list) -> bool:
+    """Give a Tuner from `Tuner.restore` this process's callbacks; False where it cannot.
+
+    Tune restores the callbacks it pickled with the first run and `Tuner.restore` takes no others, so they are
+    set on the local tuner's run config, the one `fit` reads. Under Ray Client the Tuner lives in the cluster
+    (no local tuner) and keeps the saved ones."""
+    local = getattr(tuner, "_local_tuner", None)
+    if local is None:
+        return False
+    local.get_run_config().callbacks = callbacks
+    return True
+
+
 def set_tune_environment(max_pending_trials: str) -> None:
     """Set the environment variables through which Tune is tuned (read when Tune starts, so before `Tuner.fit`);
     a value the user set is kept, except the pending trials, which the driver sizes."""

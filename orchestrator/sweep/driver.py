@@ -28,7 +28,7 @@ from orchestrator.sweep.lock import describe_stale, refusal, running_driver, swe
 from orchestrator.sweep.checks import check_data, check_settings, searched_columns
 from orchestrator.sweep.settings import (MANIFEST, SweepError, SweepSettings, manifest_exists, normalize_storage,
                                          read_manifest, write_manifest)
-from orchestrator.cluster.tune_internals import set_tune_environment
+from orchestrator.cluster.tune_internals import replace_restored_callbacks, set_tune_environment
 from orchestrator.cluster.tune_state import drop_repair_copies, repair_checkpoints
 
 @dataclass
@@ -167,16 +167,13 @@ def tuner_parts(s: SweepSettings, req: TrialResources, searched: list[str], quie
 
 
 def _restore_tuner(path: str, parts: TunerParts, resume_errored: bool, restart_errored: bool) -> Any:
-    """The Tuner of a saved experiment, with this process's trainable and callbacks. Tune restores the callbacks
-    it pickled with the first run and takes no others; they are replaced on its run config (a private attribute)
-    before `fit` reads them. Under Ray Client the Tuner lives in the cluster and keeps the saved ones."""
+    """The Tuner of a saved experiment, with this process's trainable and callbacks (under Ray Client, the
+    callbacks saved with the first run: `replace_restored_callbacks`)."""
     from ray import tune
 
     tuner = tune.Tuner.restore(path, trainable=parts.trainable, resume_unfinished=True,
                                resume_errored=resume_errored, restart_errored=restart_errored)
-    local = getattr(tuner, "_local_tuner", None)
-    if local is not None:
-        local.get_run_config().callbacks = parts.callbacks
+    replace_restored_callbacks(tuner, parts.callbacks)
     return tuner
 
 
