@@ -17,9 +17,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -28,20 +26,10 @@ import pyarrow as pa  # noqa: E402
 import orchestrator.results.store as store  # noqa: E402
 from orchestrator.sweep.sink import ParquetSink  # noqa: E402
 from orchestrator.results.spaces import GROUP_KEY, MEMBER_KEY  # noqa: E402
+from orchestrator.cluster.tune_internals import TrialView  # noqa: E402
 from orchestrator.sweep.trainable import KIND_KEY, PREDICTIONS_KEY  # noqa: E402
 
 FIXED = {"train_data": "/data/train.parquet", "model": "tiny-reader", "max_steps": 20, "eval_every": 1}
-
-
-@dataclass
-class Trial:
-    """What the sink reads of a Tune trial."""
-    trial_id: str
-    config: dict
-    num_failures: int = 0
-    checkpoint: Any = None
-    error_file: Any = None
-    metrics: dict = field(default_factory=dict)
 
 
 class Clock:
@@ -58,10 +46,10 @@ def drive(results: Path, trials: int, reports: int, concurrent: int, seconds: fl
     sink.setup()
     tick = seconds / concurrent  # the gap between two results of the whole sweep
     started = 0
-    live: list[tuple[Trial, int]] = []
+    live: list[tuple[TrialView, int]] = []
     while started < trials or live:
         while len(live) < concurrent and started < trials:
-            trial = Trial(f"{started:08x}", {"lr": 1e-4 * (1 + started % 7), "grad_accum": 2 ** (started % 4),
+            trial = TrialView(f"{started:08x}", {"lr": 1e-4 * (1 + started % 7), "grad_accum": 2 ** (started % 4),
                                              "attention": ("causal", "prefix")[started % 2], GROUP_KEY: started // 2,
                                              MEMBER_KEY: started % 2})
             sink.on_trial_start(0, [], trial)

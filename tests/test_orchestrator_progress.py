@@ -2,22 +2,16 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
+from orchestrator.cluster.tune_internals import TrialView
 from orchestrator.sweep.progress import ProgressTable
 from orchestrator.sweep.trainable import KIND_KEY
-
-
-@dataclass
-class FakeTrial:
-    trial_id: str
-    config: dict
 
 
 def test_table_shows_status_params_step_and_metric():
     out = io.StringIO()
     table = ProgressTable("val_exact_match", ["lr", "attention"], interval_s=1, total=3, stream=out)
-    a, b, c = (FakeTrial(f"t{i}", {"lr": 1e-4 * (i + 1), "attention": "prefix", "_group": i}) for i in range(3))
+    a, b, c = (TrialView(f"t{i}", {"lr": 1e-4 * (i + 1), "attention": "prefix", "_group": i}) for i in range(3))
     for t in (a, b, c):
         table.on_trial_start(0, [], t)
     table.on_trial_result(0, [], a, {"step": 20, "val_exact_match": 0.25, KIND_KEY: "eval",
@@ -39,7 +33,7 @@ def test_long_sweeps_show_live_trials_and_the_best_finished():
     out = io.StringIO()
     table = ProgressTable("val_exact_match", ["lr"], interval_s=1, stream=out, max_rows=5)
     for i in range(30):
-        t = FakeTrial(f"t{i:02d}", {"lr": 1e-4})
+        t = TrialView(f"t{i:02d}", {"lr": 1e-4})
         table.on_trial_start(0, [], t)
         if i < 27:
             table.on_trial_result(0, [], t, {"step": 4, "val_exact_match": i / 100, "outcome": "ok",
@@ -54,7 +48,7 @@ def test_long_sweeps_show_live_trials_and_the_best_finished():
 def test_quiet_table_prints_nothing():
     out = io.StringIO()
     table = ProgressTable("val_exact_match", ["lr"], interval_s=0, stream=out)
-    t = FakeTrial("t0", {"lr": 1e-4})
+    t = TrialView("t0", {"lr": 1e-4})
     table.on_trial_start(0, [], t)
     table.on_step_end(0, [])
     table.on_experiment_end([])
@@ -83,7 +77,7 @@ def test_off_a_terminal_a_table_is_printed_when_it_changed_at_most_every_30_s(mo
     monkeypatch.setattr("orchestrator.sweep.progress.time.time", clock)
     out = io.StringIO()
     table = ProgressTable("val_exact_match", ["lr"], interval_s=15, stream=out)
-    t = FakeTrial("t0", {"lr": 1e-4})
+    t = TrialView("t0", {"lr": 1e-4})
     table.on_trial_start(0, [], t)
     table.on_step_end(0, [])                       # the first table: at once
     for _ in range(10):                            # five minutes with nothing new: nothing
@@ -94,7 +88,7 @@ def test_off_a_terminal_a_table_is_printed_when_it_changed_at_most_every_30_s(mo
     table.on_step_end(0, [])                       # new numbers, 30 s and more since the last table: printed
     assert out.getvalue().count("trials:") == 2
     for i in range(1, 20):                         # trials starting every second: one table per 30 s
-        table.on_trial_start(0, [], FakeTrial(f"t{i}", {"lr": 1e-4}))
+        table.on_trial_start(0, [], TrialView(f"t{i}", {"lr": 1e-4}))
         clock.now += 1
         table.on_step_end(0, [])
     assert out.getvalue().count("trials:") == 2
@@ -110,7 +104,7 @@ def test_on_a_terminal_the_table_is_redrawn_in_place(monkeypatch):
     out = Terminal()
     table = ProgressTable("val_exact_match", ["lr"], interval_s=15, stream=out)
     for i in range(2):
-        table.on_trial_start(0, [], FakeTrial(f"t{i}", {"lr": 1e-4}))
+        table.on_trial_start(0, [], TrialView(f"t{i}", {"lr": 1e-4}))
     table.on_step_end(0, [])
     first = out.getvalue()
     assert first.startswith("[") and first.count("\n") == 4    # head, column names, two trials

@@ -281,12 +281,10 @@ def test_scheduler():
 def test_asha_never_stops_a_trial_at_its_last_step():
     from ray.tune.schedulers import TrialScheduler
 
-    class FakeTrial:
-        def __init__(self, tid):
-            self.trial_id = tid
+    from orchestrator.cluster.tune_internals import TrialView
 
     asha = make_scheduler("asha", "val_exact_match", "max", {"max_steps": 6}, 2, 3)
-    trials = [FakeTrial(f"t{i}") for i in range(4)]
+    trials = [TrialView(f"t{i}") for i in range(4)]
     for t in trials:
         asha.on_trial_add(None, t)
     # at the first rung, the worse trials are stopped ...

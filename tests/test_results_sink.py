@@ -1,17 +1,16 @@
-"""The Parquet sink, driven like Ray Tune drives it (fake trials, no cluster)."""
+"""The Parquet sink, driven like Ray Tune drives it (stand-in trials, no cluster)."""
 from __future__ import annotations
 
 import pickle
 import re
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from orchestrator.cluster.tune_internals import TrialView
 from orchestrator.results.schema import METADATA_KEY, METRICS, SCHEMA_VERSION, TABLES, schema_for
 from orchestrator.results.spaces import GROUP_KEY, MEMBER_KEY
 from orchestrator.results.store import read_partition, write_atomic, write_sweep_row
@@ -29,15 +28,6 @@ def every_change_written(monkeypatch):
 
 
 FIXED = {"train_data": "/data/train.parquet", "model": "tiny", "max_steps": 4, "eval_every": 2}
-
-
-@dataclass
-class FakeTrial:
-    trial_id: str
-    config: dict
-    num_failures: int = 0
-    checkpoint: Any = None
-    error_file: Optional[str] = None
 
 
 def _eval(step: int, em: float, **extra) -> dict:
@@ -64,12 +54,12 @@ def _sink(tmp_path: Path, name: str = "demo") -> ParquetSink:
     return ParquetSink(str(tmp_path / "results"), name, FIXED, ["lr", "attention"], "val_exact_match", "max")
 
 
-def _trial(tid: str = "t1", lr: float = 1e-4, attention: str = "prefix", group: int = 0) -> FakeTrial:
-    return FakeTrial(tid, {"lr": lr, "attention": attention, "lr_aux": 3, "_drop": ["lr_aux"], GROUP_KEY: group,
+def _trial(tid: str = "t1", lr: float = 1e-4, attention: str = "prefix", group: int = 0) -> TrialView:
+    return TrialView(tid, {"lr": lr, "attention": attention, "lr_aux": 3, "_drop": ["lr_aux"], GROUP_KEY: group,
                            MEMBER_KEY: 0})
 
 
-def _run_one(sink: ParquetSink, trial: FakeTrial, ems=(0.25, 0.5), final_em=0.5, **final_kw) -> None:
+def _run_one(sink: ParquetSink, trial: TrialView, ems=(0.25, 0.5), final_em=0.5, **final_kw) -> None:
     sink.on_trial_start(0, [], trial)
     for i, em in enumerate(ems):
         sink.on_trial_result(0, [], trial, _eval(2 * (i + 1), em))
@@ -210,7 +200,7 @@ def test_outcomes_oom_stopped_and_error(tmp_path):
     sink.on_trial_complete(0, [], stopped)  # ASHA stopped it: no final report
     err_file = tmp_path / "error.txt"
     err_file.write_text("Traceback ...\nRuntimeError: worker lost three times\n")
-    errored = FakeTrial("err", {"lr": 1e-5, "attention": "causal"}, num_failures=3, error_file=str(err_file))
+    errored = TrialView("err", {"lr": 1e-5, "attention": "causal"}, num_failures=3, error_file=str(err_file))
     sink.on_trial_start(0, [], errored)
     sink.on_trial_error(0, [], errored)
     trials = {r["trial_id"]: r for r in _read(tmp_path, "trials").to_pylist()}
@@ -507,7 +497,7 @@ def test_a_trial_tune_restarts_under_a_new_id_keeps_one_row(tmp_path):
     assert {r["trial_id"] for r in read_partition(tmp_path / "results", "predictions", "demo")} == {"t9"}
 
 
-def _tune_record(experiment: Path, trial: FakeTrial, reports: list[dict]) -> None:
+def _tune_record(experiment: Path, trial: TrialView, reports: list[dict]) -> None:
     """What Tune keeps of a trial in its folder: every report (result.json) and its suggestion (params.json)."""
     import json
 

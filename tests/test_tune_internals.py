@@ -216,3 +216,13 @@ def test_a_restored_tuner_takes_this_processs_callbacks_on_the_run_config_fit_re
     source = inspect.getsource(type(local))  # fit hands Tune the callbacks from the run config it keeps
     assert "callbacks=self._run_config.callbacks" in source, moved(
         "TunerInternal no longer hands Tune the callbacks of self._run_config", "replace_restored_callbacks")
+
+
+def test_the_stand_in_trial_has_only_attributes_a_real_trial_has(tmp_path):
+    import dataclasses
+
+    trial, _ = stub_trial(tmp_path, checkpoint_index=1)
+    # a property (error_file, checkpoint) on the class, a plain attribute on the instance; not read: some need storage
+    missing = [f.name for f in dataclasses.fields(ti.TrialView)
+               if not (hasattr(type(trial), f.name) or f.name in vars(trial))]
+    assert not missing, moved(f"a Tune Trial no longer has {missing}", "TrialView and the callbacks that read them")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -51,6 +52,18 @@ TUNE_FAILURE_LINE = "Failure #"
 # The environment variable in which Ray's job manager passes a submitted job's config (runtime env, metadata)
 # to its driver (ray._private.runtime_env.constants.RAY_JOB_CONFIG_JSON_ENV_VAR)
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+@dataclass
+class TrialView:
+    """The attributes of a Tune `Trial` the project's callbacks read (the sink, the progress table, the error
+    text), standing in for Tune's trial where they are driven without Tune: the sink's benchmark and the tests.
+    tests/test_tune_internals.py checks that a real Trial has each of them."""
+    trial_id: str
+    config: dict[str, Any] = field(default_factory=dict)
+    num_failures: int = 0
+    checkpoint: Any = None  # Tune's Checkpoint of the trial's latest report, or None
+    error_file: Optional[str] = None
 
 
 def checkpoint_dir_name(index: int) -> str:
