@@ -407,7 +407,6 @@ def test_the_trials_file_is_rewritten_at_most_every_interval_and_every_step_row_
     clock[0] += 1  # a slow write (2 s) stretches the interval to 50 x 2 = 100 s
     monkeypatch.setattr(sink_module, "write_trials_file", lambda *args: (writes.append(clock[0]), real_write(*args),
                                                                         clock.__setitem__(0, clock[0] + 2)))
-    sink._write_seconds = 0.0
     sink.on_trial_result(0, [], second, _eval(10, 0.9))
     sink.on_experiment_end([])
     clock[0] += 60
