@@ -1,13 +1,7 @@
 """Shared test helpers: tiny models and synthetic captcha data made on the fly."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -78,31 +72,3 @@ def fake_hub_cache(cache: Path, repo: str, revision: str, files: dict[str, Path]
     snapshot.mkdir(parents=True, exist_ok=True)
     for name, source in files.items():
         shutil.copyfile(source, snapshot / name)
-
-
-def signal_driver_when(argv: list[str], ready: Callable[[], bool], log_path: Path, env: dict, cwd: Path,
-                       how: str = "kill", deadline_s: float = 300) -> int:
-    """Run an `mdsweep` driver in its own session, signal it once `ready()` holds, and return its exit code.
-
-    `how` is what a user does: "kill" sends SIGTERM to the driver alone (`kill PID`, a batch scheduler); "ctrl-c"
-    sends SIGINT to its whole process group, as a terminal does, so an embedded cluster's processes get it too.
-    Whatever happens, the process group is gone afterwards: a test that fails half-way must not leave a Ray head
-    running on the machine."""
-    with open(log_path, "w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *argv], stdout=log,
-                                  stderr=subprocess.STDOUT, env=env, cwd=str(cwd), start_new_session=True)
-        try:
-            deadline = time.monotonic() + deadline_s
-            while not ready():
-                assert driver.poll() is None, log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, f"not ready within {deadline_s} s: {log_path}"
-                time.sleep(0.25)
-            if how == "ctrl-c":
-                os.killpg(driver.pid, signal.SIGINT)
-            else:
-                assert how == "kill", how
-                driver.send_signal(signal.SIGTERM)
-            return driver.wait(timeout=120)
-        finally:
-            if driver.poll() is None:
-                os.killpg(driver.pid, signal.SIGKILL)

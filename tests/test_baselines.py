@@ -2,18 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from harness import mdsweep
 from orchestrator.sweep.baselines import FINETUNE_TEXT_2025, NOTEBOOK_2024, BaselineError, plan_baselines
 from orchestrator.results.spaces import validate_space
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _plan(spec, revision=None, space="smoke:paired", fixed=None, crossed=("attention",), num_samples=8):
@@ -80,18 +76,12 @@ def test_every_announced_baseline_runs_and_each_has_its_own_name(tmp_path):
         _plan(str(path))
 
 
-def _mdsweep(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=600, env={**env, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
-
-
 @pytest.fixture(scope="module")
 def baseline_sweep(tmp_path_factory, captcha_parquet):
     tmp = tmp_path_factory.mktemp("baseline")
     recipe = tmp / "recipe.json"
     recipe.write_text(json.dumps([{"name": "recipe", "lr": 8e-4, "grad_accum": 2, "adam_beta2": 0.95}]))
-    proc = _mdsweep("run", "--name", "vs", "--space", "smoke:paired", "--cross", "attention", "--enqueue",
+    proc = mdsweep("run", "--name", "vs", "--space", "smoke:paired", "--cross", "attention", "--enqueue",
                     str(recipe), "--num-samples", "2", "--model", "tiny-reader", "--train-data", str(captcha_parquet),
                     "--max-steps", "3", "--batch-size", "4", "--max-val-samples", "16", "--set", "max_new_tokens=5",
                     "--num-cpus", "2", "--max-concurrent", "2", "--storage", str(tmp / "sweeps"),
@@ -119,10 +109,10 @@ def test_summary_report_and_query_say_the_same_vs_baseline(baseline_sweep):
     tmp, proc = baseline_sweep
     lines = [line for line in proc.stdout.splitlines() if line.startswith("vs baseline recipe")]
     assert len(lines) == 1, proc.stdout
-    query = _mdsweep("query", str(tmp / "results"), "--sweep", "vs", "--vs-baseline")
+    query = mdsweep("query", str(tmp / "results"), "--sweep", "vs", "--vs-baseline")
     assert query.returncode == 0, query.stderr
     assert query.stdout.strip() == lines[0]
-    as_json = json.loads(_mdsweep("query", str(tmp / "results"), "--sweep", "vs", "--vs-baseline", "--format",
+    as_json = json.loads(mdsweep("query", str(tmp / "results"), "--sweep", "vs", "--vs-baseline", "--format",
                                   "json").stdout)[0]
     assert as_json["baseline"] == "recipe" and as_json["n"] == 10  # the validation split of 96 captchas
     assert as_json["em_best"] - as_json["em_baseline"] == pytest.approx(as_json["diff"])

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REFERENCE_DIR
+from harness import mdsweep
 from trainer.model.config import SHIPPED_MODELS_DIR
 from trainer.model.loading import load_model
 from trainer.model.reference_check import REFERENCE_NAME, check
@@ -181,11 +180,6 @@ def test_a_2024_region_head_is_skipped_with_a_note(tmp_path):
         load_model(str(directory))
 
 
-def _mdsweep(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
-
-
 @pytest.mark.slow
 def test_train_and_predict_read_a_2024_checkpoint_as_they_read_the_2025_one(tmp_path, captcha_parquet):
     """The same training run from the same base in two layouts: equal losses, equal predictions."""
@@ -193,11 +187,11 @@ def test_train_and_predict_read_a_2024_checkpoint_as_they_read_the_2025_one(tmp_
     results = {}
     for name, model in (("2025", str(TINY_READER)), ("2024", str(old))):
         out = tmp_path / f"run-{name}"
-        done = _mdsweep("train", "--model", model, "--train-data", str(captcha_parquet), "--max-steps", "2",
+        done = mdsweep("train", "--model", model, "--train-data", str(captcha_parquet), "--max-steps", "2",
                         "--batch-size", "4", "--max-val-samples", "8", "--out", str(out),
                         "--save-model", str(out / "model"), cwd=tmp_path)
         assert done.returncode == 0, done.stderr
-        predicted = _mdsweep("predict", "--model", str(out / "model"), "--data", str(captcha_parquet),
+        predicted = mdsweep("predict", "--model", str(out / "model"), "--data", str(captcha_parquet),
                              "--limit", "8", "--show", "-1", cwd=tmp_path)
         assert predicted.returncode == 0, predicted.stderr
         result = json.loads((out / "result.json").read_text())
@@ -208,18 +202,13 @@ def test_train_and_predict_read_a_2024_checkpoint_as_they_read_the_2025_one(tmp_
 @pytest.mark.slow
 def test_a_sweep_trains_the_2024_layout_as_it_trains_the_2025_one(tmp_path, captcha_parquet):
     """`--cross model=NEW,OLD`: every proposal runs on the base in both layouts, so their rows must match exactly."""
-    import os
-
     import pyarrow.parquet as pq
 
     old = resaved(TINY_READER, tmp_path / "old", WEIGHTS_FILE, "2024", orig_mod=True)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "run", "--name", "layouts", "--space", "smoke:paired", "--cross",
-         f"model={TINY_READER},{old}", "--num-samples", "1", "--train-data", str(captcha_parquet), "--max-steps", "2",
-         "--batch-size", "4", "--max-val-samples", "8", "--set", "max_new_tokens=5", "--num-cpus", "2", "--quiet",
-         "--storage", str(tmp_path / "sweeps"), "--results", str(tmp_path / "results")],
-        capture_output=True, text=True, timeout=600, env=env, cwd=str(Path(__file__).resolve().parents[1]))
+    done = mdsweep("run", "--name", "layouts", "--space", "smoke:paired", "--cross", f"model={TINY_READER},{old}",
+                   "--num-samples", "1", "--train-data", str(captcha_parquet), "--max-steps", "2", "--batch-size", "4",
+                   "--max-val-samples", "8", "--set", "max_new_tokens=5", "--num-cpus", "2", "--quiet", "--storage",
+                   str(tmp_path / "sweeps"), "--results", str(tmp_path / "results"), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     trials = {Path(r["model"]).name: r for r in pq.read_table(tmp_path / "results" / "trials").to_pylist()}
     assert set(trials) == {"tiny-reader", "old"} and all(r["outcome"] == "ok" for r in trials.values())

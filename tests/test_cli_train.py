@@ -6,6 +6,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from harness import mdsweep, running_driver, wait_until
 from orchestrator.cli.main import main
 
 
@@ -44,16 +45,12 @@ def test_a_crashed_train_resumes_with_every_row_once_and_the_weights_of_an_unint
                                                                                              tmp_path):
     """The process dies at step 3 (after the step-2 checkpoint); `--resume` must keep steps 1-2 and the step-2
     report, run steps 3-4 once, and end where an uninterrupted run ends."""
-    import subprocess
-    import sys
-
     import torch
     from safetensors.torch import load_file
 
     def train(out, *extra):
-        return subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", "--train-data", str(captcha_parquet),
-                               "--max-steps", "4", "--eval-every", "2", "--val-fraction", "0.25", "--out", str(out),
-                               "--save-model", str(out / "model"), *extra], capture_output=True, text=True, timeout=300)
+        return mdsweep("train", "--train-data", str(captcha_parquet), "--max-steps", "4", "--eval-every", "2",
+                       "--val-fraction", "0.25", "--out", str(out), "--save-model", str(out / "model"), *extra)
 
     crashed = train(tmp_path / "run", "--fault", "crash@3")
     assert crashed.returncode != 0
@@ -89,25 +86,15 @@ def test_failed_outcome_has_its_own_exit_code(captcha_parquet, tmp_path):
 def test_ctrl_c_is_one_line_naming_the_last_checkpoint_and_resume_finishes(captcha_parquet, tmp_path):
     import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     out = tmp_path / "run"
     # evaluations (with generation) are most of a step's time: few of them keep the test short on a busy machine
-    command = [sys.executable, "-m", "orchestrator.cli", "train", "--train-data", str(captcha_parquet), "--max-steps",
-               "60", "--eval-every", "10", "--batch-size", "2", "--max-val-samples", "4", "--val-fraction", "0.25",
-               "--out", str(out)]
-    # SIGINT as a terminal's Ctrl-C delivers it: to the job's own process group, with the default disposition (a
-    # test runner started in the background by a shell inherits SIGINT ignored, and Python then keeps ignoring it)
-    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while not (out / "reports.parquet").is_file():
-        assert job.poll() is None and time.monotonic() < deadline, job.stderr.read() if job.poll() is not None else ""
-        time.sleep(0.1)
-    os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
-    _, err = job.communicate(timeout=60)
+    argv = ["train", "--train-data", str(captcha_parquet), "--max-steps", "60", "--eval-every", "10", "--batch-size",
+            "2", "--max-val-samples", "4", "--val-fraction", "0.25", "--out", str(out)]
+    with running_driver(argv) as job:
+        wait_until(lambda: (out / "reports.parquet").is_file(), "the first report", 120, job)
+        os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: to the job's whole process group
+        _, err = job.communicate(timeout=60)
     assert job.returncode == 130
     last = err.strip().splitlines()[-1]
     assert last.startswith("mdsweep train: interrupted at step ") and "Traceback" not in err
@@ -115,7 +102,7 @@ def test_ctrl_c_is_one_line_naming_the_last_checkpoint_and_resume_finishes(captc
     checkpoint_step = int(last.split("the last checkpoint is at step ")[1].split()[0])
     steps = pq.read_table(out / "steps.parquet").column("step").to_pylist()
     assert steps[:checkpoint_step] == list(range(1, checkpoint_step + 1))
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    resumed = mdsweep(*argv, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert pq.read_table(out / "steps.parquet").column("step").to_pylist() == list(range(1, 61))
     assert pq.read_table(out / "reports.parquet").column("step").to_pylist() == list(range(10, 61, 10))

@@ -14,15 +14,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import psutil
 import pytest
 
+from harness import free_port, running_driver, wait_until
 from orchestrator.results.store import read_partition
-from test_orchestrator_ray_start import RAY, ROOT, _agent_ports, _end_processes_of, _free_port
+from test_orchestrator_ray_start import RAY, _agent_ports, _end_processes_of
 
 pytestmark = pytest.mark.slow  # real Ray heads and sweeps: the fast lane (-m "not slow") leaves them out
 
@@ -34,14 +34,14 @@ def two_nodes():
     (home / ".ray").mkdir()
     (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
     temp_dir = tempfile.mkdtemp(prefix="mdq")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HOME": str(home), "PATH": f"{RAY.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "PYTHONPATH"):
         env.pop(key, None)
     try:
         for args, extra in (
                 (["--head", "--port", str(port), "--temp-dir", temp_dir, "--include-dashboard", "false",
-                  "--ray-client-server-port", str(_free_port())], {}),
+                  "--ray-client-server-port", str(free_port())], {}),
                 (["--address", f"127.0.0.1:{port}"], {"RAY_AUTH_MODE": "token"})):
             started = subprocess.run([str(RAY), "start", *args, "--num-cpus", "1", *_agent_ports(),
                                       "--disable-usage-stats"], capture_output=True, text=True, timeout=180,
@@ -78,24 +78,22 @@ def _kill_node(raylet_socket: str) -> int:
     return len(victims)
 
 
-def _start_sweep(env: dict, address: str, tmp_path: Path, data: Path, name: str, *flags: str) -> subprocess.Popen:
-    """A sweep on the cluster at `address`: `smoke` space, CPU trials evaluated every 2 steps, results under
-    tmp_path/results; `flags` add its size."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "run", "--name", name, "--address", address, "--space", "smoke",
-         "--gpus-per-trial", "0", "--storage", str(tmp_path / "sweeps"), "--results", str(tmp_path / "results"),
-         "--quiet", "--train-data", str(data), "--eval-every", "2", "--batch-size", "2", "--max-val-samples", "4",
-         "--set", "max_new_tokens=5", *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
-        env={**env, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token"})
+def _sweep(env: dict, address: str, tmp_path: Path, data: Path, name: str, *flags: str):
+    """A sweep on the cluster at `address`, running for the block: `smoke` space, CPU trials evaluated every 2
+    steps, results under tmp_path/results; `flags` add its size."""
+    return running_driver(
+        ["run", "--name", name, "--address", address, "--space", "smoke", "--gpus-per-trial", "0", "--storage",
+         str(tmp_path / "sweeps"), "--results", str(tmp_path / "results"), "--quiet", "--train-data", str(data),
+         "--eval-every", "2", "--batch-size", "2", "--max-val-samples", "4", "--set", "max_new_tokens=5", *flags],
+        base_env=env, env={"RAY_AUTH_MODE": "token"})
 
 
 def test_a_node_dying_mid_trial_is_survived_with_every_row_once(two_nodes, tmp_path, captcha_parquet):
     env, address = two_nodes
     node_id, raylet_socket = _joined_node(env, address)
     results = tmp_path / "results"
-    driver = _start_sweep(env, address, tmp_path, captcha_parquet, "nodefault", "--num-samples", "2",
-                          "--max-concurrent", "2", "--max-failures", "2", "--max-steps", "24")
+    sweep = _sweep(env, address, tmp_path, captcha_parquet, "nodefault", "--num-samples", "2", "--max-concurrent",
+                   "2", "--max-failures", "2", "--max-steps", "24")
 
     def victim() -> str | None:
         """The trial running on the joined node, once it has a checkpoint to be retried from, and far from its
@@ -106,16 +104,10 @@ def test_a_node_dying_mid_trial_is_survived_with_every_row_once(two_nodes, tmp_p
             last[s["trial_id"]] = max(last.get(s["trial_id"], 0), s["step"])
         return next((t for t, step in last.items() if t in on_node and 2 <= step <= 12), None)
 
-    try:
-        deadline = time.monotonic() + 300
-        while (trial := victim()) is None:
-            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[1][-3000:]
-            time.sleep(0.2)
+    with sweep as driver:
+        trial = wait_until(victim, "a trial on the joined node with a checkpoint", 300, driver, 0.2)
         assert _kill_node(raylet_socket) >= 2
         out, err = driver.communicate(timeout=400)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
     assert driver.returncode == 0, err[-3000:]
     trials = {t["trial_id"]: t for t in read_partition(results, "trials", "nodefault")}
     assert len(trials) == 2 and all(t["outcome"] == "ok" for t in trials.values())
@@ -170,20 +162,14 @@ def test_a_node_lost_between_trials_leaves_the_rest_of_the_sweep_to_the_others(t
     env, address = two_nodes
     node_id, raylet_socket = _joined_node(env, address)
     results = tmp_path / "results"
-    with _head_taken(env, address) as free_the_head:
-        driver = _start_sweep(env, address, tmp_path, captcha_parquet, "between", "--num-samples", "2",
-                              "--max-concurrent", "1", "--max-steps", "4")
-        try:
-            deadline = time.monotonic() + 300
-            while not (done := [t for t in read_partition(results, "trials", "between") if t["outcome"] == "ok"]):
-                assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[1][-3000:]
-                time.sleep(0.2)
-            _kill_node(raylet_socket)
-            free_the_head()
-            out, err = driver.communicate(timeout=400)
-        finally:
-            if driver.poll() is None:
-                driver.kill()
+    with _head_taken(env, address) as free_the_head, \
+            _sweep(env, address, tmp_path, captcha_parquet, "between", "--num-samples", "2", "--max-concurrent", "1",
+                   "--max-steps", "4") as driver:
+        done = wait_until(lambda: [t for t in read_partition(results, "trials", "between") if t["outcome"] == "ok"],
+                          "the first trial done", 300, driver, 0.2)
+        _kill_node(raylet_socket)
+        free_the_head()
+        out, err = driver.communicate(timeout=400)
     assert driver.returncode == 0, err[-3000:]
     (first,) = done
     assert first["node_id"] == node_id  # the node killed had run a trial

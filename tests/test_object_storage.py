@@ -7,29 +7,20 @@ the export can only work if they read them back from there.
 """
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import signal_driver_when
+from harness import free_port, mdsweep, short_temp_dir, signal_driver_when, wait_until
 from orchestrator.results.store import read_partition
 
-ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "sweeps"
 STORAGE = f"s3://{BUCKET}/runs"
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +29,22 @@ def s3_env(tmp_path_factory):
     the AWS SDKs (pyarrow's and boto3's) at it."""
     import boto3
 
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=log,
                               stderr=subprocess.STDOUT)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    def listening() -> bool:
+        assert server.poll() is None, "moto server ended"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "moto server did not start"
-                time.sleep(0.2)
+        wait_until(listening, "the moto server listening", deadline_s=60, interval_s=0.2)
         boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                      aws_access_key_id="test", aws_secret_access_key="test").create_bucket(Bucket=BUCKET)
         yield env
@@ -63,10 +55,9 @@ def s3_env(tmp_path_factory):
 
 
 def _cli_env(s3_env: dict, home: Path, temp: Path) -> dict:
-    """The commands' environment: the S3 endpoint, and a HOME and TMPDIR of the test's own (TMPDIR holds Ray's
-    session and the trials' scratch folders), so every local place a sweep could write can be looked at."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return {**env, **s3_env, "PYTHONPATH": str(ROOT), "HOME": str(home), "TMPDIR": str(temp)}
+    """What the commands' environment adds: the S3 endpoint, and a HOME and TMPDIR of the test's own (TMPDIR holds
+    Ray's session and the trials' scratch folders), so every local place a sweep could write can be looked at."""
+    return {**s3_env, "HOME": str(home), "TMPDIR": str(temp)}
 
 
 def _bucket_files(s3_env: dict, prefix: str) -> dict[str, int]:
@@ -81,14 +72,9 @@ def _bucket_files(s3_env: dict, prefix: str) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
-    """The sweep's HOME and TMPDIR (a short path: Ray's socket names under it must fit in 107 bytes)."""
-    import shutil
-    import tempfile
-
-    temp = Path(tempfile.mkdtemp(prefix="mds3"))
-    home = tmp_path_factory.mktemp("s3-home")
-    yield {"home": home, "temp": temp}
-    shutil.rmtree(temp, ignore_errors=True)
+    """The sweep's HOME and TMPDIR (short: Ray's sockets live under it)."""
+    with short_temp_dir("mds3") as temp:
+        yield {"home": tmp_path_factory.mktemp("s3-home"), "temp": temp}
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +97,9 @@ def resumed(s3_env, local, tmp_path_factory, captcha_parquet):
          "--num-cpus", "2", "--storage", STORAGE, "--results", str(results), "--progress-interval", "1",
          "--train-data", str(captcha_parquet), "--max-steps", "8", "--eval-every", "2", "--batch-size", "2",
          "--max-val-samples", "4", "--set", "max_new_tokens=5", "--set", "fault=crash@5"],
-        first_done_second_checkpointed, tmp / "driver.log", env, tmp)
+        first_done_second_checkpointed, tmp / "driver.log", env, cwd=tmp)
     interrupted = (tmp / "driver.log").read_text()
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resume", "bucketed", "--storage", STORAGE],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp))
+    proc = mdsweep("resume", "bucketed", "--storage", STORAGE, env=env, cwd=tmp)
     return tmp, code, interrupted, before, proc
 
 
@@ -181,10 +166,8 @@ def test_export_copies_the_best_checkpoint_out_of_the_bucket(resumed, s3_env, lo
 
     tmp = resumed[0]
     out = tmp_path / "best"
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "export", str(tmp / "results"), "--sweep",
-                           "bucketed", "--best", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300,
-                          env=_cli_env(s3_env, local["home"], local["temp"]), cwd=str(tmp))
+    proc = mdsweep("export", str(tmp / "results"), "--sweep", "bucketed", "--best", "--out", str(out),
+                   env=_cli_env(s3_env, local["home"], local["temp"]), cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     card = read_model_card(out)
     row = next(t for t in read_partition(tmp / "results", "trials", "bucketed") if t["trial_id"] == card["trial_id"])

@@ -7,21 +7,17 @@ schedules them, the tiny jobs run on the CPU. One cluster serves the module.
 """
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from harness import job_flags, mdsweep, running_driver, wait_until
 from orchestrator.results.store import read_partition
 
 pytestmark = pytest.mark.slow  # real Ray heads and sweeps: the fast lane (-m "not slow") leaves them out
 
-ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
 
 
@@ -38,25 +34,10 @@ def cluster():
         c.shutdown()
 
 
-def _env(extra: dict | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(ROOT)
-    env.update(extra or {})
-    return env
-
-
-def mdsweep(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=_env(env), cwd=str(ROOT))
-
-
-def job_flags(data: Path, max_steps: int = 2, val_samples: int = 4) -> list[str]:
-    return ["--train-data", str(data), "--max-steps", str(max_steps), "--eval-every", "2", "--batch-size", "2",
-            "--max-val-samples", str(val_samples), "--set", "max_new_tokens=5", "--progress-interval", "0"]
-
-
 def where(tmp: Path, name: str) -> list[str]:
-    return ["--name", name, "--storage", str(tmp / "sweeps"), "--results", str(tmp / "results")]
+    """Name, storage and results of a sweep under `tmp`, its progress table off."""
+    return ["--name", name, "--storage", str(tmp / "sweeps"), "--results", str(tmp / "results"),
+            "--progress-interval", "0"]
 
 
 def _overlap(a: dict, b: dict) -> bool:
@@ -66,7 +47,7 @@ def _overlap(a: dict, b: dict) -> bool:
 def test_gpu_memory_per_trial_packs_two_trials_per_gpu(cluster, tmp_path, captcha_parquet):
     proc = mdsweep("run", *where(tmp_path, "packed"), "--address", cluster.address, "--space", "smoke",
                    "--num-samples", "4", "--gpu-memory-per-trial", "8GiB", "--node-gpu-memory", "16GiB",
-                   *job_flags(captcha_parquet))
+                   *job_flags(captcha_parquet, 2))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "attached to the Ray cluster at" in proc.stderr and "0.5 GPU" in proc.stderr
     rows = read_partition(tmp_path / "results", "trials", "packed")
@@ -91,7 +72,7 @@ def test_gpu_memory_per_trial_packs_two_trials_per_gpu(cluster, tmp_path, captch
 ])
 def test_a_trial_that_fits_nowhere_is_an_error_up_front(cluster, tmp_path, captcha_parquet, flags, flag):
     proc = mdsweep("run", *where(tmp_path, "toolarge"), "--address", cluster.address, *flags,
-                   *job_flags(captcha_parquet), timeout=120)
+                   *job_flags(captcha_parquet, 2), timeout=120)
     assert proc.returncode == 2 and flag in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "sweeps" / "toolarge").exists()  # nothing was scheduled
 
@@ -99,7 +80,7 @@ def test_a_trial_that_fits_nowhere_is_an_error_up_front(cluster, tmp_path, captc
 def test_paired_attention_comparison_on_identical_settings(cluster, tmp_path, captcha_parquet):
     proc = mdsweep("run", *where(tmp_path, "paired"), "--address", cluster.address, "--space", "smoke:paired",
                    "--cross", "attention", "--num-samples", "1", "--gpus-per-trial", "0",
-                   *job_flags(captcha_parquet, val_samples=6))
+                   *job_flags(captcha_parquet, 2, val_samples=6))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_partition(tmp_path / "results", "trials", "paired")
     assert sorted(r["attention"] for r in rows) == ["causal", "prefix"]
@@ -114,40 +95,24 @@ def test_paired_attention_comparison_on_identical_settings(cluster, tmp_path, ca
     assert 0 <= pair["mcnemar_p"] <= 1 and pair["ci_low"] <= pair["diff"] <= pair["ci_high"]
 
 
-def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"driver exited ({proc.returncode}) before {what}")
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_killed_driver_is_resumed_with_nothing_lost_or_duplicated(cluster, tmp_path, captcha_parquet):
     results = tmp_path / "results"
-    log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "run", *where(tmp_path, "killed"), "--address", cluster.address,
-         "--space", "smoke", "--num-samples", "3", "--max-concurrent", "1", "--gpus-per-trial", "0",
-         *job_flags(captcha_parquet, max_steps=8)],
-        stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=str(ROOT))
-    try:
-        def first_done_second_halfway() -> bool:
-            # the second trial past its second checkpoint, so that the experiment state
-            # saved on storage surely knows one of its checkpoints
-            trials = read_partition(results, "trials", "killed")
-            steps = read_partition(results, "steps", "killed")
-            done = [t["trial_id"] for t in trials if t["outcome"] == "ok"]
-            halfway = {s["trial_id"] for s in steps if s["step"] >= 4} - set(done)
-            return len(done) == 1 and bool(halfway)
 
-        _wait_for(first_done_second_halfway, 240, "one trial done and the next one halfway", driver)
-    finally:
+    def first_done_second_halfway() -> bool:
+        # the second trial past its second checkpoint, so that the experiment state
+        # saved on storage surely knows one of its checkpoints
+        trials = read_partition(results, "trials", "killed")
+        steps = read_partition(results, "steps", "killed")
+        done = [t["trial_id"] for t in trials if t["outcome"] == "ok"]
+        halfway = {s["trial_id"] for s in steps if s["step"] >= 4} - set(done)
+        return len(done) == 1 and bool(halfway)
+
+    argv = ["run", *where(tmp_path, "killed"), "--address", cluster.address, "--space", "smoke", "--num-samples",
+            "3", "--max-concurrent", "1", "--gpus-per-trial", "0", *job_flags(captcha_parquet, max_steps=8)]
+    with running_driver(argv, log_path=tmp_path / "driver.log") as driver:
+        wait_until(first_done_second_halfway, "one trial done and the next one halfway", 240, driver, 0.25)
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
-        log.close()
     before = {t["trial_id"]: t for t in read_partition(results, "trials", "killed")}
     (first,) = [tid for tid, t in before.items() if t["outcome"] == "ok"]
     (interrupted,) = [tid for tid, t in before.items() if t["outcome"] == "running"]

@@ -13,16 +13,13 @@ import pickle
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import signal_driver_when
-
-ROOT = Path(__file__).resolve().parent.parent
+from harness import ROOT, job_flags, mdsweep, running_driver, short_temp_dir, signal_driver_when, wait_until
 
 FAULT_SPACE = """
 FAULTS = {1: "oom@2", 2: "crash@3", 3: "nan@1"}
@@ -32,27 +29,11 @@ def space(trial):
 """
 
 
-def mdsweep(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=str(ROOT))
-
-
-def job_flags(data: Path) -> list[str]:
-    return ["--train-data", str(data), "--max-steps", "4", "--eval-every", "2", "--batch-size", "2",
-            "--max-val-samples", "4", "--set", "max_new_tokens=5", "--set", "diverge_patience=2"]
-
-
 @pytest.fixture(scope="module")
 def scratch_dir():
-    """The module sweep's TMPDIR: where its trials keep their scratch folders, and Ray its session (a short path:
-    Ray's socket paths under it must fit the 107 bytes of a Unix socket name)."""
-    import shutil
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix="mds"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    """The module sweep's TMPDIR: where its trials keep their scratch folders, and Ray its session."""
+    with short_temp_dir("mds") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +41,10 @@ def sweep(tmp_path_factory, captcha_parquet, captcha_test_parquet, scratch_dir):
     tmp = tmp_path_factory.mktemp("embedded")
     space = tmp / "fault_space.py"
     space.write_text(textwrap.dedent(FAULT_SPACE))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "run", "--name", "faults", "--space", f"{space}:space",
-         "--num-samples", "4", "--storage", str(tmp / "sweeps"), "--results", str(tmp / "results"),
-         "--num-cpus", "2", "--max-failures", "1", "--progress-interval", "1", *job_flags(captcha_parquet),
-         "--test-data", str(captcha_test_parquet), "--test-top", "2"],
-        capture_output=True, text=True, timeout=400,
-        env={**env, "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch_dir)}, cwd=str(ROOT))
+    proc = mdsweep("run", "--name", "faults", "--space", f"{space}:space", "--num-samples", "4", "--storage",
+                   str(tmp / "sweeps"), "--results", str(tmp / "results"), "--num-cpus", "2", "--max-failures", "1",
+                   "--progress-interval", "1", *job_flags(captcha_parquet), "--test-data", str(captcha_test_parquet),
+                   "--test-top", "2", env={"TMPDIR": str(scratch_dir)}, timeout=400)
     return tmp, proc
 
 
@@ -485,16 +462,15 @@ def test_a_corrupt_dataset_fails_before_ray_starts_naming_the_flag(tmp_path):
 
 @pytest.mark.slow
 def test_a_multi_objective_sweep_prints_its_pareto_front(tmp_path, captcha_parquet):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     where = ["--storage", str(tmp_path / "sweeps")]
     proc = mdsweep("run", "--name", "pareto", "--space", "smoke", "--num-samples", "3", *where,
                    "--results", str(tmp_path / "results"), "--num-cpus", "2", "--progress-interval", "0",
                    "--objective", "val_exact_match:max", "--objective", "elapsed_s:min",
-                   *job_flags(captcha_parquet), env=env)
+                   *job_flags(captcha_parquet))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary = proc.stdout + proc.stderr
     assert "Pareto front over val_exact_match (max), elapsed_s (min)" in summary
-    front = mdsweep("query", str(tmp_path / "results"), "--sweep", "pareto", "--pareto", "--format", "csv", env=env)
+    front = mdsweep("query", str(tmp_path / "results"), "--sweep", "pareto", "--pareto", "--format", "csv")
     assert front.returncode == 0, front.stderr
     header, *lines = front.stdout.strip().splitlines()
     assert "final_val_exact_match" in header and "final_elapsed_s" in header
@@ -523,14 +499,11 @@ def test_ctrl_c_ends_a_sweep_saved_with_exit_3_and_resume_completes_it(tmp_path,
     from orchestrator.results.store import read_partition
 
     results, storage = tmp_path / "results", tmp_path / "sweeps"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     code = signal_driver_when(
-        ["run", "--name", "termed", "--space", "smoke", "--num-samples", "1",
-         "--num-cpus", "2", "--storage", str(storage), "--results", str(results), "--progress-interval", "1",
-         "--train-data", str(captcha_parquet), "--max-steps", "16", "--eval-every", "2", "--batch-size", "2",
-         "--max-val-samples", "4", "--set", "max_new_tokens=5"],
+        ["run", "--name", "termed", "--space", "smoke", "--num-samples", "1", "--num-cpus", "2", "--storage",
+         str(storage), "--results", str(results), "--progress-interval", "1", *job_flags(captcha_parquet, 16)],
         lambda: any((s["step"] or 0) >= 4 for s in read_partition(results, "steps", "termed")),
-        tmp_path / "driver.log", {**env, "PYTHONPATH": str(ROOT)}, ROOT, how="ctrl-c", deadline_s=240)
+        tmp_path / "driver.log", how="ctrl-c", deadline_s=240)
     output = (tmp_path / "driver.log").read_text()
     assert code == 3, output[-3000:]
     assert "Traceback" not in output
@@ -583,8 +556,6 @@ def test_a_full_and_a_read_only_results_disk_mid_sweep_lose_no_row_once_resumed(
     The same sweep runs with `--ray-logs` and `--worker-logs` (the default, Ray's lines in the log file and no
     trial's output, is tested on the module's sweep): Ray's lines and a trial's own print reach the terminal, and
     no log file is written."""
-    import time
-
     from orchestrator.results.store import read_partition
 
     results, storage = tmp_path / "results", tmp_path / "sweeps"
@@ -597,33 +568,21 @@ def test_a_full_and_a_read_only_results_disk_mid_sweep_lose_no_row_once_resumed(
                 pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
             mounted.append(folder)
         (tmp_path / "talking_job.py").write_text(TALKING_JOB)
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{tmp_path}"
+        env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
         argv = ["run", "--name", "disks", "--space", "smoke", "--num-samples", "2", "--max-concurrent", "1",
                 "--num-cpus", "2", "--storage", str(storage), "--results", str(results), "--ray-logs",
-                "--worker-logs", "--job-fn", "talking_job:job", "--train-data", str(captcha_parquet),
-                "--max-steps", "8", "--eval-every", "2", "--batch-size", "2", "--max-val-samples", "4", "--set",
-                "max_new_tokens=5"]
-        driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *argv], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT), start_new_session=True)
-        try:
-            deadline = time.monotonic() + 240
-            while not read_partition(results, "steps", "disks"):
-                assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[1][-2000:]
-                time.sleep(0.1)
+                "--worker-logs", "--job-fn", "talking_job:job", *job_flags(captcha_parquet, 8)]
+        with running_driver(argv, env=env) as driver:
+            wait_until(lambda: read_partition(results, "steps", "disks"), "a trial's first steps", 240, driver)
             with open(full / "filler", "wb") as filler:  # the steps disk is full from here on
                 with contextlib.suppress(OSError):
                     while True:
                         filler.write(b"\0" * 65536)
                         filler.flush()
             for folder in read_only:  # busy for the instant a row is being written: try again
-                while subprocess.run(["mount", "-o", "remount,ro", str(folder)]).returncode != 0:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
+                wait_until(lambda: subprocess.run(["mount", "-o", "remount,ro", str(folder)]).returncode == 0,
+                           f"{folder} remounted read-only", 60, interval_s=0.05)
             out, err = driver.communicate(timeout=300)
-        finally:
-            if driver.poll() is None:
-                os.killpg(driver.pid, signal.SIGKILL)
         terminal = out + err
         assert driver.returncode == 3, terminal[-3000:]
         # the first three failed writes are warned about, whichever disk they met
@@ -638,7 +597,7 @@ def test_a_full_and_a_read_only_results_disk_mid_sweep_lose_no_row_once_resumed(
         (full / "filler").unlink()
         for folder in read_only:
             subprocess.run(["mount", "-o", "remount,rw", str(folder)], check=True)
-        resumed = mdsweep("resume", "disks", "--storage", str(storage), env={"PYTHONPATH": env["PYTHONPATH"]})
+        resumed = mdsweep("resume", "disks", "--storage", str(storage), env=env)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert "put back the rows of" in resumed.stderr
         trials = read_partition(results, "trials", "disks")
@@ -656,37 +615,27 @@ def test_a_full_and_a_read_only_results_disk_mid_sweep_lose_no_row_once_resumed(
 
 @pytest.mark.slow
 def test_an_embedded_cluster_ends_with_its_driver_even_after_kill_9(tmp_path, captcha_parquet):
-    """`kill -9` of the driver used to leave Ray's agents (and a trial's worker) alive for minutes: the watchdog
-    the driver starts must end every process of the embedded cluster within seconds."""
-    import signal
-    import time
-
+    """`kill -9` of the driver alone must not leave Ray's agents (or a trial's worker) alive: the watchdog the
+    driver starts ends every process of the embedded cluster within seconds."""
     import psutil
 
     from orchestrator.results.store import read_partition
 
     results = tmp_path / "results"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "run", "--name", "orphans", "--space", "smoke", "--num-samples", "1",
-         "--num-cpus", "2", "--storage", str(tmp_path / "sweeps"), "--results", str(results), "--quiet",
-         "--train-data", str(captcha_parquet), "--max-steps", "400", "--eval-every", "2", "--batch-size", "2",
-         "--max-val-samples", "4", "--set", "max_new_tokens=5"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**env, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT),
-        start_new_session=True)
+    argv = ["run", "--name", "orphans", "--space", "smoke", "--num-samples", "1", "--num-cpus", "2", "--storage",
+            str(tmp_path / "sweeps"), "--results", str(results), "--quiet", *job_flags(captcha_parquet, 400)]
     cluster: list[psutil.Process] = []
     try:
-        deadline = time.monotonic() + 240
-        while not read_partition(results, "steps", "orphans"):  # a trial is running: every kind of process is up
-            assert driver.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
-        cluster = psutil.Process(driver.pid).children(recursive=True)
-        names = " ".join(p.name() + " " + " ".join(p.cmdline()) for p in cluster)
-        assert "DashboardAgent" in names and "RuntimeEnvAgent" in names and "raylet" in names
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-        _gone, alive = psutil.wait_procs(cluster, timeout=20)
-        assert not alive, [p.name() for p in alive]
+        with running_driver(argv, log_path=tmp_path / "driver.log") as driver:
+            # a trial is running: every kind of process is up
+            wait_until(lambda: read_partition(results, "steps", "orphans"), "a trial's first steps", 240, driver)
+            cluster = psutil.Process(driver.pid).children(recursive=True)
+            names = " ".join(p.name() + " " + " ".join(p.cmdline()) for p in cluster)
+            assert "DashboardAgent" in names and "RuntimeEnvAgent" in names and "raylet" in names
+            driver.send_signal(signal.SIGKILL)  # the driver alone: its cluster must end by itself
+            driver.wait(timeout=30)
+            _gone, alive = psutil.wait_procs(cluster, timeout=20)
+            assert not alive, [p.name() for p in alive]
     finally:
         for process in cluster:
             with contextlib.suppress(psutil.Error):

@@ -13,7 +13,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,16 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from harness import ROOT, free_port, mdsweep
+
 pytestmark = pytest.mark.slow  # real Ray heads and sweeps: the fast lane (-m "not slow") leaves them out
 
-ROOT = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).with_name("ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _processes_of(home: Path, temp_dir: str) -> list[int]:
@@ -64,8 +58,8 @@ def _end_processes_of(home: Path, temp_dir: str) -> None:
 
 
 def _agent_ports() -> list[str]:
-    return ["--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
-            "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port())]
+    return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
 
 
 @dataclass
@@ -83,7 +77,7 @@ def ray_head():
     (home / ".ray").mkdir()
     (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
     temp_dir = tempfile.mkdtemp(prefix="mdr")  # short: Ray's socket paths live under it
-    port, dashboard_port = _free_port(), _free_port()
+    port, dashboard_port = free_port(), free_port()
     env = {**os.environ, "HOME": str(home), "PATH": f"{RAY.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "PYTHONPATH"):
         env.pop(key, None)
@@ -91,7 +85,7 @@ def ray_head():
         # every port our own: two nodes on one machine would otherwise both want the agents' default ports
         head = subprocess.run([str(RAY), "start", "--head", "--port", str(port), "--temp-dir", temp_dir,
                                "--num-cpus", "1", "--dashboard-port", str(dashboard_port),
-                               "--ray-client-server-port", str(_free_port()), *_agent_ports(),
+                               "--ray-client-server-port", str(free_port()), *_agent_ports(),
                                "--disable-usage-stats"], capture_output=True, text=True, timeout=180, env=env)
         assert head.returncode == 0, head.stderr[-3000:]
         assert "Token authentication is enabled" in head.stderr + head.stdout
@@ -135,15 +129,10 @@ def _wait_for_job_server(head: Head) -> None:
     raise AssertionError(f"the job server never took a job: {proc.stderr[-2000:]}")
 
 
-def mdsweep(*args: str, env: dict, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**env, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
-
-
 def test_address_flag_attaches_with_the_heads_token(ray_head, captcha_parquet, tmp_path):
     env, address = ray_head.env, ray_head.address
     proc = mdsweep("run", "--address", address, "--dry-run", "--train-data", str(captcha_parquet),
-                   "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"), env=env)
+                   "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"), base_env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "token authentication" in proc.stderr and "2 node(s)" in proc.stderr
 
@@ -154,7 +143,7 @@ def test_ray_address_variable_attaches_and_a_trial_runs(ray_head, captcha_parque
                    "--train-data", str(captcha_parquet), "--max-steps", "2", "--eval-every", "2",
                    "--batch-size", "4", "--max-val-samples", "4", "--set", "max_new_tokens=5",
                    "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"),
-                   env={**env, "RAY_ADDRESS": address})
+                   base_env=env, env={"RAY_ADDRESS": address})
     assert proc.returncode == 0, proc.stderr[-3000:]
     # attached to this test's head (its port, from RAY_ADDRESS), not an embedded Ray of its own
     port = address.rsplit(":", 1)[1]
@@ -169,7 +158,7 @@ def test_explicit_auth_mode_is_respected(ray_head, captcha_parquet, tmp_path):
     env, address = ray_head.env, ray_head.address
     proc = mdsweep("run", "--address", address, "--dry-run", "--train-data", str(captcha_parquet),
                    "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"),
-                   env={**env, "RAY_AUTH_MODE": "disabled"}, timeout=120)
+                   base_env=env, env={"RAY_AUTH_MODE": "disabled"}, timeout=120)
     # respected, not overridden: the attach is refused at once, saying why and what to change
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
@@ -213,7 +202,7 @@ def test_trials_run_the_code_the_driver_ships_not_an_install_on_the_node(ray_hea
 def test_auto_finds_the_head_started_on_this_machine(ray_head, captcha_parquet, tmp_path):
     env, address = ray_head.env, ray_head.address
     proc = mdsweep("run", "--address", "auto", "--dry-run", "--train-data", str(captcha_parquet),
-                   "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"), env=env)
+                   "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"), base_env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # this test's head, not another Ray
     port = address.rsplit(":", 1)[1]
@@ -229,7 +218,7 @@ def test_a_missing_or_wrong_token_is_one_line_saying_how_to_get_it(ray_head, cap
         (home / ".ray" / "auth_token").write_text(token)
     proc = mdsweep("run", "--address", ray_head.address, "--dry-run", "--train-data", str(captcha_parquet),
                    "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"),
-                   env={**ray_head.env, "HOME": str(home)}, timeout=120)
+                   base_env=ray_head.env, env={"HOME": str(home)}, timeout=120)
     assert proc.returncode == 2
     error = [line for line in proc.stderr.splitlines() if line.startswith("mdsweep run: error:")]
     assert len(error) == 1 and "ray get-auth-token" in error[0], proc.stderr[-2000:]

@@ -7,16 +7,15 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from harness import mdsweep
 from orchestrator.results.query import PairedSpec, load_table, paired_comparison
 from orchestrator.results.ranking import best_trial
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # two proposals that train, and a third whose runs both run out of memory
 SPACE = """
@@ -25,12 +24,6 @@ def space(trial):
             "grad_accum": trial.suggest_categorical("grad_accum", [1, 2]),
             "fault": "oom@1" if trial.number == 2 else None}
 """
-
-
-def mdsweep(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**env, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
 
 
 @pytest.fixture(scope="module")

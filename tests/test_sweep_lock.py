@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
+from harness import ROOT, mdsweep, running_driver, wait_until
 from orchestrator.sweep.lock import LOCK_FILE, SweepLock, describe_stale, sweep_lock
 from orchestrator.sweep.settings import SweepError
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_a_held_lock_refuses_a_second_holder_naming_the_first(tmp_path):
@@ -56,21 +55,17 @@ import os; os._exit(9)
 @pytest.mark.slow
 def test_a_second_run_of_the_same_name_is_refused_while_the_first_runs(tmp_path, captcha_parquet):
     """Two `mdsweep run --name X` on the same storage and results used to merge into one sweep."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(ROOT)
-    command = [sys.executable, "-m", "orchestrator.cli", "run", "--name", "twice", "--space", "smoke", "--num-samples",
-               "1", "--num-cpus", "2", "--storage", str(tmp_path / "sweeps"), "--results", str(tmp_path / "results"),
-               "--train-data", str(captcha_parquet), "--max-steps", "2", "--batch-size", "2", "--max-val-samples", "4",
-               "--quiet"]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+    argv = ["run", "--name", "twice", "--space", "smoke", "--num-samples", "1", "--num-cpus", "2", "--storage",
+            str(tmp_path / "sweeps"), "--results", str(tmp_path / "results"), "--train-data", str(captcha_parquet),
+            "--max-steps", "2000", "--batch-size", "2", "--max-val-samples", "4", "--quiet"]
     lock = tmp_path / "sweeps" / "twice" / LOCK_FILE
-    deadline = time.monotonic() + 120
-    while not (lock.is_file() and lock.read_text()):
-        assert first.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    second = subprocess.run(command, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=120)
-    out, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err[-2000:]
+    with running_driver(argv) as first:  # a trial far longer than the test: the first runs throughout
+        wait_until(lambda: lock.is_file() and lock.read_text(), "the first driver's lock", 120, first, 0.05)
+        second = mdsweep(*argv, timeout=120)
+        assert first.poll() is None  # undisturbed by the second
+        os.killpg(first.pid, signal.SIGINT)  # then ended as a user would, with Ctrl-C
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 3, err[-2000:]
     assert second.returncode == 2
     assert second.stderr.strip().splitlines()[-1].startswith(
         "mdsweep run: error: --name twice: sweep twice is being run now by another driver (mdsweep run, pid "
