@@ -5,7 +5,7 @@ the sink cannot write their rows; Tune will never report those trials again. Wha
 enough to rebuild them: `result.json` in the trial's folder holds every report it made (the evaluations and
 the final outcome), `params.json` its suggestion, and its last checkpoint the final evaluation's predictions.
 Each finished trial the tables (orchestrator.results.store) miss anything of is replayed through the sink
-(orchestrator.sweep.sink.ParquetSink), so its rows are exactly what the sink would have written; rows already
+(the driver hands it the sweep's ParquetSink), so its rows are exactly what the sink would have written; rows already
 there are not doubled.
 Tune's file names and report keys come from orchestrator.cluster.tune_internals.
 Local storage only: on object storage the experiment folder is not read here.
@@ -16,14 +16,13 @@ import datetime as dt
 import json
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 from orchestrator.cluster.connect import is_remote_storage
 from orchestrator.cluster.tune_internals import (CHECKPOINT_PREFIX, PARAMS_FILE, REPORT_ITERATIONS_SINCE_RESTORE,
                                                  REPORT_TIME_TOTAL_S, REPORT_TIMESTAMP, RESULT_FILE, TRIAL_DIR_PREFIX,
                                                  trial_id_of_dir)
 from orchestrator.results.store import read_partition, read_trial_rows, trial_file
-from orchestrator.sweep.sink import ParquetSink
 from orchestrator.sweep.trainable import KIND_KEY, predictions_columns
 
 
@@ -83,7 +82,19 @@ def started_at(report: dict[str, Any]) -> Optional[dt.datetime]:
     return dt.datetime.fromtimestamp(started, dt.timezone.utc) if started > 0 else None
 
 
-def repair_missing_rows(sink: ParquetSink, experiment_path: str) -> list[str]:
+class RowReplayer(Protocol):
+    """What the repair needs of the sweep's sink (`ParquetSink`, which the driver hands it): where its rows go, the
+    replay of one finished trial through the same code that writes live rows, and a flush of the trials file."""
+    results_dir: str
+    sweep: str
+
+    def replay(self, trial: Any, results: list[dict[str, Any]], predictions: Optional[dict[str, list]],
+               started: Optional[dt.datetime], ended: Optional[dt.datetime], attempts: int) -> None: ...
+
+    def flush(self) -> bool: ...
+
+
+def repair_missing_rows(sink: RowReplayer, experiment_path: str) -> list[str]:
     """Replay every finished trial the tables miss part of; returns their ids."""
     if is_remote_storage(experiment_path):
         return []
