@@ -1,14 +1,12 @@
 """Ray Tune's experiment state on storage, made safe to resume: a last-known-good copy of its files, and the
 repair of the one checkpoint Tune may delete too early.
 
-A last-known-good copy, so a driver killed mid-write can still be resumed.
-
 Tune uploads its state (`experiment_state-*.json`, the searcher's `search_gen_state-*.json` and
 `searcher-state-*.pkl`, named in orchestrator.cluster.tune_internals) by overwriting the files on storage in
-place. A driver killed during that write leaves an empty or truncated file, and `Tuner.restore` then fails with a
-JSON error: the whole sweep cannot be resumed (seen here in about one kill in five). The driver therefore copies
-every complete state file to `.mdsweep-state/` (write to a temporary name, then rename), and `mdsweep resume`
-puts a copy back wherever the file on storage is incomplete.
+place. A driver killed during that write leaves an empty or truncated file, and `Tuner.restore` then fails, or
+restores a searcher that has forgotten its trials. The
+driver therefore copies every complete state file to `.mdsweep-state/` (write to a temporary name, then rename),
+and `mdsweep resume` puts a copy back wherever the file on storage is incomplete, or refuses when it has none.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """One driver per sweep: a lock held for the sweep's whole life, in its experiment folder and its results.
 
-Two `mdsweep run --name X` started together on the same storage or results used to both pass the "no such
-sweep yet" check and merge into one sweep. The lock is an `fcntl` lock on a small file (`.mdsweep.lock`,
+Two `mdsweep run --name X` started together on the same storage or results would both pass the "no such
+sweep yet" check and merge into one sweep without it. The lock is an `fcntl` lock on a small file (`.mdsweep.lock`,
 hidden from the Parquet readers) in each local place the sweep writes: the kernel releases it when its process
 dies however it dies, so a lock left by a `kill -9` is recognised as stale and taken over, while one held by a
 live driver refuses the second with a line naming who holds it. Object storage (s3://, gs://) has no such lock:
