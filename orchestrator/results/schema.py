@@ -19,6 +19,7 @@ searched or fixed), so filters read naturally: `attention == 'prefix' and lr < 1
 """
 from __future__ import annotations
 
+import datetime as dt
 import re
 import typing
 from typing import Any
@@ -56,6 +57,11 @@ METRICS: tuple[str, ...] = tuple(METRIC_TYPES)
 TEST_METRIC_TYPES: dict[str, pa.DataType] = _arrow_types(TEST_METRICS)
 
 UTC_TS = pa.timestamp("us", tz="UTC")
+
+
+def utc_now() -> dt.datetime:
+    """The time stamps every table's UTC_TS columns hold (start, end, report, created, updated)."""
+    return dt.datetime.now(dt.timezone.utc)
 
 
 def validate_sweep_name(name: str, flag: str = "--name") -> str:

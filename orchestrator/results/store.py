@@ -25,7 +25,6 @@ on a sweep; a query reads the tables across sweeps as Arrow datasets (orchestrat
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -34,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from orchestrator.results.schema import rows_to_table, schema_for
+from orchestrator.results.schema import rows_to_table, schema_for, utc_now
 from trainer.files import atomic_path
 
 ROW_INTERVAL_S = 1.0  # shortest time between two writes of a sweep's trials file
@@ -116,7 +115,7 @@ def write_sweep_row(root: Path | str, sweep: str, row: dict[str, Any]) -> None:
     merged = dict(existing[0]) if existing else {}
     merged.update({k: v for k, v in row.items() if v is not None})
     merged["name"] = sweep
-    now = dt.datetime.now(dt.timezone.utc)
+    now = utc_now()
     merged.setdefault("created_at", now)
     merged["updated_at"] = now
     write_atomic(rows_to_table([merged], schema_for("sweeps")), partition_dir(root, "sweeps", sweep) / SWEEP_FILE)

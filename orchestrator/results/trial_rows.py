@@ -8,12 +8,11 @@ orchestrator.results.schema.
 """
 from __future__ import annotations
 
-import datetime as dt
 import json
 from typing import Any, Optional
 
 from orchestrator.results.objectives import is_finite_number
-from orchestrator.results.schema import METRICS, job_field_types
+from orchestrator.results.schema import METRICS, job_field_types, utc_now
 from orchestrator.results.spaces import BASELINE_EXTRA_KEY, BASELINE_KEY, GROUP_KEY, MEMBER_KEY, split_suggestion
 from trainer.model.tokenizer_source import TOKENIZER_COLUMNS
 
@@ -46,7 +45,7 @@ def start_attempt(row: dict[str, Any]) -> None:
     """The trial starts (again: a retry, a resume, a rerun): one attempt more, its first start kept, and nothing
     of how an earlier attempt ended."""
     row["attempts"] = int(row.get("attempts") or 0) + 1
-    row["start_time"] = row.get("start_time") or dt.datetime.now(dt.timezone.utc)
+    row["start_time"] = row.get("start_time") or utc_now()
     row.update(end_time=None, wall_time_s=None, outcome="running", error=None)
 
 
@@ -54,7 +53,7 @@ def steps_row(trial_id: str, result: dict[str, Any]) -> dict[str, Any]:
     """The steps table's row of an evaluation the trial reported (`result` has its step)."""
     row = {m: result.get(m) for m in METRICS}
     row.update(trial_id=trial_id, step=int(result["step"]), training_iteration=result.get("training_iteration"),
-               report_time=dt.datetime.now(dt.timezone.utc))
+               report_time=utc_now())
     return row
 
 

@@ -16,16 +16,12 @@ from typing import Any, Optional
 
 from orchestrator.cluster.trial_errors import trial_failure
 from orchestrator.cluster.tune_internals import tune_callback_base
-from orchestrator.results.schema import job_field_types, validate_sweep_name
+from orchestrator.results.schema import job_field_types, utc_now, validate_sweep_name
 from orchestrator.results.store import ENDED, SweepWriter, read_trial_rows
 from orchestrator.results.trial_rows import (new_trial_row, params_json, prediction_rows, record_final,
                                              record_report, start_attempt, steps_row, summarize_steps)
 from orchestrator.results.spaces import GROUP_KEY, MEMBER_KEY, split_suggestion
 from orchestrator.sweep.trainable import JOB_CONFIG_KEY, KIND_KEY, PREDICTIONS_KEY, job_config_from
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
 
 
 class ParquetSink(tune_callback_base()):
@@ -209,7 +205,7 @@ class ParquetSink(tune_callback_base()):
         unreported = row.get("outcome") in (None, "running")
         if unreported:
             row["outcome"] = "stopped"  # ended by the scheduler (early stopping) before its final report
-        row["end_time"] = _now()
+        row["end_time"] = utc_now()
         # an end without a final report is written at once: Tune's record of the trial (result.json) has no final
         # report either, so the resume's repair could not tell that it ended
         self._update(trial, "terminated", now=unreported)
@@ -220,7 +216,7 @@ class ParquetSink(tune_callback_base()):
         self._refresh_metrics(row)  # its last report's metrics, before the outcome says it ended
         row["outcome"], error = trial_failure(trial)
         row["error"] = error or row.get("error")
-        row["end_time"] = _now()
+        row["end_time"] = utc_now()
         self._update(trial, "error", now=True)  # no final report either (see on_trial_complete)
 
     def replay(self, trial: Any, results: list[dict[str, Any]], predictions: Optional[dict[str, list]],
