@@ -139,6 +139,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         'rows = read_partition(self.root, "trials", self.sweep)',
         ("tests/test_results_sink.py::test_updating_a_row_keeps_one_row_per_trial_when_a_migration_was_cut",)),
     Mutation(
+        "K4", "store: a command that read the tables exits with its own code (no reader thread aborts it)",
+        "orchestrator/results/store.py",
+        "pq.read_table(handle, use_threads=False, pre_buffer=False)",
+        "pq.read_table(handle)",
+        ("tests/test_results_sink.py::test_a_process_that_read_the_tables_exits_cleanly",)),
+    Mutation(
         "K3", "sink keys: a trial Tune restarts under a new id (resume --restart-errored) keeps its one row",
         "orchestrator/sweep/sink.py",
         "        self._take_restarted_row(trial, trials)\n",

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pickle
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -632,3 +634,24 @@ def test_where_a_trial_runs_is_written_as_soon_as_it_reports(tmp_path, monkeypat
     sink.on_trial_result(0, [], trial, _eval(2, 0.25))
     (row,) = read_partition(tmp_path / "results", "trials", "demo")
     assert row["node_id"] == "node-a" and row["n_reports"] == 1
+
+
+def test_a_process_that_read_the_tables_exits_cleanly(tmp_path):
+    """Arrow's reader threads, reading through an open Python file, could outlive the command and abort the
+    interpreter at exit ("terminate called without an active exception", rc -6) in about one run in six: CI
+    once saw `mdsweep export` print its one-line error and then die so. Each reader here is its own process,
+    because the abort happens only at interpreter exit."""
+    sink = _sink(tmp_path)
+    sink.setup()
+    for tid in ("t1", "t2", "t3"):
+        _run_one(sink, _trial(tid))
+    program = ("import sys\nfrom orchestrator.results.store import read_partition\n"
+               "for table in ('trials', 'steps', 'predictions', 'sweeps'):\n"
+               f"    read_partition({str(tmp_path / 'results')!r}, table, 'demo')\n"
+               "sys.exit(2)\n")
+    ends = []
+    for _ in range(12):  # two at a time: one per core
+        readers = [subprocess.Popen([sys.executable, "-c", program], stderr=subprocess.PIPE, text=True,
+                                    cwd=Path(__file__).resolve().parents[1]) for _ in range(2)]
+        ends += [(p.wait(timeout=60), p.stderr.read()) for p in readers]
+    assert [rc for rc, _ in ends] == [2] * len(ends), [err for rc, err in ends if rc != 2][:1]

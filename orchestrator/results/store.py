@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, BinaryIO, Callable, Iterable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -80,7 +80,7 @@ def read_partition(root: Path | str, table: str, sweep: str) -> list[dict[str, A
         try:
             # through an open handle: consistent even if the file is replaced meanwhile
             with open(f, "rb") as handle:
-                rows.extend(pq.read_table(handle).to_pylist())
+                rows.extend(read_rows(handle))
         except FileNotFoundError:
             continue
         except (pa.ArrowException, OSError) as e:
@@ -98,8 +98,15 @@ def read_trial_rows(root: Path | str, table: str, sweep: str, trial_id: str) -> 
         return None
     with contextlib.suppress(OSError, pa.ArrowException):
         with open(path, "rb") as handle:
-            return pq.read_table(handle).to_pylist()
+            return read_rows(handle)
     return None
+
+
+def read_rows(handle: BinaryIO) -> list[dict[str, Any]]:
+    """The rows of one open Parquet file. Read on this thread: Arrow's reader threads, calling back into a
+    Python file object, can still be alive when the interpreter exits and then abort it (SIGABRT, "terminate
+    called without an active exception", apache/arrow#34314) after the command has done its work."""
+    return pq.read_table(handle, use_threads=False, pre_buffer=False).to_pylist()
 
 
 def write_trial_rows(root: Path | str, table: str, sweep: str, trial_id: str, rows: list[dict[str, Any]]) -> None:
