@@ -11,7 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
+from pathlib import Path
 from typing import Any
+
+from orchestrator.cluster.resources import format_size
+from trainer.data.synth import synthesize
+from trainer.job_config import JobConfig
+from trainer.model.config import model_config_of
+from trainer.model.tokenizer import get_template
 
 
 def register(subparsers: Any) -> None:
@@ -64,8 +72,6 @@ def register(subparsers: Any) -> None:
     check.add_argument("--skip-bad", action="store_true",
                        help="skip and count bad rows (corrupt image, empty label, a label the model cannot write) "
                             "instead of failing")
-    from trainer.job_config import JobConfig
-
     check.add_argument("--model", default=JobConfig.model,
                        help="the model whose tokenizer and context the labels must fit, as for train and run "
                             f"(default: {JobConfig.model})")
@@ -124,8 +130,6 @@ class _Progress:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from trainer.data.synth import synthesize
-
     progress = _Progress(args.n, enabled=not args.quiet and args.n >= 500)
     started = time.monotonic()
     try:
@@ -147,8 +151,6 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from collections import Counter
-
     from trainer.data.dataset import DataError, load_samples
     from trainer.model.weights import CheckpointError
 
@@ -196,7 +198,6 @@ def labels_the_model_cannot_write(samples: list, args: argparse.Namespace) -> li
     left after BOS, the image tokens and the prompt: the labels a trial would refuse, found here first."""
     from trainer.job_data import answer_ids, answer_room
     from trainer.model.loading import model_text
-    from trainer.model.tokenizer import get_template
 
     text = model_text(args.model, revision=args.revision, tokenizer=args.tokenizer)
     template = get_template(args.prompt_template or text.choice.template)
@@ -210,10 +211,6 @@ def labels_the_model_cannot_write(samples: list, args: argparse.Namespace) -> li
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from orchestrator.cluster.resources import format_size
-    from trainer.model.config import model_config_of
     from trainer.data.crop_cache import ReadOptions, geometry_of, open_cached
     from trainer.data.dataset import DataError
 

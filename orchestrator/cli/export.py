@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from orchestrator.cluster.trial_checkpoint import job_config_of, local_checkpoint
+from orchestrator.results.ranking import TrialPickError, describe_trial, find_trial
+from orchestrator.sweep.settings import SweepError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +32,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from orchestrator.results.store import ResultsError, read_partition
-    from orchestrator.results.ranking import TrialPickError, describe_trial, find_trial
 
     def fail(message: str) -> int:
         print(f"mdsweep export: error: {message}", file=sys.stderr)
@@ -79,7 +80,6 @@ def out_problem(out: Path, force: bool, results: Path, experiment_path: str | No
     --force replaces only a previous export (recognised by its model card), file by file. (One that is or holds
     the trial's base model is refused once the model is known: trainer.export.refuse_overwriting_sources.)"""
     from orchestrator.sweep.checks import check_writable_directory
-    from orchestrator.sweep.settings import SweepError
     from trainer.export import MODEL_CARD
 
     target = out.expanduser().resolve()

@@ -5,9 +5,12 @@ import argparse
 import sys
 from typing import Any, Optional
 
-from orchestrator.cli.run import JOB_FLAG_FIELDS
 from orchestrator.cli.job_flags import add_job_arguments
+from orchestrator.cli.run import JOB_FLAG_FIELDS, fixed_settings
+from orchestrator.cluster.connect import ClusterError, connect
+from orchestrator.cluster.resources import format_size, parse_size, probe_gpu_memory
 from orchestrator.sweep.settings import positive_int, ray_address
+from trainer.memory.estimate import PLANNING_CROPS_PER_IMAGE, PLANNING_TEXT_TOKENS, Workload
 
 DEFAULT_GPU_TYPES = ("24GiB", "80GiB")
 
@@ -48,9 +51,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cluster_gpu_sizes(address: str, node_gpu_memory: Optional[str]) -> list[int]:
     """The memory of every GPU of the attached cluster (one entry per GPU)."""
-    from orchestrator.cluster.connect import connect
-    from orchestrator.cluster.resources import parse_size, probe_gpu_memory
-
     with connect(address) as handle:
         nodes = [n for n in handle.nodes() if n.gpus > 0]
         if not nodes:
@@ -68,13 +68,9 @@ def cluster_gpu_sizes(address: str, node_gpu_memory: Optional[str]) -> list[int]
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from orchestrator.cli.run import fixed_settings
-    from orchestrator.cluster.connect import ClusterError
-    from orchestrator.sweep.memory_plan import plan_space, varying_fields
-    from orchestrator.cluster.resources import format_size, parse_size
     from orchestrator.results.groups import parse_cross
     from orchestrator.results.spaces import SpaceError
-    from trainer.memory.estimate import PLANNING_CROPS_PER_IMAGE, PLANNING_TEXT_TOKENS, Workload
+    from orchestrator.sweep.memory_plan import plan_space, varying_fields
 
     try:
         fixed = fixed_settings(args)
@@ -98,8 +94,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def render_plan(plans, columns: list[str], gpus: dict[str, int], args: argparse.Namespace, workload: Any) -> str:
-    from orchestrator.cluster.resources import format_size
-
     first = plans[0].shape
     lora = any(p.shape["train_scope"] == "lora" for p in plans)
     common = ", ".join(f"{k}={'default' if first[k] is None else first[k]}" for k in first

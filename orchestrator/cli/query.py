@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+
+from orchestrator.results.objectives import parse_objective, pareto_front
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -116,12 +119,9 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def pareto_table(args: argparse.Namespace, table):
     """The trials on the Pareto front: of the objectives given, or of the selected sweep's own."""
-    import json
-
     import pyarrow as pa
 
     from orchestrator.results import query as Q
-    from orchestrator.results.objectives import parse_objective, pareto_front
 
     if args.table != "trials":
         raise Q.QueryError("--pareto works on the trials table")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -94,9 +96,6 @@ def check_storage_file(path: Path, journal: bool) -> None:
     """Raise ValueError unless `path` is new, empty, or already an Optuna journal (its first line one of Optuna's
     operations) or SQLite database (with Optuna's tables): Optuna appends its log to any file and adds its
     tables to any SQLite database, so a user's notes.jsonl or another program's database would be altered."""
-    import json
-    import sqlite3
-
     if not path.is_file() or path.stat().st_size == 0:
         return
     kind = "journal" if journal else "database (SQLite)"

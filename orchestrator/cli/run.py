@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Optional
 
 from orchestrator.cli.job_flags import add_job_arguments, job_overrides
+from orchestrator.cluster.connect import ClusterError
 from orchestrator.cluster.signals import EXIT_INTERRUPTED, EXIT_TERMINATED
+from orchestrator.results.objectives import parse_objective, pareto_front
+from orchestrator.results.ranking import best_trial, describe_test, describe_trial
+from orchestrator.sweep.settings import SweepError, SweepSettings, utc_stamp
 
 if TYPE_CHECKING:
     from orchestrator.sweep.driver import SweepOutcome
-    from orchestrator.sweep.settings import SweepSettings
 
 # JobConfig fields with their own flag on `mdsweep run` (help texts come from JobConfig);
 # every other field is reachable through --set
@@ -29,8 +32,6 @@ GROUP_TITLES = {"cluster": "cluster", "search": "search",
 
 def settings_flags() -> list[dataclasses.Field]:
     """The SweepSettings fields that are `mdsweep run` flags (their metadata says how)."""
-    from orchestrator.sweep.settings import SweepSettings
-
     return [f for f in dataclasses.fields(SweepSettings) if "argparse" in f.metadata]
 
 
@@ -125,11 +126,8 @@ def fixed_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator.cluster.connect import ClusterError
-    from orchestrator.results.objectives import parse_objective
     from orchestrator.results.groups import parse_cross
     from orchestrator.sweep.driver import run_sweep
-    from orchestrator.sweep.settings import SweepError, SweepSettings, utc_stamp
 
     try:
         fixed = fixed_settings(args)
@@ -167,9 +165,7 @@ def exit_code(outcome: Any) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from orchestrator.cluster.connect import ClusterError
     from orchestrator.sweep.driver import resume_sweep
-    from orchestrator.sweep.settings import SweepError
 
     try:
         outcome = resume_sweep(args.name, args.storage, address=args.address, num_cpus=args.num_cpus,
@@ -211,7 +207,6 @@ def print_outcome(outcome: SweepOutcome, quiet: bool) -> None:
 def found_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
     """What the sweep found: the best trial with its interval, the spread, and how to take the model out."""
     from orchestrator.results.query import describe_versus_baseline, versus_baseline
-    from orchestrator.results.ranking import best_trial, describe_test, describe_trial
     from orchestrator.results.schema import FAILED_OUTCOMES
     from orchestrator.results.store import read_partition
 
@@ -242,9 +237,6 @@ def found_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
 
 def pareto_summary(rows: list[dict[str, Any]], s: SweepSettings) -> str:
     """A multi-objective sweep's answer: the trials no other trial beats on every objective."""
-    from orchestrator.results.objectives import pareto_front
-    from orchestrator.results.ranking import describe_trial
-
     front = pareto_front(rows, s.objectives)
     names = ", ".join(f"{m} ({mode})" for m, mode in s.objectives)
     lines = [f"Pareto front over {names}: {len(front)} of {sum(r.get('outcome') == 'ok' for r in rows)} ok trials"]

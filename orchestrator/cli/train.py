@@ -23,6 +23,10 @@ from typing import Any
 
 from orchestrator.cli.job_flags import add_job_arguments, job_overrides
 from orchestrator.cluster.signals import EXIT_INTERRUPTED
+from orchestrator.results.ranking import describe_test
+from orchestrator.sweep.settings import SweepError
+from trainer.files import atomic_path
+from trainer.job_config import JobConfig
 
 EXIT_FAILED_OUTCOME = 3
 
@@ -47,8 +51,6 @@ def write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from trainer.files import atomic_path
-
     with atomic_path(path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
 
@@ -70,12 +72,9 @@ def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from orchestrator.sweep.checks import check_writable_directory
-    from orchestrator.sweep.settings import SweepError
-    from orchestrator.results.ranking import describe_test
     from trainer.checkpoint import TrainState
     from trainer.data.dataset import DataError
     from trainer.job import run_job
-    from trainer.job_config import JobConfig
     from trainer.model.weights import CheckpointError
 
     overrides = job_overrides(args)

@@ -8,13 +8,19 @@ cluster). No address and no RAY_ADDRESS: an embedded Ray on this machine.
 """
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import orchestrator
+import search_spaces
+import trainer
+from orchestrator.cluster.ray_logs import route_ray_logs
 from orchestrator.cluster.resources import NodeInfo, nodes_from_ray
 from orchestrator.cluster.tune_internals import head_accepts, submitted_job_runtime_env, token_auth_enabler
 
@@ -118,10 +124,6 @@ def project_runtime_env() -> dict[str, Any]:
     the project: from a source checkout, the tree as the job's working_dir (uploaded once to the cluster,
     unpacked on each node, on the workers' path; .gitignore'd files such as .venv, data and results stay
     behind); from an installed package, its three packages as py_modules."""
-    import orchestrator
-    import search_spaces
-    import trainer
-
     if _submitted_job_ships_code():
         return {}
     root = Path(_project_root())
@@ -152,15 +154,8 @@ def leave_job_working_dir() -> None:
 
 
 def import_project_modules() -> None:
-    """Import every module of the project's packages (the CLI and the layers under it import most of them late,
-    to keep `mdsweep --help` fast)."""
-    import importlib
-    import pkgutil
-
-    import orchestrator
-    import search_spaces
-    import trainer
-
+    """Import every module of the project's packages (the CLI and the layers under it import the modules that
+    load torch, Ray, Optuna or pyarrow inside the functions that need them, to keep `mdsweep --help` fast)."""
     for package in (orchestrator, trainer, search_spaces):
         for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
             if not module.name.endswith("__main__"):
@@ -223,8 +218,6 @@ def connect(
     import ray
 
     if ray_log_file is not None:
-        from orchestrator.cluster.ray_logs import route_ray_logs
-
         route_ray_logs(ray_log_file)
 
     if reuse_existing and ray.is_initialized():

@@ -9,6 +9,7 @@ one trial's growth cannot push a neighbour on the same GPU out of memory.
 from __future__ import annotations
 
 import math
+import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -257,8 +258,6 @@ def probe_gpu_memory(nodes: Sequence[NodeInfo], timeout_s: float = 60.0) -> None
 
     @ray.remote(num_cpus=0, num_gpus=0)
     def _probe() -> Optional[int]:
-        import subprocess
-
         try:
             out = subprocess.run(PROBE_SCRIPT, capture_output=True, text=True, timeout=20, check=True).stdout
             mib = [int(float(x)) for x in out.split() if x.strip()]

@@ -5,19 +5,15 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from orchestrator.cluster.connect import is_remote_storage
 from orchestrator.cluster.tune_internals import checkpoint_in_experiment
-
-if TYPE_CHECKING:
-    from trainer.job_config import JobConfig
+from trainer.job_config import JobConfig
 
 
-def job_config_of(row: dict[str, Any]) -> "JobConfig":
+def job_config_of(row: dict[str, Any]) -> JobConfig:
     """The JobConfig a trial ran, from its row in the trials table (one column per field)."""
-    from trainer.job_config import JobConfig
-
     return JobConfig.from_dict({name: row[name] for name in JobConfig().to_dict() if name in row})
 
 

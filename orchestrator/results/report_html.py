@@ -15,6 +15,7 @@ from typing import Any, Optional
 from orchestrator.results.query import describe_versus_baseline
 from orchestrator.results.report_data import ReportData, Section, collect
 from orchestrator.results.schema import FAILED_OUTCOMES
+from trainer.files import atomic_path
 
 ATTENTION_COLOURS = {"causal": "#1f77b4", "prefix": "#ff7f0e", None: "#7f7f7f"}
 OUTCOME_SYMBOLS = {"oom": "x", "host_oom": "x-open", "diverged": "triangle-down", "error": "cross",
@@ -103,8 +104,6 @@ def default_report_path(results: str, sweep: str) -> Path:
 def write_report(results: str, sweep: str, out: Path) -> list[str]:
     """Collect, render and write atomically (a browser reloading it never sees half a page); returns the
     warnings the page shows (tables that could not be read)."""
-    from trainer.files import atomic_path
-
     data = collect(results, sweep)
     page = render(data)
     with atomic_path(out) as tmp:

@@ -20,6 +20,8 @@ searched or fixed), so filters read naturally: `attention == 'prefix' and lr < 1
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
 import re
 import typing
 from typing import Any
@@ -202,9 +204,6 @@ def schema_for(table: str) -> pa.Schema:
 
 def coerce_value(value: Any, dtype: pa.DataType) -> Any:
     """Best-effort conversion of a Python value to something `dtype` accepts (else None)."""
-    import json
-    import math
-
     if value is None:
         return None
     try:

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import pkgutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from orchestrator.results.job_values import check_value, normalize_value
+from trainer.job_config import JobConfig
 
 DEFAULT_SPACE = "captcha"
 SPACE_PACKAGE = "search_spaces"
@@ -78,8 +80,6 @@ def load_space_function(spec: str) -> Callable:
 
 def list_spaces() -> list[str]:
     """The modules of the search_spaces package (each offers at least `space`)."""
-    import pkgutil
-
     pkg = importlib.import_module(SPACE_PACKAGE)
     return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
 
@@ -188,8 +188,6 @@ def validate_space(spec: str, fixed: dict[str, Any], probes: int = 12, seed: int
             if clash:
                 raise SpaceError(f"--space {spec!r} searches {', '.join(clash)}, which is also fixed by a flag "
                                  "(--set or a named flag); drop one of them")
-            from trainer.job_config import JobConfig
-
             try:
                 JobConfig.from_dict({**fixed, **{k: normalize_value(k, v) for k, v in out.items()}})
             except Exception as e:

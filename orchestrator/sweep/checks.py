@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator.cluster import connect as cluster_mod
-from orchestrator.results.objectives import default_mode
 from orchestrator.cluster.resources import ResourceError, is_auto, parse_size
+from orchestrator.results.objectives import default_mode
 from orchestrator.results.schema import METRICS, validate_sweep_name
 from orchestrator.results.spaces import SpaceError, SpaceInfo, validate_space
 from orchestrator.sweep.settings import SweepError, SweepSettings
 from trainer.job_config import JobConfig
+from trainer.model.config import PRESETS
+from trainer.model.tokenizer_source import check_revision
 
 def check_settings(s: SweepSettings) -> SpaceInfo:
     """Everything that needs no cluster. Returns the validated space."""
@@ -146,9 +148,7 @@ def check_model(job: JobConfig) -> None:
     config, tokenizer with its ids against the vocabulary, and the checkpoint's names, shapes and dtypes from the
     header; no tensor is read), so that a model no trial could load fails before Ray starts instead of in every
     trial. A hub id is fetched by the trials, not downloaded here; its revision is still checked."""
-    from trainer.model.config import PRESETS
     from trainer.model.loading import local_model_directory, model_text
-    from trainer.model.tokenizer_source import check_revision
 
     try:
         if job.model not in PRESETS and local_model_directory(job.model) is None:

@@ -10,6 +10,7 @@ rebuilds the same trainable.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -18,18 +19,20 @@ from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator.cluster import connect as cluster_mod
-from orchestrator.sweep.baselines import plan_baselines
-from orchestrator.results.groups import build_expansions
 from orchestrator.cluster.resources import (ResourceError, TrialResources, check_fit, concurrency_capacity, format_size,
-                                    plan_resources)
-from orchestrator.results.schema import validate_sweep_name
+                                            plan_resources, probe_gpu_memory)
 from orchestrator.cluster.signals import sigterm_as_interrupt
-from orchestrator.sweep.lock import describe_stale, refusal, running_driver, sweep_lock
+from orchestrator.cluster.tune_internals import replace_restored_callbacks, set_tune_environment, trial_dirname
+from orchestrator.cluster.tune_state import (StateBackup, StateLost, drop_repair_copies, repair_checkpoints,
+                                             restore_incomplete)
+from orchestrator.results.groups import build_expansions
+from orchestrator.results.schema import validate_sweep_name
+from orchestrator.sweep.baselines import plan_baselines
 from orchestrator.sweep.checks import check_data, check_settings, searched_columns
+from orchestrator.sweep.held_out import test_best_trials
+from orchestrator.sweep.lock import describe_stale, refusal, running_driver, sweep_lock
 from orchestrator.sweep.settings import (MANIFEST, SweepError, SweepSettings, manifest_exists, normalize_storage,
                                          read_manifest, write_manifest)
-from orchestrator.cluster.tune_internals import replace_restored_callbacks, set_tune_environment
-from orchestrator.cluster.tune_state import drop_repair_copies, repair_checkpoints
 
 @dataclass
 class SweepOutcome:
@@ -51,8 +54,6 @@ class SweepOutcome:
 def resolve_resources(s: SweepSettings, handle: cluster_mod.ClusterHandle,
                       samples: Optional[list[dict[str, Any]]] = None) -> tuple[TrialResources, list[str]]:
     """Per-trial resources against the cluster; `samples` (probed suggestions) size `auto` GPU shares."""
-    from orchestrator.cluster.resources import probe_gpu_memory
-
     nodes = handle.nodes()
     if s.gpu_memory_per_trial and not s.node_gpu_memory:
         probe_gpu_memory(nodes)
@@ -153,7 +154,6 @@ def tuner_parts(s: SweepSettings, req: TrialResources, searched: list[str], quie
     whose saved callbacks these replace, so that the resuming command's --quiet decides the progress table)."""
     from ray.tune.logger import JsonLoggerCallback
 
-    from orchestrator.cluster.tune_state import StateBackup
     from orchestrator.sweep.progress import ProgressTable
 
     progress = ProgressTable(s.metric, searched, interval_s=0 if quiet else s.progress_interval,
@@ -178,8 +178,6 @@ def _restore_tuner(path: str, parts: TunerParts, resume_errored: bool, restart_e
 
 
 def _prepare_env(s: SweepSettings, req: TrialResources) -> None:
-    import logging
-
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -197,7 +195,6 @@ def _say(msg: str, quiet: bool = False) -> None:
 def _finish(s: SweepSettings, started: float, req: TrialResources, quiet: bool) -> SweepOutcome:
     """Test the best trials on held-out data, record whether the sweep finished, write its report, and say what
     it left; the leaderboard and summary are the CLI's to print."""
-    from orchestrator.sweep.held_out import test_best_trials
     from orchestrator.results.store import ENDED, read_partition, write_sweep_row
 
     if s.test_data:
@@ -311,10 +308,9 @@ def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], exp
     sink)."""
     from ray import tune
 
+    from orchestrator.results.store import write_sweep_row
     from orchestrator.sweep.early_stopping import make_scheduler
     from orchestrator.sweep.search import make_searcher
-    from orchestrator.results.store import write_sweep_row
-    from orchestrator.cluster.tune_internals import trial_dirname
 
     write_sweep_row(s.results, s.name, {
         "status": "running", "experiment_path": s.experiment_path(), "space": s.space, "metric": s.metric,
@@ -367,9 +363,8 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
             _prepare_env(s, req)
             from ray import tune
 
-            from orchestrator.sweep.repair import repair_missing_rows
             from orchestrator.results.store import write_sweep_row
-            from orchestrator.cluster.tune_state import StateLost, restore_incomplete
+            from orchestrator.sweep.repair import repair_missing_rows
 
             path = s.experiment_path()
             try:

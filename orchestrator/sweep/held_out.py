@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from orchestrator.cluster.resources import TrialResources
-from orchestrator.sweep.settings import SweepSettings
+from orchestrator.cluster.trial_checkpoint import job_config_of, local_checkpoint
 from orchestrator.results.ranking import describe_test, ranked_trials
+from orchestrator.sweep.settings import SweepSettings
 
 
 def test_best_trials(s: SweepSettings, req: TrialResources, say: Callable[[str], None]) -> None:
@@ -49,7 +50,6 @@ def trials_to_test(rows: list[dict[str, Any]], test_top: int, test_data: str) ->
 
 
 def _test_trial(row: dict[str, Any], experiment_path: str, test_data: str) -> dict[str, Any]:
-    from orchestrator.cluster.trial_checkpoint import job_config_of, local_checkpoint
     from trainer.held_out import test_checkpoint
 
     with local_checkpoint(row, experiment_path) as checkpoint:

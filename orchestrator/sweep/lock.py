@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from orchestrator.cluster.connect import is_remote_storage
 from orchestrator.sweep.settings import SweepError
 
 LOCK_FILE = ".mdsweep.lock"
@@ -122,7 +123,6 @@ def describe_stale(lock: SweepLock) -> Optional[str]:
 
 def sweep_lock(name: str, experiment_path: str, results: str, purpose: str) -> SweepLock:
     """The lock of sweep `name` over its local experiment folder and its results partition."""
-    from orchestrator.cluster.connect import is_remote_storage
     from orchestrator.results.store import partition_dir
 
     folders = [] if is_remote_storage(experiment_path) else [Path(experiment_path)]

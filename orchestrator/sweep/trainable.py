@@ -24,10 +24,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from orchestrator.results.schema import METRICS
 from orchestrator.results.job_values import normalize_value
-from orchestrator.sweep.scratch import trial_scratch
+from orchestrator.results.schema import METRICS
 from orchestrator.results.spaces import split_suggestion
+from orchestrator.sweep.scratch import trial_scratch
+from trainer.job_config import JobConfig
+from trainer.memory.estimate import estimate_memory
 
 PREDICTIONS_KEY = "mdsweep_predictions"
 KIND_KEY = "mdsweep_kind"  # "eval" for a report at an evaluation, "final" for the trial's last one
@@ -54,8 +56,6 @@ def load_callable(path: str) -> Callable:
 def job_config_from(fixed: dict[str, Any], config: dict[str, Any]):
     """JobConfig from the fixed settings and a trial's suggestion (bookkeeping keys dropped, values normalised):
     the one reading of a trial's settings, for the trial itself, its GPU share and the searcher."""
-    from trainer.job_config import JobConfig
-
     params, _meta = split_suggestion(config)
     return JobConfig.from_dict({**fixed, **{k: normalize_value(k, v) for k, v in params.items()}})
 
@@ -79,8 +79,6 @@ def assigned_gpu_share() -> Optional[str]:
 
 def predicted_peak(job_config: Any) -> Optional[int]:
     """The memory model's GPU peak for this trial, reported next to the measured one."""
-    from trainer.memory.estimate import estimate_memory
-
     try:
         return estimate_memory(job_config).allocator_peak
     except Exception:  # a model whose sizes cannot be read without loading it: nothing to predict

@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import threading
@@ -294,8 +295,6 @@ def _iter_samples(n: int, workers: int, renderer: str, options: dict) -> Iterato
     if workers <= 1 or n <= _CHUNK:
         yield from _generator(renderer)(n, **options)
         return
-    import multiprocessing
-
     # Every sample has its own seeded generator, so chunks rendered in other
     # processes are the same bytes as a serial run; imap keeps them in order.
     jobs = [(start, min(_CHUNK, n - start), renderer, options) for start in range(0, n, _CHUNK)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import weakref
 from typing import TYPE_CHECKING, Optional, Union
 
 from trainer.job_config import cap_fraction
@@ -54,8 +55,6 @@ def track_allocations():
     device: `.live` now, `.peak` the most at once. It works on CPU, where torch keeps no allocator
     statistics, which is what lets the memory model be checked against real allocations without a GPU.
     Storage that existed before (parameters, inputs) is not counted, views and in-place results neither."""
-    import weakref
-
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
