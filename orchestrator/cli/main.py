@@ -2,8 +2,9 @@
 
 A subcommand module exposes `register(subparsers)`, which adds its parser and sets
 `func` to a callable taking the parsed args and returning an exit code. Modules
-import their heavy dependencies (torch, Ray) inside `func`, so `mdsweep --help`
-and `mdsweep query` stay fast.
+import their heavy dependencies (torch, Ray, Optuna, pyarrow, and the project
+modules that load them) inside `func`, and everything else at the top, so
+`mdsweep --help` and `mdsweep query` stay fast (tests/test_layering.py checks it).
 """
 from __future__ import annotations
 
