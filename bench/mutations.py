@@ -141,7 +141,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "K4", "store: a command that read the tables exits with its own code (no reader thread aborts it)",
         "orchestrator/results/store.py",
-        "pq.read_table(handle, use_threads=False, pre_buffer=False)",
+        "pq.ParquetFile(pa.BufferReader(handle.read())).read(use_threads=False)",
         "pq.read_table(handle)",
         ("tests/test_results_sink.py::test_a_process_that_read_the_tables_exits_cleanly",)),
     Mutation(

@@ -103,10 +103,11 @@ def read_trial_rows(root: Path | str, table: str, sweep: str, trial_id: str) -> 
 
 
 def read_rows(handle: BinaryIO) -> list[dict[str, Any]]:
-    """The rows of one open Parquet file. Read on this thread: Arrow's reader threads, calling back into a
-    Python file object, can still be alive when the interpreter exits and then abort it (SIGABRT, "terminate
-    called without an active exception", apache/arrow#34314) after the command has done its work."""
-    return pq.read_table(handle, use_threads=False, pre_buffer=False).to_pylist()
+    """The rows of one open Parquet file, read whole into memory and decoded on this thread. Arrow's dataset
+    reader (`pq.read_table`) hands the reading to its own threads, which call back into the Python file; one
+    still alive when the interpreter exits aborts it (SIGABRT, "terminate called without an active
+    exception", apache/arrow#34314) after the command has done its work. The tables are small."""
+    return pq.ParquetFile(pa.BufferReader(handle.read())).read(use_threads=False).to_pylist()
 
 
 def write_trial_rows(root: Path | str, table: str, sweep: str, trial_id: str, rows: list[dict[str, Any]]) -> None:
