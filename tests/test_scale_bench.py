@@ -15,7 +15,7 @@ from trainer.job_config import JobConfig
 from trainer.standin_job import VAL_N, predictions, report_at
 
 ROOT = Path(__file__).resolve().parent.parent
-TRIALS, REPORTS = 24, 4
+TRIALS, REPORTS = 12, 4
 
 pytestmark = pytest.mark.slow
 
