@@ -8,14 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orchestrator.sweep.scratch import OWNER_FILE, PREFIX, remove_orphans, trial_scratch
+from orchestrator.cluster.scratch import OWNER_FILE, PREFIX, remove_orphans, trial_scratch
 
 ROOT = Path(__file__).resolve().parent.parent
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from orchestrator.sweep.scratch import trial_scratch
+from orchestrator.cluster.scratch import trial_scratch
 with trial_scratch(Path(sys.argv[1])) as folder:
     (folder / "checkpoint").mkdir()
     (folder / "checkpoint" / "state.pt").write_bytes(b"x" * 1000)

@@ -1,1 +1,1 @@
-"""The Ray cluster and the machines under a sweep: attach, resources, storage, signals, what Ray says of a failed trial; Ray's and Tune's private names and formats live in `tune_internals` alone. May import `trainer` only."""
+"""The Ray cluster and the machines under a sweep: attach, resources, storage, signals, trials' scratch folders on each node, what Ray says of a failed trial; Ray's and Tune's private names and formats live in `tune_internals` alone. May import `trainer` only."""

@@ -24,10 +24,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from orchestrator.cluster.scratch import trial_scratch
 from orchestrator.results.job_values import normalize_value
 from orchestrator.results.schema import METRICS
 from orchestrator.results.spaces import split_suggestion
-from orchestrator.sweep.scratch import trial_scratch
 from trainer.job_config import JobConfig
 from trainer.memory.estimate import estimate_memory
 
