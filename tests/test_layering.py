@@ -332,3 +332,16 @@ def test_a_light_lazy_import_is_named():
         "orchestrator.cli.query -> json (line 4)",
         "orchestrator.cli.query -> orchestrator.results.ranking (line 7)",
         "orchestrator.sweep.driver -> orchestrator.cluster.tune_internals (line 5)"]
+
+
+MAX_MODULES_PER_FOLDER = 15
+
+
+def test_no_folder_holds_more_than_15_modules():
+    """A folder past 15 modules (its `__init__` counted) no longer reads as one room: split it by job."""
+    folders: dict[str, int] = {}
+    for top in PACKAGES:
+        for path in (ROOT / top).rglob("*.py"):
+            folder = str(path.parent.relative_to(ROOT))
+            folders[folder] = folders.get(folder, 0) + 1
+    assert {f: n for f, n in folders.items() if n > MAX_MODULES_PER_FOLDER} == {}
