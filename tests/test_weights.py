@@ -63,25 +63,15 @@ def _broken(tmp_path, edit):
     return directory
 
 
-def test_missing_key_is_named(tmp_path):
-    directory = _broken(tmp_path, lambda t: t.pop("model.text.blocks.1.mlp.fc2.bias"))
-    with pytest.raises(CheckpointError, match=r"missing key 'model.text.blocks.1.mlp.fc2.bias'"):
-        load_model(str(directory))
-
-
-def test_wrong_shape_is_named(tmp_path):
-    def edit(t):
-        t["model.text.wte"] = torch.zeros(5, 3)
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("model.text.blocks.1.mlp.fc2.bias"), r"missing key 'model.text.blocks.1.mlp.fc2.bias'"),
+    (lambda t: t.update({"model.text.wte": torch.zeros(5, 3)}), r"'model.text.wte' has shape \(5, 3\)"),
+    (lambda t: t.update({"model.text.blocks.9.ln.weight": torch.zeros(3)}),
+     r"unexpected key 'model.text.blocks.9.ln.weight'"),
+], ids=["missing", "wrong-shape", "unexpected"])
+def test_a_broken_checkpoint_names_the_key(tmp_path, edit, message):
     directory = _broken(tmp_path, edit)
-    with pytest.raises(CheckpointError, match=r"'model.text.wte' has shape \(5, 3\)"):
-        load_model(str(directory))
-
-
-def test_unexpected_key_is_named(tmp_path):
-    def edit(t):
-        t["model.text.blocks.9.ln.weight"] = torch.zeros(3)
-    directory = _broken(tmp_path, edit)
-    with pytest.raises(CheckpointError, match=r"unexpected key 'model.text.blocks.9.ln.weight'"):
+    with pytest.raises(CheckpointError, match=message):
         load_model(str(directory))
 
 
