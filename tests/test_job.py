@@ -33,7 +33,8 @@ def test_job_runs_end_to_end_and_the_loss_falls(captcha_parquet):
     assert len(result.predictions) == reports[-1]["val_n"] == 24
     # the contract: exactly the declared metrics, which the Parquet schema and the sweep's --metric read
     assert all(set(r) == set(REPORT_METRICS) for r in reports), set(reports[-1]) ^ set(REPORT_METRICS)
-    assert all(isinstance(r[k], REPORT_METRICS[k].type) for r in reports for k in r), reports[-1]
+    assert all(isinstance(r[k], REPORT_METRICS[k].type) or (k == "mfu" and r[k] is None)  # no peak on CPU
+               for r in reports for k in r), reports[-1]
     assert reports[-1]["val_exact_match_low"] <= reports[-1]["val_exact_match"] <= reports[-1]["val_exact_match_high"]
 
 

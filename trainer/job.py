@@ -8,6 +8,7 @@ Anything else (a bug, bad input) raises.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -17,13 +18,16 @@ import torch
 from trainer.data.batching import Batch
 from trainer.budget import plan_budget
 from trainer.checkpoint import Progress, TrainState, trainable_state
-from trainer.devices import TORCH_DTYPES, autocast_dtype_of, resolve_device, resolve_precision
+from trainer.devices import (TORCH_DTYPES, autocast_dtype_of, device_name, peak_tflops, resolve_device,
+                             resolve_precision)
 from trainer.evaluation.evaluate import evaluate
 from trainer.faults import Fault
 from trainer.held_out import test_metrics
 from trainer.job_config import JobConfig, JobResult, Prediction
 from trainer.job_data import micro_batches, open_job_data, prepare_data
 from trainer.job_model import build_job_model, trained_model
+from trainer.model.attention import attention_kernel
+from trainer.model.flops import train_step_flops
 from trainer.model.loading import LoadedModel, save_model
 from trainer.memory.sizes import apply_gpu_cap, peak_bytes, reset_peak
 from trainer.model.network import MoondreamModel
@@ -42,6 +46,19 @@ class Diverged(Exception):
 def cap_note(cap: Optional[int]) -> str:
     """What an `oom` outcome adds about the allocator cap: whether the job ran out of the GPU or of its share."""
     return f" (cap {cap} bytes)" if cap else ""
+
+
+def decoder_attention_kernel(model: MoondreamModel, mode: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The attention kernel this job's decoder runs on (trainer.model.attention.attention_kernel); on a GPU, a
+    fall back to PyTorch's math kernel, the slowest and largest, is said in the job's log."""
+    text = model.config.text
+    kernel = attention_kernel(mode, model.attention_backend, heads=text.n_heads, head_dim=text.dim // text.n_heads,
+                              prefix_len=model.prefix_len, text_len=16, device=device, dtype=dtype)
+    if device.type == "cuda" and kernel == "math":
+        print(f"mdsweep: warning: the {mode} attention runs on PyTorch's math kernel on {device_name(device)} "
+              "(slow, and memory grows with the square of the sequence); attention_backend=flex avoids it",
+              file=sys.stderr, flush=True)
+    return kernel
 
 
 def prepare_model(config: JobConfig, precision: PrecisionPlan) -> LoadedModel:
@@ -81,6 +98,8 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
         return JobResult(outcome="oom", step=0, peak_memory_bytes=peak_bytes(device),
                          error=f"out of memory moving the model to {device}{cap_note(cap)}",
                          wall_time_s=time.time() - started)
+    hardware = {"device_name": device_name(device), "attention_kernel": decoder_attention_kernel(
+        model, config.attention, device, autocast_dtype or TORCH_DTYPES[precision.trained])}
     data = prepare_data(config, loaded, opened)
     pad_id = loaded.tokenizer.eos_id
 
@@ -107,6 +126,7 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
         if on_resume:
             on_resume(progress.step, dict(final))
 
+    peak = peak_tflops(device, precision.compute, config.peak_tflops)
     stream = micro_batches(data.train, config.batch_size, config.seed, progress.micro_batches, pad_id)
     window: list[dict[str, float]] = []
 
@@ -114,7 +134,7 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
         return JobResult(outcome=outcome, step=progress.step, final_metrics=final,
                          best_metrics=progress.best_metrics, peak_memory_bytes=peak_bytes(device), error=error,
                          predictions=predictions, wall_time_s=time.time() - started, test_metrics=tested or {},
-                         tokenizer=loaded.tokenizer_choice.as_record())
+                         tokenizer=loaded.tokenizer_choice.as_record(), hardware=hardware)
 
     try:
         while progress.step < total_steps:
@@ -140,6 +160,9 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
             n_samples = sum(len(b.samples) for b in group)
             # every sequence the decoder runs: BOS + image tokens + padded text
             decoder_tokens = sum(b.text_ids.numel() + len(b.samples) * model.prefix_len for b in group)
+            step_flops = sum(train_step_flops(model.config, config.train_scope, model.gradient_checkpointing,
+                                              crops=b.crops.shape[0], images=len(b.samples),
+                                              text_len=b.text_ids.shape[1]) for b in group)
             metrics = {
                 "step": step, "total_steps": total_steps, "samples_seen": progress.samples_seen,
                 "epoch": progress.micro_batches / budget.batches_per_epoch,
@@ -147,6 +170,8 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
                 "token_accuracy": correct / max(labelled, 1), "lr": scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm, "scaler_skipped_steps": progress.scaler_skipped_steps,
                 "samples_per_s": n_samples / seconds, "tokens_per_s": decoder_tokens / seconds,
+                "flops_per_sample": step_flops / n_samples, "achieved_tflops": step_flops / seconds / 1e12,
+                "mfu": step_flops / seconds / 1e12 / peak if peak else None,
                 "peak_memory_bytes": peak_bytes(device),
             }
             window.append(metrics)
@@ -243,6 +268,8 @@ def report_metrics(window: list[dict[str, float]], val_metrics: dict[str, float]
         "train_loss": mean("train_loss"),
         "token_accuracy": mean("token_accuracy"), "lr": last["lr"], "grad_norm": last["grad_norm"],
         "scaler_skipped_steps": last["scaler_skipped_steps"], "samples_per_s": mean("samples_per_s"),
-        "tokens_per_s": mean("tokens_per_s"), "peak_memory_bytes": peak_bytes(device),
+        "tokens_per_s": mean("tokens_per_s"), "flops_per_sample": mean("flops_per_sample"),
+        "achieved_tflops": mean("achieved_tflops"), "mfu": None if last["mfu"] is None else mean("mfu"),
+        "peak_memory_bytes": peak_bytes(device),
         **val_metrics, "skipped_samples": skipped_samples, "elapsed_s": elapsed_s,
     }

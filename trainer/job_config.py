@@ -159,6 +159,9 @@ class JobConfig:
     eval_every_samples: Optional[int] = _field(None, "training samples between evaluations, so that every trial "
                                                      "is evaluated at the same sample counts; not with eval_every")
     max_new_tokens: int = _field(16, "longest answer generated at evaluation")
+    peak_tflops: Optional[float] = _field(None, "the device's dense peak TFLOP/s at the compute precision, what "
+                                                "mfu divides by (default: the data sheet of a known GPU; none on "
+                                                "CPU)")
     max_gpu_memory: Optional[str] = _field(None, "cap on this job's GPU allocator: bytes (16GiB) or a fraction "
                                                  "(0.25); beyond it the job ends as oom")
     diverge_patience: int = _field(5, "consecutive non-finite losses that end the job as diverged")
@@ -206,6 +209,8 @@ class JobConfig:
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
             need(number(value) and 0 <= value < 1, f"{name} must be in [0, 1), got {value!r}")
+        need(self.peak_tflops is None or (number(self.peak_tflops) and self.peak_tflops > 0),
+             f"peak_tflops must be a positive number, got {self.peak_tflops!r}")
         need(number(self.adam_eps) and self.adam_eps > 0, f"adam_eps must be > 0, got {self.adam_eps!r}")
         need(isinstance(self.lora_rank, int) and self.lora_rank >= 1, f"lora_rank must be ≥ 1, got {self.lora_rank!r}")
         need(number(self.lora_alpha) and self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
@@ -279,6 +284,10 @@ REPORT_METRICS: dict[str, Metric] = {
     "scaler_skipped_steps": Metric(int, lower_is_better=True, help="fp16 steps skipped for inf/NaN gradients"),
     "samples_per_s": Metric(float),
     "tokens_per_s": Metric(float),
+    "flops_per_sample": Metric(float, help="training FLOPs per sample, counted from the shapes that ran "
+                                           "(trainer.model.flops)"),
+    "achieved_tflops": Metric(float, help="training FLOPs per second, in TFLOP/s"),
+    "mfu": Metric(float, help="model FLOPs utilisation: achieved_tflops / the device's dense peak; null on CPU"),
     "peak_memory_bytes": Metric(int, lower_is_better=True, help="GPU allocator peak; process RSS on CPU"),
     "val_exact_match": Metric(float),
     "val_exact_match_low": Metric(float, help="95 % Wilson interval"),
@@ -312,6 +321,11 @@ class JobResult:
     wall_time_s: float = 0.0
     test_metrics: dict[str, Any] = field(default_factory=dict)  # run_job(test_data=...): the final model's test_*
     tokenizer: dict[str, Any] = field(default_factory=dict)  # the tokenizer the job used (TokenizerChoice.as_record)
+    hardware: dict[str, Any] = field(default_factory=dict)  # where it ran and how (HARDWARE_COLUMNS)
+
+
+# What a job records of the hardware it ran on, beside its metrics: the trials table's columns of these names.
+HARDWARE_COLUMNS: dict[str, type] = {"device_name": str, "attention_kernel": str}
 
 
 @functools.lru_cache(maxsize=1)

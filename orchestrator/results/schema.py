@@ -28,7 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from trainer.job_config import REPORT_METRICS, TEST_METRICS
+from trainer.job_config import HARDWARE_COLUMNS, REPORT_METRICS, TEST_METRICS
 from trainer.job_config import field_types as job_field_types
 from trainer.model.tokenizer_source import TOKENIZER_COLUMNS
 
@@ -120,6 +120,8 @@ def trials_schema() -> pa.Schema:
         pa.field("test_data", pa.string()),  # what the test_* columns were measured on
         # the tokenizer the trial's job used, resolved from the checkpoint and its revision (trainer.model.tokenizer_source)
         *[pa.field(name, arrow_type_for(tp)) for name, tp in TOKENIZER_COLUMNS.items()],
+        # the device and the attention kernel the trial's job ran on (trainer.job: decoder_attention_kernel)
+        *[pa.field(name, arrow_type_for(tp)) for name, tp in HARDWARE_COLUMNS.items()],
         pa.field("steps_completed", pa.int64()),
         pa.field("n_reports", pa.int64()),
         pa.field("peak_memory_bytes", pa.int64()),

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from orchestrator.results.objectives import is_finite_number
 from orchestrator.results.schema import METRICS, job_field_types, utc_now
 from orchestrator.results.spaces import BASELINE_EXTRA_KEY, BASELINE_KEY, GROUP_KEY, MEMBER_KEY, split_suggestion
+from trainer.job_config import HARDWARE_COLUMNS
 from trainer.model.tokenizer_source import TOKENIZER_COLUMNS
 
 
@@ -110,7 +111,7 @@ def record_final(row: dict[str, Any], result: dict[str, Any], metric: str, final
     if result.get("peak_memory_bytes") is not None:
         row["peak_memory_bytes"] = max(int(result["peak_memory_bytes"]), int(row.get("peak_memory_bytes") or 0))
     row["job_wall_time_s"] = result.get("job_wall_time_s")
-    row.update({k: result[k] for k in TOKENIZER_COLUMNS if result.get(k) is not None})
+    row.update({k: result[k] for k in (*TOKENIZER_COLUMNS, *HARDWARE_COLUMNS) if result.get(k) is not None})
 
 
 def prediction_rows(trial_id: str, step: int, predictions: dict[str, list]) -> list[dict[str, Any]]:

@@ -206,6 +206,7 @@ def run_trial(spec: TrialSpec, config: dict[str, Any]) -> None:
                                           int(final.get("peak_memory_bytes") or 0))
         report["job_wall_time_s"] = float(result.wall_time_s or 0.0)
         report.update(result.tokenizer)
+        report.update(result.hardware)
         if result.predictions:
             report[PREDICTIONS_KEY] = predictions_columns(result.predictions)
     else:

@@ -78,3 +78,44 @@ def _block_mask(mode: AttentionMode, seq_len: int, prefix_len: int, device: torc
     def mask_mod(b, h, q_idx, kv_idx):
         return allowed(mode, q_idx, kv_idx, prefix_len)
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+
+
+# the ATen operator each of PyTorch's fused SDPA kernels runs as, by the kernel's name; the math kernel has none
+# (it is composite: plain products and a softmax reach the dispatcher)
+SDPA_KERNEL_OPS = {
+    "_scaled_dot_product_flash_attention": "flash",
+    "_scaled_dot_product_flash_attention_for_cpu": "flash-cpu",
+    "_scaled_dot_product_efficient_attention": "efficient",
+    "_scaled_dot_product_cudnn_attention": "cudnn",
+    "_scaled_dot_product_fused_attention_overrideable": "fused",
+}
+KERNEL_OF_BACKEND = {"flex": "flex", "eager-4d": "eager"}
+
+
+def attention_kernel(mode: AttentionMode, backend: AttentionBackend, *, heads: int, head_dim: int, prefix_len: int,
+                     text_len: int, device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel the decoder's attention runs on. For `sdpa` it is the one PyTorch's dispatcher picks for this
+    layout's mask (none for `causal`, a boolean one for `prefix`), dtype and device, seen by running one call
+    with gradients on, as training does: a boolean mask keeps the flash kernel out on CUDA, and which kernel
+    takes over changes between releases and GPUs, so it is read, not assumed."""
+    if backend != "sdpa":
+        return KERNEL_OF_BACKEND[backend]
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class KernelSeen(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kernels: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in SDPA_KERNEL_OPS:
+                self.kernels.append(SDPA_KERNEL_OPS[name])
+            return func(*args, **(kwargs or {}))
+
+    seq_len = prefix_len + text_len
+    mask = build_mask(mode, "sdpa", batch_size=1, seq_len=seq_len, prefix_len=prefix_len, device=device)
+    q = torch.zeros(1, heads, seq_len, head_dim, device=device, dtype=dtype, requires_grad=True)
+    with torch.enable_grad(), KernelSeen() as seen:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask, is_causal=mask is None)
+    return seen.kernels[0] if seen.kernels else "math"
