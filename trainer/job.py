@@ -163,6 +163,7 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
             step_flops = sum(train_step_flops(model.config, config.train_scope, model.gradient_checkpointing,
                                               crops=b.crops.shape[0], images=len(b.samples),
                                               text_len=b.text_ids.shape[1]) for b in group)
+            achieved_tflops = step_flops / seconds / 1e12
             metrics = {
                 "step": step, "total_steps": total_steps, "samples_seen": progress.samples_seen,
                 "epoch": progress.micro_batches / budget.batches_per_epoch,
@@ -170,8 +171,8 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
                 "token_accuracy": correct / max(labelled, 1), "lr": scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm, "scaler_skipped_steps": progress.scaler_skipped_steps,
                 "samples_per_s": n_samples / seconds, "tokens_per_s": decoder_tokens / seconds,
-                "flops_per_sample": step_flops / n_samples, "achieved_tflops": step_flops / seconds / 1e12,
-                "mfu": step_flops / seconds / 1e12 / peak if peak else None,
+                "flops_per_sample": step_flops / n_samples, "achieved_tflops": achieved_tflops,
+                "mfu": achieved_tflops / peak if peak else None,
                 "peak_memory_bytes": peak_bytes(device),
             }
             window.append(metrics)
