@@ -8,6 +8,7 @@ schedules them, the tiny jobs run on the CPU. One cluster serves the module.
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -113,6 +114,7 @@ def test_a_killed_driver_is_resumed_with_nothing_lost_or_duplicated(cluster, tmp
         wait_until(first_done_second_halfway, "one trial done and the next one halfway", 240, driver, 0.25)
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
+    _wait_for_the_orphaned_trial_to_end(tmp_path / "sweeps" / "killed")
     before = {t["trial_id"]: t for t in read_partition(results, "trials", "killed")}
     (first,) = [tid for tid, t in before.items() if t["outcome"] == "ok"]
     (interrupted,) = [tid for tid, t in before.items() if t["outcome"] == "running"]
@@ -143,17 +145,35 @@ def test_a_killed_driver_is_resumed_with_nothing_lost_or_duplicated(cluster, tmp
     assert sweep_row["status"] == "finished"
 
 
+def _wait_for_the_orphaned_trial_to_end(sweep_dir: Path) -> None:
+    """The trial's worker outlives a SIGKILLed driver until Ray notices the driver is gone, and may meanwhile
+    upload one more checkpoint; wait until the sweep's files stop changing (two looks two seconds apart)."""
+    def files() -> set[tuple[str, int]]:
+        return {(str(f), f.stat().st_size) for f in sweep_dir.rglob("*") if f.is_file()}
+
+    looks = [files()]
+
+    def settled() -> bool:
+        time.sleep(2)
+        looks.append(files())
+        return looks[-1] == looks[-2]
+
+    wait_until(settled, "the killed driver's trial ended (its files kept changing)", 120)
+
+
 def _lose_the_reports_of_the_checkpoints(tmp_path: Path, trial_id: str) -> None:
     """Leave the results as Tune's kill window does: the driver killed after a checkpoint of the trial reached
     storage (registered, or written by a worker that outlived the driver) but before the sink wrote that
-    checkpoint's report. Whichever checkpoint the resumed trial continues from, its row is not in `steps`."""
+    checkpoint's report. Whichever checkpoint the resumed trial continues from, its row is not in `steps`. A
+    checkpoint folder without the report is one whose upload the worker's end cut short: Tune never registered
+    it, so no trial resumes from it."""
     import json
 
     import pyarrow as pa
 
     (trial_dir,) = (tmp_path / "sweeps" / "killed").glob(f"trial_{trial_id}*")
     steps = {json.loads((c / "mdsweep_report.json").read_text())["last"]["step"]
-             for c in trial_dir.glob("checkpoint_*")}
+             for c in trial_dir.glob("checkpoint_*") if (c / "mdsweep_report.json").exists()}
     path = tmp_path / "results" / "steps" / "sweep=killed" / f"{trial_id}.parquet"
     table = pq.read_table(path)
     kept = [r for r in table.to_pylist() if r["step"] not in steps]
