@@ -137,6 +137,16 @@ def test_address_flag_attaches_with_the_heads_token(ray_head, captcha_parquet, t
     assert "token authentication" in proc.stderr and "2 node(s)" in proc.stderr
 
 
+def test_mfu_is_refused_as_the_objective_once_the_cluster_shows_no_gpu(ray_head, captcha_parquet, tmp_path):
+    proc = mdsweep("run", "--address", ray_head.address, "--dry-run", "--train-data", str(captcha_parquet),
+                   "--metric", "mfu", "--storage", str(tmp_path / "s"), "--results", str(tmp_path / "r"),
+                   base_env=ray_head.env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "mdsweep run: error: --metric mfu: the trials train on CPU (the cluster has no GPUs), where mfu is null; "
+        "rank by achieved_tflops instead, or give the CPU's peak with --set peak_tflops=N")
+
+
 def test_ray_address_variable_attaches_and_a_trial_runs(ray_head, captcha_parquet, tmp_path):
     env, address = ray_head.env, ray_head.address
     proc = mdsweep("run", "--name", "attached", "--num-samples", "1", "--space", "smoke:space",

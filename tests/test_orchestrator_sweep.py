@@ -72,10 +72,20 @@ def test_default_modes():
     ({"objectives": [("test_exact_match", "max")]}, "--objective 'test_exact_match': not a reported metric"),
     ({"objectives": [("val_exact_match", "max"), ("elapsed_s", "min")], "early_stop": "asha"},
      "--early-stop with several --objective"),
+    # mfu is null on CPU: a sweep whose trials surely train there cannot rank by it
+    ({"metric": "mfu", "gpus_per_trial": 0}, r"--metric mfu: the trials train on CPU \(--gpus-per-trial 0\)"),
+    ({"objectives": [("val_exact_match", "max"), ("mfu", "max")], "fixed": {"train_data": "x", "device": "cpu"}},
+     r"--objective mfu: the trials train on CPU \(--set device=cpu\).*--set peak_tflops=N"),
 ])
 def test_settings_are_checked_before_any_cluster(tmp_path, kw, match):
     with pytest.raises(SweepError, match=match):
         check_settings(_settings(tmp_path, **kw))
+
+
+def test_mfu_on_cpu_is_taken_when_the_peak_is_given_or_gpus_may_be_there(tmp_path):
+    check_settings(_settings(tmp_path, metric="mfu", gpus_per_trial=0,
+                             fixed={"train_data": "x", "peak_tflops": 0.5}))
+    check_settings(_settings(tmp_path, metric="mfu"))  # GPUs are known once the cluster is: checked then
 
 
 def test_searched_columns_include_groups(tmp_path):

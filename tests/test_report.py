@@ -81,6 +81,17 @@ def test_each_section_matches_the_tables(swept):
         assert r["tokens_per_s"] == t["final_tokens_per_s"]
         assert (r["tokens_per_s"] or 0) > 0 if t["outcome"] == "ok" else True
         assert r["predicted_gib"] == (t["predicted_peak_bytes"] / 2**30 if t["predicted_peak_bytes"] else None)
+    # efficiency: the trials that timed a training step, ranked by achieved TFLOP/s (no MFU on CPU)
+    timed = {tid for tid, t in by_id.items() if t["final_achieved_tflops"] is not None}
+    assert timed == {tid for tid, t in by_id.items() if t["outcome"] == "ok"}
+    assert [r["trial_id"] for r in data.efficiency.rows] == sorted(
+        timed, key=lambda tid: (-by_id[tid]["final_achieved_tflops"], tid))
+    for r in data.efficiency.rows:
+        t = by_id[r["trial_id"]]
+        assert (r["tflops"], r["objective"], r["mfu"]) == (t["final_achieved_tflops"], t["objective"], None)
+        assert r["gflop_per_sample"] == t["final_flops_per_sample"] / 1e9 > 0
+        assert (r["device"], r["kernel"]) == ("cpu", t["attention_kernel"]) and r["kernel"]
+    assert "ranked by achieved TFLOP/s: MFU is blank" in data.efficiency.note
     # the search section (the slices' points): every trial with its searched values and outcome
     assert {(r["trial_id"], r["lr"], r["grad_accum"], r["outcome"]) for r in data.search.rows} == \
         {(t["trial_id"], t["lr"], t["grad_accum"], t["outcome"]) for t in trials}
@@ -299,6 +310,24 @@ def test_past_fifty_trials_the_curves_are_the_best_fifty_and_the_page_says_so():
     assert f"the curves of the {MAX_CURVES} best of 80 trials" in drawn.note
     few = [s for s in steps if s["trial_id"] < f"t{MAX_CURVES:03d}"]
     assert curves(trials, few, "val_exact_match", in_samples=True).note is None
+
+
+@pytest.mark.slow
+def test_efficiency_ranks_by_mfu_beside_the_objective_and_the_query_shows_it(swept, capsys):
+    from orchestrator.cli.main import main
+    from orchestrator.results.report_data import efficiency
+
+    trials = [{"trial_id": tid, "objective": obj, "final_achieved_tflops": tflops, "final_mfu": mfu,
+               "final_flops_per_sample": 2e9} for tid, obj, tflops, mfu in
+              [("a", 0.9, 300.0, 0.30), ("b", 0.1, 400.0, 0.40), ("c", 0.5, 500.0, None), ("d", 0.7, None, None)]]
+    ranked = efficiency(trials)
+    assert [(r["rank"], r["trial_id"], r["objective"]) for r in ranked.rows] == [(1, "b", 0.1), (2, "a", 0.9),
+                                                                                (3, "c", 0.5)]
+    assert ranked.note is None and ranked.rows[0]["gflop_per_sample"] == 2.0
+    # `mdsweep query`'s default columns carry the efficiency of each trial; MFU only where a trial has one
+    assert main(["query", str(swept), "--sweep", "rep", "--format", "json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert {"final_achieved_tflops", "attention_kernel"} <= set(row) and "final_mfu" not in row
 
 
 @pytest.mark.parametrize("where", ["missing/study.log", "a-file/study.jsonl"])

@@ -128,7 +128,10 @@ def default_trial_columns(table: pa.Table) -> list[str]:
             metric = vals[0]
     wanted = ["sweep", "trial_id", "outcome", *searched, "seed", "objective", f"best_{metric}",
               f"final_{metric}", f"final_{metric}_low", f"final_{metric}_high", "steps_completed",
-              "peak_memory_bytes", "predicted_peak_bytes", "wall_time_s", "node_ip", "gpu_ids"]
+              "peak_memory_bytes", "predicted_peak_bytes", "final_achieved_tflops", "final_mfu", "attention_kernel",
+              "wall_time_s", "node_ip", "gpu_ids"]
+    if "final_mfu" in table.column_names and table.column("final_mfu").null_count == table.num_rows:
+        wanted.remove("final_mfu")  # null on CPU: a column of blanks says nothing (`--columns all` still has it)
     if "test_n" in table.column_names and table.column("test_n").null_count < table.num_rows:
         at = wanted.index("steps_completed")  # a sweep run with --test-data: its tested trials' numbers
         wanted[at:at] = ["test_exact_match", "test_exact_match_low", "test_exact_match_high"]

@@ -49,6 +49,7 @@ class ReportData:
     paired: Section
     importance: Section
     cost: Section
+    efficiency: Section  # trials ranked by MFU (by achieved TFLOP/s where no trial has one), objective beside
     misread: Section
     warnings: list[str] = field(default_factory=list)  # tables that could not be read
 
@@ -77,7 +78,7 @@ def collect(results: str, sweep: str) -> ReportData:
         search=search_points(trials),
         paired=paired(trials, predictions),
         importance=importance(results, sweep, record, trials, steps),
-        cost=cost(trials),
+        cost=cost(trials), efficiency=efficiency(trials),
         misread=misread(best, predictions, record), warnings=warnings)
 
 
@@ -234,6 +235,26 @@ def cost(trials: list[dict[str, Any]]) -> Section:
              "cap": t.get("max_gpu_memory"), "tokens_per_s": t.get("final_tokens_per_s"),
              "on_gpu": bool(t.get("gpu_ids"))} for t in trials]
     return Section(rows=rows, note=None if rows else "no trials")
+
+
+def efficiency(trials: list[dict[str, Any]]) -> Section:
+    """How well each trial used its hardware, best first, beside what it scored: a fast trial that learns
+    nothing and a slow one that wins are both findings. MFU needs the device's peak, which a CPU has none of
+    (trainer.devices), so without any MFU the ranking falls back to achieved TFLOP/s and says so."""
+    measured = [t for t in trials if t.get("final_achieved_tflops") is not None]
+    if not measured:
+        return Section(note="no trial has finished a timed training step yet")
+    by_mfu = any(t.get("final_mfu") is not None for t in measured)
+    key = "final_mfu" if by_mfu else "final_achieved_tflops"
+    ordered = sorted(measured, key=lambda t: (t.get(key) is None, -(t.get(key) or 0.0), t["trial_id"]))
+    rows = [{"rank": i, "trial_id": t["trial_id"], "attention": t.get("attention"), "outcome": t.get("outcome"),
+             "objective": t.get("objective"), "mfu": t.get("final_mfu"), "tflops": t["final_achieved_tflops"],
+             "gflop_per_sample": (t.get("final_flops_per_sample") or 0.0) / 1e9 or None,
+             "device": t.get("device_name"), "kernel": t.get("attention_kernel")}
+            for i, t in enumerate(ordered, 1)]
+    note = None if by_mfu else ("ranked by achieved TFLOP/s: MFU is blank because no trial ran on a GPU with a "
+                                "known peak (on CPU, or give it with --set peak_tflops=N)")
+    return Section(rows=rows, note=note)
 
 
 def misread(best: Optional[dict[str, Any]], predictions: list[dict[str, Any]], record: dict[str, Any]) -> Section:

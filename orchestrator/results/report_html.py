@@ -125,6 +125,7 @@ def render(data: ReportData) -> str:
         "<h2>Causal vs prefix, paired</h2>", paired_html(data),
         "<h2>Which setting matters</h2>", importance_html(data, metric),
         "<h2>Cost: memory and throughput</h2>", cost_html(data),
+        "<h2>Efficiency: how well each trial used its hardware</h2>", efficiency_html(data),
         "<h2>Misread samples (best trial)</h2>", misread_html(data),
     ]
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
@@ -309,6 +310,19 @@ def cost_html(data: ReportData) -> str:
     caps = sorted({fmt(r["cap"]) for r in rows if r["cap"] is not None})
     note = f"Per-trial GPU memory cap: {', '.join(caps)}." if caps else "No per-trial GPU memory cap was set."
     return figure_html(fig, "cost") + f"<p>{html.escape(note)}</p>"
+
+
+def efficiency_html(data: ReportData) -> str:
+    rows = data.efficiency.rows
+    if not rows:
+        return note_html(data.efficiency)
+    shown = [{**r, "mfu": None if r["mfu"] is None else r["mfu"] * 100} for r in rows]
+    table = table_html(shown, list(rows[0]), sortable=True, headers={
+        "mfu": "MFU %", "tflops": "achieved TFLOP/s", "gflop_per_sample": "GFLOP / sample",
+        "kernel": "attention kernel"})
+    return (note_html(data.efficiency) + "<p>Training FLOPs counted from the shapes that ran, over the measured "
+            "step time; MFU is that over the device's dense peak at the compute precision.</p>"
+            + f"<div class='wide'>{table}</div>")
 
 
 def misread_html(data: ReportData) -> str:

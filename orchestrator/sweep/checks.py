@@ -86,7 +86,21 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
     except ValueError as e:
         raise SweepError(str(e)) from None
     check_model(job)
+    if s.gpus_per_trial == 0 or str(s.fixed.get("device") or "").startswith("cpu"):
+        check_mfu_objective(s, "--gpus-per-trial 0" if s.gpus_per_trial == 0 else "--set device=cpu")
     return info
+
+
+def check_mfu_objective(s: SweepSettings, why_cpu: str) -> None:
+    """A sweep whose trials train on CPU cannot rank by `mfu`: it is null there (no data-sheet peak), so every
+    trial would end without an objective. Called before Ray starts when a flag says CPU, and again once the
+    cluster is known to have no GPUs."""
+    if s.fixed.get("peak_tflops") is not None:
+        return  # the user gave the peak that mfu divides by
+    for flag, metric in [("--metric", s.metric), *(("--objective", m) for m, _ in s.objectives)]:
+        if metric == "mfu":
+            raise SweepError(f"{flag} mfu: the trials train on CPU ({why_cpu}), where mfu is null; rank by "
+                             f"achieved_tflops instead, or give the CPU's peak with --set peak_tflops=N")
 
 
 def check_writable_directory(flag: str, value: str) -> None:

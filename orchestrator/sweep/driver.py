@@ -28,7 +28,7 @@ from orchestrator.cluster.tune_state import (StateBackup, StateLost, drop_repair
 from orchestrator.results.groups import build_expansions
 from orchestrator.results.schema import validate_sweep_name
 from orchestrator.sweep.baselines import plan_baselines
-from orchestrator.sweep.checks import check_data, check_settings, searched_columns
+from orchestrator.sweep.checks import check_data, check_mfu_objective, check_settings, searched_columns
 from orchestrator.sweep.held_out import test_best_trials
 from orchestrator.sweep.lock import describe_stale, refusal, running_driver, sweep_lock
 from orchestrator.sweep.settings import (MANIFEST, SweepError, SweepSettings, manifest_exists, normalize_storage,
@@ -68,6 +68,8 @@ def resolve_resources(s: SweepSettings, handle: cluster_mod.ClusterHandle,
             check_fit(req, nodes)
     except ResourceError as e:
         raise SweepError(str(e)) from None
+    if req.gpus == 0:
+        check_mfu_objective(s, "the cluster has no GPUs")
     notes = list(req.notes) + notes + cluster_mod.storage_notes(s.storage, nodes) + list(handle.notes)
     cap = concurrency_capacity(req, nodes)
     if cap == 0 and not s.skip_fit_check:
