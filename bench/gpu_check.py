@@ -3,10 +3,14 @@ model's prediction, per batch size, attention mode, backend, optimizer, scope an
 jobs sharing one GPU.
 
 Each case runs in its own process (clean CUDA context and peak statistics) through the trainer's own
-`run_job`: three optimizer steps and an evaluation on a few synthetic captchas.
+`run_job`: three optimizer steps and an evaluation on a few synthetic captchas. Each row also says how well the
+step used the GPU (achieved TFLOP/s and MFU, the trainer's own columns) and which attention kernel ran.
 
     python bench/gpu_check.py              # on a CUDA machine: about 5 minutes on one H100
+    python bench/gpu_check.py --official DIR   # then bench/versus_official.py's real-size rows on the GPU
     python bench/gpu_check.py --dry-run    # anywhere: the tiny model on CPU, checks the script itself
+
+It exits non-zero when a case fails or a measured peak is off its prediction by more than 1.3x either way.
 
 Copy the printed table into bench/RESULTS.md with the device and the date.
 """
@@ -44,6 +48,7 @@ CASES: list[tuple[str, dict[str, Any]]] = [
 # the dry run checks the script, not memory: one case per code path, no flex (no backward on CPU)
 DRY_RUN_CASES = ("lean b8 prefix", "lean b8 prefix eager-4d", "fp16 weights + 8-bit b8", "lora b8")
 SHARED = 4  # jobs sharing one GPU in the last check
+TOLERANCE = 1.3  # measured / predicted peak beyond this (either way) fails the check
 MARGIN = 1.15  # cap = prediction x this, for the shared jobs
 
 
@@ -62,10 +67,11 @@ def run_one(config: dict[str, Any]) -> None:
     steps: list[dict[str, Any]] = []
     started = time.time()
     result = run_job(JobConfig(**config), on_step=steps.append)
+    last = steps[-1] if steps else {}
     print(json.dumps({"outcome": result.outcome, "error": result.error, "peak": result.peak_memory_bytes,
-                      "samples_per_s": steps[-1]["samples_per_s"] if steps else None,
-                      "scaler_skipped": steps[-1]["scaler_skipped_steps"] if steps else None,
-                      "seconds": time.time() - started}))
+                      **{k: last.get(k) for k in ("samples_per_s", "achieved_tflops", "mfu")},
+                      "scaler_skipped": last.get("scaler_skipped_steps"), "kernel": result.hardware.get(
+                          "attention_kernel"), "seconds": time.time() - started}))
 
 
 def launch(config: JobConfig) -> subprocess.Popen:
@@ -85,6 +91,10 @@ def collect(process: subprocess.Popen, timeout_s: float) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
+def number(value: Any, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
 def gib(value: Any) -> str:
     return f"{value / GIB:.2f}" if isinstance(value, (int, float)) and value else "-"
 
@@ -93,6 +103,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny model on CPU: check the script, not a GPU")
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds per case (default 150)")
+    parser.add_argument("--official", metavar="DIR", help="also run bench/versus_official.py at real size on the "
+                        "GPU against this checkout of the official repository (see that script)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -104,8 +116,8 @@ def main() -> int:
     data = Path(tempfile.mkdtemp(prefix="gpu-check-")) / "captchas.parquet"
     synthesize(64, data, length=6, seed=0)
     what = "measured: CPU peak RSS (dry run: not comparable)" if args.dry_run else "measured: max_memory_allocated"
-    print(f"{'case':<28} {'predicted GiB':>13} {'measured GiB':>12} {'ratio':>6} {'samples/s':>9} "
-          f"{'outcome':>8}   ({what})")
+    print(f"{'case':<28} {'predicted GiB':>13} {'measured GiB':>12} {'ratio':>6} {'samples/s':>9} {'TFLOP/s':>8} "
+          f"{'MFU %':>6} {'kernel':>9} {'outcome':>8}   ({what})")
     failures = 0
     for label, case in CASES:
         if args.dry_run and label not in DRY_RUN_CASES:
@@ -114,10 +126,12 @@ def main() -> int:
         predicted = estimate_memory(config).allocator_peak
         row = collect(launch(config), args.timeout)
         peak = row.get("peak")
-        ratio = f"{peak / predicted:.2f}" if peak and not args.dry_run else "-"
-        rate = f"{row['samples_per_s']:.1f}" if row.get("samples_per_s") else "-"
-        failures += row["outcome"] != "ok"
-        print(f"{label:<28} {gib(predicted):>13} {gib(peak):>12} {ratio:>6} {rate:>9} {row['outcome']:>8}"
+        off = bool(peak) and not args.dry_run and not 1 / TOLERANCE <= peak / predicted <= TOLERANCE
+        ratio = f"{peak / predicted:.2f}{'!' if off else ''}" if peak and not args.dry_run else "-"
+        failures += row["outcome"] != "ok" or off
+        print(f"{label:<28} {gib(predicted):>13} {gib(peak):>12} {ratio:>6} {number(row.get('samples_per_s'), 1):>9} "
+              f"{number(row.get('achieved_tflops'), 3):>8} {number(100 * row['mfu'] if row.get('mfu') else None, 1):>6} "
+              f"{row.get('kernel') or '-':>9} {row['outcome']:>8}"
               + (f"   {row.get('error')}" if row["outcome"] != "ok" else ""), flush=True)
 
     # four jobs on one GPU, each capped at its prediction plus a margin: all must end ok
@@ -130,7 +144,13 @@ def main() -> int:
     outcomes = [r["outcome"] for r in rows]
     failures += sum(o != "ok" for o in outcomes)
     print(f"\n{len(shared)} lean b8 jobs sharing the GPU, each capped at {gib(cap)} GiB: outcomes {outcomes}, "
-          f"peaks {[gib(r.get('peak')) for r in rows]} GiB")
+          f"peaks {[gib(r.get('peak')) for r in rows]} GiB", flush=True)
+    if args.official:
+        print("\nAgainst the official fine-tune (bench/versus_official.py):", flush=True)
+        failures += subprocess.run([sys.executable, str(Path(__file__).with_name("versus_official.py")),
+                                    "--official", args.official, "--repeats", "2",
+                                    "--preset", "small" if args.dry_run else "moondream2",
+                                    "--device", "cpu" if args.dry_run else "cuda"]).returncode != 0
     return 1 if failures else 0
 
 

@@ -62,3 +62,5 @@ def test_gpu_check_dry_run_completes():
                          text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stdout + run.stderr[-2000:]
     assert run.stdout.count(" ok") >= 4 and "outcomes ['ok', 'ok']" in run.stdout
+    # each row says how well the step used the device and which attention kernel ran
+    assert "TFLOP/s" in run.stdout and " flash-cpu " in run.stdout and " eager " in run.stdout
