@@ -38,9 +38,13 @@ def swept(tmp_path_factory, captcha_parquet):
     proc = mdsweep("run", "--name", "rep", "--space", f"{tmp / 'space.py'}:space", "--cross", "attention",
                    "--num-samples", "3", "--search-seed", "1", *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # warm-started from the first: its two finished proposals are told to the search, never run or ranked here
     failed = mdsweep("run", "--name", "allfail", "--space", "smoke:space", "--num-samples", "1",
-                     "--set", "fault=oom@1", *common)
+                     "--set", "fault=oom@1", "--warm-start", f"{tmp / 'results'}:rep", *common[:-1])
     assert failed.returncode == 3, failed.stderr[-3000:]
+    source = f"{tmp / 'results'}:rep"
+    assert f"warm start: 2 finished trial(s) carried from {source}" in failed.stderr
+    assert f"warm start: 1 proposal(s) of {source} skipped: they did not finish with a value" in failed.stderr
     return tmp / "results"
 
 
@@ -281,6 +285,10 @@ def test_bad_input_is_a_message_not_a_traceback(swept, tmp_path):
     assert proc.returncode == 0, proc.stderr
     page = out.read_text()
     assert "none: no trial has ended ok yet" in page and "no trial ended ok" in page
+    # the carried trials are named in the summary, and none of them is this sweep's best or its export
+    assert f"2 trial(s) carried from {swept}:rep (told to the search, never this sweep&#x27;s results)" in page
+    proc = mdsweep("export", str(swept), "--sweep", "allfail", "--best", "--out", str(tmp_path / "best"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "best").exists()
 
 
 @pytest.mark.slow

@@ -104,6 +104,7 @@ def summary(record: dict[str, Any], trials: list[dict[str, Any]], best: Optional
         "status": record.get("status"), "space": record.get("space"), "argv": record.get("argv"),
         "created_at": record.get("created_at"), "fixed": json.loads(record.get("fixed_json") or "{}"),
         "trials": len(trials), "outcomes": dict(sorted(counts.items())),
+        "warm_start": json.loads(record.get("warm_start_json") or "[]"),
         "trial_hours": sum(t.get("wall_time_s") or 0.0 for t in trials) / 3600,
         "best": None if best is None else {
             "trial_id": best["trial_id"], "objective": best["objective"],

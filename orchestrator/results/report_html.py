@@ -154,6 +154,10 @@ def summary_html(data: ReportData) -> str:
                                              f"n = {t['n']}), CER {t['cer']:.3f}: the estimate to quote"))
     else:
         rows.insert(4, ("best trial", "none: no trial has ended ok yet"))
+    if s.get("warm_start"):
+        rows.insert(4, ("warm start", "; ".join(
+            f"{w['carried']} trial(s) carried from {w['source']} (told to the search, never this sweep's results)"
+            + "".join(f"; {n}" for n in w["notes"]) for w in s["warm_start"])))
     if s.get("vs_baseline"):
         rows.insert(5, ("vs baseline", describe_versus_baseline(s["vs_baseline"]).removeprefix("vs baseline ")))
     return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(fmt(v))}</td></tr>"

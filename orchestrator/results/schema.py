@@ -185,6 +185,8 @@ def sweeps_schema() -> pa.Schema:
         pa.field("fixed_json", pa.string()),  # the fixed JobConfig settings, same for every trial
         pa.field("resources_json", pa.string()),
         pa.field("argv", pa.string()),
+        # --warm-start: [{source, carried, notes}], the earlier sweeps whose finished trials the search was told
+        pa.field("warm_start_json", pa.string()),
     ]
     return pa.schema(fields, metadata=_metadata())
 

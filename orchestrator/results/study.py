@@ -162,3 +162,67 @@ def _frozen_trials(trials: list[dict[str, Any]], steps: list[dict[str, Any]], ob
     if running:
         notes.append(f"{running} proposal(s) still running left out")
     return frozen
+
+
+# fixed settings that change what a trial's objective means: a trial run under other values of these says nothing
+# about the new sweep's objective (the sample budget: max_samples, max_steps and epochs, with batch and accumulation)
+MEANING_SETTINGS = ("model", "revision", "train_data", "val_data", "val_fraction", "split_seed", "max_val_samples",
+                    "epochs", "max_samples", "max_steps")
+
+
+@dataclass
+class Carried:
+    """Finished proposals of an earlier sweep, as Optuna trials of the new sweep's space (none rerun)."""
+    source: str
+    trials: list[Any] = field(default_factory=list)  # optuna FrozenTrial, COMPLETE
+    notes: list[str] = field(default_factory=list)  # what was skipped, and why: one line each
+
+    def describe(self) -> str:
+        return f"{len(self.trials)} finished trial(s) carried from {self.source}"
+
+
+def carried_trials(source: str, distributions: dict[str, Any], objectives: list[tuple[str, str]],
+                   fixed: dict[str, Any]) -> Carried:
+    """`--warm-start RESULTS:SWEEP`: that sweep's completed proposals, with the new space's distributions, for the
+    new sweep's study to learn from before its first proposal. Raises StudyError (naming the flag) for a source
+    that does not exist or ranks the other way; values outside the new space, and a source run under other
+    settings that change what its objective means, are skipped and counted in the notes."""
+    results, sep, sweep = source.rpartition(":")
+    if not sep or not results or not sweep:
+        raise StudyError(f"--warm-start {source}: expected RESULTS:SWEEP, e.g. results:demo")
+    try:
+        record = sweep_record(results, sweep)
+        rows = load_table(results, "trials", [sweep]).to_pylist()
+    except (QueryError, StudyError, FileNotFoundError) as e:
+        raise StudyError(f"--warm-start {source}: {str(e).removeprefix(f'--sweep {sweep}: ')}") from None
+    try:  # the curves are extra: a sweep that never evaluated has none
+        steps = load_table(results, "steps", [sweep]).to_pylist()
+    except (QueryError, FileNotFoundError):
+        steps = []
+    theirs = sweep_objectives(record)
+    if [m for m, _ in theirs] != [m for m, _ in objectives]:
+        raise StudyError(f"--warm-start {source}: it optimised {', '.join(m for m, _ in theirs)}, this sweep "
+                         f"{', '.join(m for m, _ in objectives)}; its values cannot be told to this search")
+    if theirs != objectives:
+        raise StudyError(f"--warm-start {source}: it ranked by {theirs[0][0]} ({theirs[0][1]}), this sweep the "
+                         f"other way")
+    carried = Carried(source)
+    their_fixed = json.loads(record.get("fixed_json") or "{}")
+    differ = [k for k in MEANING_SETTINGS if their_fixed.get(k) != fixed.get(k)]
+    if differ:
+        carried.notes.append(f"all {len(rows)} trial(s) of {source} skipped: they ran with another "
+                             + ", ".join(f"{k} ({their_fixed.get(k)!r}, here {fixed.get(k)!r})" for k in differ))
+        return carried
+    outside: list[str] = []
+    frozen = _frozen_trials(rows, steps, objectives, distributions, outside)
+    carried.trials = [t for t in frozen if t.state.name == "COMPLETE"]
+    for t in carried.trials:
+        t.set_user_attr("warm_start", source)
+    left_out = [n for n in outside if "left out:" in n and "still running" not in n]
+    if left_out:
+        carried.notes.append(f"{len(left_out)} proposal(s) of {source} skipped: a value outside this space's bounds "
+                             f"or choices (first: {left_out[0].split('left out: ', 1)[1]})")
+    if len(frozen) > len(carried.trials):
+        carried.notes.append(f"{len(frozen) - len(carried.trials)} proposal(s) of {source} skipped: they did not "
+                             "finish with a value (failed, out of memory or pruned)")
+    return carried

@@ -27,6 +27,7 @@ from orchestrator.cluster.tune_state import (StateBackup, StateLost, drop_repair
                                              restore_incomplete)
 from orchestrator.results.groups import build_expansions
 from orchestrator.results.schema import validate_sweep_name
+from orchestrator.results.study import Carried, StudyError, carried_trials
 from orchestrator.sweep.baselines import plan_baselines
 from orchestrator.sweep.checks import check_data, check_mfu_objective, check_settings, searched_columns
 from orchestrator.sweep.held_out import test_best_trials
@@ -243,6 +244,7 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
                                searched=info.searched, fixed=s.fixed, crossed=[name for name, _ in s.cross],
                                num_samples=s.num_samples)
     s.baselines = [{"label": b.label, "params": b.params, "extra": b.extra} for b in baselines]
+    carried = warm_start(s, info.distributions)
     check_name_is_free(s)  # early, before Ray starts; again under the lock, where it counts
     expansions = _expansions(s)
     handle = cluster_mod.connect(s.address, num_cpus=s.num_cpus, num_gpus=s.num_gpus, log_to_driver=s.worker_logs,
@@ -255,6 +257,9 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
              f"{len(expansions)} run(s) each = {s.num_samples * len(expansions)} trial(s)", quiet)
         for b in baselines:
             _say(f"runs first, {b.describe()}", quiet)
+        for c in carried:
+            for line in [c.describe(), *c.notes]:
+                _say(f"warm start: {line}", quiet)
         if dry_run:
             return SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results,
                                 status="dry-run", counts={}, settings=s, resources=req)
@@ -265,7 +270,7 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
             write_manifest(s)
             with sigterm_as_interrupt() as signalled:
                 try:
-                    _start_tuner(s, req, searched, expansions, quiet)
+                    _start_tuner(s, req, searched, expansions, quiet, carried)
                 except BaseException:
                     _forget_unstarted(s)
                     raise
@@ -304,8 +309,18 @@ def _forget_unstarted(s: SweepSettings) -> None:
         fs.delete_file(f"{path}/{MANIFEST}")
 
 
+def warm_start(s: SweepSettings, distributions: dict[str, Any]) -> list[Carried]:
+    """The --warm-start sources read before Ray starts, so a missing one or one ranked the other way is refused
+    at once."""
+    objectives = s.objectives if len(s.objectives) > 1 else [(s.metric, s.mode)]
+    try:
+        return [carried_trials(source, distributions, objectives, s.fixed) for source in s.warm_start]
+    except StudyError as e:
+        raise SweepError(str(e)) from None
+
+
 def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], expansions: list[dict[str, Any]],
-                 quiet: bool) -> None:
+                 quiet: bool, carried: list[Carried]) -> None:
     """Write the sweep's row, build the searcher, scheduler and Tuner, and run it (results land through the
     sink)."""
     from ray import tune
@@ -319,9 +334,12 @@ def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], exp
         "mode": s.mode, "num_samples": s.num_samples, "replicates": s.replicates,
         "cross_json": json.dumps(s.cross, default=str), "fixed_json": json.dumps(s.fixed, default=str),
         "objectives_json": json.dumps(s.objectives or [[s.metric, s.mode]]),
-        "resources_json": json.dumps(req.to_dict(), default=str), "argv": s.argv})
+        "resources_json": json.dumps(req.to_dict(), default=str), "argv": s.argv,
+        "warm_start_json": json.dumps([{"source": c.source, "carried": len(c.trials), "notes": c.notes}
+                                       for c in carried]) if carried else None})
     searcher = make_searcher(s.space, s.metric, s.mode, s.search_seed, expansions, s.max_concurrent,
-                             sweep=s.name, fixed=s.fixed, objectives=s.objectives, baselines=s.baselines)
+                             sweep=s.name, fixed=s.fixed, objectives=s.objectives, baselines=s.baselines,
+                             warm_start=[t for c in carried for t in c.trials])
     scheduler = make_scheduler(s.early_stop, s.metric, s.mode, s.fixed, s.asha_grace,
                                s.asha_reduction_factor)
     parts = tuner_parts(s, req, searched, quiet)

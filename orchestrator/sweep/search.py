@@ -30,9 +30,10 @@ def make_searcher(space: str, metric: str, mode: str, seed: int, expansions: lis
                   max_concurrent: Optional[int], sweep: Optional[str] = None,
                   fixed: Optional[dict[str, Any]] = None,
                   objectives: Sequence[tuple[str, str]] = (),
-                  baselines: Sequence[dict[str, Any]] = ()) -> "Any":
+                  baselines: Sequence[dict[str, Any]] = (), warm_start: Sequence[Any] = ()) -> "Any":
     """The sweep's searcher; two or more `objectives` make Optuna search for their Pareto front (multi-objective
-    TPE) while `metric` stays the one the scheduler and the tables rank by."""
+    TPE) while `metric` stays the one the scheduler and the tables rank by. `warm_start` (Optuna FrozenTrials of
+    earlier sweeps, results.study.carried_trials) is added to the study before the first proposal."""
     from optuna.samplers import TPESampler
     from ray.tune.search.optuna import OptunaSearch
 
@@ -44,7 +45,8 @@ def make_searcher(space: str, metric: str, mode: str, seed: int, expansions: lis
     else:
         inner = OptunaSearch(space=SpaceFunction(space), metric=metric, mode=mode, sampler=sampler)
     return SweepSearcher(inner, metric=metric, mode=mode, expansions=expansions, max_concurrent=max_concurrent,
-                         sweep=sweep, fixed=fixed, objectives=objectives, baselines=baselines)
+                         sweep=sweep, fixed=fixed, objectives=objectives, baselines=baselines,
+                         warm_start=warm_start)
 
 
 # proposals in a row whose memory shape cannot fit, after which the search stops instead of spinning
@@ -58,7 +60,7 @@ class SweepSearcher(Searcher):
     def __init__(self, searcher: Any, metric: str, mode: str, expansions: Optional[list[dict]] = None,
                  max_concurrent: Optional[int] = None, sweep: Optional[str] = None,
                  fixed: Optional[dict[str, Any]] = None, objectives: Sequence[tuple[str, str]] = (),
-                 baselines: Sequence[dict[str, Any]] = ()):
+                 baselines: Sequence[dict[str, Any]] = (), warm_start: Sequence[Any] = ()):
         from orchestrator.sweep.gpu_memory import book_for
 
         super().__init__(metric=metric, mode=mode)
@@ -77,6 +79,9 @@ class SweepSearcher(Searcher):
         self._counter = 0
         # --enqueue (orchestrator.sweep.baselines): proposals made first, through Optuna's enqueued trials
         self.pending_baselines: list[dict[str, Any]] = [dict(b) for b in baselines]
+        # --warm-start: told to the study once, before the first proposal; the study (saved with the experiment)
+        # then holds them, so a resumed sweep does not add them again
+        self.pending_warm_start: list[Any] = list(warm_start)
 
     # Tune plumbing
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -108,6 +113,9 @@ class SweepSearcher(Searcher):
     def suggest(self, trial_id: str) -> Optional[dict]:
         if self.max_concurrent and len(self.live) >= self.max_concurrent:
             return None
+        if getattr(self, "pending_warm_start", None):  # a state saved before --warm-start existed has none
+            self.study.add_trials(self.pending_warm_start)
+            self.pending_warm_start = []
         if not self.queue:
             for _ in range(MAX_REJECTED_IN_A_ROW):
                 inner_id = f"g{self._counter:05d}"

@@ -98,6 +98,7 @@ class SweepSettings:
         "optimizer, betas) or FILE.json (a list of settings objects); values the space searches are fitted to it, "
         "fixed and crossed settings stay the sweep's", metavar="official|FILE.json")
     baselines: list[dict[str, Any]] = field(default_factory=list)  # --enqueue fitted to the sweep (baselines.py)
+    warm_start: list[str] = field(default_factory=list)  # --warm-start RESULTS:SWEEP sources, as given
     max_concurrent: Optional[int] = _flag(None, "search", "at most this many trials at once (default: as many "
                                           "as the resources allow)", type=positive_int)
     early_stop: str = _flag("none", "search", "early stopping on --metric: asha (asynchronous successive "
