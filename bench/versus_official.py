@@ -28,8 +28,9 @@ Legs, each in its own process, interleaved over `--repeats`:
 - ours, same settings: the trainer's `prepare_model`, `accumulate_gradients` and `optimizer_step` with
   scope text, batch 1, no checkpointing, prefix attention on SDPA, the same optimizer and hyper-parameters
   (clipping set out of reach, as the official does not clip);
-- ours, defaults: the same but with the job's defaults (checkpointing on, clipping at 1.0); the optimizer stays the official one, as our default (torch AdamW, fp32 states, 11.3 GB at real
-  size) does not fit beside fp32 weights and gradients in this machine's 24 GB.
+- ours, defaults: the same but with the job's defaults (checkpointing on, clipping at 1.0); the optimizer
+  stays the official one, as our default (torch AdamW, fp32 states, 11.3 GB at real size) does not fit beside
+  fp32 weights and gradients in this machine's 24 GB.
 
 Each process runs one warm-up step and `--steps` timed steps and reports its mean seconds per sample, its peak
 RSS (ru_maxrss) and the loss of the first step. The table shows medians over the repeats; the losses of the
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import resource
 import statistics
@@ -49,7 +49,7 @@ import tempfile
 import time
 import types
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -218,13 +218,17 @@ def synchronize(device: str) -> None:
 
 
 def run_child(args: argparse.Namespace, role: str) -> dict[str, Any]:
-    """One leg (or the fabrication) in a fresh process; its JSON answer is the last line of its output."""
+    """One leg (or the fabrication) in a fresh process; its JSON answer is the last line of its output. A leg
+    killed by a signal (SIGKILL: the kernel's OOM killer when host memory runs out) answers {"killed": N}."""
     command = [sys.executable, __file__, "--child", role, "--work", str(args.work), "--preset", args.preset,
                "--steps", str(args.steps), "--device", args.device]
     if args.official:
         command += ["--official", str(args.official)]
     started = time.perf_counter()
     done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if done.returncode < 0 and role != "fabricate":
+        print(f"[{time.strftime('%H:%M:%S')}] {role}: killed by signal {-done.returncode}", file=sys.stderr)
+        return {"killed": -done.returncode}
     if done.returncode != 0:
         sys.stderr.write(done.stderr[-4000:])
         raise SystemExit(f"{role} failed with exit {done.returncode}")
@@ -243,17 +247,26 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     return ours_leg(args.work, args.device, args.steps, sample, defaults=args.child == "ours-defaults")
 
 
-def table(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> tuple[str, float]:
-    """The Markdown table of medians and the ratios; returns it with |loss official - loss ours|."""
+def table(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> tuple[str, Optional[float]]:
+    """The Markdown table of medians over the runs that finished, and the ratios; returns it with
+    |loss official - loss ours| (None when either leg never finished)."""
     keys = ("s_per_sample", "cpu_s_per_sample", "peak_rss_mib", "imports_rss_mib", "loss")
-    median = {leg: {k: statistics.median(r[k] for r in runs) for k in keys} for leg, runs in results.items()}
     lines = [f"preset `{args.preset}`, device {args.device}, {args.repeats} repeats × {args.steps} timed steps "
              "(after 1 warm-up), fp32, bitsandbytes AdamW8bit in every leg; medians", "",
              "| leg | settings | s/sample | CPU s/sample | peak RSS MiB | of which imports | loss (first step) |",
              "|---|---|---:|---:|---:|---:|---:|"]
-    for leg, m in median.items():
-        lines.append(f"| {leg} | {SETTINGS[leg]} | {m['s_per_sample']:.3f} | {m['cpu_s_per_sample']:.3f} "
+    median: dict[str, dict[str, float]] = {}
+    for leg, runs in results.items():
+        finished = [r for r in runs if "killed" not in r]
+        killed = f" ({len(runs) - len(finished)} of {len(runs)} killed by SIGKILL)" if len(finished) < len(runs) else ""
+        if not finished:
+            lines.append(f"| {leg} | {SETTINGS[leg]}{killed} | – | – | – | – | – |")
+            continue
+        m = median[leg] = {k: statistics.median(r[k] for r in finished) for k in keys}
+        lines.append(f"| {leg} | {SETTINGS[leg]}{killed} | {m['s_per_sample']:.3f} | {m['cpu_s_per_sample']:.3f} "
                      f"| {m['peak_rss_mib']:.0f} | {m['imports_rss_mib']:.0f} | {m['loss']:.6f} |")
+    if "official" not in median or "ours-same" not in median:
+        return "\n".join(lines), None
     official, ours = median["official"], median["ours-same"]
     difference = abs(official["loss"] - ours["loss"])
     ratio = {k: ours[k] / official[k] for k in keys[:3]}
@@ -288,6 +301,9 @@ def main() -> int:
                 results[leg].append(run_child(args, leg))
     report, difference = table(results, args)
     print(report)
+    if difference is None:
+        print("FAIL: no loss to compare: the official leg or ours at equal settings never finished")
+        return 1
     if not difference <= LOSS_TOLERANCE:
         print(f"FAIL: the losses differ by {difference:.2e}, more than {LOSS_TOLERANCE:g}")
         return 1
