@@ -495,13 +495,16 @@ def test_a_multi_objective_sweep_prints_its_pareto_front(tmp_path, captcha_parqu
 def test_ctrl_c_ends_a_sweep_saved_with_exit_3_and_resume_completes_it(tmp_path, captcha_parquet):
     """Ctrl-C in the terminal (SIGINT to the driver's whole process group, the embedded cluster's processes
     included) must save the state, say how to resume, exit 3, and resume must finish with each row once. SIGTERM,
-    which reaches the driver alone, is tested on the same path in test_object_storage.py (exit 143)."""
+    which reaches the driver alone, is tested on the same path in test_object_storage.py (exit 143). The sweep
+    also logs to a real MLflow store: one run for the trial across both drivers, each evaluation once."""
     from orchestrator.results.store import read_partition
 
     results, storage = tmp_path / "results", tmp_path / "sweeps"
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = signal_driver_when(
         ["run", "--name", "termed", "--space", "smoke", "--num-samples", "1", "--num-cpus", "2", "--storage",
-         str(storage), "--results", str(results), "--progress-interval", "1", *job_flags(captcha_parquet, 16)],
+         str(storage), "--results", str(results), "--progress-interval", "1", "--log-to", f"mlflow={tracking}",
+         *job_flags(captcha_parquet, 16)],
         lambda: any((s["step"] or 0) >= 4 for s in read_partition(results, "steps", "termed")),
         tmp_path / "driver.log", how="ctrl-c", deadline_s=240)
     output = (tmp_path / "driver.log").read_text()
@@ -517,6 +520,27 @@ def test_ctrl_c_ends_a_sweep_saved_with_exit_3_and_resume_completes_it(tmp_path,
     trials = read_partition(results, "trials", "termed")
     assert len(trials) == 1 and trials[0]["outcome"] == "ok" and trials[0]["restored_from_step"] >= 2
     assert sorted(steps) == [(trials[0]["trial_id"], s) for s in range(2, 17, 2)]
+    _one_mlflow_run_per_trial(tracking, "termed", trials, read_partition(results, "steps", "termed"))
+
+
+def _one_mlflow_run_per_trial(tracking: str, sweep: str, trials: list[dict], steps: list[dict]) -> None:
+    """MLflow holds exactly one run per trial, named SWEEP/TRIAL, with the trial's settings, each evaluation's
+    metrics once at its samples_seen, its outcome, and the best trial tagged."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    runs = client.search_runs([client.get_experiment_by_name(sweep).experiment_id])
+    assert sorted(r.data.tags["mdsweep.trial_id"] for r in runs) == sorted(t["trial_id"] for t in trials)
+    for run in runs:
+        (trial,) = [t for t in trials if t["trial_id"] == run.data.tags["mdsweep.trial_id"]]
+        assert run.info.run_name == f"{sweep}/{trial['trial_id']}" and run.info.status == "FINISHED"
+        assert run.data.tags["outcome"] == trial["outcome"]
+        assert {k: run.data.params[k] for k in ("lr", "grad_accum", "attention")} == \
+            {k: str(trial[k]) for k in ("lr", "grad_accum", "attention")}
+        history = client.get_metric_history(run.info.run_id, "val_exact_match")
+        expected = sorted((s["samples_seen"], s["val_exact_match"]) for s in steps if s["trial_id"] == trial["trial_id"])
+        assert sorted((m.step, m.value) for m in history) == expected
+    assert [r.data.tags.get("mdsweep.best") for r in runs].count("true") == 1
 
 
 @pytest.mark.slow

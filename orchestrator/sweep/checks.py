@@ -16,6 +16,7 @@ from orchestrator.results.objectives import default_mode
 from orchestrator.results.schema import METRICS, validate_sweep_name
 from orchestrator.results.spaces import SpaceError, SpaceInfo, validate_space
 from orchestrator.sweep.settings import SweepError, SweepSettings
+from orchestrator.tracking.mlflow_runs import TrackerError, mlflow_uris
 from trainer.job_config import JobConfig
 from trainer.model.config import PRESETS
 from trainer.model.tokenizer_source import check_revision
@@ -86,6 +87,10 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
     except ValueError as e:
         raise SweepError(str(e)) from None
     check_model(job)
+    try:
+        mlflow_uris(s.log_to)
+    except TrackerError as e:
+        raise SweepError(str(e)) from None
     if s.gpus_per_trial == 0 or str(s.fixed.get("device") or "").startswith("cpu"):
         check_mfu_objective(s, "--gpus-per-trial 0" if s.gpus_per_trial == 0 else "--set device=cpu")
     return info

@@ -28,6 +28,7 @@ from orchestrator.cluster.tune_state import (StateBackup, StateLost, drop_repair
 from orchestrator.results.groups import build_expansions
 from orchestrator.results.schema import validate_sweep_name
 from orchestrator.results.study import Carried, StudyError, carried_trials
+from orchestrator.tracking.mlflow_runs import MlflowRuns, mlflow_uris
 from orchestrator.sweep.baselines import plan_baselines
 from orchestrator.sweep.checks import check_data, check_mfu_objective, check_settings, searched_columns
 from orchestrator.sweep.held_out import test_best_trials
@@ -149,7 +150,7 @@ class TunerParts:
     """What a run's Tuner and a resumed one take from this process: one builder makes both, so a callback or
     setting added here reaches `run` and `resume` alike."""
     trainable: Any  # the trainable with its per-trial resources
-    callbacks: list[Any]  # the Parquet sink, progress table, state backup and Tune's JSON logger
+    callbacks: list[Any]  # the Parquet sink, progress table, state backup, Tune's JSON logger, --log-to trackers
 
 
 def tuner_parts(s: SweepSettings, req: TrialResources, searched: list[str], quiet: bool) -> TunerParts:
@@ -164,9 +165,10 @@ def tuner_parts(s: SweepSettings, req: TrialResources, searched: list[str], quie
                              redraw=not s.worker_logs)  # trials' own lines would be drawn over
     # Tune's JSON logger stays although the Parquet sink holds every result: the rows lost to a full disk are
     # rebuilt from its result.json (orchestrator.sweep.repair)
+    trackers = [MlflowRuns(uri, s.name, s.fixed, s.metric, s.mode) for uri in mlflow_uris(s.log_to)]
     return TunerParts(trainable=_trainable(s, req),
                       callbacks=[_sink(s, req, searched), progress, StateBackup(s.experiment_path()),
-                                 JsonLoggerCallback()])
+                                 JsonLoggerCallback(), *trackers])
 
 
 def _restore_tuner(path: str, parts: TunerParts, resume_errored: bool, restart_errored: bool) -> Any:

@@ -99,6 +99,7 @@ class SweepSettings:
         "fixed and crossed settings stay the sweep's", metavar="official|FILE.json")
     baselines: list[dict[str, Any]] = field(default_factory=list)  # --enqueue fitted to the sweep (baselines.py)
     warm_start: list[str] = field(default_factory=list)  # --warm-start RESULTS:SWEEP sources, as given
+    log_to: list[str] = field(default_factory=list)  # --log-to mlflow[=URI]: trackers that mirror each trial
     max_concurrent: Optional[int] = _flag(None, "search", "at most this many trials at once (default: as many "
                                           "as the resources allow)", type=positive_int)
     early_stop: str = _flag("none", "search", "early stopping on --metric: asha (asynchronous successive "
