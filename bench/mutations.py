@@ -207,6 +207,30 @@ MUTATIONS: tuple[Mutation, ...] = (
         '        raise QueryError(f"{flag}: unsupported expression {ast.unparse(node)!r}; use comparisons "\n',
         ("tests/test_results_query.py::test_where_rejects_anything_but_the_small_language",)),
     Mutation(
+        "W1", "warm start: the carried trials reach the study before the first proposal",
+        "orchestrator/sweep/search.py",
+        "            self.study.add_trials(self.pending_warm_start)\n",
+        "            pass\n",
+        ("tests/test_warm_start.py::test_the_first_proposal_after_a_warm_start_comes_from_tpe",)),
+    Mutation(
+        "W2", "warm start: a source run under another budget is skipped whole",
+        "orchestrator/results/study.py",
+        "        wrong = [k for k, v in ours.items() if theirs_ran[k] != v]\n",
+        "        wrong = []\n",
+        ("tests/test_warm_start.py::test_a_source_run_under_other_meaning_settings_is_skipped_whole",)),
+    Mutation(
+        "T1", "MLflow: a resumed trial's repeated evaluations are not logged twice",
+        "orchestrator/tracking/mlflow_runs.py",
+        "        if step in self._logged[trial.trial_id]:\n",
+        "        if False:\n",
+        ("tests/test_orchestrator_embedded.py::test_ctrl_c_ends_a_sweep_saved_with_exit_3_and_resume_completes_it",)),
+    Mutation(
+        "E1", "efficiency: the report ranks by MFU, not by achieved TFLOP/s, when trials have one",
+        "orchestrator/results/report_data.py",
+        '    key = "final_mfu" if by_mfu else "final_achieved_tflops"\n',
+        '    key = "final_achieved_tflops"\n',
+        ("tests/test_report.py::test_efficiency_ranks_by_mfu_beside_the_objective_and_the_query_shows_it",)),
+    Mutation(
         "X1", "the copy runs: `python -m orchestrator.cli` started from another folder imports the copy",
         "orchestrator/cli/train.py",
         "def register(",

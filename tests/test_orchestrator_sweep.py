@@ -77,7 +77,7 @@ def test_default_modes():
     # mfu is null on CPU: a sweep whose trials surely train there cannot rank by it
     ({"metric": "mfu", "gpus_per_trial": 0}, r"--metric mfu: the trials train on CPU \(--gpus-per-trial 0\)"),
     ({"objectives": [("val_exact_match", "max"), ("mfu", "max")], "fixed": {"train_data": "x", "device": "cpu"}},
-     r"--objective mfu: the trials train on CPU \(--set device=cpu\).*--set peak_tflops=N"),
+     r"--objective mfu: the trials train on CPU \(device=cpu\).*--set peak_tflops=N"),
 ])
 def test_settings_are_checked_before_any_cluster(tmp_path, kw, match):
     with pytest.raises(SweepError, match=match):

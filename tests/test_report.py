@@ -332,6 +332,8 @@ def test_efficiency_ranks_by_mfu_beside_the_objective_and_the_query_shows_it(swe
     assert [(r["rank"], r["trial_id"], r["objective"]) for r in ranked.rows] == [(1, "b", 0.1), (2, "a", 0.9),
                                                                                 (3, "c", 0.5)]
     assert ranked.note is None and ranked.rows[0]["gflop_per_sample"] == 2.0
+    old = [{"trial_id": "x", "objective": 0.5}]  # rows written before the efficiency columns
+    assert efficiency(old).note == "these results were written before trials recorded their FLOPs and kernel"
     # `mdsweep query`'s default columns carry the efficiency of each trial; MFU only where a trial has one
     assert main(["query", str(swept), "--sweep", "rep", "--format", "json"]) == 0
     row = json.loads(capsys.readouterr().out)[0]

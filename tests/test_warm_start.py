@@ -87,7 +87,23 @@ def test_a_source_run_under_other_meaning_settings_is_skipped_whole(tmp_path, sp
     source = source_sweep(tmp_path, lrs=(1e-4, 3e-4), fixed={**FIXED, "max_steps": 100})
     carried = carried_trials(source, distributions, OBJECTIVE, FIXED)
     assert carried.trials == []
-    assert carried.notes == [f"all 3 trial(s) of {source} skipped: they ran with another max_steps (100, here 8)"]
+    assert carried.notes == [f"3 proposal(s) of {source} skipped: they ran with another max_steps (100, here 8)"]
+
+
+def test_what_a_proposal_ran_with_is_compared_resolved(tmp_path, space):
+    """A setting the source searched and this sweep fixes keeps the proposals that ran with this sweep's value; a
+    default given explicitly is the default."""
+    _, distributions = space
+    write_sweep_row(tmp_path, "src", {"status": "finished", "space": "x", "metric": "val_exact_match", "mode": "max",
+                                      "fixed_json": json.dumps(FIXED)})
+    rows = [{"trial_id": f"t{i}", "group_id": i, "member": 0, "outcome": "ok", "searched": ["lr", "grad_accum"],
+             "params_json": json.dumps({"lr": lr, "grad_accum": accum}), "objective": 0.5,
+             "final_val_exact_match": 0.5} for i, (lr, accum) in enumerate([(1e-4, 1), (2e-4, 2), (3e-4, 2)])]
+    write_trials_file(tmp_path, "src", rows_to_table(rows, schema_for("trials")), [])
+    here = {**FIXED, "grad_accum": 2, "split_seed": 0, "epochs": 1.0}
+    carried = carried_trials(f"{tmp_path}:src", distributions, OBJECTIVE, here)
+    assert sorted(t.params["lr"] for t in carried.trials) == [2e-4, 3e-4]
+    assert carried.notes == [f"1 proposal(s) of {tmp_path}:src skipped: they ran with another grad_accum (1, here 2)"]
 
 
 @pytest.mark.parametrize("source, says", [
@@ -108,6 +124,12 @@ def test_a_source_ranked_the_other_way_or_on_another_metric_is_refused(tmp_path,
         carried_trials(source, space[1], OBJECTIVE, FIXED)
     with pytest.raises(StudyError, match="it optimised val_exact_match, this sweep val_cer"):
         carried_trials(source, space[1], [("val_cer", "min")], FIXED)
+    write_sweep_row(tmp_path, "two", {"status": "finished", "space": "x", "metric": "val_exact_match", "mode": "max",
+                                      "fixed_json": json.dumps(FIXED),
+                                      "objectives_json": '[["val_exact_match", "max"], ["elapsed_s", "min"]]'})
+    write_trials_file(tmp_path, "two", rows_to_table([], schema_for("trials")), [])
+    with pytest.raises(StudyError, match=r"ranked by elapsed_s \(min\), this sweep the other way"):
+        carried_trials(f"{tmp_path}:two", space[1], [("val_exact_match", "max"), ("elapsed_s", "max")], FIXED)
 
 
 def test_a_resumed_search_keeps_the_carried_trials_and_never_adds_them_twice(tmp_path, space):
@@ -126,3 +148,28 @@ def test_a_resumed_search_keeps_the_carried_trials_and_never_adds_them_twice(tmp
     again.set_state(state)
     again.suggest("trial-2")
     assert [t.user_attrs.get("warm_start") for t in again.study.trials] == [carried.source] * 3 + [None] * 2
+
+
+def test_a_warm_started_search_does_not_redraw_its_sources_proposals(tmp_path, space):
+    """Told fewer trials than TPE's random start-up, a search seeded as its source was would draw the source's own
+    first points again; the warm-started sweep's seed mixes in its sources."""
+    from orchestrator.sweep.driver import search_seed
+    from orchestrator.sweep.settings import SweepSettings
+
+    spec, distributions = space
+    source_lrs = [first_proposal_of(spec, seed=0, n=3)]
+    source = source_sweep(tmp_path, lrs=tuple(source_lrs[0]))
+    settings = SweepSettings(name="new", storage=str(tmp_path / "s"), results=str(tmp_path / "r"),
+                             fixed=FIXED, search_seed=0, warm_start=[source])
+    carried = carried_trials(source, distributions, OBJECTIVE, FIXED)
+    warm = make_searcher(spec, "val_exact_match", "max", seed=search_seed(settings), expansions=[{}],
+                         max_concurrent=None, warm_start=carried.trials)
+    drawn = [warm.suggest(f"t{i}")["lr"] for i in range(3)]
+    assert not set(drawn) & set(source_lrs[0])
+    assert search_seed(SweepSettings(name="cold", storage="s", results="r", fixed=FIXED, search_seed=7)) == 7
+
+
+def first_proposal_of(spec: str, seed: int, n: int) -> list[float]:
+    """The first `n` learning rates a cold search of `seed` proposes."""
+    searcher = make_searcher(spec, "val_exact_match", "max", seed=seed, expansions=[{}], max_concurrent=None)
+    return [searcher.suggest(f"t{i}")["lr"] for i in range(n)]

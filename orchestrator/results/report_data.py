@@ -242,6 +242,8 @@ def efficiency(trials: list[dict[str, Any]]) -> Section:
     """How well each trial used its hardware, best first, beside what it scored: a fast trial that learns
     nothing and a slow one that wins are both findings. MFU needs the device's peak, which a CPU has none of
     (trainer.devices), so without any MFU the ranking falls back to achieved TFLOP/s and says so."""
+    if trials and all("final_achieved_tflops" not in t for t in trials):
+        return Section(note="these results were written before trials recorded their FLOPs and kernel")
     measured = [t for t in trials if t.get("final_achieved_tflops") is not None]
     if not measured:
         return Section(note="no trial has finished a timed training step yet")

@@ -17,6 +17,7 @@ experiment state; the results hold everything Optuna was told:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -26,6 +27,7 @@ from typing import Any
 from orchestrator.results.groups import group_state, member_state
 from orchestrator.results.query import QueryError, load_table
 from orchestrator.results.spaces import SpaceError, validate_space
+from trainer.job_config import JobConfig
 
 
 class StudyError(ValueError):
@@ -164,10 +166,18 @@ def _frozen_trials(trials: list[dict[str, Any]], steps: list[dict[str, Any]], ob
     return frozen
 
 
-# fixed settings that change what a trial's objective means: a trial run under other values of these says nothing
-# about the new sweep's objective (the sample budget: max_samples, max_steps and epochs, with batch and accumulation)
+# settings that change what a trial's objective means: a trial run under other values of these says nothing about
+# the new sweep's objective (model, data, validation split, and the sample budget: max_samples, max_steps or epochs,
+# times the samples of a step)
 MEANING_SETTINGS = ("model", "revision", "train_data", "val_data", "val_fraction", "split_seed", "max_val_samples",
-                    "epochs", "max_samples", "max_steps")
+                    "epochs", "max_samples", "max_steps", "batch_size", "grad_accum")
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(JobConfig)}
+
+
+def _meaning(fixed: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The settings in MEANING_SETTINGS a trial ran with: its own suggestion, else the sweep's fixed value, else
+    JobConfig's default (an explicit default and an absent setting are the same run)."""
+    return {k: params.get(k, fixed.get(k, DEFAULTS[k])) for k in MEANING_SETTINGS}
 
 
 @dataclass
@@ -203,16 +213,39 @@ def carried_trials(source: str, distributions: dict[str, Any], objectives: list[
     if [m for m, _ in theirs] != [m for m, _ in objectives]:
         raise StudyError(f"--warm-start {source}: it optimised {', '.join(m for m, _ in theirs)}, this sweep "
                          f"{', '.join(m for m, _ in objectives)}; its values cannot be told to this search")
-    if theirs != objectives:
-        raise StudyError(f"--warm-start {source}: it ranked by {theirs[0][0]} ({theirs[0][1]}), this sweep the "
-                         f"other way")
+    for (metric, their_mode), (_, mode) in zip(theirs, objectives):
+        if their_mode != mode:
+            raise StudyError(f"--warm-start {source}: it ranked by {metric} ({their_mode}), this sweep the other way")
     carried = Carried(source)
     their_fixed = json.loads(record.get("fixed_json") or "{}")
-    differ = [k for k in MEANING_SETTINGS if their_fixed.get(k) != fixed.get(k)]
-    if differ:
-        carried.notes.append(f"all {len(rows)} trial(s) of {source} skipped: they ran with another "
-                             + ", ".join(f"{k} ({their_fixed.get(k)!r}, here {fixed.get(k)!r})" for k in differ))
-        return carried
+    # a proposal is told only if what its objective means is this sweep's: the settings it ran with (fixed there,
+    # or searched there) equal this sweep's fixed ones; a setting this sweep searches may differ
+    ours = {k: v for k, v in _meaning(fixed, {}).items() if k not in distributions}
+    kept, differ = [], {}
+    for row in rows:
+        theirs_ran = _meaning(their_fixed, json.loads(row.get("params_json") or "{}"))
+        wrong = [k for k, v in ours.items() if theirs_ran[k] != v]
+        if wrong:
+            differ.setdefault(wrong[0], (theirs_ran[wrong[0]], ours[wrong[0]], set()))[2].add(row.get("group_id"))
+        else:
+            kept.append(row)
+    for k, (was, now, groups) in differ.items():
+        carried.notes.append(f"{len(groups)} proposal(s) of {source} skipped: they ran with another {k} ({was!r}, "
+                             f"here {now!r})")
+    outside: list[str] = []
+    frozen = _frozen_trials(kept, steps, objectives, distributions, outside)
+    carried.trials = [t for t in frozen if t.state.name == "COMPLETE"]
+    for t in carried.trials:
+        t.set_user_attr("warm_start", source)
+    left_out = [n for n in outside if "left out:" in n]
+    if left_out:
+        carried.notes.append(f"{len(left_out)} proposal(s) of {source} skipped: a value outside this space's bounds "
+                             f"or choices (first: {left_out[0].split('left out: ', 1)[1]})")
+    if len(frozen) > len(carried.trials):
+        carried.notes.append(f"{len(frozen) - len(carried.trials)} proposal(s) of {source} skipped: they did not "
+                             "finish with a value (failed, out of memory or pruned)")
+    carried.notes += [f"{n.replace(' left out', '')} in {source}: skipped" for n in outside if "still running" in n]
+    return carried
     outside: list[str] = []
     frozen = _frozen_trials(rows, steps, objectives, distributions, outside)
     carried.trials = [t for t in frozen if t.state.name == "COMPLETE"]

@@ -92,7 +92,7 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
     except TrackerError as e:
         raise SweepError(str(e)) from None
     if s.gpus_per_trial == 0 or str(s.fixed.get("device") or "").startswith("cpu"):
-        check_mfu_objective(s, "--gpus-per-trial 0" if s.gpus_per_trial == 0 else "--set device=cpu")
+        check_mfu_objective(s, "--gpus-per-trial 0" if s.gpus_per_trial == 0 else "device=cpu")
     return info
 
 

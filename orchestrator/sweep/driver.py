@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -260,8 +261,9 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
         for b in baselines:
             _say(f"runs first, {b.describe()}", quiet)
         for c in carried:
-            for line in [c.describe(), *c.notes]:
-                _say(f"warm start: {line}", quiet)
+            _say(f"warm start: {c.describe()}", quiet)
+            for line in c.notes:  # a skip is said even under --quiet: the search knows less than was asked
+                print(f"mdsweep: warm start: {line}", file=sys.stderr, flush=True)
         if dry_run:
             return SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results,
                                 status="dry-run", counts={}, settings=s, resources=req)
@@ -312,13 +314,25 @@ def _forget_unstarted(s: SweepSettings) -> None:
 
 
 def warm_start(s: SweepSettings, distributions: dict[str, Any]) -> list[Carried]:
-    """The --warm-start sources read before Ray starts, so a missing one or one ranked the other way is refused
-    at once."""
+    """The --warm-start sources read before Ray starts, so a missing one, one given twice or one ranked the other
+    way is refused at once."""
+    twice = sorted({source for source in s.warm_start if s.warm_start.count(source) > 1})
+    if twice:
+        raise SweepError(f"--warm-start {twice[0]}: given twice; its trials would be told twice")
     objectives = s.objectives if len(s.objectives) > 1 else [(s.metric, s.mode)]
     try:
         return [carried_trials(source, distributions, objectives, s.fixed) for source in s.warm_start]
     except StudyError as e:
         raise SweepError(str(e)) from None
+
+
+def search_seed(s: SweepSettings) -> int:
+    """The TPE sampler's seed: --search-seed, mixed with the --warm-start sources when there are any. With the seed
+    alone, a warm-started search told fewer trials than TPE's random start-up would draw the very points its source
+    drew with that seed, and run them again."""
+    if not s.warm_start:
+        return s.search_seed
+    return zlib.crc32("\n".join([str(s.search_seed), *s.warm_start]).encode())
 
 
 def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], expansions: list[dict[str, Any]],
@@ -339,7 +353,7 @@ def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], exp
         "resources_json": json.dumps(req.to_dict(), default=str), "argv": s.argv,
         "warm_start_json": json.dumps([{"source": c.source, "carried": len(c.trials), "notes": c.notes}
                                        for c in carried]) if carried else None})
-    searcher = make_searcher(s.space, s.metric, s.mode, s.search_seed, expansions, s.max_concurrent,
+    searcher = make_searcher(s.space, s.metric, s.mode, search_seed(s), expansions, s.max_concurrent,
                              sweep=s.name, fixed=s.fixed, objectives=s.objectives, baselines=s.baselines,
                              warm_start=[t for c in carried for t in c.trials])
     scheduler = make_scheduler(s.early_stop, s.metric, s.mode, s.fixed, s.asha_grace,
