@@ -56,7 +56,7 @@ PLANNING_TEXT_TOKENS = 24
 PLANNING_CROPS_PER_IMAGE = 2
 # bytes saved per token per unit of model width, by compute size (see the module docstring)
 D_BYTES = {4: 28, 2: 22}
-FF_VALUES = 5
+FF_VALUES = 2
 # the JobConfig fields `estimate_memory` reads: configurations equal in these need the same memory
 MEMORY_FIELDS: tuple[str, ...] = ("model", "train_scope", "lora_rank", "lora_targets", "optimizer", "precision",
                                   "trained_dtype", "frozen_dtype", "batch_size", "grad_accum",

@@ -96,7 +96,7 @@ class MoondreamConfig:
             max_position_embeddings=t.max_context,
             partial_rotary_factor=0.5,
             rope_theta=10000.0,
-            hidden_act="gelu_new",
+            hidden_act="gelu_pytorch_tanh",  # gelu_new in one fused kernel: saves 2 tensors for backward, not 5
             layer_norm_eps=1e-5,
             resid_pdrop=0.0,
             embd_pdrop=0.0,
