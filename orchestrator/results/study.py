@@ -246,16 +246,3 @@ def carried_trials(source: str, distributions: dict[str, Any], objectives: list[
                              "finish with a value (failed, out of memory or pruned)")
     carried.notes += [f"{n.replace(' left out', '')} in {source}: skipped" for n in outside if "still running" in n]
     return carried
-    outside: list[str] = []
-    frozen = _frozen_trials(rows, steps, objectives, distributions, outside)
-    carried.trials = [t for t in frozen if t.state.name == "COMPLETE"]
-    for t in carried.trials:
-        t.set_user_attr("warm_start", source)
-    left_out = [n for n in outside if "left out:" in n and "still running" not in n]
-    if left_out:
-        carried.notes.append(f"{len(left_out)} proposal(s) of {source} skipped: a value outside this space's bounds "
-                             f"or choices (first: {left_out[0].split('left out: ', 1)[1]})")
-    if len(frozen) > len(carried.trials):
-        carried.notes.append(f"{len(frozen) - len(carried.trials)} proposal(s) of {source} skipped: they did not "
-                             "finish with a value (failed, out of memory or pruned)")
-    return carried
