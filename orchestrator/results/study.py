@@ -76,7 +76,11 @@ def study_from_rows(results: str, sweep: str, record: dict[str, Any], trials: li
     distributions = _space_distributions(record, notes)
     if not distributions:
         distributions = _inferred_distributions(trials)
-    frozen = _frozen_trials(trials, steps, objectives, distributions, notes)
+    proposals = _frozen_trials(trials, steps, objectives, distributions)
+    notes += [f"proposal {group_id} left out: {why}" for group_id, why in proposals.outside]
+    if proposals.running:
+        notes.append(f"{proposals.running} proposal(s) still running left out")
+    frozen = proposals.trials
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if storage is not None and sweep in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
@@ -127,8 +131,16 @@ def _inferred_distributions(trials: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class FrozenProposals:
+    """A sweep's ended proposals as Optuna trials, and what could not be made one."""
+    trials: list[Any] = field(default_factory=list)  # optuna FrozenTrial, one per proposal
+    outside: list[tuple[int, str]] = field(default_factory=list)  # (group id, why): a value the space no longer has
+    running: int = 0  # proposals still running, left out
+
+
 def _frozen_trials(trials: list[dict[str, Any]], steps: list[dict[str, Any]], objectives: list[tuple[str, str]],
-                   distributions: dict[str, Any], notes: list[str]) -> list[Any]:
+                   distributions: dict[str, Any]) -> FrozenProposals:
     import optuna
 
     metrics = [m for m, _ in objectives]
@@ -141,11 +153,11 @@ def _frozen_trials(trials: list[dict[str, Any]], steps: list[dict[str, Any]], ob
         if value is not None and math.isfinite(value):
             curves.setdefault(s["trial_id"], {})[int(s["step"])] = float(value)
 
-    frozen, running = [], 0
+    out = FrozenProposals()
     for group_id, members in sorted(by_group.items()):
         members.sort(key=lambda r: (r.get("member") or 0, r["trial_id"]))
         if any(r.get("outcome") in (None, "running") for r in members):
-            running += 1
+            out.running += 1
             continue
         state, values = group_state([member_state({"outcome": r["outcome"],
                                                    **{m: r.get(f"final_{m}") for m in metrics}}, metrics)
@@ -153,17 +165,15 @@ def _frozen_trials(trials: list[dict[str, Any]], steps: list[dict[str, Any]], ob
         params = json.loads(members[0].get("params_json") or "{}")
         params = {k: v for k, v in params.items() if k in distributions}
         try:
-            frozen.append(optuna.trial.create_trial(
+            out.trials.append(optuna.trial.create_trial(
                 state=optuna.trial.TrialState[state], values=list(values) if values else None, params=params,
                 distributions={k: distributions[k] for k in params},
                 intermediate_values=curves.get(members[0]["trial_id"], {}) if len(metrics) == 1 else {},
                 user_attrs={"group_id": group_id, "trial_ids": [r["trial_id"] for r in members],
                             "outcomes": [r["outcome"] for r in members]}))
         except ValueError as e:  # a value outside the range the space has now: the space changed since
-            notes.append(f"proposal {group_id} left out: {e}")
-    if running:
-        notes.append(f"{running} proposal(s) still running left out")
-    return frozen
+            out.outside.append((group_id, str(e)))
+    return out
 
 
 # settings that change what a trial's objective means: a trial run under other values of these says nothing about
@@ -232,17 +242,16 @@ def carried_trials(source: str, distributions: dict[str, Any], objectives: list[
     for k, (was, now, groups) in differ.items():
         carried.notes.append(f"{len(groups)} proposal(s) of {source} skipped: they ran with another {k} ({was!r}, "
                              f"here {now!r})")
-    outside: list[str] = []
-    frozen = _frozen_trials(kept, steps, objectives, distributions, outside)
-    carried.trials = [t for t in frozen if t.state.name == "COMPLETE"]
+    proposals = _frozen_trials(kept, steps, objectives, distributions)
+    carried.trials = [t for t in proposals.trials if t.state.name == "COMPLETE"]
     for t in carried.trials:
         t.set_user_attr("warm_start", source)
-    left_out = [n for n in outside if "left out:" in n]
-    if left_out:
-        carried.notes.append(f"{len(left_out)} proposal(s) of {source} skipped: a value outside this space's bounds "
-                             f"or choices (first: {left_out[0].split('left out: ', 1)[1]})")
-    if len(frozen) > len(carried.trials):
-        carried.notes.append(f"{len(frozen) - len(carried.trials)} proposal(s) of {source} skipped: they did not "
-                             "finish with a value (failed, out of memory or pruned)")
-    carried.notes += [f"{n.replace(' left out', '')} in {source}: skipped" for n in outside if "still running" in n]
+    if proposals.outside:
+        carried.notes.append(f"{len(proposals.outside)} proposal(s) of {source} skipped: a value outside this "
+                             f"space's bounds or choices (first: {proposals.outside[0][1]})")
+    if len(proposals.trials) > len(carried.trials):
+        carried.notes.append(f"{len(proposals.trials) - len(carried.trials)} proposal(s) of {source} skipped: they "
+                             "did not finish with a value (failed, out of memory or pruned)")
+    if proposals.running:
+        carried.notes.append(f"{proposals.running} proposal(s) still running in {source}: skipped")
     return carried
