@@ -161,7 +161,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         flags.update(metric=metric, mode=mode, test_data=_absolutize("test_data", args.test_data))
         settings = SweepSettings(name=args.name or f"sweep-{utc_stamp()}", fixed=fixed, objectives=objectives,
                                  cross=cross, warm_start=[_absolute_source(w) for w in args.warm_start],
-                                 log_to=[_absolute_tracker(t) for t in args.log_to], argv=" ".join(["mdsweep", *map(shlex.quote, sys.argv[1:])]), **flags)
+                                 log_to=[_absolute_tracker(t) for t in args.log_to],
+                                 argv=" ".join(["mdsweep", *map(shlex.quote, sys.argv[1:])]), **flags)
         outcome = run_sweep(settings, quiet=args.quiet, dry_run=args.dry_run)
         print_outcome(outcome, args.quiet)
     except (ValueError, SweepError, ClusterError) as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import time
 from typing import Any, Optional
 
 from orchestrator.cluster.tune_internals import tune_callback_base
@@ -84,14 +85,15 @@ class MlflowRuns(tune_callback_base()):
                 settings = {**self.fixed, **params}
                 run = client.create_run(self._experiment, run_name=f"{self.sweep}/{tid}", tags={
                     TRIAL_TAG: tid, "mdsweep.sweep": self.sweep, "attention": str(settings.get("attention", ""))})
-                for key, value in sorted(settings.items()):
-                    client.log_param(run.info.run_id, key, value)
+                from mlflow.entities import Param
+
+                client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(settings.items())])
                 self._runs[tid] = run.info.run_id
                 self._logged[tid] = set()
         return self._runs[tid]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.client().set_terminated(self.run_of(trial), status="RUNNING")
+        self.client().update_run(self.run_of(trial), status="RUNNING")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if result.get("outcome") != "running" or result.get("samples_seen") is None:
@@ -101,10 +103,13 @@ class MlflowRuns(tune_callback_base()):
         if step in self._logged[trial.trial_id]:
             return  # a resumed or retried trial evaluates again from its checkpoint: the run has these already
         self._logged[trial.trial_id].add(step)
-        for name in LOGGED:
-            value = result.get(name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                self.client().log_metric(run, name, float(value), step=step)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client().log_batch(run, metrics=[  # one write per evaluation, not one per metric
+            Metric(name, float(value), now, step) for name in LOGGED
+            if isinstance(value := result.get(name), (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value)])
 
     def _end(self, trial: Any, outcome: str, status: str) -> None:
         run = self.run_of(trial)
