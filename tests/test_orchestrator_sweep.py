@@ -197,6 +197,20 @@ def test_an_output_path_that_is_a_file_is_one_line_before_anything_starts(tmp_pa
     assert not any((tmp_path / name).exists() for name in "rsc")
 
 
+@pytest.mark.parametrize("store", ["{}/runs", "sqlite:///{}/mlflow.db"])
+def test_an_mlflow_store_under_a_file_is_one_line_before_anything_starts(tmp_path, captcha_parquet, store, capsys):
+    from orchestrator.cli.main import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["run", "--name", "x", "--train-data", str(captcha_parquet), "--results", str(tmp_path / "r"),
+                 "--storage", str(tmp_path / "s"), "--log-to", f"mlflow={store.format(blocker)}", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mdsweep run: error: --log-to ")
+    assert err[0].endswith(f"{blocker} is a file, not a directory")
+    assert not any((tmp_path / name).exists() for name in "rs")
+
+
 @pytest.fixture
 def tiny_filesystem(tmp_path):
     """mount(tmpfs, 64 KiB) → a function making a read-only or a full filesystem at a path: the real errors a disk

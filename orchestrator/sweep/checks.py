@@ -88,9 +88,14 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
         raise SweepError(str(e)) from None
     check_model(job)
     try:
-        mlflow_uris(s.log_to)
+        trackers = mlflow_uris(s.log_to)
     except TrackerError as e:
         raise SweepError(str(e)) from None
+    for uri in trackers:  # a local store (a folder, or SQLite's file) must be writable, as the outputs must
+        if uri.startswith("sqlite:///"):
+            check_writable_directory("--log-to", str(Path(uri.removeprefix("sqlite:///")).parent))
+        elif "://" not in uri.removeprefix("file://"):
+            check_writable_directory("--log-to", uri.removeprefix("file://"))
     if s.gpus_per_trial == 0 or str(s.fixed.get("device") or "").startswith("cpu"):
         check_mfu_objective(s, "--gpus-per-trial 0" if s.gpus_per_trial == 0 else "device=cpu")
     return info
