@@ -58,11 +58,23 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     (["--lr", "inf"], "lr must be a positive finite number"),
     (["--max-steps", "0"], "max_steps must be ≥ 1"),
     (["--device", "tpu"], "device must be cpu, cuda or cuda:N"),
-    (["--device", "cuda"], "sees no CUDA GPU here"),
 ])
-def test_train_says_one_line_instead_of_a_traceback(tmp_path, captcha_parquet, flags, message):
-    proc = _cli("train", "--train-data", str(captcha_parquet), "--out", str(tmp_path / "o"), *flags)
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+def test_train_says_one_line_instead_of_a_traceback(tmp_path, captcha_parquet, capsys, flags, message):
+    # in this process (the command's own entry point, as test_cli_train.py calls it): a traceback would be an
+    # exception out of main(), or one printed to stderr
+    from orchestrator.cli.main import main
+
+    code = main(["train", "--train-data", str(captcha_parquet), "--out", str(tmp_path / "o"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mdsweep train: error: "), lines
+
+
+def test_train_on_cuda_without_a_gpu_says_one_line_instead_of_a_traceback(tmp_path, captcha_parquet):
+    # a process of its own: CUDA_VISIBLE_DEVICES is read once per process, when CUDA first starts
+    proc = _cli("train", "--train-data", str(captcha_parquet), "--out", str(tmp_path / "o"), "--device", "cuda")
+    assert proc.returncode == 2 and "sees no CUDA GPU here" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -70,8 +82,10 @@ def test_train_says_one_line_instead_of_a_traceback(tmp_path, captcha_parquet, f
     (["--set", "fault=explode@3"], "fault 'explode@3'"),
     (["--set", "max_gpu_memory=abc"], "max_gpu_memory: cannot read 'abc'"),
 ])
-def test_a_dry_run_rejects_bad_fixed_settings_before_ray_starts(tmp_path, captcha_parquet, flags, message):
-    proc = _cli("run", "--dry-run", "--train-data", str(captcha_parquet), "--storage", str(tmp_path / "s"),
-                "--results", str(tmp_path / "r"), *flags)
-    assert proc.returncode == 2 and f"job settings: {message}" in proc.stderr
+def test_a_dry_run_rejects_bad_fixed_settings_before_ray_starts(tmp_path, captcha_parquet, capsys, flags, message):
+    from orchestrator.cli.main import main
+
+    code = main(["run", "--dry-run", "--train-data", str(captcha_parquet), "--storage", str(tmp_path / "s"),
+                 "--results", str(tmp_path / "r"), *flags])
+    assert code == 2 and f"job settings: {message}" in capsys.readouterr().err
     assert not (tmp_path / "r" / "logs").exists()  # Ray never started: its log file is made when it does
