@@ -1,6 +1,7 @@
-"""One Moondream2 fine-tuning job, in four layers under the job itself; each imports only the layers under it.
+"""One Moondream2 fine-tuning job, in five layers under the job itself; each imports only the layers under it.
 
     job*.py, predict, export, ...   the job: its config, loop, checkpoints, prediction and export
+    parallel/     data-parallel training over a torch.distributed process group (DDP), one worker's share
     evaluation/   greedy decoding and the scores (exact match, CER)
     data/         samples from files, synthetic captchas, the crop cache, batches
     memory/       the GPU cap and peak readings, the memory estimate, precision and optimizer choices

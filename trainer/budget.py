@@ -100,3 +100,15 @@ def check_budget_fields(*, batch_size: int, grad_accum: int, epochs: float, max_
         raise ValueError("give max_samples (the same data for every trial) or max_steps, not both")
     if eval_every is not None and eval_every_samples is not None:
         raise ValueError("give eval_every (steps) or eval_every_samples, not both")
+
+
+def worker_split_problem(batch_size: int, workers: int, *,
+                         names: tuple[str, str] = ("batch_size", "workers")) -> Optional[str]:
+    """Why `workers` cannot share micro-batches of `batch_size` samples, or None. `batch_size` keeps its meaning at
+    any worker count (the samples of one micro-step summed over the workers), so that a k-worker job trains on
+    the samples of the 1-worker job; each worker takes an equal share. `names` are how the caller's user
+    gives the two numbers (the job's fields, or a command's flags)."""
+    if workers > 1 and batch_size % workers:
+        return (f"{names[0]} {batch_size} is not divisible by {names[1]} {workers}: it counts the samples of one "
+                f"micro-step summed over the workers, each taking an equal share; give a multiple of {workers}")
+    return None

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from trainer.data.batching import Batch
-from trainer.budget import plan_budget
+from trainer.budget import plan_budget, worker_split_problem
 from trainer.checkpoint import Progress, TrainState, trainable_state
 from trainer.devices import (TORCH_DTYPES, autocast_dtype_of, device_name, peak_tflops, resolve_device,
                              resolve_precision)
@@ -33,6 +33,8 @@ from trainer.memory.sizes import apply_gpu_cap, peak_bytes, reset_peak
 from trainer.model.network import MoondreamModel
 from trainer.memory.optimizers import build_optimizer, warmup_cosine
 from trainer.memory.precision import PrecisionPlan
+from trainer.parallel.ranks import current_ranks, sum_over_ranks, wait_for_main
+from trainer.parallel.replica import Replica
 
 Reporter = Callable[[dict[str, Any], Optional[Path]], None]
 StepCallback = Callable[[dict[str, Any]], None]
@@ -79,8 +81,16 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     the result); it never steers training. A sweep does not pass it: it tests its best trials at the end.
     `on_resume(step, report)`: a resumed job says which step its checkpoint holds and the report made there, so
     whoever keeps rows can drop those of steps it will run again and keep the rest.
+
+    In a torch.distributed process group of k > 1 workers (trainer.parallel), every rank calls this: each trains
+    on its share of every micro-batch, and rank 0 alone evaluates, writes checkpoints, tests, saves the model
+    and calls the callbacks; the other ranks return their outcome without metrics or predictions.
     """
     started = time.time()
+    ranks = current_ranks()
+    split_problem = worker_split_problem(config.batch_size, ranks.world)
+    if split_problem:
+        raise ValueError(split_problem)
     fault = Fault.parse(config.fault)
     device = resolve_device(config.device)
     precision = resolve_precision(config, device)
@@ -98,6 +108,7 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
         return JobResult(outcome="oom", step=0, peak_memory_bytes=peak_bytes(device),
                          error=f"out of memory moving the model to {device}{cap_note(cap)}",
                          wall_time_s=time.time() - started)
+    replica = Replica(model, ranks, config.parallel, device)
     hardware = {"device_name": device_name(device), "attention_kernel": decoder_attention_kernel(
         model, config.attention, device, autocast_dtype or TORCH_DTYPES[precision.trained])}
     data = prepare_data(config, loaded, opened)
@@ -123,11 +134,11 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
         saved.restore(model, optimizer, scheduler, scaler)
         # a checkpoint taken at the last step leaves nothing to run: its evaluation is the result
         progress, final, predictions = saved.progress, saved.final, saved.predictions
-        if on_resume:
+        if on_resume and ranks.main:
             on_resume(progress.step, dict(final))
 
     peak = peak_tflops(device, precision.compute, config.peak_tflops)
-    stream = micro_batches(data.train, config.batch_size, config.seed, progress.micro_batches, pad_id)
+    stream = micro_batches(data.train, config.batch_size, config.seed, progress.micro_batches, pad_id, ranks)
     window: list[dict[str, float]] = []
 
     def result(outcome: str, error: Optional[str] = None, tested: Optional[dict[str, Any]] = None) -> JobResult:
@@ -146,8 +157,16 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
             progress.micro_batches += len(group)
             samples_before, progress.samples_seen = progress.samples_seen, budget.samples_in(progress.micro_batches)
             loss_total, correct, labelled = accumulate_gradients(
-                model, group, config.attention, scaler, device, autocast_dtype,
+                replica, group, config.attention, scaler, device, autocast_dtype,
                 poison=bool(fault and fault.poisons_loss(step)))
+            # every sequence the decoder runs: BOS + image tokens + padded text
+            decoder_tokens = sum(b.text_ids.numel() + len(b.samples) * model.prefix_len for b in group)
+            step_flops = sum(train_step_flops(model.config, config.train_scope, model.gradient_checkpointing,
+                                              crops=b.crops.shape[0], images=len(b.samples),
+                                              text_len=b.text_ids.shape[1]) for b in group)
+            # this rank's shares, added up over the ranks: the numbers of the whole step, as one worker has them
+            loss_total, correct, decoder_tokens, step_flops = sum_over_ranks(
+                ranks, [loss_total, correct, decoder_tokens, step_flops], device)
             grad_norm, skipped = optimizer_step(optimizer, scaler, params, config.max_grad_norm,
                                                 finite_loss=math.isfinite(loss_total))
             scheduler.step()
@@ -157,12 +176,7 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
             if progress.nonfinite_streak >= config.diverge_patience:
                 raise Diverged(f"loss non-finite for {progress.nonfinite_streak} consecutive steps")
             seconds = time.perf_counter() - t0
-            n_samples = sum(len(b.samples) for b in group)
-            # every sequence the decoder runs: BOS + image tokens + padded text
-            decoder_tokens = sum(b.text_ids.numel() + len(b.samples) * model.prefix_len for b in group)
-            step_flops = sum(train_step_flops(model.config, config.train_scope, model.gradient_checkpointing,
-                                              crops=b.crops.shape[0], images=len(b.samples),
-                                              text_len=b.text_ids.shape[1]) for b in group)
+            n_samples = progress.samples_seen - samples_before  # every worker's
             achieved_tflops = step_flops / seconds / 1e12
             metrics = {
                 "step": step, "total_steps": total_steps, "samples_seen": progress.samples_seen,
@@ -176,26 +190,31 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
                 "peak_memory_bytes": peak_bytes(device),
             }
             window.append(metrics)
-            if on_step:
+            if on_step and ranks.main:
                 on_step(metrics)
             if budget.should_evaluate(step, samples_before, progress.samples_seen):
-                val_metrics, predictions = evaluate(
-                    model, data.val, loaded.tokenizer, config.attention, batch_size=config.batch_size,
-                    max_new_tokens=config.max_new_tokens, device=device, autocast_dtype=autocast_dtype)
-                final = report_metrics(window, val_metrics, data.skipped_samples, time.time() - started, device)
+                if ranks.main:
+                    val_metrics, predictions = evaluate(
+                        model, data.val, loaded.tokenizer, config.attention, batch_size=config.batch_size,
+                        max_new_tokens=config.max_new_tokens, device=device, autocast_dtype=autocast_dtype)
+                    final = report_metrics(window, val_metrics, data.skipped_samples, time.time() - started, device)
+                    best = progress.best_metrics
+                    if not best or final["val_exact_match"] > best["val_exact_match"]:
+                        progress.best_metrics = dict(final)
+                    if checkpoint_dir is not None:
+                        TrainState.capture(model, optimizer, scheduler, scaler, progress=progress, config=config,
+                                           final=final, predictions=predictions).save(Path(checkpoint_dir))
+                    if on_report:
+                        on_report(dict(final), Path(checkpoint_dir) if checkpoint_dir is not None else None)
                 window = []
-                if not progress.best_metrics or final["val_exact_match"] > progress.best_metrics["val_exact_match"]:
-                    progress.best_metrics = dict(final)
-                if checkpoint_dir is not None:
-                    TrainState.capture(model, optimizer, scheduler, scaler, progress=progress, config=config,
-                                       final=final, predictions=predictions).save(Path(checkpoint_dir))
-                if on_report:
-                    on_report(dict(final), Path(checkpoint_dir) if checkpoint_dir is not None else None)
+                wait_for_main(ranks)
     except torch.OutOfMemoryError as exc:
         message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
         return result("oom", f"out of memory at step {progress.step + 1}{cap_note(cap)}: {message}")
     except Diverged as exc:
         return result("diverged", str(exc))
+    if not ranks.main:
+        return result("ok")
     tested = test_metrics(model, loaded, config, test_data, device=device,
                           autocast_dtype=autocast_dtype) if test_data else {}
     if config.save_model:
@@ -210,28 +229,31 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     return result("ok", tested=tested)
 
 
-def accumulate_gradients(model: MoondreamModel, group: list[Batch], mode: str, scaler: torch.amp.GradScaler,
+def accumulate_gradients(replica: Replica, group: list[Batch], mode: str, scaler: torch.amp.GradScaler,
                          device: torch.device, autocast_dtype: Optional[torch.dtype], *,
                          poison: bool = False) -> tuple[float, int, int]:
-    """Backward over the micro-batches of one optimizer step; returns (loss, correct tokens, labelled tokens).
+    """Backward over this rank's shares of the micro-batches of one optimizer step; returns this rank's (loss,
+    correct tokens) and the labelled tokens of the whole group, every rank's.
 
     Each micro-batch's summed loss is divided by the labelled tokens of the whole
-    group, so the accumulated gradient is that of one batch of all the samples.
+    group, so the accumulated gradient is that of one batch of all the samples (on
+    k workers, once DDP has averaged it: trainer.parallel.replica).
     `poison` turns the loss into NaN (the `nan@STEP` fault).
     """
-    labelled = sum(int((b.labels != -100).sum()) for b in group)
+    labelled = int(sum_over_ranks(replica.ranks, [sum(int((b.labels != -100).sum()) for b in group)], device)[0])
     loss_total, correct = 0.0, 0
-    for batch in group:
+    for i, batch in enumerate(group):
         batch = batch.to(device)
-        # with checkpointing the autocast weight cache would only hold a half copy of every trained weight
-        # until the forward pass ends (2.6 GiB for the real text decoder): the recomputation casts again anyway
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None,
-                            cache_enabled=not model.gradient_checkpointing):
-            loss_sum, n_correct, _ = model.answer_loss(batch.crops, batch.tilings, batch.text_ids, batch.labels, mode)
-        loss = loss_sum / labelled
-        if poison:
-            loss = loss * float("nan")
-        scaler.scale(loss).backward()
+        with replica.micro_step(last=i == len(group) - 1):
+            # with checkpointing the autocast weight cache would only hold a half copy of every trained weight
+            # until the forward pass ends (2.6 GiB for the real text decoder): the recomputation casts again anyway
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None,
+                                cache_enabled=not replica.model.gradient_checkpointing):
+                loss_sum, n_correct, _ = replica.answer_loss(batch, mode)
+            loss = loss_sum / labelled
+            if poison:
+                loss = loss * float("nan")
+            scaler.scale(replica.backward_loss(loss)).backward()
         loss_total += float(loss.detach())
         correct += int(n_correct)
     return loss_total, correct, labelled

@@ -29,6 +29,9 @@ Outcome = Literal["ok", "oom", "diverged", "error"]
 # trainer.model.choices. Each is read with typing.get_args where it is listed (optimizers, data, search spaces, CLI).
 OptimizerName = Literal["adamw", "adamw-fused", "adamw8bit"]
 OnBadSample = Literal["error", "skip"]
+# How the workers of one job share it (trainer.parallel): ddp, a full replica per worker; fsdp is named so that it
+# can be given and refused in one line until it is built.
+ParallelStrategy = Literal["ddp", "fsdp"]
 
 
 def precision_problem(precision: Optional[str], trained_dtype: str) -> Optional[str]:
@@ -154,6 +157,10 @@ class JobConfig:
                                                                         "fp32; default fp16 on CUDA, fp32 on CPU")
     gradient_checkpointing: bool = _field(True, "recompute activations in backward to save memory")
     device: Optional[str] = _field(None, "cuda, cuda:N or cpu; default cuda when available")
+    parallel: ParallelStrategy = _field(
+        "ddp", "how the workers of a job with --workers-per-trial N > 1 share it: ddp (each worker a full replica "
+               "training on its share of every micro-batch, gradients averaged); fsdp is not built yet. One worker "
+               "ignores it")
     seed: int = _field(0, "seed of weights init, data order and dropout; sweep it for replicates")
     eval_every: Optional[int] = _field(None, "optimizer steps between evaluations (default: once per epoch)")
     eval_every_samples: Optional[int] = _field(None, "training samples between evaluations, so that every trial "
@@ -223,6 +230,8 @@ class JobConfig:
              str(precision_problem(self.precision, self.trained_dtype)))
         need(self.device is None or bool(DEVICE.match(str(self.device))),
              f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        need(self.parallel != "fsdp", "parallel=fsdp (parameters, gradients and optimizer states sharded over the "
+                                      "workers) is not built yet; use parallel=ddp")
         checks = (
             ("", lambda: check_budget_fields(
                 batch_size=self.batch_size, grad_accum=self.grad_accum, epochs=self.epochs,

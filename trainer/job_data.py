@@ -22,6 +22,8 @@ from trainer.data.samples import label_in_message
 from trainer.job_config import JobConfig
 from trainer.model.loading import LoadedModel
 from trainer.model.tokenizer import PromptTemplate, Tokenizer
+from trainer.parallel.ranks import Ranks
+from trainer.parallel.shares import share_batch
 
 
 class SampleView(Sequence[EncodedSample]):
@@ -141,13 +143,15 @@ def answer_ids(text: str, tokenizer: Tokenizer, template: PromptTemplate,
 
 
 def micro_batches(data: Sequence[EncodedSample], batch_size: int, seed: int, start: int,
-                  pad_id: int) -> Iterator[Batch]:
+                  pad_id: int, ranks: Ranks = Ranks()) -> Iterator[Batch]:
     """Endless stream of batches: a fresh seeded permutation per epoch, resumable at any position. Only the
-    batch being made is read from disk."""
+    batch being made is read from disk. On k workers every rank draws the same permutation and gets its own
+    share of each micro-batch of `batch_size` samples (trainer.parallel.shares)."""
     per_epoch = math.ceil(len(data) / batch_size)
     epoch, position = divmod(start, per_epoch)
     while True:
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
         for position in range(position, per_epoch):
-            yield collate([data[i] for i in order[position * batch_size: (position + 1) * batch_size]], pad_id)
+            yield share_batch(order[position * batch_size: (position + 1) * batch_size], ranks,
+                              lambda indices: collate([data[i] for i in indices], pad_id))
         epoch, position = epoch + 1, 0
