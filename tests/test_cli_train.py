@@ -44,21 +44,33 @@ def test_train_resume_continues_from_the_checkpoint(captcha_parquet, tmp_path):
 def test_a_crashed_train_resumes_with_every_row_once_and_the_weights_of_an_uninterrupted_run(captcha_parquet,
                                                                                              tmp_path):
     """The process dies at step 3 (after the step-2 checkpoint); `--resume` must keep steps 1-2 and the step-2
-    report, run steps 3-4 once, and end where an uninterrupted run ends."""
+    report, run steps 3-4 once, and end where an uninterrupted run ends. Both starts log to one MLflow run."""
+    import mlflow
     import torch
     from safetensors.torch import load_file
+
+    from orchestrator.tracking.trackers import TRAIN_GROUP, train_run_id
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     def train(out, *extra):
         return mdsweep("train", "--train-data", str(captcha_parquet), "--max-steps", "4", "--eval-every", "2",
                        "--val-fraction", "0.25", "--out", str(out), "--save-model", str(out / "model"), *extra)
 
-    crashed = train(tmp_path / "run", "--fault", "crash@3")
+    crashed = train(tmp_path / "run", "--fault", "crash@3", "--log-to", f"mlflow={tracking}")
     assert crashed.returncode != 0
     assert pq.read_table(tmp_path / "run" / "steps.parquet").column("step").to_pylist() == [1, 2]  # on disk already
-    resumed = train(tmp_path / "run", "--resume")
+    resumed = train(tmp_path / "run", "--resume", "--log-to", f"mlflow={tracking}")
     assert resumed.returncode == 0, resumed.stderr
     assert pq.read_table(tmp_path / "run" / "steps.parquet").column("step").to_pylist() == [1, 2, 3, 4]
-    assert pq.read_table(tmp_path / "run" / "reports.parquet").column("step").to_pylist() == [2, 4]
+    reports = pq.read_table(tmp_path / "run" / "reports.parquet").to_pylist()
+    assert [r["step"] for r in reports] == [2, 4]
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    (run,) = client.search_runs([client.get_experiment_by_name(TRAIN_GROUP).experiment_id])
+    assert run.info.run_name == f"{TRAIN_GROUP}/{train_run_id(tmp_path / 'run')}" and run.info.status == "FINISHED"
+    assert run.data.tags["outcome"] == "ok" and run.data.params["max_steps"] == "4"
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_cer")) == \
+        [(r["samples_seen"], r["val_cer"]) for r in reports]
     whole = train(tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
     a, b = load_file(tmp_path / "run" / "model" / "model.safetensors"), load_file(tmp_path / "whole" / "model" /

@@ -27,7 +27,7 @@ PACKAGES = ("trainer", "search_spaces", "orchestrator")
 SWEEP_LIBRARIES = ("ray", "optuna")
 # Every module of the three packages, `__init__` and `__main__` included. Adding or removing a module
 # changes it; a module the walk stops seeing changes it too, which is the point.
-MODULE_COUNT = 113
+MODULE_COUNT = 118
 
 # Each layer and the layers it may import, bottom first. A module belongs to the longest layer name that is
 # the module or a package above it. The trainer's base: the contract and the torch-free readings of its
@@ -64,10 +64,12 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
 # transformers take seconds; pyarrow ~240 ms, optuna ~210 ms, numpy ~85 ms, tqdm ~40 ms (it reads package metadata
 # for its version), plotly ~40 ms, psutil ~18 ms, PIL.Image ~13 ms, tokenizers ~11 ms), or what the project
 # imports of it does (captcha loads PIL; peft, bitsandbytes and safetensors' torch helpers load torch;
-# huggingface_hub's downloads load its HTTP stack; mlflow, an optional extra, takes about 3 s). Every other import, the standard library's and the project's
+# huggingface_hub's downloads load its HTTP stack; the trackers of the optional extras take seconds: mlflow about
+# 3 s, wandb and tensorboard each over a second). Every other import, the standard library's and the project's
 # light modules included, belongs at the top of its module. Each is imported by some module of the project.
 HEAVY_LIBRARIES = ("torch", "ray", "optuna", "pyarrow", "numpy", "transformers", "PIL", "safetensors", "tokenizers",
-                   "huggingface_hub", "captcha", "peft", "bitsandbytes", "plotly", "tqdm", "psutil", "mlflow")
+                   "huggingface_hub", "captcha", "peft", "bitsandbytes", "plotly", "tqdm", "psutil", "mlflow",
+                   "wandb", "tensorboard")
 # A light import a function may still make, by module: {"module": ("imported", ...)}, each with its reason in a
 # comment here and at the import. None today.
 LAZY_EXCEPTIONS: dict[str, tuple[str, ...]] = {}

@@ -496,31 +496,110 @@ def test_ctrl_c_ends_a_sweep_saved_with_exit_3_and_resume_completes_it(tmp_path,
     """Ctrl-C in the terminal (SIGINT to the driver's whole process group, the embedded cluster's processes
     included) must save the state, say how to resume, exit 3, and resume must finish with each row once. SIGTERM,
     which reaches the driver alone, is tested on the same path in test_object_storage.py (exit 143). The sweep
-    also logs to a real MLflow store: one run for the trial across both drivers, each evaluation once."""
+    also logs to a real MLflow store, to W&B offline and to TensorBoard: one run for the trial across both
+    drivers in each, each evaluation once."""
     from orchestrator.results.store import read_partition
 
     results, storage = tmp_path / "results", tmp_path / "sweeps"
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    offline = {"WANDB_MODE": "offline", "WANDB_PROJECT": "tests"}
     code = signal_driver_when(
         ["run", "--name", "termed", "--space", "smoke", "--num-samples", "1", "--num-cpus", "2", "--storage",
          str(storage), "--results", str(results), "--progress-interval", "1", "--log-to", f"mlflow={tracking}",
+         "--log-to", f"wandb={tmp_path / 'wandb'}", "--log-to", f"tensorboard={tmp_path / 'tb'}",
          *job_flags(captcha_parquet, 16)],
         lambda: any((s["step"] or 0) >= 4 for s in read_partition(results, "steps", "termed")),
-        tmp_path / "driver.log", how="ctrl-c", deadline_s=240)
+        tmp_path / "driver.log", how="ctrl-c", deadline_s=240, env=offline)
     output = (tmp_path / "driver.log").read_text()
     assert code == 3, output[-3000:]
     assert "Traceback" not in output
     assert f"sweep termed is interrupted: continue it with `mdsweep resume termed --storage {storage}`" in output
     assert read_partition(results, "sweeps", "termed")[0]["status"] == "interrupted"
 
-    resumed = mdsweep("resume", "termed", "--storage", str(storage), "--quiet")
+    resumed = mdsweep("resume", "termed", "--storage", str(storage), "--quiet", env=offline)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout == ""  # quiet, although the run it resumes printed its progress table
+    assert "warning" not in resumed.stderr, resumed.stderr[-3000:]  # no tracker failed
     steps = [(s["trial_id"], s["step"]) for s in read_partition(results, "steps", "termed")]
     trials = read_partition(results, "trials", "termed")
     assert len(trials) == 1 and trials[0]["outcome"] == "ok" and trials[0]["restored_from_step"] >= 2
     assert sorted(steps) == [(trials[0]["trial_id"], s) for s in range(2, 17, 2)]
-    _one_mlflow_run_per_trial(tracking, "termed", trials, read_partition(results, "steps", "termed"))
+    step_rows = read_partition(results, "steps", "termed")
+    _one_mlflow_run_per_trial(tracking, "termed", trials, step_rows)
+    _one_wandb_run_per_trial(tmp_path / "wandb" / "termed", "termed", trials, step_rows)
+    _one_tensorboard_run_per_trial(tmp_path / "tb" / "termed", trials, step_rows)
+
+
+def _evaluations(steps: list[dict], trial_id: str) -> list[tuple[int, float]]:
+    """(samples_seen, val_exact_match) of a trial's evaluations, as the Parquet steps table has them."""
+    return sorted((s["samples_seen"], s["val_exact_match"]) for s in steps
+                  if s["trial_id"] == trial_id and s["val_exact_match"] is not None)
+
+
+def _one_tensorboard_run_per_trial(folder: Path, trials: list[dict], steps: list[dict]) -> None:
+    """One run folder per trial, read back with TensorBoard's own reader: each evaluation once, by samples."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, TENSORS, EventAccumulator
+
+    assert sorted(p.name for p in folder.iterdir()) == sorted(t["trial_id"] for t in trials)
+    for trial in trials:
+        events = EventAccumulator(str(folder / trial["trial_id"]), size_guidance={SCALARS: 0, TENSORS: 0})
+        events.Reload()
+        assert len(list((folder / trial["trial_id"]).glob("events.out.tfevents.*"))) == 2  # a driver each
+        logged, expected = sorted((e.step, e.value) for e in events.Scalars("val_exact_match")), \
+            _evaluations(steps, trial["trial_id"])
+        assert [s for s, _ in logged] == [s for s, _ in expected]
+        assert [v for _, v in logged] == pytest.approx([v for _, v in expected])  # TensorBoard keeps float32
+        assert {tag.split("/")[0] for tag in events.Tags()[TENSORS]} == {"settings", "outcome", "best"}
+
+
+def _wandb_records(path: Path) -> list:
+    """The records of a W&B offline run file (`run-ID.wandb`), read with W&B's own protobuf messages. The file is
+    a 7-byte header (":W&B", a magic number, a version) and then LevelDB's log format: 32 KiB blocks of records,
+    each behind a 7-byte header (CRC, length, kind: 1 whole, 2 first, 3 middle, 4 last piece)."""
+    import struct
+
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, records, pending, pos, block = path.read_bytes(), [], b"", 7, 32768
+    assert data[:4] == b":W&B", path
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # no room for a header: the rest of the block is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if (kind, length) == (0, 0):
+            break
+        pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            records.append(Record.FromString(pending))
+            pending = b""
+    return records
+
+
+def _one_wandb_run_per_trial(folder: Path, sweep: str, trials: list[dict], steps: list[dict]) -> None:
+    """One folder per trial, whose offline pieces (one per driver that ran it, and one that tags the best) share
+    one run id, so `wandb sync` makes one run: the trial's settings as config, each evaluation once by samples."""
+    import json
+
+    from orchestrator.tracking.wandb_runs import run_id
+
+    assert sorted(p.name for p in folder.iterdir()) == sorted(t["trial_id"] for t in trials)
+    for trial in trials:
+        pieces = sorted((folder / trial["trial_id"] / "wandb").glob("offline-run-*"))
+        assert len(pieces) >= 2 and {p.name.rsplit("-", 1)[-1] for p in pieces} == \
+            {run_id(sweep, trial["trial_id"]).rsplit("-", 1)[-1]}
+        records = [r for p in pieces for r in _wandb_records(next(p.glob("run-*.wandb")))]
+        runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        assert {r.run_id for r in runs} == {run_id(sweep, trial["trial_id"])}
+        assert {r.display_name for r in runs} == {f"{sweep}/{trial['trial_id']}"}
+        config = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in runs[0].config.update}
+        assert {k: config[k] for k in ("lr", "grad_accum", "attention")} == \
+            {k: trial[k] for k in ("lr", "grad_accum", "attention")}
+        history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+                   for r in records if r.WhichOneof("record_type") == "history"]
+        assert sorted((h["samples_seen"], h["val_exact_match"]) for h in history) == \
+            _evaluations(steps, trial["trial_id"])
+        assert "best" in {tag for r in runs for tag in r.tags}
 
 
 def _one_mlflow_run_per_trial(tracking: str, sweep: str, trials: list[dict], steps: list[dict]) -> None:

@@ -72,8 +72,9 @@ def test_default_modes():
     ({"objectives": [("test_exact_match", "max")]}, "--objective 'test_exact_match': not a reported metric"),
     ({"objectives": [("val_exact_match", "max"), ("elapsed_s", "min")], "early_stop": "asha"},
      "--early-stop with several --objective"),
-    ({"log_to": ["wandb"]}, r"--log-to wandb: 'wandb' is not a tracker mdsweep writes to yet; use mlflow\[=URI\]"),
-    ({"log_to": ["mlflow=a.db", "mlflow=a.db"]}, "--log-to: mlflow=a.db, mlflow=a.db name one tracking URI twice"),
+    ({"log_to": ["comet"]}, r"--log-to comet: 'comet' is not a tracker mdsweep writes to; use mlflow\[=URI\], "
+                             r"wandb\[=DIR\] or tensorboard\[=DIR\]"),
+    ({"log_to": ["mlflow=a.db", "mlflow=a.db"]}, "--log-to: mlflow=a.db, mlflow=a.db name one place twice"),
     # mfu is null on CPU: a sweep whose trials surely train there cannot rank by it
     ({"metric": "mfu", "gpus_per_trial": 0}, r"--metric mfu: the trials train on CPU \(--gpus-per-trial 0\)"),
     ({"objectives": [("val_exact_match", "max"), ("mfu", "max")], "fixed": {"train_data": "x", "device": "cpu"}},

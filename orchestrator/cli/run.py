@@ -14,6 +14,7 @@ from orchestrator.cluster.signals import EXIT_INTERRUPTED, EXIT_TERMINATED
 from orchestrator.results.objectives import parse_objective, pareto_front
 from orchestrator.results.ranking import best_trial, describe_test, describe_trial
 from orchestrator.sweep.settings import SweepError, SweepSettings, utc_stamp
+from orchestrator.tracking.trackers import LOG_TO_HELP, absolute_tracker
 
 if TYPE_CHECKING:
     from orchestrator.sweep.driver import SweepOutcome
@@ -84,11 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="before its first proposal, tell the search the finished trials of an earlier sweep "
                              "(its --results directory and name, e.g. results:demo) that fit this space; nothing "
                              "is rerun, and they never count as this sweep's results; repeatable")
-    groups["output"].add_argument(
-        "--log-to", action="append", default=[], metavar="mlflow[=URI]",
-        help="also log each trial as one run of this experiment tracker: mlflow (URI: a tracking server, "
-             "sqlite:///PATH.db or a folder; default ./mlruns; needs the [mlflow] extra), one run per trial named "
-             "SWEEP/TRIAL, its settings as parameters, each evaluation's metrics by samples seen; repeatable")
+    groups["output"].add_argument("--log-to", action="append", default=[], metavar="TRACKER[=WHERE]", help=LOG_TO_HELP)
     add_job_arguments(groups["job"], include=JOB_FLAG_FIELDS)
     groups["job"].add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_values",
                                help="any other JobConfig field, parsed by its type (e.g. --set attention=causal "
@@ -140,12 +137,6 @@ def _absolute_source(source: str) -> str:
     return f"{Path(results).expanduser().resolve()}:{sweep}" if sep and results else source
 
 
-def _absolute_tracker(value: str) -> str:
-    """A --log-to whose URI is a plain folder, made absolute: `resume` may run from another directory."""
-    tracker, sep, uri = value.partition("=")
-    return f"{tracker}={Path(uri).expanduser().resolve()}" if sep and uri and "://" not in uri else value
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.results.groups import parse_cross
     from orchestrator.sweep.driver import run_sweep
@@ -161,7 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         flags.update(metric=metric, mode=mode, test_data=_absolutize("test_data", args.test_data))
         settings = SweepSettings(name=args.name or f"sweep-{utc_stamp()}", fixed=fixed, objectives=objectives,
                                  cross=cross, warm_start=[_absolute_source(w) for w in args.warm_start],
-                                 log_to=[_absolute_tracker(t) for t in args.log_to],
+                                 log_to=[absolute_tracker(t) for t in args.log_to],
                                  argv=" ".join(["mdsweep", *map(shlex.quote, sys.argv[1:])]), **flags)
         outcome = run_sweep(settings, quiet=args.quiet, dry_run=args.dry_run)
         print_outcome(outcome, args.quiet)

@@ -25,6 +25,7 @@ from orchestrator.cli.job_flags import add_job_arguments, job_overrides
 from orchestrator.cluster.signals import EXIT_INTERRUPTED
 from orchestrator.results.ranking import describe_test
 from orchestrator.sweep.settings import SweepError
+from orchestrator.tracking.trackers import LOG_TO_HELP, TRAIN_GROUP, TrackerError, parse_trackers, train_run_id
 from trainer.files import atomic_path
 from trainer.job_config import JobConfig
 
@@ -37,6 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default: runs/train-YYYYmmdd-HHMMSS)")
+    parser.add_argument("--log-to", action="append", default=[], metavar="TRACKER[=WHERE]",
+                        help=LOG_TO_HELP.replace("each trial as one run, named SWEEP/TRIAL,", f"the job as one "
+                                                 f"run, named {TRAIN_GROUP}/OUT-CHECKSUM,").replace(
+                                                 "a resumed trial", "--resume").replace("DIR/SWEEP/TRIAL",
+                                                                                        f"DIR/{TRAIN_GROUP}/OUT-CHECKSUM"))
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT/checkpoint if it exists (same flags as the interrupted run)")
     parser.add_argument("--test-data", default=None, metavar="PATH",
@@ -92,7 +98,11 @@ def run_train(args: argparse.Namespace) -> int:
                             ("--save-model", config.save_model)):
             if value:
                 check_writable_directory(flag, value)
-    except SweepError as exc:
+        trackers = parse_trackers(args.log_to)
+        for tracker in trackers:
+            if (folder := tracker.local_folder()) is not None:
+                check_writable_directory("--log-to", folder)
+    except (SweepError, TrackerError) as exc:
         print(f"mdsweep train: error: {exc}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
@@ -105,6 +115,10 @@ def run_train(args: argparse.Namespace) -> int:
     steps = read_rows(out / "steps.parquet") if resume_from else {}
     reports = read_rows(out / "reports.parquet") if resume_from else {}
     bar = tqdm(total=config.max_steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    run_id, settings = train_run_id(out), config.to_dict()
+    mirrors = [t.runs(TRAIN_GROUP, "val_exact_match") for t in trackers]
+    for mirror in mirrors:
+        mirror.start(run_id, settings)
 
     def on_resume(step: int, report: dict[str, Any]) -> None:
         for rows in (steps, reports):
@@ -126,6 +140,8 @@ def run_train(args: argparse.Namespace) -> int:
     def on_report(metrics: dict[str, Any], _checkpoint: Path | None) -> None:
         reports[metrics["step"]] = metrics
         write_rows(reports, out / "reports.parquet")
+        for mirror in mirrors:
+            mirror.log(run_id, settings, metrics)
         bar.write(f"step {metrics['step']}: val exact match {metrics['val_exact_match']:.3f} "
                   f"[{metrics['val_exact_match_low']:.3f}, {metrics['val_exact_match_high']:.3f}] "
                   f"CER {metrics['val_cer']:.3f} (n={metrics['val_n']})")
@@ -135,16 +151,24 @@ def run_train(args: argparse.Namespace) -> int:
                          on_step=on_step, test_data=args.test_data, on_resume=on_resume)
     except (DataError, CheckpointError, ValueError, FileNotFoundError) as exc:
         bar.close()
+        for mirror in mirrors:
+            mirror.end(run_id, settings, "error")
+            mirror.shutdown()
         print(f"mdsweep train: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         bar.close()
+        for mirror in mirrors:  # the runs stay open: --resume goes on in them
+            mirror.shutdown()
         saved = (f"the last checkpoint is at step {max(reports)} ({checkpoint}): add --resume to the same command "
                  "to continue from it" if reports else "no checkpoint was written yet (the first comes with the "
                  "first evaluation)")
         print(f"mdsweep train: interrupted at step {max(steps, default=0)}; {saved}", file=sys.stderr)
         return EXIT_INTERRUPTED
     bar.close()
+    for mirror in mirrors:
+        mirror.end(run_id, settings, result.outcome)
+        mirror.shutdown()
     if result.predictions:
         write_parquet([dataclasses.asdict(p) for p in result.predictions], out / "predictions.parquet")
     summary = {"outcome": result.outcome, "step": result.step, "error": result.error,

@@ -16,7 +16,7 @@ from orchestrator.results.objectives import default_mode
 from orchestrator.results.schema import METRICS, validate_sweep_name
 from orchestrator.results.spaces import SpaceError, SpaceInfo, validate_space
 from orchestrator.sweep.settings import SweepError, SweepSettings
-from orchestrator.tracking.mlflow_runs import TrackerError, mlflow_uris
+from orchestrator.tracking.trackers import TrackerError, parse_trackers
 from trainer.job_config import JobConfig
 from trainer.model.config import PRESETS
 from trainer.model.tokenizer_source import check_revision
@@ -88,14 +88,12 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
         raise SweepError(str(e)) from None
     check_model(job)
     try:
-        trackers = mlflow_uris(s.log_to)
+        trackers = parse_trackers(s.log_to)
     except TrackerError as e:
         raise SweepError(str(e)) from None
-    for uri in trackers:  # a local store (a folder, or SQLite's file) must be writable, as the outputs must
-        if uri.startswith("sqlite:///"):
-            check_writable_directory("--log-to", str(Path(uri.removeprefix("sqlite:///")).parent))
-        elif "://" not in uri.removeprefix("file://"):
-            check_writable_directory("--log-to", uri.removeprefix("file://"))
+    for tracker in trackers:  # a local store (a folder, or SQLite's file) must be writable, as the outputs must
+        if (folder := tracker.local_folder()) is not None:
+            check_writable_directory("--log-to", folder)
     if s.gpus_per_trial == 0 or str(s.fixed.get("device") or "").startswith("cpu"):
         check_mfu_objective(s, "--gpus-per-trial 0" if s.gpus_per_trial == 0 else "device=cpu")
     return info

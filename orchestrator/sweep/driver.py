@@ -29,7 +29,8 @@ from orchestrator.cluster.tune_state import (StateBackup, StateLost, drop_repair
 from orchestrator.results.groups import build_expansions
 from orchestrator.results.schema import validate_sweep_name
 from orchestrator.results.study import Carried, StudyError, carried_trials
-from orchestrator.tracking.mlflow_runs import MlflowRuns, mlflow_uris
+from orchestrator.tracking.trackers import parse_trackers
+from orchestrator.tracking.tune_callback import MirrorCallback
 from orchestrator.sweep.baselines import plan_baselines
 from orchestrator.sweep.checks import check_data, check_mfu_objective, check_settings, searched_columns
 from orchestrator.sweep.held_out import test_best_trials
@@ -166,10 +167,11 @@ def tuner_parts(s: SweepSettings, req: TrialResources, searched: list[str], quie
                              redraw=not s.worker_logs)  # trials' own lines would be drawn over
     # Tune's JSON logger stays although the Parquet sink holds every result: the rows lost to a full disk are
     # rebuilt from its result.json (orchestrator.sweep.repair)
-    trackers = [MlflowRuns(uri, s.name, s.fixed, s.metric, s.mode) for uri in mlflow_uris(s.log_to)]
+    trackers = [t.runs(s.name, s.metric) for t in parse_trackers(s.log_to)]
     return TunerParts(trainable=_trainable(s, req),
                       callbacks=[_sink(s, req, searched), progress, StateBackup(s.experiment_path()),
-                                 JsonLoggerCallback(), *trackers])
+                                 JsonLoggerCallback(),
+                                 *([MirrorCallback(trackers, s.fixed, s.metric, s.mode)] if trackers else [])])
 
 
 def _restore_tuner(path: str, parts: TunerParts, resume_errored: bool, restart_errored: bool) -> Any:

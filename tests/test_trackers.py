@@ -1,0 +1,66 @@
+"""`--log-to` trackers without a sweep around them: where a value points, and a tracker that breaks mid-sweep.
+
+The sweep-level promises (one run per trial across a Ctrl-C and a resume, in MLflow, W&B offline and TensorBoard)
+are tested on a real sweep in test_orchestrator_embedded.py; `train --log-to` in test_cli_train.py.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.tracking.mlflow_runs import MlflowRuns
+from orchestrator.tracking.tensorboard_runs import TensorboardRuns, logged_samples
+from orchestrator.tracking.trackers import absolute_tracker
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("mlflow", "mlflow={cwd}/mlruns"),
+    ("mlflow=sqlite:///store/m.db", "mlflow=sqlite:///{cwd}/store/m.db"),
+    ("mlflow=http://tracking:5000", "mlflow=http://tracking:5000"),
+    ("wandb", "wandb={cwd}/wandb"),
+    ("tensorboard=tb", "tensorboard={cwd}/tb"),
+])
+def test_a_place_on_this_machine_is_made_absolute_so_resume_finds_it_from_anywhere(value, expected, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert absolute_tracker(value) == expected.format(cwd=tmp_path.resolve())
+
+
+def test_a_tracker_that_breaks_mid_sweep_is_one_warning_and_nothing_is_raised(tmp_path, capsys):
+    """The MLflow store is destroyed between two evaluations: the second is one warning line naming the flag, the
+    ones after it are silent, and no call raises into Ray Tune's loop (which would end the sweep)."""
+    store = tmp_path / "mlflow.db"
+    runs = MlflowRuns(f"mlflow=sqlite:///{store}", "s", f"sqlite:///{store}", "val_exact_match")
+    settings = {"lr": 1e-4, "attention": "prefix"}
+    runs.start("t1", settings)
+    runs.log("t1", settings, {"samples_seen": 8, "val_exact_match": 0.5})
+    assert capsys.readouterr().err == ""
+    store.write_bytes(b"not a database any more" * 100)
+    runs.log("t1", settings, {"samples_seen": 16, "val_exact_match": 0.6})
+    runs.start("t2", settings)
+    runs.end("t1", settings, "ok")
+    runs.shutdown()
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"mdsweep: warning: --log-to mlflow=sqlite:///{store}: ")
+    assert line.endswith("this process logs nothing more there (the sweep goes on, and its Parquet results keep "
+                         "every row)")
+
+
+def test_a_resumed_tensorboard_run_logs_each_evaluation_once(tmp_path):
+    """A second driver (a resumed sweep) writes into the trial's folder and skips the evaluations it repeats."""
+    settings = {"lr": 1e-4}
+    first = TensorboardRuns("tensorboard", "s", str(tmp_path))
+    for samples in (4, 8):
+        first.log("t1", settings, {"samples_seen": samples, "val_cer": samples / 10})
+    first.shutdown()
+    second = TensorboardRuns("tensorboard", "s", str(tmp_path))
+    for samples in (4, 8, 12):
+        second.log("t1", settings, {"samples_seen": samples, "val_cer": samples / 10})
+    second.shutdown()
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    events = EventAccumulator(str(Path(tmp_path) / "s" / "t1"), size_guidance={SCALARS: 0})
+    events.Reload()
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("val_cer")] == [(4, 0.4), (8, 0.8), (12, 1.2)]
+    assert logged_samples(tmp_path / "s" / "t1") == {4, 8, 12}
