@@ -71,11 +71,20 @@ def test_gpu_memory_per_trial_packs_two_trials_per_gpu(cluster, tmp_path, captch
     (["--memory-per-trial", "64TiB", "--gpus-per-trial", "0"], "--memory-per-trial"),
     (["--gpu-memory-per-trial", "40GiB", "--node-gpu-memory", "16GiB"], "--gpu-memory-per-trial"),
 ])
-def test_a_trial_that_fits_nowhere_is_an_error_up_front(cluster, tmp_path, captcha_parquet, flags, flag):
-    proc = mdsweep("run", *where(tmp_path, "toolarge"), "--address", cluster.address, *flags,
-                   *job_flags(captcha_parquet, 2), timeout=120)
-    assert proc.returncode == 2 and flag in proc.stderr, proc.stderr[-2000:]
+def test_a_trial_that_fits_nowhere_is_an_error_up_front(cluster, tmp_path, captcha_parquet, capsys, flags, flag):
+    # the command's entry point in this process, attached to the cluster as a driver process would be (as
+    # run_sweep is below): the check reads the cluster's nodes, not anything of the process
+    from orchestrator.cli.main import main
+
+    code = main(["run", *where(tmp_path, "toolarge"), "--address", cluster.address, *flags,
+                 *job_flags(captcha_parquet, 2)])
+    err = capsys.readouterr().err
+    assert code == 2 and flag in err, err[-2000:]
+    assert "mdsweep run: error: " in err and "Traceback" not in err, err[-2000:]
     assert not (tmp_path / "sweeps" / "toolarge").exists()  # nothing was scheduled
+    import ray
+
+    assert not ray.is_initialized()  # and the driver let go of the cluster
 
 
 def test_paired_attention_comparison_on_identical_settings(cluster, tmp_path, captcha_parquet):
