@@ -409,7 +409,7 @@ def test_study_never_writes_to_a_file_that_is_not_an_optuna_storage(tiny_sweep, 
 def test_a_storage_the_study_wrote_is_taken_again(tiny_sweep, tmp_path, name):
     """The refusal above must not refuse the study's own journal or database: a re-run replaces the study there
     (end to end on SQLite in test_study_opens_in_optuna_with_the_best_proposal_and_is_idempotent)."""
-    from orchestrator.cli.report import check_storage_file
+    from orchestrator.results.study import check_storage_file
 
     storage = tmp_path / name
     assert main_study(tiny_sweep, storage) == 0 and storage.stat().st_size > 0

@@ -1,4 +1,4 @@
-"""`--warm-start RESULTS:SWEEP`: an earlier sweep's finished trials told to the new search before its first
+"""`--warm-start RESULTS:SWEEP` (or an Optuna storage `mdsweep study` wrote): an earlier sweep's finished trials told to the new search before its first
 proposal, through Optuna's own API, from real Parquet results; what does not fit is skipped and counted. The
 end-to-end run (the CLI, the sweep record, the report, nothing exported from a carried trial) is in
 tests/test_report.py's fixture."""
@@ -12,8 +12,8 @@ import pytest
 
 from orchestrator.results.schema import rows_to_table, schema_for
 from orchestrator.results.spaces import validate_space
-from orchestrator.results.store import write_sweep_row, write_trials_file
-from orchestrator.results.study import StudyError, carried_trials
+from orchestrator.results.store import write_sweep_row, write_trial_rows, write_trials_file
+from orchestrator.results.study import StudyError, absolute_source, build_study, carried_trials, study_storage
 from orchestrator.sweep.search import make_searcher
 
 SPACE = """
@@ -41,6 +41,9 @@ def source_sweep(root: Path, name: str = "src", lrs: tuple[float, ...] = (), fix
     rows.append({"trial_id": "oom", "group_id": len(lrs), "member": 0, "outcome": "oom", "searched": ["lr"],
                  "params_json": json.dumps({"lr": 1e-3})})
     write_trials_file(root, name, rows_to_table(rows, schema_for("trials")), [])
+    for row in rows[:1]:  # one evaluation: the curve `mdsweep study` gives its first trial
+        write_trial_rows(root, "steps", name, row["trial_id"], [{"trial_id": row["trial_id"], "step": 2,
+                                                                 "samples_seen": 4, "val_exact_match": 0.25}])
     return f"{root}:{name}"
 
 
@@ -107,7 +110,7 @@ def test_what_a_proposal_ran_with_is_compared_resolved(tmp_path, space):
 
 
 @pytest.mark.parametrize("source, says", [
-    ("results", "--warm-start results: expected RESULTS:SWEEP, e.g. results:demo"),
+    ("results", "--warm-start results: expected RESULTS:SWEEP (e.g. results:demo) or an Optuna storage"),
     ("{tmp}/nowhere:src", "--warm-start {tmp}/nowhere:src: "),
     ("{tmp}:other", "--warm-start {tmp}:other: "),
 ])
@@ -130,6 +133,63 @@ def test_a_source_ranked_the_other_way_or_on_another_metric_is_refused(tmp_path,
     write_trials_file(tmp_path, "two", rows_to_table([], schema_for("trials")), [])
     with pytest.raises(StudyError, match=r"ranked by elapsed_s \(min\), this sweep the other way"):
         carried_trials(f"{tmp_path}:two", space[1], [("val_exact_match", "max"), ("elapsed_s", "max")], FIXED)
+
+
+@pytest.mark.parametrize("storage", ["sqlite:///{tmp}/study.db", "{tmp}/study.db", "{tmp}/study.jsonl"])
+def test_an_optuna_storage_written_by_mdsweep_study_carries_what_its_results_carry(tmp_path, space, storage):
+    """The study `mdsweep study` wrote (SQLite or a journal) is a source of its own: the same proposals carried,
+    the same skipped for their meaning, as from the sweep's Parquet results."""
+    _, distributions = space
+    source = source_sweep(tmp_path, lrs=(1e-4, 3e-4, 0.05))
+    source_sweep(tmp_path, name="long", lrs=(1e-4,), fixed={**FIXED, "max_steps": 100})
+    storage = storage.format(tmp=tmp_path)
+    for sweep in ("src", "long"):
+        build_study(str(tmp_path), sweep, storage=study_storage(storage)[0])
+    from_results = carried_trials(source, distributions, OBJECTIVE, FIXED)
+    from_storage = carried_trials(f"{storage}:src", distributions, OBJECTIVE, FIXED)
+    assert sorted((t.params["lr"], t.values) for t in from_storage.trials) == \
+        sorted((t.params["lr"], t.values) for t in from_results.trials) and len(from_storage.trials) == 2
+    assert [n.replace(f"{storage}:src", "S") for n in from_storage.notes] == \
+        [n.replace(source, "S") for n in from_results.notes]
+    skipped = carried_trials(f"{storage}:long", distributions, OBJECTIVE, FIXED)
+    assert skipped.trials == [] and skipped.notes == [
+        f"2 proposal(s) of {storage}:long skipped: they ran with another max_steps (100, here 8)"]
+
+
+def test_a_storage_source_names_its_study_where_it_holds_several_and_refuses_a_foreign_one(tmp_path, space):
+    import optuna
+
+    _, distributions = space
+    source_sweep(tmp_path, lrs=(1e-4,))
+    source_sweep(tmp_path, name="b", lrs=(1e-4,))
+    db = f"sqlite:///{tmp_path}/study.db"
+    build_study(str(tmp_path), "src", storage=db)
+    assert len(carried_trials(db, distributions, OBJECTIVE, FIXED).trials) == 1  # the only study: no name needed
+    build_study(str(tmp_path), "b", storage=db)
+    with pytest.raises(StudyError, match=rf"^--warm-start {db}: it holds 2 studies \(b, src\); name one: {db}:STUDY$"):
+        carried_trials(db, distributions, OBJECTIVE, FIXED)
+    with pytest.raises(StudyError, match=r"no study 'c' in .*study.db \(it holds: b, src\)$"):
+        carried_trials(f"{db}:c", distributions, OBJECTIVE, FIXED)
+    optuna.create_study(study_name="foreign", storage=db, direction="maximize")
+    with pytest.raises(StudyError, match="the study does not record the settings its trials ran with"):
+        carried_trials(f"{db}:foreign", distributions, OBJECTIVE, FIXED)
+    with pytest.raises(StudyError, match=rf"^--warm-start {tmp_path}/none.db: {tmp_path}/none.db does not exist$"):
+        carried_trials(f"{tmp_path}/none.db", distributions, OBJECTIVE, FIXED)
+    (tmp_path / "notes.jsonl").write_text("my own notes\n")
+    with pytest.raises(StudyError, match="is not an Optuna journal"):
+        carried_trials(f"{tmp_path}/notes.jsonl", distributions, OBJECTIVE, FIXED)
+    assert (tmp_path / "notes.jsonl").read_text() == "my own notes\n"
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("results:demo", "{cwd}/results:demo"),
+    ("sqlite:///s/study.db", "sqlite:///{cwd}/s/study.db"),
+    ("sqlite:///s/study.db:demo", "sqlite:///{cwd}/s/study.db:demo"),
+    ("study.jsonl:demo", "{cwd}/study.jsonl:demo"),
+])
+def test_a_source_is_made_absolute_so_resume_reads_it_from_anywhere(tmp_path, monkeypatch, source, expected):
+    monkeypatch.chdir(tmp_path)
+    assert absolute_source(source) == expected.format(cwd=tmp_path.resolve())
 
 
 def test_a_resumed_search_keeps_the_carried_trials_and_never_adds_them_twice(tmp_path, space):

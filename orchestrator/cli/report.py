@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,67 +57,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-JOURNAL_SUFFIXES = (".log", ".jsonl")
-
-
-SQLITE_URL = "sqlite:///"
-SQLITE_HEADER = b"SQLite format 3\x00"
-OPTUNA_TABLES = {"studies", "trials", "version_info"}  # in every Optuna RDB schema
-
-
-def study_storage(text: str) -> tuple[Any, str]:
-    """The Optuna storage `--storage` names, and what to give optuna-dashboard to open it.
-
-    A URL is taken as given. A path ending in .log or .jsonl is an Optuna journal file: one append per trial,
-    where SQLite runs a query per intermediate value (a 1 000-trial sweep: 3.4 s against 21.5 s,
-    bench/RESULTS.md). Any other path is a SQLite file there. An existing file (of a path or a sqlite:/// URL)
-    must already be such a storage: see `check_storage_file`."""
-    if text.startswith(SQLITE_URL):
-        check_storage_file(Path(text[len(SQLITE_URL):]), journal=False)
-    if "://" in text:
-        return text, text
-    path = Path(text).expanduser().resolve()
-    journal = path.suffix in JOURNAL_SUFFIXES
-    check_storage_file(path, journal)
-    if journal:
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        return JournalStorage(JournalFileBackend(str(path))), str(path)
-    url = f"{SQLITE_URL}{path}"
-    return url, url
-
-
-def check_storage_file(path: Path, journal: bool) -> None:
-    """Raise ValueError unless `path` is new, empty, or already an Optuna journal (its first line one of Optuna's
-    operations) or SQLite database (with Optuna's tables): Optuna appends its log to any file and adds its
-    tables to any SQLite database, so a user's notes.jsonl or another program's database would be altered."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    kind = "journal" if journal else "database (SQLite)"
-    with path.open("rb") as f:
-        head = f.readline(1 << 20)
-    if journal:
-        try:
-            ok = "op_code" in json.loads(head)
-        except (ValueError, TypeError):  # not JSON, or not an object
-            ok = False
-    else:
-        ok = head.startswith(SQLITE_HEADER)
-        if ok:
-            try:
-                with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
-                    tables = {name for (name,) in db.execute("select name from sqlite_master where type='table'")}
-            except sqlite3.Error:
-                tables = set()
-            ok = OPTUNA_TABLES <= tables
-    if not ok:
-        raise ValueError(f"{path} exists and is not an Optuna {kind}, which the study would write into; give a "
-                         "new file, or one an earlier `mdsweep study` wrote")
-
-
 def cmd_study(args: argparse.Namespace) -> int:
-    from orchestrator.results.study import StudyError, build_study
+    from orchestrator.results.study import StudyError, build_study, study_storage
 
     try:
         storage, url = study_storage(args.storage)

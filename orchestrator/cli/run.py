@@ -13,6 +13,7 @@ from orchestrator.cluster.connect import ClusterError
 from orchestrator.cluster.signals import EXIT_INTERRUPTED, EXIT_TERMINATED
 from orchestrator.results.objectives import parse_objective, pareto_front
 from orchestrator.results.ranking import best_trial, describe_test, describe_trial
+from orchestrator.results.study import absolute_source
 from orchestrator.sweep.settings import SweepError, SweepSettings, utc_stamp
 from orchestrator.tracking.trackers import LOG_TO_HELP, absolute_tracker
 
@@ -81,10 +82,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="run every proposal once per value of FIELD (default values: all choices of a "
                              "Literal field, e.g. --cross attention), so the values are compared paired on "
                              "identical settings; the space must not search FIELD; repeatable")
-    search.add_argument("--warm-start", action="append", default=[], metavar="RESULTS:SWEEP",
+    search.add_argument("--warm-start", action="append", default=[], metavar="SOURCE",
                         help="before its first proposal, tell the search the finished trials of an earlier sweep "
-                             "(its --results directory and name, e.g. results:demo) that fit this space; nothing "
-                             "is rerun, and they never count as this sweep's results; repeatable")
+                             "that fit this space: RESULTS:SWEEP (its --results directory and name, e.g. "
+                             "results:demo), or an Optuna storage `mdsweep study` wrote (sqlite:///PATH.db or a "
+                             ".jsonl journal; :STUDY where it holds several); nothing is rerun, and they never count "
+                             "as this sweep's results; repeatable")
     groups["output"].add_argument("--log-to", action="append", default=[], metavar="TRACKER[=WHERE]", help=LOG_TO_HELP)
     add_job_arguments(groups["job"], include=JOB_FLAG_FIELDS)
     groups["job"].add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_values",
@@ -131,12 +134,6 @@ def fixed_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {k: _absolutize(k, v) for k, v in fixed.items()}
 
 
-def _absolute_source(source: str) -> str:
-    """A --warm-start RESULTS:SWEEP with RESULTS made absolute: the sweep's record keeps it, read from anywhere."""
-    results, sep, sweep = source.rpartition(":")
-    return f"{Path(results).expanduser().resolve()}:{sweep}" if sep and results else source
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.results.groups import parse_cross
     from orchestrator.sweep.driver import run_sweep
@@ -151,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         flags = {f.name: getattr(args, f.name) for f in settings_flags()}
         flags.update(metric=metric, mode=mode, test_data=_absolutize("test_data", args.test_data))
         settings = SweepSettings(name=args.name or f"sweep-{utc_stamp()}", fixed=fixed, objectives=objectives,
-                                 cross=cross, warm_start=[_absolute_source(w) for w in args.warm_start],
+                                 cross=cross, warm_start=[absolute_source(w) for w in args.warm_start],
                                  log_to=[absolute_tracker(t) for t in args.log_to],
                                  argv=" ".join(["mdsweep", *map(shlex.quote, sys.argv[1:])]), **flags)
         outcome = run_sweep(settings, quiet=args.quiet, dry_run=args.dry_run)
