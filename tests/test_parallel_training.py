@@ -1,19 +1,26 @@
 """Data-parallel training is fair: k workers train on the samples of one and give its losses (issue 31).
 
-The 2-worker job runs in two processes of a gloo process group on the CPU, each calling `run_job` as a Ray
-Train worker does; the 1-worker job runs in this process without any process group, as today.
+The 1-worker job runs in this process without any process group, as today. The 2-worker job runs twice: in two
+processes of a gloo process group started here, each calling `run_job` (the trainer alone, whoever launches it),
+and through `mdsweep train --workers-per-trial 2` (Ray Train on an embedded Ray). Adam's update barely depends
+on the gradient's scale, so the losses alone would not see a wrong average: the gradient norm does.
 """
 from __future__ import annotations
 
 import dataclasses
 import pickle
+import time
 from pathlib import Path
 
+import psutil
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing
 
+from harness import mdsweep, short_temp_dir
+from orchestrator.cli.main import main
 from trainer.job import run_job
 from trainer.job_config import JobConfig
 from trainer.parallel.ranks import Ranks
@@ -22,6 +29,10 @@ from trainer.parallel.ranks import Ranks
 # one worker's share of it is empty; 9 steps of 4 micro-batches are exactly that epoch.
 FAIR = dict(model="tiny", val_fraction=0.26, batch_size=2, grad_accum=4, max_steps=9, eval_every=5, lr=2e-3,
             train_scope="all", attention="prefix", max_new_tokens=6, max_val_samples=10, max_grad_norm=1e9)
+
+
+def _flags(values: dict) -> list[str]:
+    return [part for key, value in values.items() for part in (f"--{key.replace('_', '-')}", str(value))]
 
 
 def _worker(rank: int, world: int, init_file: str, values: dict, out: str) -> None:
@@ -38,25 +49,20 @@ def _worker(rank: int, world: int, init_file: str, values: dict, out: str) -> No
         dist.destroy_process_group()
 
 
-def _run(values: dict, workers: int, out: Path) -> list[tuple[list, list, object]]:
-    """(steps, reports, result) of each rank of the job on `workers` workers."""
-    out.mkdir(parents=True)
-    if workers == 1:
-        steps, reports = [], []
-        result = run_job(JobConfig(**values), on_step=steps.append,
-                         on_report=lambda metrics, _checkpoint: reports.append(metrics),
-                         checkpoint_dir=out / "checkpoint")
-        return [(steps, reports, result)]
-    torch.multiprocessing.spawn(_worker, args=(workers, str(out / "init"), values, str(out)), nprocs=workers)
-    return [pickle.loads((out / f"rank{rank}.pkl").read_bytes()) for rank in range(workers)]
+@pytest.fixture(scope="module")
+def one_worker(captcha_parquet, tmp_path_factory):
+    """(steps, reports, result, checkpoint folder) of the job on one worker, in this process."""
+    out = tmp_path_factory.mktemp("one-worker")
+    steps, reports = [], []
+    started = time.perf_counter()
+    result = run_job(JobConfig(**FAIR, train_data=str(captcha_parquet)), on_step=steps.append,
+                     on_report=lambda metrics, _checkpoint: reports.append(metrics), checkpoint_dir=out / "checkpoint")
+    print(f"1 worker: {time.perf_counter() - started:.1f} s")
+    return steps, reports, result, out / "checkpoint"
 
 
-@pytest.mark.slow
-def test_two_workers_train_on_the_samples_of_one_and_give_its_losses(captcha_parquet, tmp_path):
-    values = dict(FAIR, train_data=str(captcha_parquet))
-    (one_steps, one_reports, one), = _run(values, 1, tmp_path / "one")
-    (two_steps, two_reports, two), (other_steps, other_reports, other) = _run(values, 2, tmp_path / "two")
-    assert one.outcome == two.outcome == other.outcome == "ok", (one.error, two.error, other.error)
+def _assert_same_training(one_steps: list[dict], two_steps: list[dict]) -> None:
+    """The same samples, per-step losses within 1e-5 relative, the same gradient norms and token accuracy."""
     assert [s["samples_seen"] for s in two_steps] == [s["samples_seen"] for s in one_steps]
     assert one_steps[-1]["samples_seen"] == 71  # the whole epoch, its last micro-batch of 1 sample included
     one_losses = [s["train_loss"] for s in one_steps]
@@ -66,6 +72,19 @@ def test_two_workers_train_on_the_samples_of_one_and_give_its_losses(captcha_par
     assert len(two_losses) == 9 and difference < 1e-5, (one_losses, two_losses)
     for key in ("token_accuracy", "grad_norm"):
         assert [s[key] for s in two_steps] == pytest.approx([s[key] for s in one_steps], rel=1e-5), key
+
+
+@pytest.mark.slow
+def test_two_workers_train_on_the_samples_of_one_and_give_its_losses(one_worker, captcha_parquet, tmp_path):
+    one_steps, one_reports, one, one_checkpoint = one_worker
+    started = time.perf_counter()
+    torch.multiprocessing.spawn(_worker, nprocs=2, args=(2, str(tmp_path / "init"),
+                                                         dict(FAIR, train_data=str(captcha_parquet)), str(tmp_path)))
+    print(f"2 workers (gloo, spawned): {time.perf_counter() - started:.1f} s")
+    (two_steps, two_reports, two), (other_steps, other_reports, other) = [
+        pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes()) for rank in range(2)]
+    assert one.outcome == two.outcome == other.outcome == "ok", (one.error, two.error, other.error)
+    _assert_same_training(one_steps, two_steps)
     # the ranks' FLOPs add up to one worker's; in the last step the empty share's stand-in sample adds its own
     assert [s["flops_per_sample"] for s in two_steps[:-1]] == [s["flops_per_sample"] for s in one_steps[:-1]]
     assert two_steps[-1]["flops_per_sample"] > one_steps[-1]["flops_per_sample"]
@@ -76,21 +95,52 @@ def test_two_workers_train_on_the_samples_of_one_and_give_its_losses(captcha_par
     assert len(ids) == len(set(ids)) == two_reports[-1]["val_n"] == 10
     assert [dataclasses.astuple(p)[:3] for p in two.predictions] == [dataclasses.astuple(p)[:3]
                                                                     for p in one.predictions]
-    weights_one = torch.load(tmp_path / "one" / "checkpoint" / "state.pt", weights_only=False)["model"]
-    weights_two = torch.load(tmp_path / "two" / "checkpoint" / "state.pt", weights_only=False)["model"]
+    weights_one = torch.load(one_checkpoint / "state.pt", weights_only=False)["model"]
+    weights_two = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)["model"]
     for key in weights_one:
         # Adam's update is lr·m/(√v+eps): in a near-zero gradient, summation-order rounding moves a weight by up
-        # to about lr per step (seen: 2.4e-5 after 9 steps); a missing average would move thousands by lr each
+        # to about lr per step (seen: 2.4e-5 after 9 steps); ranks that kept their gradients to themselves would
+        # part by about lr in most weights at every step
         torch.testing.assert_close(weights_two[key], weights_one[key], atol=1e-4, rtol=1e-4)
 
 
-def test_a_batch_size_the_workers_cannot_share_is_one_line_naming_it(captcha_parquet, tmp_path):
-    values = dict(FAIR, train_data=str(captcha_parquet), batch_size=3, max_steps=1)
-    with pytest.raises(torch.multiprocessing.ProcessRaisedException) as raised:
-        _run(values, 2, tmp_path / "two")
-    message = str(raised.value).strip().splitlines()[-1]
-    assert message == ("ValueError: batch_size 3 is not divisible by workers 2: it counts the samples of one "
-                       "micro-step summed over the workers, each taking an equal share; give a multiple of 2")
+@pytest.mark.slow
+def test_mdsweep_train_on_two_ray_train_workers_matches_one_and_leaves_nothing_running(one_worker, captcha_parquet,
+                                                                                       tmp_path):
+    one_steps, one_reports, one, _ = one_worker
+    with short_temp_dir("mdp") as temp:  # Ray's session lives under TMPDIR: its processes name it
+        started = time.perf_counter()
+        done = mdsweep("train", *_flags(dict(FAIR, train_data=captcha_parquet)), "--workers-per-trial", "2",
+                       "--out", str(tmp_path / "two"), env={"TMPDIR": str(temp)}, timeout=400)
+        print(f"2 workers (mdsweep train, Ray Train): {time.perf_counter() - started:.1f} s")
+        assert done.returncode == 0, done.stderr[-3000:]
+        time.sleep(1)
+        left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or ())]
+        assert left == [] and list(temp.iterdir()) == []
+    _assert_same_training(one_steps, pq.read_table(tmp_path / "two" / "steps.parquet").to_pylist())
+    assert pq.read_table(tmp_path / "two" / "reports.parquet").column("step").to_pylist() == [5, 9]
+    predictions = pq.read_table(tmp_path / "two" / "predictions.parquet").to_pylist()
+    assert [(p["sample_id"], p["prediction"]) for p in predictions] == [(p.sample_id, p.prediction)
+                                                                        for p in one.predictions]
+    assert "Traceback" not in done.stderr and "(RayTrainWorker" not in done.stderr + done.stdout
+
+
+def test_a_batch_size_the_workers_cannot_share_is_one_line_naming_the_flags(captcha_parquet, tmp_path, capsys):
+    code = main(["train", "--train-data", str(captcha_parquet), "--out", str(tmp_path / "o"), "--batch-size", "3",
+                 "--workers-per-trial", "2"])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "mdsweep train: error: --batch-size 3 is not divisible by --workers-per-trial 2: it counts the samples of one "
+        "micro-step summed over the workers, each taking an equal share; give a multiple of 2"]
+    assert not (tmp_path / "o").exists()  # refused before Ray, or any file
+
+
+def test_fsdp_is_refused_in_one_line_until_it_is_built(captcha_parquet, tmp_path, capsys):
+    code = main(["train", "--train-data", str(captcha_parquet), "--out", str(tmp_path / "o"), "--parallel", "fsdp"])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "mdsweep train: error: parallel=fsdp (parameters, gradients and optimizer states sharded over the workers) "
+        "is not built yet; use parallel=ddp"]
 
 
 def test_each_rank_takes_its_contiguous_share_and_together_they_take_all():

@@ -1,4 +1,5 @@
-"""`mdsweep train`: one fine-tuning job, no Ray, with a progress bar and files you can query.
+"""`mdsweep train`: one fine-tuning job, with a progress bar and files you can query; no Ray unless it runs on
+several workers (--workers-per-trial N: Ray Train on an embedded Ray of its own, ended with the command).
 
 Output directory:
   result.json          outcome, config, final and best metrics, the tokenizer used
@@ -7,6 +8,7 @@ Output directory:
 (both written as the job goes; --resume keeps the rows up to the checkpoint and adds the rest once)
   predictions.parquet  the last evaluation, one row per validation sample
   checkpoint/          the latest checkpoint (`--resume` continues from it)
+  ray.log              Ray's own log lines, with --workers-per-trial N > 1
 
 With --test-data, the final model is tested once on that held-out set; its test_*
 numbers are printed and written to result.json (test_metrics).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -23,9 +26,11 @@ from typing import Any
 
 from orchestrator.cli.job_flags import add_job_arguments, job_overrides
 from orchestrator.cluster.signals import EXIT_INTERRUPTED
+from orchestrator.cluster.train_workers import WorkersFailed, run_job_on_workers
 from orchestrator.results.ranking import describe_test
-from orchestrator.sweep.settings import SweepError
+from orchestrator.sweep.settings import SweepError, positive_int
 from orchestrator.tracking.trackers import LOG_TO_HELP, TRAIN_GROUP, TrackerError, parse_trackers, train_run_id
+from trainer.budget import worker_split_problem
 from trainer.files import atomic_path
 from trainer.job_config import JobConfig
 
@@ -34,7 +39,7 @@ EXIT_FAILED_OUTCOME = 3
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "train", help="run one fine-tuning job (no Ray)",
+        "train", help="run one fine-tuning job (no Ray on one worker)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default: runs/train-YYYYmmdd-HHMMSS)")
@@ -48,6 +53,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--test-data", default=None, metavar="PATH",
                         help="held-out test set (same formats as --train-data): the final model is tested on it "
                              "once, when the job ends ok; it never steers training")
+    parser.add_argument("--workers-per-trial", type=positive_int, default=1, metavar="N",
+                        help="train on N data-parallel workers (--parallel, on CPUs over gloo), started by Ray Train "
+                             "on an embedded Ray of this command's own; --batch-size stays the samples of one "
+                             "micro-step summed over the workers, so the job trains on the samples of one worker "
+                             "and gives its losses. 1 (default): in this process, without Ray")
     add_job_arguments(parser.add_argument_group("job settings"))
     parser.set_defaults(func=run_train)
 
@@ -91,6 +101,11 @@ def run_train(args: argparse.Namespace) -> int:
         config = JobConfig.from_dict(overrides)
     except ValueError as exc:
         print(f"mdsweep train: error: {exc}", file=sys.stderr)
+        return 2
+    split_problem = worker_split_problem(config.batch_size, args.workers_per_trial,
+                                         names=("--batch-size", "--workers-per-trial"))
+    if split_problem:
+        print(f"mdsweep train: error: {split_problem}", file=sys.stderr)
         return 2
     out = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     try:
@@ -146,10 +161,12 @@ def run_train(args: argparse.Namespace) -> int:
                   f"[{metrics['val_exact_match_low']:.3f}, {metrics['val_exact_match_high']:.3f}] "
                   f"CER {metrics['val_cer']:.3f} (n={metrics['val_n']})")
 
+    job = run_job if args.workers_per_trial == 1 else functools.partial(
+        run_job_on_workers, args.workers_per_trial, ray_log_file=out / "ray.log")
     try:
-        result = run_job(config, on_report=on_report, checkpoint_dir=checkpoint, resume_from=resume_from,
-                         on_step=on_step, test_data=args.test_data, on_resume=on_resume)
-    except (DataError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        result = job(config, on_report=on_report, checkpoint_dir=checkpoint, resume_from=resume_from,
+                     on_step=on_step, test_data=args.test_data, on_resume=on_resume)
+    except (DataError, CheckpointError, ValueError, FileNotFoundError, WorkersFailed) as exc:
         bar.close()
         for mirror in mirrors:
             mirror.end(run_id, settings, "error")

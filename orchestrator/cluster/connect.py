@@ -228,19 +228,8 @@ def connect(
     runtime_env = project_runtime_env()
     notes: list[str] = []
     if resolved is None:
-        kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=log_to_driver,
-                                      runtime_env=runtime_env)
-        if num_cpus is not None:
-            kwargs["num_cpus"] = num_cpus
-        if num_gpus is not None:
-            kwargs["num_gpus"] = num_gpus
-        # "local": always a new instance of our own. ray.init() without an address would
-        # join any cluster a `ray start` left running on this machine.
-        ray.init(address="local", **kwargs)
-        from orchestrator.cluster.watchdog import ray_children, start_watchdog
-
-        start_watchdog(ray_children())
-        return ClusterHandle(address=None, source="embedded", owned=True)
+        return start_embedded(num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=log_to_driver,
+                              runtime_env=runtime_env)
 
     if num_cpus is not None or num_gpus is not None:
         raise ClusterError(f"--num-cpus/--num-gpus size an embedded Ray only; {source} attaches to "
@@ -259,6 +248,29 @@ def connect(
         raise ClusterError(f"{source} {resolved}: could not attach to Ray ({type(e).__name__}: {e})") from None
     notes.append(f"attached to the Ray cluster at {ray.get_runtime_context().gcs_address} ({source} {resolved})")
     return ClusterHandle(address=resolved, source=source, owned=True, notes=notes)
+
+
+def start_embedded(*, num_cpus: Optional[int] = None, num_gpus: Optional[int] = None, log_to_driver: bool = False,
+                   runtime_env: Optional[dict[str, Any]] = None, temp_dir: Optional[Path] = None) -> ClusterHandle:
+    """A new Ray of this process's own on this machine, whose processes end with it however it ends (the
+    watchdog). `temp_dir`: where its session lives (sockets, logs) instead of Ray's shared default, so that two
+    commands on one machine never share a folder; its path must stay short (Unix sockets: 107 bytes)."""
+    import ray
+
+    from orchestrator.cluster.watchdog import ray_children, start_watchdog
+
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=log_to_driver, runtime_env=runtime_env)
+    if num_cpus is not None:
+        kwargs["num_cpus"] = num_cpus
+    if num_gpus is not None:
+        kwargs["num_gpus"] = num_gpus
+    if temp_dir is not None:
+        kwargs["_temp_dir"] = str(temp_dir)
+    # "local": always a new instance of our own. ray.init() without an address would
+    # join any cluster a `ray start` left running on this machine.
+    ray.init(address="local", **kwargs)
+    start_watchdog(ray_children())
+    return ClusterHandle(address=None, source="embedded", owned=True)
 
 
 TOKEN_HELP = ("run `ray get-auth-token` on the head and save its output here as ~/.ray/auth_token "
