@@ -2,6 +2,7 @@
 
     python bench/scale.py                  # 1 000 trials x 20 reports, 32 at a time (about an hour on 2 cores)
     python bench/scale.py --quick          # 200 trials (what the test runs, with --legs mdsweep)
+    python bench/scale.py --legs mdsweep,logged,bare   # also the cost of --log-to (all three trackers)
 
 Both legs run the same torch-free stand-in job (`trainer.standin_job`: reports only) on one simulated cluster
 (`ray.cluster_utils.Cluster`, several nodes with logical GPUs, each trial a quarter of one, as users pack
@@ -130,7 +131,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.5, help="seconds between a trial's reports (default 0.5)")
     parser.add_argument("--nodes", type=int, default=4, help="simulated nodes (default 4)")
     parser.add_argument("--gpu-share", type=float, default=0.25, help="logical GPU per trial (default 0.25)")
-    parser.add_argument("--legs", default="mdsweep,bare", help="which drivers to run (default mdsweep,bare)")
+    parser.add_argument("--legs", default="mdsweep,bare", help="which drivers to run: mdsweep, logged (mdsweep "
+                        "with --log-to mlflow, wandb and tensorboard), bare (default mdsweep,bare)")
     parser.add_argument("--quick", action="store_true", help="200 trials")
     parser.add_argument("--profile", type=Path, default=None, help="write a cProfile of the mdsweep driver here")
     parser.add_argument("--out", type=Path, default=None, help="work directory, new or empty (default: a new "
@@ -168,19 +170,28 @@ def main() -> None:
                                "seconds": args.seconds, "nodes": args.nodes, "ideal_s": args.trials / args.concurrent
                                * args.reports * args.seconds}
     results = args.out / "results"
+    def mdsweep_leg(name: str, extra: list[str]) -> dict[str, float]:
+        profile = ["-m", "cProfile", "-o", str(args.profile)] if args.profile and name == "scale" else []
+        return measured_run(
+            [sys.executable, *profile, "-m", "orchestrator.cli", "run", "--address", cluster.address, "--name", name,
+             "--space", f"{args.out / 'scale_space.py'}:space", "--cross", "attention",
+             "--num-samples", str(args.trials // 2), "--job-fn", STANDIN, "--train-data", str(train),
+             "--max-steps", str(args.reports), "--eval-every", "1", "--gpus-per-trial", str(args.gpu_share),
+             "--cpus-per-trial", "1", "--max-concurrent", str(args.concurrent), "--storage",
+             str(args.out / "storage"), "--results", str(results), "--progress-interval", "30", *extra],
+            env, args.out / f"{name}.log")
+
     try:
         if "mdsweep" in legs:
             print(f"mdsweep leg: {args.trials} trials x {args.reports} reports, {args.concurrent} at a time ...",
                   flush=True)
-            profile = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
-            figures["mdsweep"] = measured_run(
-                [sys.executable, *profile, "-m", "orchestrator.cli", "run", "--address", cluster.address, "--name", "scale",
-                 "--space", f"{args.out / 'scale_space.py'}:space", "--cross", "attention",
-                 "--num-samples", str(args.trials // 2), "--job-fn", STANDIN, "--train-data", str(train),
-                 "--max-steps", str(args.reports), "--eval-every", "1", "--gpus-per-trial", str(args.gpu_share),
-                 "--cpus-per-trial", "1", "--max-concurrent", str(args.concurrent), "--storage",
-                 str(args.out / "storage"), "--results", str(results), "--progress-interval", "30"],
-                env, args.out / "mdsweep.log")
+            figures["mdsweep"] = mdsweep_leg("scale", [])
+        if "logged" in legs:  # the same sweep, every trial also logged to all three trackers (W&B offline)
+            print("mdsweep leg with --log-to mlflow, wandb and tensorboard ...", flush=True)
+            env["WANDB_MODE"] = "offline"
+            figures["logged"] = mdsweep_leg("scale-logged", [
+                "--log-to", f"mlflow=sqlite:///{args.out / 'mlflow.db'}", "--log-to", f"wandb={args.out / 'wandb'}",
+                "--log-to", f"tensorboard={args.out / 'tensorboard'}"])
         if "bare" in legs:
             print("bare Ray Tune leg ...", flush=True)
             figures["bare"] = measured_run(
@@ -217,13 +228,18 @@ def print_table(f: dict[str, Any]) -> None:
           f"{f['seconds']} s between reports (ideal wall time {f['ideal_s']:.0f} s)\n")
     print("| driver | wall s | CPU s | CPU ms / result | CPU ms / trial | results/s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")
-    for leg in ("mdsweep", "bare"):
+    for leg in ("mdsweep", "logged", "bare"):
         if leg in f:
             m = f[leg]
-            print(f"| {leg} | {m['wall_s']:.0f} | {m['cpu_s']:.0f} | {1000 * m['cpu_s'] / results:.2f} | "
+            print(f"| {'mdsweep --log-to x3' if leg == 'logged' else leg} | {m['wall_s']:.0f} | {m['cpu_s']:.0f} | {1000 * m['cpu_s'] / results:.2f} | "
                   f"{1000 * m['cpu_s'] / f['trials']:.0f} | {results / m['wall_s']:.0f} | {m['peak_rss_mib']:.0f} |")
     if "mdsweep" in f and "bare" in f:
         print(f"\nwall time mdsweep / bare Tune: {f['mdsweep']['wall_s'] / f['bare']['wall_s']:.2f}")
+    if "logged" in f:
+        for leg in ("mdsweep", "bare"):
+            if leg in f:
+                print(f"wall time mdsweep with --log-to mlflow, wandb, tensorboard / {leg}: "
+                      f"{f['logged']['wall_s'] / f[leg]['wall_s']:.2f}")
     first, last = f["suggest_ms_first_last"]
     print(f"Optuna TPE ask(): {first:.1f} ms over the first 100 proposals, {last:.1f} ms over the last 100")
     if "parquet" in f:

@@ -13,7 +13,6 @@ from orchestrator.cluster.connect import ClusterError
 from orchestrator.cluster.signals import EXIT_INTERRUPTED, EXIT_TERMINATED
 from orchestrator.results.objectives import parse_objective, pareto_front
 from orchestrator.results.ranking import best_trial, describe_test, describe_trial
-from orchestrator.results.study import absolute_source
 from orchestrator.sweep.settings import SweepError, SweepSettings, utc_stamp
 from orchestrator.tracking.trackers import LOG_TO_HELP, absolute_tracker
 
@@ -136,6 +135,7 @@ def fixed_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.results.groups import parse_cross
+    from orchestrator.results.study import absolute_source
     from orchestrator.sweep.driver import run_sweep
 
     try:

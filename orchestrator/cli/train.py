@@ -133,6 +133,7 @@ def run_train(args: argparse.Namespace) -> int:
     run_id, settings = train_run_id(out), config.to_dict()
     mirrors = [t.runs(TRAIN_GROUP, "val_exact_match") for t in trackers]
     for mirror in mirrors:
+        mirror.prepare()
         mirror.start(run_id, settings)
 
     def on_resume(step: int, report: dict[str, Any]) -> None:
@@ -155,8 +156,9 @@ def run_train(args: argparse.Namespace) -> int:
     def on_report(metrics: dict[str, Any], _checkpoint: Path | None) -> None:
         reports[metrics["step"]] = metrics
         write_rows(reports, out / "reports.parquet")
-        for mirror in mirrors:
+        for mirror in mirrors:  # written before training goes on: a crash after it loses no evaluation there
             mirror.log(run_id, settings, metrics)
+            mirror.flush()
         bar.write(f"step {metrics['step']}: val exact match {metrics['val_exact_match']:.3f} "
                   f"[{metrics['val_exact_match_low']:.3f}, {metrics['val_exact_match_high']:.3f}] "
                   f"CER {metrics['val_cer']:.3f} (n={metrics['val_n']})")

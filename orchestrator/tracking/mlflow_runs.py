@@ -30,6 +30,9 @@ class MlflowRuns(TrialMirror):
     def transient_state(self) -> dict[str, Any]:
         return {"_client": None, "_experiment": ""}
 
+    def connect(self) -> None:
+        self.client()
+
     def client(self) -> Any:
         if self._client is None:
             import mlflow

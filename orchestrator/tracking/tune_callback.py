@@ -17,6 +17,10 @@ class MirrorCallback(tune_callback_base()):
     def __init__(self, trackers: list[TrialMirror], fixed: dict[str, Any], metric: str, mode: str):
         self.trackers, self.fixed, self.metric, self.mode = trackers, dict(fixed), metric, mode
 
+    def setup(self, **info: Any) -> None:
+        for tracker in self.trackers:
+            tracker.prepare()
+
     def settings(self, trial: Any) -> dict[str, Any]:
         params, _ = split_suggestion(dict(trial.config))
         return {**self.fixed, **params}
