@@ -600,11 +600,13 @@ def _one_wandb_run_per_trial(folder: Path, sweep: str, trials: list[dict], steps
         assert sorted((h["samples_seen"], h["val_exact_match"]) for h in history) == \
             _evaluations(steps, trial["trial_id"])
         assert "best" in {tag for r in runs for tag in r.tags}
+        attached = (folder / trial["trial_id"] / "wandb").glob(f"offline-run-*/files/report-{sweep}.html")
+        assert len(list(attached)) == 1  # the sweep's report, among the best run's files
 
 
 def _one_mlflow_run_per_trial(tracking: str, sweep: str, trials: list[dict], steps: list[dict]) -> None:
     """MLflow holds exactly one run per trial, named SWEEP/TRIAL, with the trial's settings, each evaluation's
-    metrics once at its samples_seen, its outcome, and the best trial tagged."""
+    metrics once at its samples_seen, its outcome, and the best trial tagged with the sweep's report attached."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking)
@@ -619,7 +621,8 @@ def _one_mlflow_run_per_trial(tracking: str, sweep: str, trials: list[dict], ste
         history = client.get_metric_history(run.info.run_id, "val_exact_match")
         expected = sorted((s["samples_seen"], s["val_exact_match"]) for s in steps if s["trial_id"] == trial["trial_id"])
         assert sorted((m.step, m.value) for m in history) == expected
-    assert [r.data.tags.get("mdsweep.best") for r in runs].count("true") == 1
+    (best,) = [r for r in runs if r.data.tags.get("mdsweep.best") == "true"]
+    assert [a.path for a in client.list_artifacts(best.info.run_id)] == [f"report-{sweep}.html"]  # the report
 
 
 @pytest.mark.slow

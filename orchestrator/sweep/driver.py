@@ -27,6 +27,7 @@ from orchestrator.cluster.tune_internals import replace_restored_callbacks, set_
 from orchestrator.cluster.tune_state import (StateBackup, StateLost, drop_repair_copies, repair_checkpoints,
                                              restore_incomplete)
 from orchestrator.results.groups import build_expansions
+from orchestrator.results.ranking import best_trial
 from orchestrator.results.schema import validate_sweep_name
 from orchestrator.results.study import Carried, StudyError, carried_trials
 from orchestrator.tracking.trackers import parse_trackers
@@ -153,6 +154,7 @@ class TunerParts:
     setting added here reaches `run` and `resume` alike."""
     trainable: Any  # the trainable with its per-trial resources
     callbacks: list[Any]  # the Parquet sink, progress table, state backup, Tune's JSON logger, --log-to trackers
+    trackers: Optional[MirrorCallback] = None  # the --log-to trackers, closed by _finish once the results are in
 
 
 def tuner_parts(s: SweepSettings, req: TrialResources, searched: list[str], quiet: bool) -> TunerParts:
@@ -168,10 +170,10 @@ def tuner_parts(s: SweepSettings, req: TrialResources, searched: list[str], quie
     # Tune's JSON logger stays although the Parquet sink holds every result: the rows lost to a full disk are
     # rebuilt from its result.json (orchestrator.sweep.repair)
     trackers = [t.runs(s.name, s.metric) for t in parse_trackers(s.log_to)]
+    mirror = MirrorCallback(trackers, s.fixed) if trackers else None
     return TunerParts(trainable=_trainable(s, req),
                       callbacks=[_sink(s, req, searched), progress, StateBackup(s.experiment_path()),
-                                 JsonLoggerCallback(),
-                                 *([MirrorCallback(trackers, s.fixed, s.metric, s.mode)] if trackers else [])])
+                                 JsonLoggerCallback(), *([mirror] if mirror else [])], trackers=mirror)
 
 
 def _restore_tuner(path: str, parts: TunerParts, resume_errored: bool, restart_errored: bool) -> Any:
@@ -200,9 +202,11 @@ def _say(msg: str, quiet: bool = False) -> None:
         print(f"mdsweep: {msg}", file=sys.stderr, flush=True)
 
 
-def _finish(s: SweepSettings, started: float, req: TrialResources, quiet: bool) -> SweepOutcome:
-    """Test the best trials on held-out data, record whether the sweep finished, write its report, and say what
-    it left; the leaderboard and summary are the CLI's to print."""
+def _finish(s: SweepSettings, started: float, req: TrialResources, quiet: bool,
+            trackers: Optional[MirrorCallback]) -> SweepOutcome:
+    """Test the best trials on held-out data, record whether the sweep finished, write its report, mark the best
+    trial in the --log-to trackers with the report, and say what it left; the leaderboard and summary are the
+    CLI's to print."""
     from orchestrator.results.store import ENDED, read_partition, write_sweep_row
 
     if s.test_data:
@@ -219,22 +223,26 @@ def _finish(s: SweepSettings, started: float, req: TrialResources, quiet: bool) 
         _say(f"could not record the sweep's status in {s.results} ({e.strerror}); once the disk is fixed, "
              f"`mdsweep resume {s.name} --storage {s.storage}` puts back what is missing")
         status = "interrupted"
+    report, written = _write_report(s)
+    if trackers is not None:  # the best is marked once, when the sweep is complete (not at an interruption)
+        trackers.close(best_trial(rows) if status == "finished" else None, written)
     return SweepOutcome(name=s.name, experiment_path=s.experiment_path(), results=s.results, status=status,
                         counts=counts, settings=s, resources=req, wall_time_s=time.time() - started, rows=rows,
-                        report=_write_report(s))
+                        report=report)
 
 
-def _write_report(s: SweepSettings) -> str:
-    """The sweep's HTML report beside its results; a failure here must not fail a sweep whose results landed."""
+def _write_report(s: SweepSettings) -> tuple[str, Optional[Path]]:
+    """The sweep's HTML report beside its results: where it is and how to remake it (or why it was not written),
+    and its path when written. A failure here must not fail a sweep whose results landed."""
     from orchestrator.results.report_html import default_report_path, write_report
 
     out = default_report_path(s.results, s.name)
     try:
         warnings = write_report(s.results, s.name, out)
         return f"{out}  (open it in a browser; remake: mdsweep report {s.results} --sweep {s.name})" + \
-            "".join(f"\n  warning: {w}" for w in warnings)
+            "".join(f"\n  warning: {w}" for w in warnings), Path(out)
     except Exception as e:
-        return f"not written ({type(e).__name__}: {e}); try: mdsweep report {s.results} --sweep {s.name}"
+        return f"not written ({type(e).__name__}: {e}); try: mdsweep report {s.results} --sweep {s.name}", None
 
 
 def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> SweepOutcome:
@@ -276,11 +284,11 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
             write_manifest(s)
             with sigterm_as_interrupt() as signalled:
                 try:
-                    _start_tuner(s, req, searched, expansions, quiet, carried)
+                    parts = _start_tuner(s, req, searched, expansions, quiet, carried)
                 except BaseException:
                     _forget_unstarted(s)
                     raise
-                outcome = _finish(s, started, req, quiet)
+                outcome = _finish(s, started, req, quiet, parts.trackers)
         outcome.terminated = signalled.received
         return outcome
     finally:
@@ -338,9 +346,9 @@ def search_seed(s: SweepSettings) -> int:
 
 
 def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], expansions: list[dict[str, Any]],
-                 quiet: bool, carried: list[Carried]) -> None:
+                 quiet: bool, carried: list[Carried]) -> TunerParts:
     """Write the sweep's row, build the searcher, scheduler and Tuner, and run it (results land through the
-    sink)."""
+    sink); the parts it ran with, whose trackers `_finish` closes."""
     from ray import tune
 
     from orchestrator.results.store import write_sweep_row
@@ -372,6 +380,7 @@ def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], exp
     )
     _say(f"sweep {s.name}: experiment {s.experiment_path()}, results {s.results}", quiet)
     tuner.fit()
+    return parts
 
 
 def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpus: Optional[int] = None,
@@ -427,12 +436,12 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
                 _say(f"recreated the checkpoint the saved state points at for {', '.join(repaired)}", quiet)
             _say(f"resuming sweep {name} from {path}", quiet)
             with sigterm_as_interrupt() as signalled:
-                tuner = _restore_tuner(path, tuner_parts(s, req, searched, quiet), resume_errored,
-                                       restart_errored)
+                parts = tuner_parts(s, req, searched, quiet)
+                tuner = _restore_tuner(path, parts, resume_errored, restart_errored)
                 tuner.fit()
                 if repaired:
                     drop_repair_copies(path, repaired)
-                outcome = _finish(s, started, req, quiet)
+                outcome = _finish(s, started, req, quiet, parts.trackers)
             outcome.terminated = signalled.received
             return outcome
         finally:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 from orchestrator.tracking.trial_mirror import TRIAL_TAG, TrialMirror
 
@@ -73,5 +74,7 @@ class MlflowRuns(TrialMirror):
         self.client().set_tag(run, "outcome", outcome)
         self.client().set_terminated(run, status="FAILED" if outcome == "error" else "FINISHED")
 
-    def tag_best(self, run: str) -> None:
+    def tag_best(self, run: str, report: Optional[Path]) -> None:
         self.client().set_tag(run, "mdsweep.best", "true")
+        if report is not None:
+            self.client().log_artifact(run, str(report))

@@ -9,7 +9,7 @@ samples_seen it already logged are read back from the files, so nothing is drawn
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from orchestrator.tracking.trial_mirror import TrialMirror
 
@@ -62,8 +62,9 @@ class TensorboardRuns(TrialMirror):
         run.add_text("outcome", outcome, 0)
         run.flush()
 
-    def tag_best(self, run: Any) -> None:
-        run.add_text("best", f"the best trial of sweep {self.sweep}", 0)
+    def tag_best(self, run: Any, report: Optional[Path]) -> None:
+        where = f"; the sweep's report: {report}" if report is not None else ""
+        run.add_text("best", f"the best trial of sweep {self.sweep}{where}", 0)
         run.flush()
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ import math
 import queue
 import sys
 import threading
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from trainer.job_config import REPORT_METRICS
@@ -74,7 +75,8 @@ class TrialMirror:
     def finish(self, run: Any, outcome: str) -> None:
         raise NotImplementedError
 
-    def tag_best(self, run: Any) -> None:
+    def tag_best(self, run: Any, report: Optional[Path]) -> None:
+        """Mark the sweep's best run, with the sweep's HTML report attached where the tracker keeps files."""
         raise NotImplementedError
 
     def running(self, run: Any) -> None:
@@ -114,8 +116,8 @@ class TrialMirror:
     def end(self, trial_id: str, settings: dict[str, Any], outcome: str) -> None:
         self._submit(lambda: self.finish(self._run(trial_id, settings), outcome))
 
-    def best(self, trial_id: str, settings: dict[str, Any]) -> None:
-        self._submit(lambda: self.tag_best(self._run(trial_id, settings)))
+    def best(self, trial_id: str, settings: dict[str, Any], report: Optional[Path] = None) -> None:
+        self._submit(lambda: self.tag_best(self._run(trial_id, settings), report))
 
     def flush(self, timeout_s: Optional[float] = None) -> bool:
         """Wait until every call made so far is done (or skipped, after a failure); False on a timeout."""

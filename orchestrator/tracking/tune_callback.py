@@ -1,7 +1,9 @@
 """The Ray Tune callback that feeds a sweep's trials to its `--log-to` trackers."""
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import Any, Optional
 
 from orchestrator.cluster.tune_internals import tune_callback_base
 from orchestrator.results.spaces import split_suggestion
@@ -9,13 +11,13 @@ from orchestrator.tracking.trial_mirror import TrialMirror
 
 
 class MirrorCallback(tune_callback_base()):
-    """Each trial's start, evaluations and end, passed to every tracker; the best trial tagged at the end.
+    """Each trial's start, evaluations and end, passed to every tracker; `close` marks the best at the end.
 
     A trial's settings are the sweep's fixed job settings with its proposal over them, as its Parquet row has.
     """
 
-    def __init__(self, trackers: list[TrialMirror], fixed: dict[str, Any], metric: str, mode: str):
-        self.trackers, self.fixed, self.metric, self.mode = trackers, dict(fixed), metric, mode
+    def __init__(self, trackers: list[TrialMirror], fixed: dict[str, Any]):
+        self.trackers, self.fixed = trackers, dict(fixed)
 
     def setup(self, **info: Any) -> None:
         for tracker in self.trackers:
@@ -43,14 +45,12 @@ class MirrorCallback(tune_callback_base()):
         for tracker in self.trackers:
             tracker.end(trial.trial_id, self.settings(trial), "error")
 
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        """The sweep's best trial (of those that ended ok, resumed ones included) is tagged, so that the
-        tracker's own search finds it; then the trackers release what they hold open."""
-        scored = [(float(t.last_result[self.metric]), t) for t in trials
-                  if (t.last_result or {}).get("outcome") == "ok"
-                  and isinstance(t.last_result.get(self.metric), (int, float))]
+    def close(self, best: Optional[dict[str, Any]], report: Optional[Path]) -> None:
+        """At the sweep's end (after Tune's, once the results are complete): the best trial (`best_trial` of the
+        results, the one `export --best` takes) marked in each tracker with the sweep's report attached, then
+        the trackers' queues written out."""
         for tracker in self.trackers:
-            if scored:
-                _, best = (max if self.mode == "max" else min)(scored, key=lambda pair: pair[0])
-                tracker.best(best.trial_id, self.settings(best))
+            if best is not None:
+                params, _ = split_suggestion(json.loads(best.get("params_json") or "{}"))
+                tracker.best(best["trial_id"], {**self.fixed, **params}, report)
             tracker.shutdown()

@@ -15,7 +15,7 @@ import os
 import re
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from orchestrator.tracking.trial_mirror import TrialMirror
 from trainer.files import atomic_path
@@ -77,9 +77,11 @@ class WandbRuns(TrialMirror):
         run.finish(exit_code=1 if outcome == "error" else 0)
         self._runs.pop(run.config["trial_id"], None)  # a finished run is opened again if it is needed again
 
-    def tag_best(self, run: Any) -> None:
+    def tag_best(self, run: Any, report: Optional[Path]) -> None:
         run.tags = (*run.tags, "outcome:ok", "best")  # the run opened again: its tags start from init's
         run.summary["mdsweep.best"] = True
+        if report is not None:
+            run.save(str(report), base_path=str(report.parent), policy="now")  # among the run's files
         run.finish()
         self._runs.pop(run.config["trial_id"], None)
 
