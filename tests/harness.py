@@ -57,6 +57,28 @@ def mdsweep(*args: str, env: Optional[dict] = None, base_env: Optional[dict] = N
                           timeout=timeout, env=mdsweep_env(env, base_env), cwd=str(cwd))
 
 
+def mdsweep_here(capsys, *args: str, cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
+    """`mdsweep ARGS` through its entry point in this process, its output as `capsys` caught it, returned as
+    `mdsweep` returns a subprocess's: for a test whose promise is what the command does, not its process (a new
+    interpreter imports torch, pyarrow and the rest again: seconds a call). An exception the command lets out is
+    raised here, where a subprocess would have printed a traceback. `cwd`: the folder it runs in, as a user's
+    shell would be, and back afterwards."""
+    from orchestrator.cli.main import main
+
+    capsys.readouterr()  # what came before is not the command's
+    here = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        code = main(list(args))
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        os.chdir(here)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["mdsweep", *args], code, out, err)
+
+
 def job_flags(data: Path, max_steps: int = 4, val_samples: int = 4) -> list[str]:
     """The job of a test sweep: the toy model, evaluated every 2 steps on a few samples, short answers, and a
     trial whose loss turns non-finite ends as diverged after 2 steps, within the shortest run."""

@@ -6,7 +6,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from harness import mdsweep
+from harness import mdsweep, mdsweep_here
 from orchestrator.sweep.baselines import FINETUNE_TEXT_2025, NOTEBOOK_2024, BaselineError, plan_baselines
 from orchestrator.results.spaces import validate_space
 
@@ -105,15 +105,15 @@ def test_the_baseline_is_the_first_proposal_of_a_crossed_sweep(baseline_sweep):
 
 
 @pytest.mark.slow
-def test_summary_report_and_query_say_the_same_vs_baseline(baseline_sweep):
+def test_summary_report_and_query_say_the_same_vs_baseline(baseline_sweep, capsys):
     tmp, proc = baseline_sweep
     lines = [line for line in proc.stdout.splitlines() if line.startswith("vs baseline recipe")]
     assert len(lines) == 1, proc.stdout
-    query = mdsweep("query", str(tmp / "results"), "--sweep", "vs", "--vs-baseline")
+    query = mdsweep_here(capsys, "query", str(tmp / "results"), "--sweep", "vs", "--vs-baseline")
     assert query.returncode == 0, query.stderr
     assert query.stdout.strip() == lines[0]
-    as_json = json.loads(mdsweep("query", str(tmp / "results"), "--sweep", "vs", "--vs-baseline", "--format",
-                                  "json").stdout)[0]
+    as_json = json.loads(mdsweep_here(capsys, "query", str(tmp / "results"), "--sweep", "vs", "--vs-baseline",
+                                      "--format", "json").stdout)[0]
     assert as_json["baseline"] == "recipe" and as_json["n"] == 10  # the validation split of 96 captchas
     assert as_json["em_best"] - as_json["em_baseline"] == pytest.approx(as_json["diff"])
     assert as_json["ci_low"] <= as_json["diff"] <= as_json["ci_high"]

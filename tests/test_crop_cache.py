@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from harness import mdsweep_here
 from trainer.data.batching import encode_samples
 from trainer.model.config import PRESETS
 from trainer.data.crop_cache import ReadOptions, entry_key, open_cached
@@ -302,17 +303,16 @@ def test_processes_starting_together_build_the_entry_once(captcha_parquet, captc
         assert each == {"entry": read[0]["entry"], "rows": expected}
 
 
-def test_data_prepare_builds_then_reuses(captcha_parquet, tmp_path):
-    cmd = [sys.executable, "-m", "orchestrator.cli", "data", "prepare", str(captcha_parquet), "--model", "tiny",
-           "--cache-dir", str(tmp_path)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=120)
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=120)
+def test_data_prepare_builds_then_reuses(captcha_parquet, tmp_path, capsys):
+    # the command's entry point in this process (no interpreter and torch to start three times); the cache is a
+    # folder on disk, which the second call finds as a second process would
+    cmd = ["data", "prepare", str(captcha_parquet), "--model", "tiny", "--cache-dir", str(tmp_path)]
+    first = mdsweep_here(capsys, *cmd, cwd=ROOT)
+    second = mdsweep_here(capsys, *cmd, cwd=ROOT)
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert "preparing" in first.stderr and "preparing" not in second.stderr
     assert "96 samples" in second.stdout and str(tmp_path) in second.stdout
-    missing = subprocess.run([*cmd[:5], str(tmp_path / "nope.parquet")], capture_output=True, text=True, env=env,
-                             cwd=str(ROOT), timeout=120)
+    missing = mdsweep_here(capsys, *cmd[:2], str(tmp_path / "nope.parquet"), cwd=ROOT)
     assert missing.returncode == 1 and "nope.parquet: path does not exist" in missing.stderr
 
 
