@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import mdsweep
+from harness import mdsweep, mdsweep_here
 from orchestrator.results.query import PairedSpec, load_table, paired_comparison
 from orchestrator.results.ranking import best_trial
 
@@ -109,14 +109,14 @@ def test_each_section_matches_the_tables(swept):
 
 
 @pytest.mark.slow
-def test_predict_on_the_export_gives_the_answers_the_sweep_recorded(swept, captcha_parquet, tmp_path):
+def test_predict_on_the_export_gives_the_answers_the_sweep_recorded(swept, captcha_parquet, tmp_path, capsys):
     """`mdsweep predict --model EXPORT` with no settings but the card's (attention, question, template, batch,
     max_new_tokens) answers the trial's validation captchas as the sweep recorded them, per sample_id; the
     base model answers some of them otherwise, so the export is the trained model and not its base."""
     import pyarrow.parquet as pq
 
     export = tmp_path / "best"
-    assert mdsweep("export", str(swept), "--sweep", "rep", "--best", "--out", str(export)).returncode == 0
+    assert mdsweep_here(capsys, "export", str(swept), "--sweep", "rep", "--best", "--out", str(export)).returncode == 0
     card = json.loads((export / "model_card.json").read_text())
     recorded = load_table(swept, "predictions", ["rep"]).to_pylist()
     last = max(r["step"] for r in recorded if r["trial_id"] == card["trial_id"])
@@ -127,8 +127,8 @@ def test_predict_on_the_export_gives_the_answers_the_sweep_recorded(swept, captc
                      str(card["job_config"]["max_new_tokens"])]  # the base asked as the trial was
     for model, out, settings in ((str(export), tmp_path / "export.parquet", []),
                                  ("tiny-reader", tmp_path / "base.parquet", base_settings)):
-        proc = mdsweep("predict", "--model", model, "--data", str(captcha_parquet), "--show", "0", "--out", str(out),
-                       *settings)
+        proc = mdsweep_here(capsys, "predict", "--model", model, "--data", str(captcha_parquet), "--show", "0",
+                            "--out", str(out), *settings)
         assert proc.returncode == 0, proc.stderr
         answers[model] = {r["sample_id"]: r["prediction"] for r in pq.read_table(out).to_pylist()}
     assert len(recorded) == card["final_metrics"]["val_n"] == 10 and set(recorded) <= set(answers[str(export)])
@@ -173,10 +173,10 @@ def _chromium() -> str:
 
 
 @pytest.mark.slow
-def test_the_page_renders_every_chart_in_headless_chromium_offline(swept, tmp_path):
+def test_the_page_renders_every_chart_in_headless_chromium_offline(swept, tmp_path, capsys):
     chromium = _chromium()
     out = tmp_path / "report.html"
-    proc = mdsweep("report", str(swept), "--sweep", "rep", "--out", str(out))
+    proc = mdsweep_here(capsys, "report", str(swept), "--sweep", "rep", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     page = out.read_text()
     assert "cdn" not in page.lower().split("<script>", 1)[0] and 'src="http' not in page  # nothing fetched
@@ -199,12 +199,12 @@ def test_the_page_renders_every_chart_in_headless_chromium_offline(swept, tmp_pa
 
 
 @pytest.mark.slow
-def test_study_opens_in_optuna_with_the_best_proposal_and_is_idempotent(swept, tmp_path):
+def test_study_opens_in_optuna_with_the_best_proposal_and_is_idempotent(swept, tmp_path, capsys):
     import optuna
 
     db = f"sqlite:///{tmp_path / 'sweeps.db'}"
     for _ in range(2):  # a re-run replaces the study: same trials, not twice as many
-        proc = mdsweep("study", str(swept), "--sweep", "rep", "--storage", db)
+        proc = mdsweep_here(capsys, "study", str(swept), "--sweep", "rep", "--storage", db)
         assert proc.returncode == 0, proc.stderr
     study = optuna.load_study(study_name="rep", storage=db)
     states = sorted(t.state.name for t in study.trials)
@@ -226,7 +226,7 @@ def test_study_opens_in_optuna_with_the_best_proposal_and_is_idempotent(swept, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["study.log", "study.jsonl"])
-def test_a_study_written_to_a_journal_file_holds_what_the_sqlite_one_holds(swept, tmp_path, name):
+def test_a_study_written_to_a_journal_file_holds_what_the_sqlite_one_holds(swept, tmp_path, capsys, name):
     """A path ending in .log or .jsonl is an Optuna journal file (fast for large sweeps); it holds the same trials,
     values and curves as the SQLite study, and the printed command opens it."""
     import optuna
@@ -234,9 +234,9 @@ def test_a_study_written_to_a_journal_file_holds_what_the_sqlite_one_holds(swept
     from optuna.storages.journal import JournalFileBackend
 
     db = f"sqlite:///{tmp_path / 'sweeps.db'}"
-    assert mdsweep("study", str(swept), "--sweep", "rep", "--storage", db).returncode == 0
+    assert mdsweep_here(capsys, "study", str(swept), "--sweep", "rep", "--storage", db).returncode == 0
     for _ in range(2):  # replaced on a re-run, as in SQLite
-        proc = mdsweep("study", str(swept), "--sweep", "rep", "--storage", str(tmp_path / name))
+        proc = mdsweep_here(capsys, "study", str(swept), "--sweep", "rep", "--storage", str(tmp_path / name))
         assert proc.returncode == 0, proc.stderr
     assert f"open it: optuna-dashboard {tmp_path / name}" in proc.stdout
 
@@ -251,7 +251,7 @@ def test_a_study_written_to_a_journal_file_holds_what_the_sqlite_one_holds(swept
 
 
 @pytest.mark.slow
-def test_the_best_trial_of_a_study_without_repeats_is_the_querys(tmp_path, captcha_parquet):
+def test_the_best_trial_of_a_study_without_repeats_is_the_querys(tmp_path, captcha_parquet, capsys):
     """Without --cross or --replicates, a proposal is one trial: the study's best is `mdsweep query`'s."""
     results = tmp_path / "results"
     proc = mdsweep("run", "--name", "plain", "--space", "smoke:space", "--num-samples", "3", "--search-seed", "2",
@@ -262,8 +262,8 @@ def test_the_best_trial_of_a_study_without_repeats_is_the_querys(tmp_path, captc
     from orchestrator.results.study import build_study
 
     study = build_study(str(results), "plain").study
-    query = json.loads(mdsweep("query", str(results), "--sweep", "plain", "--where", "outcome == 'ok'",
-                               "--sort", "objective:desc,trial_id", "--top", "1", "--format", "json").stdout)
+    query = json.loads(mdsweep_here(capsys, "query", str(results), "--sweep", "plain", "--where", "outcome == 'ok'",
+                                    "--sort", "objective:desc,trial_id", "--top", "1", "--format", "json").stdout)
     # the same best value; on a tie (short runs often score alike) Optuna names the earliest proposal, the query
     # the lowest trial id: either way the query's best is one of the study's best proposals
     assert study.best_value == query[0]["objective"]
@@ -272,34 +272,34 @@ def test_the_best_trial_of_a_study_without_repeats_is_the_querys(tmp_path, captc
 
 
 @pytest.mark.slow
-def test_bad_input_is_a_message_not_a_traceback(swept, tmp_path):
-    proc = mdsweep("report", str(swept), "--sweep", "nosuch")
+def test_bad_input_is_a_message_not_a_traceback(swept, tmp_path, capsys):
+    proc = mdsweep_here(capsys, "report", str(swept), "--sweep", "nosuch")
     assert proc.returncode == 2 and "no such sweep" in proc.stderr and "Traceback" not in proc.stderr
     (tmp_path / "empty").mkdir()
-    proc = mdsweep("report", str(tmp_path / "empty"), "--sweep", "rep")
+    proc = mdsweep_here(capsys, "report", str(tmp_path / "empty"), "--sweep", "rep")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "empty" in proc.stderr
-    proc = mdsweep("study", str(swept), "--sweep", "nosuch", "--storage", str(tmp_path / "x.db"))
+    proc = mdsweep_here(capsys, "study", str(swept), "--sweep", "nosuch", "--storage", str(tmp_path / "x.db"))
     assert proc.returncode == 2 and "no such sweep" in proc.stderr
     out = tmp_path / "failed.html"
-    proc = mdsweep("report", str(swept), "--sweep", "allfail", "--out", str(out))
+    proc = mdsweep_here(capsys, "report", str(swept), "--sweep", "allfail", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     page = out.read_text()
     assert "none: no trial has ended ok yet" in page and "no trial ended ok" in page
     # the carried trials are named in the summary, and none of them is this sweep's best or its export
     assert f"2 trial(s) carried from {swept}:rep (told to the search, never this sweep&#x27;s results)" in page
-    proc = mdsweep("export", str(swept), "--sweep", "allfail", "--best", "--out", str(tmp_path / "best"))
+    proc = mdsweep_here(capsys, "export", str(swept), "--sweep", "allfail", "--best", "--out", str(tmp_path / "best"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "best").exists()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("table", ["steps", "predictions"])
-def test_a_table_that_cannot_be_read_is_warned_on_the_terminal_and_on_the_page(swept, tmp_path, table):
+def test_a_table_that_cannot_be_read_is_warned_on_the_terminal_and_on_the_page(swept, tmp_path, capsys, table):
     """It used to drop the curves or the misread samples without a word."""
     results = tmp_path / "results"
     shutil.copytree(swept, results)
     sorted((results / table / "sweep=rep").glob("*.parquet"))[0].write_bytes(b"not parquet")
     out = tmp_path / "page.html"
-    proc = mdsweep("report", str(results), "--sweep", "rep", "--out", str(out))
+    proc = mdsweep_here(capsys, "report", str(results), "--sweep", "rep", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     warning = f"the {table} table could not be read, so what it holds is missing from this report"
     assert f"mdsweep report: warning: {warning}" in proc.stderr
