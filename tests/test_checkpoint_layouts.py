@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REFERENCE_DIR
-from harness import mdsweep
+from harness import mdsweep, mdsweep_here
 from trainer.model.config import SHIPPED_MODELS_DIR
 from trainer.model.loading import load_model
 from trainer.model.reference_check import REFERENCE_NAME, check
@@ -181,8 +181,9 @@ def test_a_2024_region_head_is_skipped_with_a_note(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_and_predict_read_a_2024_checkpoint_as_they_read_the_2025_one(tmp_path, captcha_parquet):
-    """The same training run from the same base in two layouts: equal losses, equal predictions."""
+def test_train_and_predict_read_a_2024_checkpoint_as_they_read_the_2025_one(tmp_path, captcha_parquet, capsys):
+    """The same training run from the same base in two layouts: equal losses, equal predictions. Each train is
+    a process started from another folder (bench/mutations.py X1 relies on it); each predict runs in this one."""
     old = resaved(TINY_READER, tmp_path / "old", WEIGHTS_FILE, "2024", orig_mod=True)
     results = {}
     for name, model in (("2025", str(TINY_READER)), ("2024", str(old))):
@@ -191,8 +192,8 @@ def test_train_and_predict_read_a_2024_checkpoint_as_they_read_the_2025_one(tmp_
                         "--batch-size", "4", "--max-val-samples", "8", "--out", str(out),
                         "--save-model", str(out / "model"), cwd=tmp_path)
         assert done.returncode == 0, done.stderr
-        predicted = mdsweep("predict", "--model", str(out / "model"), "--data", str(captcha_parquet),
-                             "--limit", "8", "--show", "-1", cwd=tmp_path)
+        predicted = mdsweep_here(capsys, "predict", "--model", str(out / "model"), "--data", str(captcha_parquet),
+                                 "--limit", "8", "--show", "-1", cwd=tmp_path)
         assert predicted.returncode == 0, predicted.stderr
         result = json.loads((out / "result.json").read_text())
         results[name] = (result["final_metrics"]["train_loss"], predicted.stdout.splitlines()[:8])
