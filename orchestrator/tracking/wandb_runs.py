@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import zlib
 from pathlib import Path
 from typing import Any, Optional
@@ -80,8 +81,9 @@ class WandbRuns(TrialMirror):
     def tag_best(self, run: Any, report: Optional[Path]) -> None:
         run.tags = (*run.tags, "outcome:ok", "best")  # the run opened again: its tags start from init's
         run.summary["mdsweep.best"] = True
-        if report is not None:
-            run.save(str(report), base_path=str(report.parent), policy="now")  # among the run's files
+        if report is not None:  # among the run's files: a copy in its folder (W&B would link to it, and say so)
+            copy = Path(shutil.copy(report, Path(run.dir) / report.name))
+            run.save(str(copy), base_path=run.dir, policy="now")
         run.finish()
         self._runs.pop(run.config["trial_id"], None)
 
