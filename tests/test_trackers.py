@@ -5,13 +5,14 @@ are tested on a real sweep in test_orchestrator_embedded.py; `train --log-to` in
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
 from orchestrator.tracking.mlflow_runs import MlflowRuns
 from orchestrator.tracking.tensorboard_runs import TensorboardRuns, logged_samples
-from orchestrator.tracking.trackers import absolute_tracker
+from orchestrator.tracking.trackers import TrackerError, absolute_tracker, parse_trackers
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -66,3 +67,13 @@ def test_a_resumed_tensorboard_run_logs_each_evaluation_once(tmp_path):
     events.Reload()
     assert [(e.step, round(e.value, 6)) for e in events.Scalars("val_cer")] == [(4, 0.4), (8, 0.8), (12, 1.2)]
     assert logged_samples(tmp_path / "s" / "t1") == {4, 8, 12}
+
+
+@pytest.mark.parametrize("value, extra", [("mlflow=sqlite:///m.db", "mlflow"), ("wandb", "wandb"),
+                                          ("tensorboard=tb", "tensorboard")])
+def test_a_tracker_whose_package_is_missing_names_the_extra_to_install(value, extra, monkeypatch):
+    """Python's own mark of a module that cannot be imported (None in sys.modules) stands for a missing package."""
+    monkeypatch.setitem(sys.modules, extra, None)
+    with pytest.raises(TrackerError) as e:
+        parse_trackers([value])
+    assert str(e.value) == f"--log-to {value}: {extra} is not installed; pip install 'moondream-sweep[{extra}]'"

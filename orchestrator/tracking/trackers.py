@@ -61,6 +61,15 @@ KINDS = {"mlflow": (DEFAULT_URI, "mlflow", "mlflow"),
          "tensorboard": (DEFAULT_FOLDER, "tensorboard", "tensorboard")}
 
 
+def installed(module: str) -> bool:
+    """Whether `module` can be imported here, without importing it (trackers take seconds to import). A module
+    marked not importable (None in sys.modules) is not installed."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: in sys.modules as None, or without a spec
+        return False
+
+
 def absolute_tracker(value: str) -> str:
     """A --log-to value whose place is on this machine (a folder, given or the default, or a SQLite file) made
     absolute: `resume` may run from another directory. Servers stay as given."""
@@ -80,7 +89,7 @@ def parse_trackers(log_to: list[str]) -> list[Tracker]:
         if kind not in KINDS:
             raise TrackerError(f"--log-to {value}: {kind!r} is not a tracker mdsweep writes to; use {USAGE}")
         default, module, extra = KINDS[kind]
-        if importlib.util.find_spec(module) is None:
+        if not installed(module):
             raise TrackerError(f"--log-to {value}: {module} is not installed; pip install 'moondream-sweep[{extra}]'")
         trackers.append(Tracker(kind, where or default, value))
     places = [(t.kind, t.where) for t in trackers]
