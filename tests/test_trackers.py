@@ -77,3 +77,19 @@ def test_a_tracker_whose_package_is_missing_names_the_extra_to_install(value, ex
     with pytest.raises(TrackerError) as e:
         parse_trackers([value])
     assert str(e.value) == f"--log-to {value}: {extra} is not installed; pip install 'moondream-sweep[{extra}]'"
+
+
+def test_wandb_online_without_a_key_is_one_line_before_anything_starts(tmp_path, monkeypatch):
+    """W&B's default mode needs a login: without one the sweep is refused up front (not a warning at its first
+    trial); offline mode, a key in the environment or in the netrc file `wandb login` writes are each enough."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    with pytest.raises(TrackerError, match=r"^--log-to wandb: no W&B API key for api.wandb.ai: run `wandb login` "
+                                           r"\(or set WANDB_API_KEY\), or set WANDB_MODE=offline"):
+        parse_trackers(["wandb"])
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password k\n")
+    assert parse_trackers(["wandb"])[0].kind == "wandb"
+    (tmp_path / "netrc").unlink()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert parse_trackers(["wandb"])[0].kind == "wandb"

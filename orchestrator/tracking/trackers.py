@@ -14,7 +14,7 @@ from typing import Optional
 from orchestrator.tracking.mlflow_runs import DEFAULT_URI, MlflowRuns
 from orchestrator.tracking.tensorboard_runs import DEFAULT_FOLDER, TensorboardRuns
 from orchestrator.tracking.trial_mirror import TrialMirror
-from orchestrator.tracking.wandb_runs import DEFAULT_WANDB_FOLDER, WandbRuns
+from orchestrator.tracking.wandb_runs import DEFAULT_WANDB_FOLDER, WandbRuns, login_problem
 
 TRAIN_GROUP = "mdsweep-train"  # the experiment (MLflow), group (W&B) or folder (TensorBoard) of `train`'s runs
 USAGE = "mlflow[=URI], wandb[=DIR] or tensorboard[=DIR]"
@@ -91,6 +91,8 @@ def parse_trackers(log_to: list[str]) -> list[Tracker]:
         default, module, extra = KINDS[kind]
         if not installed(module):
             raise TrackerError(f"--log-to {value}: {module} is not installed; pip install 'moondream-sweep[{extra}]'")
+        if kind == "wandb" and (problem := login_problem()):
+            raise TrackerError(f"--log-to {value}: {problem}")
         trackers.append(Tracker(kind, where or default, value))
     places = [(t.kind, t.where) for t in trackers]
     if len(set(places)) < len(places):

@@ -11,12 +11,14 @@ its run id, become one run).
 from __future__ import annotations
 
 import json
+import netrc
 import os
 import re
 import shutil
 import zlib
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlparse
 
 from orchestrator.tracking.trial_mirror import TrialMirror
 from trainer.files import atomic_path
@@ -24,6 +26,21 @@ from trainer.files import atomic_path
 DEFAULT_WANDB_FOLDER = "./wandb"
 DEFAULT_PROJECT = "mdsweep"
 LOGGED_FILE = "mdsweep_logged.json"
+
+
+def login_problem() -> Optional[str]:
+    """Why W&B would refuse to start a run here, found before Ray starts, or None: online (W&B's default) it needs
+    an API key, from WANDB_API_KEY or the ~/.netrc entry `wandb login` writes for its host."""
+    if os.environ.get("WANDB_MODE", "online") in ("offline", "dryrun", "disabled") or os.environ.get("WANDB_API_KEY"):
+        return None
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    try:
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):
+            return None
+    except (OSError, netrc.NetrcParseError):  # no ~/.netrc, or one that cannot be read
+        pass
+    return (f"no W&B API key for {host}: run `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to "
+            "write the runs to disk and `wandb sync` them later")
 
 
 def run_id(sweep: str, trial_id: str) -> str:
