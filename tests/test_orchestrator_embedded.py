@@ -623,6 +623,10 @@ def _one_mlflow_run_per_trial(tracking: str, sweep: str, trials: list[dict], ste
         assert sorted((m.step, m.value) for m in history) == expected
     (best,) = [r for r in runs if r.data.tags.get("mdsweep.best") == "true"]
     assert [a.path for a in client.list_artifacts(best.info.run_id)] == [f"report-{sweep}.html"]  # the report
+    store = Path(tracking.removeprefix("sqlite:///")).parent  # its files beside the database, not in ./mlruns
+    assert best.info.artifact_uri.startswith((store / "mlartifacts" / sweep).as_uri())
+    assert (Path(best.info.artifact_uri.removeprefix("file://")) / f"report-{sweep}.html").is_file()
+    assert not (ROOT / "mlruns").exists()
 
 
 @pytest.mark.slow

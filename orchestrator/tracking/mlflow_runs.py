@@ -42,8 +42,17 @@ class MlflowRuns(TrialMirror):
             logging.getLogger("mlflow").setLevel(logging.WARNING)
             self._client = mlflow.MlflowClient(tracking_uri=self.uri)
             found = self._client.get_experiment_by_name(self.sweep)
-            self._experiment = found.experiment_id if found else self._client.create_experiment(self.sweep)
+            self._experiment = found.experiment_id if found else self._client.create_experiment(
+                self.sweep, artifact_location=self.artifact_location())
         return self._client
+
+    def artifact_location(self) -> Optional[str]:
+        """Where a SQLite store's runs keep their files (the report): beside the database, in mlartifacts/SWEEP.
+        MLflow's default is ./mlruns under whichever folder the driver was started in. A folder store keeps
+        them inside itself, and a server decides for itself (None)."""
+        if not self.uri.startswith("sqlite:///"):
+            return None
+        return (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts" / self.sweep).as_uri()
 
     def open_run(self, trial_id: str, run_name: str, settings: dict[str, Any]) -> tuple[str, set[int]]:
         """The run a previous start (a retry, a resumed sweep) made, or a new one with the settings as parameters
