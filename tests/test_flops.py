@@ -56,6 +56,6 @@ def test_a_cpu_job_reports_its_flops_and_no_mfu_unless_given_a_peak(captcha_parq
     final = result.final_metrics
     assert result.outcome == "ok" and final["flops_per_sample"] > 0 and final["achieved_tflops"] > 0
     assert final["mfu"] is None
-    assert result.hardware == {"device_name": "cpu", "attention_kernel": "flash-cpu"}
+    assert result.hardware == {"device_name": "cpu", "attention_kernel": "flash-cpu", "workers": 1}
     given = run_job(JobConfig(**config, peak_tflops=0.5)).final_metrics
     assert given["mfu"] == pytest.approx(given["achieved_tflops"] / 0.5)

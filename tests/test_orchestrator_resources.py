@@ -152,3 +152,22 @@ def test_resource_counts_ray_would_refuse_are_refused_at_parse_time(argv, flag, 
         build_parser().parse_args(argv)
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"mdsweep {argv[0]}: error: argument {flag}: must be")
+
+
+def test_a_trial_on_several_workers_needs_them_and_its_driver_on_one_node():
+    # each worker asks for the per-trial flags, the driver 0.25 CPU, all on one node (where rank 0's checkpoint is)
+    nodes = _nodes((4, 2, 64, None), (4, 2, 64, None))
+    req = plan_resources(nodes, cpus_per_trial=1, gpus_per_trial=1, memory_per_trial="8GiB", workers=2)
+    assert req.ray_resources() == {"cpu": 0.25, "gpu": 0.0}  # Tune holds the driver; Ray Train the workers
+    assert req.worker_resources() == {"CPU": 1.0, "GPU": 1.0, "memory": 8.0 * GiB}
+    assert check_fit(req, nodes) is nodes[0] and concurrency_capacity(req, nodes) == 2  # one whole trial a node
+    assert req.describe() == "2 workers of 1 CPU, 1 GPU, 8.0GiB host memory and 0.25 CPU for its driver"
+    halves = plan_resources(nodes, cpus_per_trial=0.5, gpus_per_trial=0.5, workers=2)
+    assert concurrency_capacity(halves, nodes) == 4  # two workers' halves share a GPU; 1.25 CPU a trial
+    for flags, says in [(dict(cpus_per_trial=2), "4.25 CPU > 4 (--cpus-per-trial)"),
+                        (dict(gpus_per_trial=1, workers=3), "3 x 1 GPU > 2 (--gpus-per-trial)"),
+                        (dict(memory_per_trial="40GiB"), "2 x 40.0GiB memory > 64.0GiB (--memory-per-trial)")]:
+        many = plan_resources(nodes, **{"workers": 2, "gpus_per_trial": 0, **flags})
+        with pytest.raises(ResourceError, match="--workers-per-trial") as raised:
+            check_fit(many, nodes)
+        assert says in str(raised.value) and concurrency_capacity(many, nodes) == 0

@@ -184,6 +184,13 @@ def test_the_private_functions_used_still_import():
               "head_accepts")
 
 
+def test_the_node_id_label_is_the_one_ray_gives_every_node():
+    from ray._raylet import RAY_NODE_ID_KEY
+
+    assert RAY_NODE_ID_KEY == ti.NODE_ID_LABEL, moved(f"ray._raylet.RAY_NODE_ID_KEY is now {RAY_NODE_ID_KEY!r}",
+                                                      "NODE_ID_LABEL")
+
+
 def test_every_callback_hook_the_project_defines_is_one_tune_calls():
     """A hook Tune renamed would never be called, silently: no rows written, no state backed up."""
     from ray.tune import Callback

@@ -110,7 +110,7 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
                          wall_time_s=time.time() - started)
     replica = Replica(model, ranks, config.parallel, device)
     hardware = {"device_name": device_name(device), "attention_kernel": decoder_attention_kernel(
-        model, config.attention, device, autocast_dtype or TORCH_DTYPES[precision.trained])}
+        model, config.attention, device, autocast_dtype or TORCH_DTYPES[precision.trained]), "workers": ranks.world}
     data = prepare_data(config, loaded, opened)
     pad_id = loaded.tokenizer.eos_id
 

@@ -334,7 +334,8 @@ class JobResult:
 
 
 # What a job records of the hardware it ran on, beside its metrics: the trials table's columns of these names.
-HARDWARE_COLUMNS: dict[str, type] = {"device_name": str, "attention_kernel": str}
+# `workers`: the ranks that shared the job (trainer.parallel), as the job itself counted them.
+HARDWARE_COLUMNS: dict[str, type] = {"device_name": str, "attention_kernel": str, "workers": int}
 
 
 @functools.lru_cache(maxsize=1)

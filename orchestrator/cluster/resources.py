@@ -17,6 +17,10 @@ from trainer.job_config import parse_bytes
 
 # Ray schedules fractional GPUs in steps of 1e-4.
 GPU_GRANULARITY = 10_000
+# What the driver of a trial on several workers (--workers-per-trial N > 1) reserves: it only relays its workers'
+# reports and checkpoints to Tune (Ray Train's controller takes none), so a small share, but not none, so that
+# Tune never starts more drivers than the CPUs can hold
+DRIVER_CPUS = 0.25
 
 
 class ResourceError(ValueError):
@@ -88,8 +92,10 @@ def nodes_from_ray(ray_nodes: Sequence[dict[str, Any]]) -> list[NodeInfo]:
 
 @dataclass
 class TrialResources:
-    """What every trial asks Ray for, plus the GPU memory cap handed to the job."""
+    """What every trial asks Ray for, plus the GPU memory cap handed to the job. With several workers, `cpus`,
+    `gpus` and `memory_bytes` are each worker's, and the trial's driver takes DRIVER_CPUS besides."""
 
+    workers: int = 1  # Ray Train workers of each trial's job (--workers-per-trial)
     cpus: float = 1.0
     gpus: float = 0.0
     memory_bytes: Optional[int] = None  # host RAM (Ray `memory`)
@@ -100,10 +106,31 @@ class TrialResources:
     auto_gpu_bytes: Optional[int] = None  # with --gpu-memory-per-trial auto: the GPU size shares are taken of
 
     def ray_resources(self) -> dict[str, float]:
+        """What Tune reserves for a trial: everything with one worker; with several, its driver's share, as the
+        workers ask Ray Train for theirs (worker_resources)."""
+        if self.workers > 1:
+            return {"cpu": DRIVER_CPUS, "gpu": 0.0}
         res: dict[str, float] = {"cpu": float(self.cpus), "gpu": float(self.gpus)}
         if self.memory_bytes:
             res["memory"] = float(self.memory_bytes)
         return res
+
+    def worker_resources(self) -> dict[str, float]:
+        """What each of a trial's Ray Train workers asks for (ScalingConfig.resources_per_worker)."""
+        res = {"CPU": float(self.cpus), "GPU": float(self.gpus)}
+        if self.memory_bytes:
+            res["memory"] = float(self.memory_bytes)
+        return res
+
+    def trial_cpus(self) -> float:
+        """The CPUs one trial holds in all: its workers' and, with several, its driver's."""
+        return self.cpus * self.workers + (DRIVER_CPUS if self.workers > 1 else 0.0)
+
+    def gpu_slots(self, node: NodeInfo) -> int:
+        """How many workers' GPU shares `node` holds: whole GPUs split into shares never pooled across cards."""
+        if self.gpus < 1:
+            return int(node.gpus) * math.floor(1 / self.gpus + 1e-9)
+        return math.floor(node.gpus / self.gpus + 1e-9)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +141,8 @@ class TrialResources:
             parts.append(f"{format_size(self.gpu_memory_bytes)} GPU memory")
         if self.memory_bytes:
             parts.append(f"{format_size(self.memory_bytes)} host memory")
+        if self.workers > 1:
+            return f"{self.workers} workers of {', '.join(parts)} and {DRIVER_CPUS:g} CPU for its driver"
         return ", ".join(parts)
 
 
@@ -125,15 +154,17 @@ def plan_resources(
     gpu_memory_per_trial: Optional[str] = None,
     memory_per_trial: Optional[str] = None,
     node_gpu_memory: Optional[str] = None,
+    workers: int = 1,
 ) -> TrialResources:
-    """Resolve the per-trial request. Raises ResourceError naming the flag at fault.
+    """Resolve the per-trial request (with `workers` > 1: each worker's). Raises ResourceError naming the flag at
+    fault.
 
     GPU memory per GPU comes from `node_gpu_memory` (a size, for logical GPUs or
     when it cannot be measured) or from `NodeInfo.gpu_memory` (measured). The
     fraction is taken against the smallest GPU that can hold the request, and
     rounded up: on a bigger GPU the trial then reserves more than it needs, never less.
     """
-    r = TrialResources()
+    r = TrialResources(workers=workers)
     if cpus_per_trial is not None:
         if cpus_per_trial < 0:
             raise ResourceError("--cpus-per-trial must be >= 0")
@@ -204,21 +235,25 @@ def check_fit(req: TrialResources, nodes: Sequence[NodeInfo]) -> NodeInfo:
         raise ResourceError("the Ray cluster has no alive nodes")
     reasons: list[str] = []
     flags: set[str] = set()
+    # a trial's workers all run on its driver's node (orchestrator.cluster.train_workers): one node holds them all
+    times = f"{req.workers} x " if req.workers > 1 else ""
     for n in nodes:
         short = []
-        if req.cpus > n.cpus + 1e-9:
-            short.append(("--cpus-per-trial", f"{req.cpus:g} CPU > {n.cpus:g}"))
+        if req.trial_cpus() > n.cpus + 1e-9:
+            short.append(("--cpus-per-trial", f"{req.trial_cpus():g} CPU > {n.cpus:g}"))
         if req.gpus > 0:
             if n.gpus <= 0:
                 short.append(("--gpus-per-trial", "no GPU"))
-            elif req.gpus > n.gpus + 1e-9:
-                short.append(("--gpus-per-trial", f"{req.gpus:g} GPU > {n.gpus:g}"))
-        if req.memory_bytes and req.memory_bytes > n.memory:
+            elif req.gpu_slots(n) < req.workers:
+                short.append(("--gpus-per-trial", f"{times}{req.gpus:g} GPU > {n.gpus:g}"))
+        if req.memory_bytes and req.memory_bytes * req.workers > n.memory:
             short.append(("--memory-per-trial",
-                          f"{format_size(req.memory_bytes)} memory > {format_size(n.memory)}"))
+                          f"{times}{format_size(req.memory_bytes)} memory > {format_size(n.memory)}"))
         if not short:
             return n
         flags.update(flag for flag, _ in short)
+        if req.workers > 1:
+            flags.add("--workers-per-trial")
         reasons.append(f"  {n.describe()}: " + "; ".join(f"{why} ({flag})" for flag, why in short))
     raise ResourceError(
         f"a trial needing {req.describe()} fits on no node of the cluster "
@@ -227,19 +262,17 @@ def check_fit(req: TrialResources, nodes: Sequence[NodeInfo]) -> NodeInfo:
 
 
 def concurrency_capacity(req: TrialResources, nodes: Sequence[NodeInfo]) -> int:
-    """How many trials of `req` the cluster could run at once (a bin count per node)."""
+    """How many trials of `req` the cluster could run at once (a bin count per node: a trial's workers share their
+    driver's node)."""
     total = 0
     for n in nodes:
         fits = []
-        if req.cpus > 0:
-            fits.append(math.floor(n.cpus / req.cpus + 1e-9))
+        if req.trial_cpus() > 0:
+            fits.append(math.floor(n.cpus / req.trial_cpus() + 1e-9))
         if req.gpus > 0:
-            if req.gpus < 1:
-                fits.append(int(n.gpus) * math.floor(1 / req.gpus + 1e-9))
-            else:
-                fits.append(math.floor(n.gpus / req.gpus + 1e-9))
+            fits.append(req.gpu_slots(n) // req.workers)
         if req.memory_bytes:
-            fits.append(math.floor(n.memory / req.memory_bytes))
+            fits.append(math.floor(n.memory / (req.memory_bytes * req.workers)))
         total += min(fits) if fits else 0
     return total
 

@@ -1,11 +1,14 @@
 """One job on N Ray Train workers, called as `trainer.job.run_job` is called.
 
-`run_job_on_workers(N, config, ...)` starts an embedded Ray of its own (its own temporary folder, ended with it)
-and a Ray Train `TorchTrainer` of N workers on it. Ray Train initialises a torch.distributed process group (gloo
-on CPUs) and each worker calls `run_job`, which reads the group and trains its share of every micro-batch
-(trainer.parallel). Rank 0 alone evaluates, checkpoints and reports: it relays each call of the callbacks, and
-its result or its error, through a Ray queue to this process, which makes the calls. So the callbacks (the files
-and progress bar of `mdsweep train`) run where they would with one worker, and never need to be pickled.
+`run_on_workers(N, config, ...)` starts a Ray Train `TorchTrainer` of N workers on the Ray this process is attached
+to; `run_job_on_workers` (mdsweep train) first starts an embedded Ray of its own (its own temporary folder, ended
+with it), while a sweep's trial (orchestrator.sweep.trainable) is the small driver of its own workers inside the
+sweep's Ray. Ray Train initialises a torch.distributed process group (gloo on CPUs) and each worker calls the job,
+which reads the group and trains its share of every micro-batch (trainer.parallel). Rank 0 alone evaluates,
+checkpoints and reports: it relays each call of the callbacks, and its result or its error, through a Ray queue to
+this process, which makes the calls. So the callbacks (the files and progress bar of `mdsweep train`, the
+`tune.report` of a trial) run where they would with one worker, and never need to be pickled. A report waits until
+this process has handled it: the checkpoint it names must not change under a `tune.report` still copying it.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Any, Callable, Optional
 
 from orchestrator.cluster.connect import start_embedded
 from orchestrator.cluster.ray_logs import route_ray_logs
+from orchestrator.cluster.tune_internals import NODE_ID_LABEL
 from trainer.job_config import JobConfig, JobResult
 
 # how long the driver waits on the queue before it looks whether the workers ended without a word
@@ -28,22 +32,25 @@ class WorkersFailed(RuntimeError):
 
 
 def train_loop(settings: dict[str, Any]) -> None:
-    """One worker: `run_job` in the process group Ray Train made, rank 0's callbacks, result and error relayed
-    through the queue `settings["events"]` as (kind, payload)."""
+    """One worker: the job (`settings["job"]`, run_job or a stand-in) in the process group Ray Train made, rank 0's
+    callbacks, result and error relayed through the queue `settings["events"]` as (kind, payload); after a report,
+    rank 0 waits for the driver's word on `settings["handled"]`."""
     import ray.train
 
-    from trainer.job import run_job
-
-    events = settings["events"]
+    events, handled = settings["events"], settings["handled"]
     main = ray.train.get_context().get_world_rank() == 0
 
     def relay(kind: str) -> Callable[..., None]:
         return lambda *args: events.put((kind, args))
 
+    def report(*args: Any) -> None:
+        events.put(("report", args))
+        handled.get()
+
     try:
-        result = run_job(JobConfig.from_dict(settings["config"]), on_report=relay("report"),
-                         on_step=relay("step"), on_resume=relay("resume"), checkpoint_dir=settings["checkpoint_dir"],
-                         resume_from=settings["resume_from"], test_data=settings["test_data"])
+        result = settings["job"](JobConfig.from_dict(settings["config"]), on_report=report, on_step=relay("step"),
+                                 on_resume=relay("resume"), checkpoint_dir=settings["checkpoint_dir"],
+                                 resume_from=settings["resume_from"], test_data=settings["test_data"])
     except Exception as exc:
         if main:
             events.put(("raised", exc))
@@ -57,48 +64,69 @@ def run_job_on_workers(workers: int, config: JobConfig, on_report: Optional[Call
                        on_step: Optional[Callable[..., None]] = None, test_data: Optional[str] = None,
                        on_resume: Optional[Callable[..., None]] = None, *,
                        ray_log_file: Optional[Path] = None) -> JobResult:
-    """`run_job(config, ...)` on `workers` CPU workers (DDP over gloo): the same outcome, callbacks and errors,
-    rank 0's. `ray_log_file` takes Ray's own log lines off the terminal. Ray ends before this returns or raises."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Empty, Queue
+    """`run_job(config, ...)` on `workers` CPU workers (DDP over gloo) of an embedded Ray of its own: the same
+    outcome, callbacks and errors, rank 0's. `ray_log_file` takes Ray's own log lines off the terminal. Ray ends
+    before this returns or raises."""
+    from trainer.job import run_job
 
     if ray_log_file is not None:
         route_ray_logs(ray_log_file)
     temp = Path(tempfile.mkdtemp(prefix="mdsw-"))  # short: Ray's socket paths live under it
     handle = start_embedded(num_cpus=workers, temp_dir=temp / "ray")
     try:
-        events = Queue(actor_options={"num_cpus": 0})
-        settings = {"events": events, "config": config.to_dict(), "test_data": test_data,
-                    "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None,
-                    "resume_from": str(resume_from) if resume_from is not None else None}
-        trainer = TorchTrainer(train_loop, train_loop_config=settings,
-                               scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
-                               torch_config=TorchConfig(backend="gloo"),
-                               # Ray Train's own records of the run; the job's files are where its callbacks put them
-                               run_config=RunConfig(name="mdsweep-train", storage_path=str(temp / "train")))
-        failure: list[BaseException] = []
-        fitting = threading.Thread(target=_fit, args=(trainer, failure), daemon=True)
-        fitting.start()
-        callbacks = {"report": on_report, "step": on_step, "resume": on_resume}
-        while True:
-            try:
-                kind, payload = events.get(timeout=POLL_S)
-            except Empty:
-                if not fitting.is_alive():
-                    raise WorkersFailed(f"the {workers} workers ended without a result"
-                                        + (f": {failure[0]}" if failure else "")) from None
-                continue
-            if kind == "result":
-                fitting.join()
-                return payload
-            if kind == "raised":
-                raise payload
-            if callbacks[kind] is not None:
-                callbacks[kind](*payload)
+        return run_on_workers(workers, config, on_report, checkpoint_dir, resume_from, on_step, test_data,
+                              on_resume, job=run_job, storage=temp / "train")
     finally:
         handle.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def run_on_workers(workers: int, config: JobConfig, on_report: Optional[Callable[..., None]] = None,
+                   checkpoint_dir: Optional[Path] = None, resume_from: Optional[Path] = None,
+                   on_step: Optional[Callable[..., None]] = None, test_data: Optional[str] = None,
+                   on_resume: Optional[Callable[..., None]] = None, *, job: Callable[..., JobResult], storage: Path,
+                   resources: Optional[dict[str, float]] = None, node_id: Optional[str] = None) -> JobResult:
+    """`job(config, ...)` on `workers` workers of the Ray this process is attached to, each asking for `resources`
+    (Ray Train's default, 1 CPU, when None), all on the node `node_id` when given: the node whose files
+    `checkpoint_dir` and `resume_from` name. `storage`: where Ray Train keeps its own records of the run. Returns
+    when rank 0 has its result and the workers have ended; raises rank 0's error, or WorkersFailed."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    events, handled = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
+    settings = {"events": events, "handled": handled, "job": job, "config": config.to_dict(), "test_data": test_data,
+                "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None,
+                "resume_from": str(resume_from) if resume_from is not None else None}
+    use_gpu = bool((resources or {}).get("GPU"))
+    trainer = TorchTrainer(train_loop, train_loop_config=settings,
+                           scaling_config=ScalingConfig(
+                               num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
+                               label_selector={NODE_ID_LABEL: node_id} if node_id else None),
+                           torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                           # Ray Train's own records of the run; the job's files are where its callbacks put them
+                           run_config=RunConfig(name="mdsweep-workers", storage_path=str(storage)))
+    failure: list[BaseException] = []
+    fitting = threading.Thread(target=_fit, args=(trainer, failure), daemon=True)
+    fitting.start()
+    callbacks = {"report": on_report, "step": on_step, "resume": on_resume}
+    while True:
+        try:
+            kind, payload = events.get(timeout=POLL_S)
+        except Empty:
+            if not fitting.is_alive():
+                raise WorkersFailed(f"the {workers} workers ended without a result"
+                                    + (f": {failure[0]}" if failure else "")) from None
+            continue
+        if kind in ("result", "raised"):
+            fitting.join()  # the workers end with rank 0 (Ray Train stops the others when it raises)
+            if kind == "raised":
+                raise payload
+            return payload
+        if callbacks[kind] is not None:
+            callbacks[kind](*payload)
+        if kind == "report":
+            handled.put(True)
 
 
 def _fit(trainer: Any, failure: list[BaseException]) -> None:

@@ -49,6 +49,10 @@ HOST_OOM_MARKER = "killed due to the node running low on memory"
 RAYLET_OOM_LINES = ("Memory on the node", "OOM kill reason", "1 worker")
 TUNE_FAILURE_LINE = "Failure #"
 
+# The label every Ray node carries with its node id (ray._raylet.RAY_NODE_ID_KEY): a label selector on it places
+# actors on one node, as Ray Train places its own controller on the node of the process that starts it
+NODE_ID_LABEL = "ray.io/node-id"
+
 # The environment variable in which Ray's job manager passes a submitted job's config (runtime env, metadata)
 # to its driver (ray._private.runtime_env.constants.RAY_JOB_CONFIG_JSON_ENV_VAR)
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"

@@ -120,7 +120,9 @@ def trials_schema() -> pa.Schema:
         pa.field("test_data", pa.string()),  # what the test_* columns were measured on
         # the tokenizer the trial's job used, resolved from the checkpoint and its revision (trainer.model.tokenizer_source)
         *[pa.field(name, arrow_type_for(tp)) for name, tp in TOKENIZER_COLUMNS.items()],
-        # the device and the attention kernel the trial's job ran on (trainer.job: decoder_attention_kernel)
+        # the device, the attention kernel (trainer.job: decoder_attention_kernel) and the count of data-parallel
+        # workers (--workers-per-trial; null in files written before it was a column, whose trials ran on one) the
+        # trial's job ran on
         *[pa.field(name, arrow_type_for(tp)) for name, tp in HARDWARE_COLUMNS.items()],
         pa.field("steps_completed", pa.int64()),
         pa.field("n_reports", pa.int64()),

@@ -24,12 +24,12 @@ def params_json(config: dict[str, Any]) -> str:
 
 
 def new_trial_row(trial_id: str, config: dict[str, Any], job: dict[str, Any], metric: str, mode: str,
-                  max_gpu_memory: Optional[str]) -> dict[str, Any]:
-    """The row of a trial about to run its suggestion `config`; `job` is the JobConfig it will run, as a dict
-    (empty when the config is one JobConfig rejects: the trial fails and says why), until it reports the one it
-    ran."""
+                  max_gpu_memory: Optional[str], workers: int = 1) -> dict[str, Any]:
+    """The row of a trial about to run its suggestion `config` on `workers` workers; `job` is the JobConfig it will
+    run, as a dict (empty when the config is one JobConfig rejects: the trial fails and says why), until it reports
+    the one it ran."""
     params, meta = split_suggestion(dict(config))
-    row = {"trial_id": trial_id, "outcome": "running", "attempts": 0, "num_failures": 0, **job}
+    row = {"trial_id": trial_id, "outcome": "running", "attempts": 0, "num_failures": 0, "workers": workers, **job}
     if max_gpu_memory and row.get("max_gpu_memory") is None:
         row["max_gpu_memory"] = max_gpu_memory
     types_ = job_field_types()

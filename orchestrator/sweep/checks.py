@@ -17,6 +17,7 @@ from orchestrator.results.schema import METRICS, validate_sweep_name
 from orchestrator.results.spaces import SpaceError, SpaceInfo, validate_space
 from orchestrator.sweep.settings import SweepError, SweepSettings
 from orchestrator.tracking.trackers import TrackerError, parse_trackers
+from trainer.budget import worker_split_problem
 from trainer.job_config import JobConfig
 from trainer.model.config import PRESETS
 from trainer.model.tokenizer_source import check_revision
@@ -73,6 +74,7 @@ def check_settings(s: SweepSettings) -> SpaceInfo:
                              f"(e.g. captcha:paired for attention)")
         if name in s.fixed:
             raise SweepError(f"--cross {name}: {name} is also fixed by a flag")
+    check_worker_split(s, job, info)
     if s.replicates > 1 and "seed" in info.searched:
         raise SweepError("--replicates: the space already searches seed")
     if s.replicates > 1 and any(n == "seed" for n, _ in s.cross):
@@ -189,6 +191,24 @@ def check_fixed_settings(fixed: dict[str, Any]) -> JobConfig:
         return JobConfig.from_dict(fixed)
     except (ValueError, TypeError) as e:
         raise SweepError(f"job settings: {e}") from None
+
+
+def check_worker_split(s: SweepSettings, job: JobConfig, info: SpaceInfo) -> None:
+    """With --workers-per-trial N > 1: every batch size a trial may get (fixed, or drawn by the space's probe) must
+    split evenly over the workers, and each trial's GPU share must be known before it starts (under `auto` it comes
+    from the trial's own placement, which a driver of workers does not hold)."""
+    if s.workers_per_trial == 1:
+        return
+    if is_auto(s.gpu_memory_per_trial):
+        raise SweepError("--gpu-memory-per-trial auto with --workers-per-trial: not built yet; give each worker's "
+                         "memory as a size (e.g. 16GiB) or --gpus-per-trial")
+    searched = "batch_size" in info.searched
+    sizes = sorted({int(sample["batch_size"]) for sample in info.samples} if searched else {job.batch_size})
+    flag = f"batch_size (searched by --space {s.space})" if searched else "--batch-size"
+    for size in sizes:
+        problem = worker_split_problem(size, s.workers_per_trial, names=(flag, "--workers-per-trial"))
+        if problem:
+            raise SweepError(problem)
 
 
 def searched_columns(s: SweepSettings, info: SpaceInfo) -> list[str]:

@@ -66,7 +66,7 @@ def resolve_resources(s: SweepSettings, handle: cluster_mod.ClusterHandle,
     try:
         req = plan_resources(nodes, cpus_per_trial=s.cpus_per_trial, gpus_per_trial=s.gpus_per_trial,
                              gpu_memory_per_trial=s.gpu_memory_per_trial, memory_per_trial=s.memory_per_trial,
-                             node_gpu_memory=s.node_gpu_memory)
+                             node_gpu_memory=s.node_gpu_memory, workers=s.workers_per_trial)
         if req.auto_gpu_bytes:
             notes.append(auto_shares(s, req, samples or [{}]))
         if not s.skip_fit_check:
@@ -115,7 +115,7 @@ def _trial_spec(s: SweepSettings, req: TrialResources):
     from orchestrator.sweep.trainable import TrialSpec
 
     return TrialSpec(fixed=dict(s.fixed), metric=s.metric, max_gpu_memory=req.max_gpu_memory, cpus=req.cpus,
-                     job_fn=s.job_fn)
+                     job_fn=s.job_fn, workers=req.workers, worker_resources=req.worker_resources())
 
 
 def _trainable(s: SweepSettings, req: TrialResources):
@@ -145,7 +145,7 @@ def _sink(s: SweepSettings, req: TrialResources, searched: list[str]) -> Any:
     """The Tune callback that writes this sweep's rows (and, on resume, the rows the results had missed)."""
     from orchestrator.sweep.sink import ParquetSink
 
-    return ParquetSink(s.results, s.name, s.fixed, searched, s.metric, s.mode, req.max_gpu_memory)
+    return ParquetSink(s.results, s.name, s.fixed, searched, s.metric, s.mode, req.max_gpu_memory, req.workers)
 
 
 @dataclass
@@ -185,6 +185,15 @@ def _restore_tuner(path: str, parts: TunerParts, resume_errored: bool, restart_e
                                resume_errored=resume_errored, restart_errored=restart_errored)
     replace_restored_callbacks(tuner, parts.callbacks)
     return tuner
+
+
+def max_concurrent(s: SweepSettings, req: TrialResources) -> Optional[int]:
+    """At most this many trials at once: --max-concurrent, and with several workers a trial also no more than the
+    cluster holds whole (capacity). Tune reserves only a trial's driver, so it would start drivers whose workers
+    wait for each other's resources, none training (Ray issue #38505); with one worker, Tune's reservation is the
+    trial's and limits it."""
+    limits = [s.max_concurrent, req.capacity if req.workers > 1 else None]
+    return min((x for x in limits if x), default=None)
 
 
 def _prepare_env(s: SweepSettings, req: TrialResources) -> None:
@@ -363,7 +372,7 @@ def _start_tuner(s: SweepSettings, req: TrialResources, searched: list[str], exp
         "resources_json": json.dumps(req.to_dict(), default=str), "argv": s.argv,
         "warm_start_json": json.dumps([{"source": c.source, "carried": len(c.trials), "notes": c.notes}
                                        for c in carried]) if carried else None})
-    searcher = make_searcher(s.space, s.metric, s.mode, search_seed(s), expansions, s.max_concurrent,
+    searcher = make_searcher(s.space, s.metric, s.mode, search_seed(s), expansions, max_concurrent(s, req),
                              sweep=s.name, fixed=s.fixed, objectives=s.objectives, baselines=s.baselines,
                              warm_start=[t for c in carried for t in c.trials])
     scheduler = make_scheduler(s.early_stop, s.metric, s.mode, s.fixed, s.asha_grace,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator.cluster import connect as cluster_mod
+from orchestrator.cluster.resources import DRIVER_CPUS
 
 MANIFEST = "mdsweep_sweep.json"
 MANIFEST_VERSION = 1
@@ -116,6 +117,13 @@ class SweepSettings:
                           type=positive_int)
     max_failures: int = _flag(2, "output", "retries of a trial lost to a worker or node failure, from its last "
                               "checkpoint (default 2); oom, diverged and error outcomes are never retried", type=int)
+    workers_per_trial: int = _flag(
+        1, "resources", "run each trial's job on N data-parallel Ray Train workers (--set parallel=ddp; "
+        "--batch-size stays the samples of one micro-step summed over them, so a trial trains on the samples and "
+        "gives the losses of one worker), all on one node: --cpus-per-trial, --gpus-per-trial, "
+        "--gpu-memory-per-trial and --memory-per-trial are then each worker's, and the trial's driver, which starts "
+        f"the workers and reports for them, takes {DRIVER_CPUS:g} CPU more; as many trials run at once as the "
+        "cluster holds whole. 1 (default): the job runs in the trial itself", type=positive_int, metavar="N")
     cpus_per_trial: Optional[float] = _flag(None, "resources", "CPUs per trial (default 1)", type=positive_float)
     gpus_per_trial: Optional[float] = _flag(
         None, "resources", "GPUs per trial; a fraction packs trials on one GPU (0.25: four per GPU) and caps each "

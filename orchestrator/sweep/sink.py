@@ -28,7 +28,7 @@ class ParquetSink(tune_callback_base()):
     """Keeps the trials, steps and predictions tables of one sweep up to date."""
 
     def __init__(self, results_dir: str, sweep: str, fixed: dict[str, Any], searched: list[str], metric: str,
-                 mode: str, max_gpu_memory: Optional[str] = None):
+                 mode: str, max_gpu_memory: Optional[str] = None, workers: int = 1):
         self.results_dir = str(results_dir)
         self.sweep = validate_sweep_name(sweep)
         self.fixed = dict(fixed)
@@ -36,6 +36,7 @@ class ParquetSink(tune_callback_base()):
         self.metric = metric
         self.mode = mode
         self.max_gpu_memory = max_gpu_memory
+        self.workers = workers  # the sweep's --workers-per-trial, the same for every trial
         self.__dict__.update(self._run_state())
 
     def _run_state(self) -> dict[str, Any]:
@@ -93,7 +94,8 @@ class ParquetSink(tune_callback_base()):
             # JobConfig rejects fails in the trial, which says why, and must not stop the sink
             with contextlib.suppress(ValueError):
                 job = job_config_from(self.fixed, trial.config).to_dict()
-            row = new_trial_row(trial.trial_id, trial.config, job, self.metric, self.mode, self.max_gpu_memory)
+            row = new_trial_row(trial.trial_id, trial.config, job, self.metric, self.mode, self.max_gpu_memory,
+                                self.workers)
         self._trials[trial.trial_id] = row
         return row
 

@@ -9,10 +9,16 @@
   retry them (only a lost worker, which raises at the driver, is retried).
 - The final report also carries the per-sample predictions, which the Parquet
   sink takes out of the result before anything else logs it.
+- With several workers (--workers-per-trial N > 1) the trial is their driver: the
+  job runs on N Ray Train workers on this trial's node (train_workers.run_on_workers),
+  rank 0's reports come back here, and the checkpoint rank 0 wrote is the one
+  reported to Tune, so a retry or a resumed sweep continues from it as with one
+  worker. Workers lost without rank 0's word raise here: a lost worker, retried.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import math
@@ -20,11 +26,12 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from orchestrator.cluster.scratch import trial_scratch
+from orchestrator.cluster.train_workers import WorkersFailed, run_on_workers
 from orchestrator.results.job_values import normalize_value
 from orchestrator.results.schema import METRICS
 from orchestrator.results.spaces import split_suggestion
@@ -46,6 +53,8 @@ class TrialSpec:
     max_gpu_memory: Optional[str]  # from --gpu-memory-per-trial or a GPU fraction
     cpus: float
     job_fn: str  # "module:function", SweepSettings.job_fn
+    workers: int = 1  # Ray Train workers of the job; with more than one, `cpus` is each worker's
+    worker_resources: dict[str, float] = field(default_factory=dict)  # each worker's request (TrialResources)
 
 
 def load_callable(path: str) -> Callable:
@@ -167,6 +176,9 @@ def run_trial(spec: TrialSpec, config: dict[str, Any]) -> None:
     # worker is killed, when the next trial on this node starts
     with trial_scratch() as work:
         checkpoint_dir = work / "checkpoint"
+        job = job_fn if spec.workers == 1 else functools.partial(
+            run_on_workers, spec.workers, job=job_fn, storage=work / "workers", resources=spec.worker_resources,
+            node_id=where.get("node_id"))  # on this node, whose folder `checkpoint_dir` is
         try:
             with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:
                 if resume_dir is not None:
@@ -180,10 +192,12 @@ def run_trial(spec: TrialSpec, config: dict[str, Any]) -> None:
                             # report. Send it again; the sink keeps one row per step, so a report it already
                             # has is not duplicated.
                             tune.report(eval_row(state["last"]))
-                result = job_fn(job_config, on_report=on_report, checkpoint_dir=checkpoint_dir,
-                                resume_from=Path(resume_dir) if resume_dir is not None else None)
+                result = job(job_config, on_report=on_report, checkpoint_dir=checkpoint_dir,
+                             resume_from=Path(resume_dir) if resume_dir is not None else None)
             outcome = result.outcome
             error = result.error
+        except WorkersFailed:  # a worker lost, as a lost trial is: Tune retries it from its last checkpoint
+            raise
         except Exception as exc:  # the job's own failure: an outcome, not a retry
             from trainer.data.dataset import DataError
 
