@@ -70,6 +70,8 @@ def test_gpu_memory_per_trial_packs_two_trials_per_gpu(cluster, tmp_path, captch
     (["--cpus-per-trial", "3", "--gpus-per-trial", "0"], "--cpus-per-trial"),
     (["--memory-per-trial", "64TiB", "--gpus-per-trial", "0"], "--memory-per-trial"),
     (["--gpu-memory-per-trial", "40GiB", "--node-gpu-memory", "16GiB"], "--gpu-memory-per-trial"),
+    # 4 CPUs in the cluster, but a trial's 2 workers and its driver (2.25 CPU) must share one node of 2
+    (["--workers-per-trial", "2", "--gpus-per-trial", "0"], "--workers-per-trial"),
 ])
 def test_a_trial_that_fits_nowhere_is_an_error_up_front(cluster, tmp_path, captcha_parquet, capsys, flags, flag):
     # the command's entry point in this process, attached to the cluster as a driver process would be (as
