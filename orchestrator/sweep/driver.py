@@ -212,7 +212,7 @@ def _say(msg: str, quiet: bool = False) -> None:
 
 
 def _finish(s: SweepSettings, started: float, req: TrialResources, quiet: bool,
-            trackers: Optional[MirrorCallback]) -> SweepOutcome:
+            trackers: Optional[MirrorCallback] = None) -> SweepOutcome:
     """Test the best trials on held-out data, record whether the sweep finished, write its report, mark the best
     trial in the --log-to trackers with the report, and say what it left; the leaderboard and summary are the
     CLI's to print."""
