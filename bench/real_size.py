@@ -142,6 +142,8 @@ def measure_in_process(model_dir: Path, data: Path) -> dict:
 
     from trainer.model.config import PRESETS
     from trainer.job import accumulate_gradients, optimizer_step, prepare_model
+    from trainer.parallel.ranks import current_ranks
+    from trainer.parallel.replica import Replica
     from trainer.job_config import JobConfig
     from trainer.job_data import micro_batches, open_job_data, prepare_data
     from trainer.model.loading import load_model
@@ -172,7 +174,8 @@ def measure_in_process(model_dir: Path, data: Path) -> dict:
     optimizer = build_optimizer(config.optimizer, params, lr=1e-5, weight_decay=0.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     step_started = time.perf_counter()
-    accumulate_gradients(model, [batch], config.attention, scaler, torch.device("cpu"), None)
+    accumulate_gradients(Replica(model, current_ranks(), config.parallel, torch.device("cpu")), [batch],
+                         config.attention, scaler, torch.device("cpu"), None)
     gradients = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
     optimizer_step(optimizer, scaler, params, 1.0, finite_loss=True)
     step_s = time.perf_counter() - step_started

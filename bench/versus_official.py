@@ -180,6 +180,8 @@ def ours_leg(work: Path, device: str, steps: int, sample: dict[str, Any], defaul
     from trainer.data.batching import EncodedSample, collate
     from trainer.devices import resolve_device, resolve_precision
     from trainer.job import accumulate_gradients, optimizer_step, prepare_model
+    from trainer.parallel.ranks import current_ranks
+    from trainer.parallel.replica import Replica
     from trainer.job_config import JobConfig
     from trainer.memory.optimizers import build_optimizer
     from trainer.model.image_crops import make_crops
@@ -203,7 +205,8 @@ def ours_leg(work: Path, device: str, steps: int, sample: dict[str, Any], defaul
 
     def step() -> float:  # run_job's step: a micro-batch from uint8 crops, backward, clip, optimizer step
         batch = collate([encoded], loaded.tokenizer.eos_id)
-        loss, _, _ = accumulate_gradients(model, [batch], config.attention, scaler, target, None)
+        loss, _, _ = accumulate_gradients(Replica(model, current_ranks(), config.parallel, target), [batch],
+                                           config.attention, scaler, target, None)
         optimizer_step(optimizer, scaler, params, config.max_grad_norm, finite_loss=True)
         return loss
 

@@ -14,6 +14,8 @@ from trainer.data.batching import Batch
 from trainer.model.config import PRESETS
 from trainer.devices import autocast_dtype_of, resolve_precision
 from trainer.job import accumulate_gradients, optimizer_step, prepare_model
+from trainer.parallel.ranks import current_ranks
+from trainer.parallel.replica import Replica
 from trainer.job_config import JobConfig, parse_bytes
 from trainer.memory.sizes import track_allocations
 from orchestrator.sweep.memory_plan import ShapePlan
@@ -83,7 +85,8 @@ def _measured_training_peak(config: JobConfig) -> int:
     steps = [[batch() for _ in range(config.grad_accum)] for _ in range(2)]
     with track_allocations() as tracker:
         for group in steps:
-            accumulate_gradients(model, group, config.attention, scaler, CPU, autocast_dtype_of(plan))
+            accumulate_gradients(Replica(model, current_ranks(), config.parallel, CPU), group,
+                                 config.attention, scaler, CPU, autocast_dtype_of(plan))
             optimizer_step(optimizer, scaler, params, 1.0, finite_loss=True)
     return tracker.peak
 
