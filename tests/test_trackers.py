@@ -21,6 +21,7 @@ from orchestrator.tracking.trackers import TrackerError, absolute_tracker, parse
     ("mlflow=http://tracking:5000", "mlflow=http://tracking:5000"),
     ("wandb", "wandb={cwd}/wandb"),
     ("tensorboard=tb", "tensorboard={cwd}/tb"),
+    ("comet=x", "comet=x"),  # not a tracker: refused later, as the user wrote it
 ])
 def test_a_place_on_this_machine_is_made_absolute_so_resume_finds_it_from_anywhere(value, expected, tmp_path,
                                                                                     monkeypatch):

@@ -74,7 +74,9 @@ def absolute_tracker(value: str) -> str:
     """A --log-to value whose place is on this machine (a folder, given or the default, or a SQLite file) made
     absolute: `resume` may run from another directory. Servers stay as given."""
     kind, _, where = value.partition("=")
-    where = where or KINDS.get(kind, ("",))[0]
+    if kind not in KINDS:
+        return value  # refused as given by parse_trackers
+    where = where or KINDS[kind][0]
     if where.startswith("sqlite:///"):
         return f"{kind}=sqlite:///{Path(where.removeprefix('sqlite:///')).expanduser().resolve()}"
     return f"{kind}={Path(where).expanduser().resolve()}" if where and "://" not in where else value
