@@ -175,6 +175,10 @@ def test_a_storage_source_names_its_study_where_it_holds_several_and_refuses_a_f
         carried_trials(f"{db}:foreign", distributions, OBJECTIVE, FIXED)
     with pytest.raises(StudyError, match=rf"^--warm-start {tmp_path}/none.db: {tmp_path}/none.db does not exist$"):
         carried_trials(f"{tmp_path}/none.db", distributions, OBJECTIVE, FIXED)
+    (tmp_path / "empty.db").touch()
+    with pytest.raises(StudyError, match=r"empty.db is empty, not a study `mdsweep study` wrote$"):
+        carried_trials(f"{tmp_path}/empty.db", distributions, OBJECTIVE, FIXED)
+    assert (tmp_path / "empty.db").stat().st_size == 0  # read, never written
     (tmp_path / "notes.jsonl").write_text("my own notes\n")
     with pytest.raises(StudyError, match="is not an Optuna journal"):
         carried_trials(f"{tmp_path}/notes.jsonl", distributions, OBJECTIVE, FIXED)
@@ -186,6 +190,7 @@ def test_a_storage_source_names_its_study_where_it_holds_several_and_refuses_a_f
     ("sqlite:///s/study.db", "sqlite:///{cwd}/s/study.db"),
     ("sqlite:///s/study.db:demo", "sqlite:///{cwd}/s/study.db:demo"),
     ("study.jsonl:demo", "{cwd}/study.jsonl:demo"),
+    ("sqlite:///optuna:demo", "sqlite:///{cwd}/optuna:demo"),  # a SQLite URL is a storage whatever its name
 ])
 def test_a_source_is_made_absolute_so_resume_reads_it_from_anywhere(tmp_path, monkeypatch, source, expected):
     monkeypatch.chdir(tmp_path)

@@ -370,9 +370,12 @@ STORAGE_SUFFIXES = (".db", ".sqlite", ".sqlite3", *JOURNAL_SUFFIXES)
 def split_storage_source(source: str) -> Optional[tuple[str, Optional[str]]]:
     """(storage, study name or None) of a --warm-start that names an Optuna storage: a sqlite:/// URL or a path
     with a storage's suffix, then `:STUDY` or nothing; None for RESULTS:SWEEP."""
+    if source.startswith(SQLITE_URL):  # the URL says what it is, whatever the file's name
+        path, sep, study = source.removeprefix(SQLITE_URL).rpartition(":")
+        return (f"{SQLITE_URL}{path}", study or None) if sep else (source, None)
     head, sep, tail = source.rpartition(":")
     for storage, study in ((source, None), (head, tail) if sep else ("", None)):
-        if Path(storage.removeprefix(SQLITE_URL)).suffix in STORAGE_SUFFIXES:
+        if Path(storage).suffix in STORAGE_SUFFIXES:
             return storage, study
     return None
 
@@ -398,6 +401,8 @@ def _storage_proposals(source: str, storage_text: str, study_name: Optional[str]
     path = Path(storage_text.removeprefix(SQLITE_URL)).expanduser()
     if not path.is_file():
         raise StudyError(f"--warm-start {source}: {path} does not exist")
+    if path.stat().st_size == 0:  # opening it would make it a new, empty storage: a source is only read
+        raise StudyError(f"--warm-start {source}: {path} is empty, not a study `mdsweep study` wrote")
     try:
         storage, _ = study_storage(storage_text if storage_text.startswith(SQLITE_URL) else str(path))
         names = sorted(summary.study_name for summary in optuna.get_all_study_summaries(storage))
