@@ -2,6 +2,7 @@
 measured on CPU during real training steps, and the table docs/memory.md prints for the real model."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing
 
 from trainer.data.batching import Batch
 from trainer.model.config import PRESETS
@@ -70,12 +73,14 @@ def test_optimizer_state_bytes_match_the_real_optimizers_exactly(optimizer, trai
 
 
 def _measured_training_peak(config: JobConfig) -> int:
-    """Peak bytes allocated by two real optimizer steps (model, batches and weights already in memory)."""
-    model, plan, params = _prepared(config)
-    optimizer = build_optimizer(config.optimizer, params, lr=1e-3, weight_decay=0.0)
+    """Peak bytes allocated on this rank by wrapping the model for the process group's workers, if any (DDP's
+    buckets, FSDP's shards), and two real optimizer steps on this rank's share of each micro-batch (model,
+    batches and the unwrapped weights already in memory)."""
+    model, plan, _ = _prepared(config)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    size, crop = config.batch_size, PRESETS[config.model].vision.crop_size
-    generator = torch.Generator().manual_seed(0)
+    ranks = current_ranks()
+    size, crop = config.batch_size // ranks.world, PRESETS[config.model].vision.crop_size
+    generator = torch.Generator().manual_seed(ranks.rank)
 
     def batch() -> Batch:
         ids = torch.randint(0, 100, (size, TEXT_TOKENS), generator=generator)
@@ -84,11 +89,24 @@ def _measured_training_peak(config: JobConfig) -> int:
 
     steps = [[batch() for _ in range(config.grad_accum)] for _ in range(2)]
     with track_allocations() as tracker:
+        replica = Replica(model, ranks, config.parallel, CPU)
+        params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP shards them
+        optimizer = build_optimizer(config.optimizer, params, lr=1e-3, weight_decay=0.0)
         for group in steps:
-            accumulate_gradients(Replica(model, current_ranks(), config.parallel, CPU), group,
-                                 config.attention, scaler, CPU, autocast_dtype_of(plan))
+            accumulate_gradients(replica, group, config.attention, scaler, CPU, autocast_dtype_of(plan))
             optimizer_step(optimizer, scaler, params, 1.0, finite_loss=True)
     return tracker.peak
+
+
+def _predicted_allocations(config: JobConfig, workers: int = 1) -> int:
+    """The estimate of one rank's peak less what existed before `_measured_training_peak` measured: its share of
+    the micro-batch and the unwrapped weights (FSDP's shards are allocated under measurement)."""
+    estimate = estimate_memory(config, workload=Workload(text_tokens=TEXT_TOKENS, crops_per_image=2),
+                               workers=workers)
+    vision = PRESETS[config.model].vision
+    inputs = config.batch_size // workers * (2 * 3 * vision.crop_size ** 2 * 4 + 2 * TEXT_TOKENS * 8)
+    sharded = workers > 1 and config.parallel == "fsdp"
+    return estimate.allocator_peak - inputs - (0 if sharded else estimate.weights)
 
 
 @pytest.mark.parametrize("settings", [
@@ -107,12 +125,60 @@ def _measured_training_peak(config: JobConfig) -> int:
 def test_predicted_peak_is_close_above_the_allocations_of_real_steps(settings):
     # fused AdamW: on CPU torch's plain AdamW loops per tensor, while the model predicts CUDA's multi-tensor one
     config = JobConfig(**{"model": "small", "batch_size": 8, "optimizer": "adamw-fused", **settings})
-    estimate = estimate_memory(config, workload=Workload(text_tokens=TEXT_TOKENS, crops_per_image=2))
-    vision = PRESETS["small"].vision
-    inputs = config.batch_size * (2 * 3 * vision.crop_size ** 2 * 4 + 2 * TEXT_TOKENS * 8)  # made before measuring
-    predicted = estimate.allocator_peak - estimate.weights - inputs
+    predicted = _predicted_allocations(config)
     measured = _measured_training_peak(config)
     assert 0.95 <= predicted / measured <= 1.3, (predicted, measured)
+
+
+# per-rank checks on 2 gloo workers: the shapes where the parallel strategies differ most. Not LoRA nor a run
+# without checkpointing: there the 1-worker activation model already over-predicts by 1.17-1.21x at this size
+# (inside the 1.3 above), whatever the workers
+RANK_SETTINGS = [dict(precision="fp32"), dict(precision="bf16"), dict(precision="fp32", grad_accum=3),
+                 dict(precision="fp32", train_scope="all")]
+
+
+def _rank_configs(strategy: str) -> list[JobConfig]:
+    return [JobConfig(**{"model": "small", "batch_size": 8, "optimizer": "adamw-fused", "parallel": strategy,
+                         **settings}) for settings in RANK_SETTINGS]
+
+
+def _measure_on_a_rank(rank: int, world: int, init_file: str, strategy: str, out: str) -> None:
+    """One of `world` gloo workers: the measured peak of every RANK_SETTINGS configuration on this rank."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        peaks = [_measured_training_peak(config) for config in _rank_configs(strategy)]
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(peaks))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_missing() -> bool:
+    try:
+        JobConfig(parallel="fsdp")
+    except ValueError:
+        return True
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", [
+    "ddp", pytest.param("fsdp", marks=pytest.mark.skipif(_fsdp_missing(), reason="parallel=fsdp is not built yet"))])
+def test_per_rank_prediction_is_within_15_percent_of_each_gloo_workers_allocations(strategy, tmp_path):
+    """Each of 2 workers measures its own allocations in real steps on its share (DDP: a full replica and its
+    gradient buckets; FSDP: the shards and the gathered units), against the memory model's per-rank estimate."""
+    torch.multiprocessing.spawn(_measure_on_a_rank, nprocs=2, args=(2, str(tmp_path / "init"), strategy,
+                                                                     str(tmp_path)))
+    measured = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    outside = []
+    for config, settings, *peaks in zip(_rank_configs(strategy), RANK_SETTINGS, *measured):
+        predicted = _predicted_allocations(config, workers=2)
+        ratios = [predicted / peak for peak in peaks]
+        print(f"{strategy} {settings}: predicted {predicted / 2**20:.2f} MiB per rank, measured "
+              f"{', '.join(f'{peak / 2**20:.2f}' for peak in peaks)} MiB, ratio "
+              f"{max(ratios, key=lambda r: abs(r - 1)):.3f}")
+        outside += [(settings, ratio) for ratio in ratios if not 1 / 1.15 <= ratio <= 1.15]
+    assert not outside
 
 
 DOCS_MEMORY = Path(__file__).resolve().parent.parent / "docs" / "memory.md"

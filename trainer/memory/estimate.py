@@ -35,11 +35,30 @@ What is counted, and the assumptions (also in the README):
   time, before the decoder runs.
 - The CUDA context (kernels, cuBLAS workspace) is outside the allocator and outside
   `max_gpu_memory`; `CUDA_CONTEXT_BYTES` is an assumption until measured on a GPU.
+
+On k workers (trainer.parallel) the estimate is one rank's, each rank holding its share
+of the micro-batch (batch_size / k samples) and its own CUDA context:
+- `ddp`: a full replica, plus DDP's gradient buckets. torch 2.13's reducer allocates,
+  when the model is wrapped, one flat bucket per ~25 MB of trained parameters (the first
+  1 MB) covering every trained parameter; with `gradient_as_bucket_view=False` (the
+  trainer's setting, DDP's default) they are a second copy of the gradients, held for
+  the whole job (`buckets`). The wrap's one-off broadcast of the weights is over before
+  training and smaller than its peak.
+- `fsdp` (FSDP2 `fully_shard`; each decoder block and each vision block a unit, the rest
+  the root): weights, gradients and optimizer states ÷ k; the root's weights gathered
+  from its forward to the end of backward (FSDP2 never reshards the root in between),
+  with its trained weights' full gradients through backward until their reduce-scatter;
+  and two block units gathered at once (the running one and the prefetched next), with,
+  in backward, one unit's full gradients and its reduce-scatter input. Gathered weights
+  are in the compute type when it is half (the mixed-precision policy), else in their
+  storage type, and so need no autocast half copies. With grad_accum > 1 the earlier
+  micro-batches skip the reduce-scatter (FSDP's gradient sync off), so they leave every
+  gradient unsharded until the last one: accumulation costs FSDP the full gradients.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Optional
 
 from trainer.model.config import MoondreamConfig, TextConfig, model_config_of
@@ -60,7 +79,7 @@ FF_VALUES = 2
 # the JobConfig fields `estimate_memory` reads: configurations equal in these need the same memory
 MEMORY_FIELDS: tuple[str, ...] = ("model", "train_scope", "lora_rank", "lora_targets", "optimizer", "precision",
                                   "trained_dtype", "frozen_dtype", "batch_size", "grad_accum",
-                                  "gradient_checkpointing", "attention_backend")
+                                  "gradient_checkpointing", "attention_backend", "parallel")
 
 
 def memory_shape(config: JobConfig) -> tuple[tuple[str, Any], ...]:
@@ -68,19 +87,25 @@ def memory_shape(config: JobConfig) -> tuple[tuple[str, Any], ...]:
     return tuple((name, getattr(config, name)) for name in MEMORY_FIELDS)
 
 
+# the FSDP unit of everything outside the vision and decoder blocks: stem, projection, embedding, head
+ROOT_UNIT = "root"
+
+
 @dataclass(frozen=True)
 class ParamTensor:
     part: str  # vision, projection, text or lora
     numel: int
     trains: bool
+    unit: str = ROOT_UNIT  # the FSDP unit it is sharded and gathered with: a block ("vision.3", "text.0") or the root
 
 
-def _linear(part: str, n_in: int, n_out: int, trains: bool, bias: bool = True) -> list[ParamTensor]:
-    return [ParamTensor(part, n_in * n_out, trains)] + ([ParamTensor(part, n_out, trains)] if bias else [])
+def _linear(part: str, n_in: int, n_out: int, trains: bool, bias: bool = True,
+            unit: str = ROOT_UNIT) -> list[ParamTensor]:
+    return [ParamTensor(part, n_in * n_out, trains, unit)] + ([ParamTensor(part, n_out, trains, unit)] if bias else [])
 
 
-def _norm(part: str, width: int, trains: bool) -> list[ParamTensor]:
-    return [ParamTensor(part, width, trains), ParamTensor(part, width, trains)]
+def _norm(part: str, width: int, trains: bool, unit: str = ROOT_UNIT) -> list[ParamTensor]:
+    return [ParamTensor(part, width, trains, unit), ParamTensor(part, width, trains, unit)]
 
 
 def decoder_linears(text: TextConfig) -> dict[str, tuple[int, int]]:
@@ -100,24 +125,27 @@ def parameter_tensors(model: MoondreamConfig, scope: str, lora_rank: int = 16,
     tensors = [ParamTensor("vision", v.enc_dim * v.in_channels * v.enc_patch_size ** 2, vision_trains),
                ParamTensor("vision", v.enc_dim, vision_trains),
                ParamTensor("vision", v.n_image_tokens * v.enc_dim, vision_trains)]
-    for _ in range(v.enc_n_layers):
-        tensors += _norm("vision", v.enc_dim, vision_trains) + _norm("vision", v.enc_dim, vision_trains)
+    for layer in range(v.enc_n_layers):
+        unit = f"vision.{layer}"
+        tensors += _norm("vision", v.enc_dim, vision_trains, unit) + _norm("vision", v.enc_dim, vision_trains, unit)
         for _ in range(4):
-            tensors += _linear("vision", v.enc_dim, v.enc_dim, vision_trains)
-        tensors += _linear("vision", v.enc_dim, v.enc_ff_dim, vision_trains)
-        tensors += _linear("vision", v.enc_ff_dim, v.enc_dim, vision_trains)
+            tensors += _linear("vision", v.enc_dim, v.enc_dim, vision_trains, unit=unit)
+        tensors += _linear("vision", v.enc_dim, v.enc_ff_dim, vision_trains, unit=unit)
+        tensors += _linear("vision", v.enc_ff_dim, v.enc_dim, vision_trains, unit=unit)
     tensors += _norm("vision", v.enc_dim, vision_trains)
     tensors += _linear("projection", 2 * v.enc_dim, v.proj_inner_dim, projection_trains)
     tensors += _linear("projection", v.proj_inner_dim, v.proj_out_dim, projection_trains)
 
     targets = set(lora_target_names(lora_targets)) if scope == "lora" else set()
     tensors.append(ParamTensor("text", t.vocab_size * t.dim, text_trains))
-    for _ in range(t.n_layers):
-        tensors += _norm("text", t.dim, text_trains)
+    for layer in range(t.n_layers):
+        unit = f"text.{layer}"
+        tensors += _norm("text", t.dim, text_trains, unit)
         for name, (n_in, n_out) in decoder_linears(t).items():
-            tensors += _linear("text", n_in, n_out, text_trains)
+            tensors += _linear("text", n_in, n_out, text_trains, unit=unit)
             if name in targets:
-                tensors += [ParamTensor("lora", lora_rank * n_in, True), ParamTensor("lora", n_out * lora_rank, True)]
+                tensors += [ParamTensor("lora", lora_rank * n_in, True, unit),
+                            ParamTensor("lora", n_out * lora_rank, True, unit)]
     tensors += _norm("text", t.dim, text_trains) + _linear("text", t.dim, t.vocab_size, text_trains)
     return tensors
 
@@ -160,6 +188,7 @@ class MemoryEstimate:
     transient: int  # the most activations or optimizer-step temporaries take at one time, beyond gradients
     allocator_peak: int  # what `torch.cuda.max_memory_allocated` should read; what `max_gpu_memory` must allow
     cuda_context: int
+    buckets: int = 0  # DDP's gradient buckets on k > 1 workers: a second copy of the gradients, held throughout
 
     @property
     def device_total(self) -> int:
@@ -170,27 +199,61 @@ class MemoryEstimate:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+@dataclass(frozen=True)
+class Gathered:
+    """What FSDP holds unsharded beyond the shards, by phase (module docstring): all zero for DDP and one worker."""
+    forward: int = 0
+    backward: int = 0
+
+
+def fsdp_gathered(tensors: list[ParamTensor], gathered_bytes: dict[bool, int], trained_bytes: int) -> Gathered:
+    """The root unit gathered throughout; two block units gathered at once; in backward the root's full trained
+    gradients, and one block unit's full gradients with their reduce-scatter input (in the trained type).
+    `gathered_bytes[trains]`: the bytes of a gathered value; its gradient has the same type."""
+    gathered: dict[str, int] = {}
+    trained: dict[str, int] = {}  # trained values per unit
+    for t in tensors:
+        gathered[t.unit] = gathered.get(t.unit, 0) + gathered_bytes[t.trains] * t.numel
+        trained[t.unit] = trained.get(t.unit, 0) + (t.numel if t.trains else 0)
+    root, root_trained = gathered.pop(ROOT_UNIT, 0), trained.pop(ROOT_UNIT, 0)
+    blocks = sum(sorted(gathered.values(), reverse=True)[:2])
+    block_gradients = (gathered_bytes[True] + trained_bytes) * max(trained.values(), default=0)
+    return Gathered(forward=root + blocks,
+                    backward=root + gathered_bytes[True] * root_trained + blocks + block_gradients)
+
+
 def estimate_memory(config: JobConfig, model: Optional[MoondreamConfig] = None,
-                    workload: Workload = Workload()) -> MemoryEstimate:
-    """Predicted peak memory of `config` on a CUDA GPU; `model` defaults to the sizes `config.model` loads with."""
+                    workload: Workload = Workload(), workers: int = 1) -> MemoryEstimate:
+    """Predicted peak memory of `config` on a CUDA GPU; `model` defaults to the sizes `config.model` loads with.
+    On `workers` > 1 ranks (`config.parallel`), the peak of one of them: what each worker's GPU must hold."""
     model = model or model_config_of(config.model)
     plan = plan_precision(config.precision, config.trained_dtype, config.frozen_dtype, on_gpu=True)
     c = BYTES_PER_VALUE[plan.compute]
     trained_bytes, frozen_bytes = BYTES_PER_VALUE[plan.trained], BYTES_PER_VALUE[plan.frozen]
     tensors = parameter_tensors(model, config.train_scope, config.lora_rank, config.lora_targets)
+    strategy = config.parallel if workers > 1 else None
+    gathered, unsharded_gradients = Gathered(), 0
+    if strategy == "fsdp":
+        # each rank keeps 1/k of every tensor (dim 0 padded to a multiple of k: at most k-1 rows, neglected)
+        half = plan.compute != "fp32"
+        gathered = fsdp_gathered(tensors, {True: c if half else trained_bytes, False: c if half else frozen_bytes},
+                                 trained_bytes)
+        unsharded_gradients = trained_bytes * sum(t.numel for t in tensors if t.trains)
+        tensors = [replace(t, numel=-(-t.numel // workers)) for t in tensors]
     n_trained = sum(t.numel for t in tensors if t.trains)
     n_frozen = sum(t.numel for t in tensors if not t.trains)
     weights = trained_bytes * n_trained + frozen_bytes * n_frozen
     gradients = trained_bytes * n_trained
     states = optimizer_state_bytes(config.optimizer, tensors, trained_bytes)
+    buckets = gradients if strategy == "ddp" else 0
 
     v, t = model.vision, model.text
-    batch = config.batch_size
+    batch = -(-config.batch_size // workers)  # this rank's share of the micro-batch
     seq = 1 + v.n_image_tokens + workload.text_tokens
     tokens = batch * seq
     # half copies of fp32 trained weights that linear layers keep for backward; with checkpointing (and the
-    # autocast cache off, as the trainer runs it) only one block's worth at a time
-    half_copies = c * n_trained if plan.compute != "fp32" and plan.trained == "fp32" else 0
+    # autocast cache off, as the trainer runs it) only one block's worth at a time; FSDP gathers them half already
+    half_copies = c * n_trained if plan.compute != "fp32" and plan.trained == "fp32" and strategy != "fsdp" else 0
     if config.gradient_checkpointing:
         half_copies //= max(t.n_layers, 1)
     # the residual stream is in the embedding's storage type: frozen under LoRA
@@ -219,16 +282,19 @@ def estimate_memory(config: JobConfig, model: Optional[MoondreamConfig] = None,
         kept += vision_kept
         vision_pass += vision_kept
 
-    # gradients exist before the backward pass only when earlier micro-batches of the step left them
-    earlier_gradients = gradients if config.grad_accum > 1 else 0
+    # gradients exist before the backward pass only when earlier micro-batches of the step left them (FSDP: whole,
+    # turned into shards one unit at a time in the last micro-batch's backward)
+    earlier_gradients = (unsharded_gradients if strategy == "fsdp" else gradients) if config.grad_accum > 1 else 0
     phases = {
-        "vision pass": earlier_gradients + inputs + vision_pass,
-        "forward end": earlier_gradients + inputs + half_copies + kept + attention + logits,
-        "backward": gradients + inputs + half_copies + kept + recompute + attention + logits,
+        "vision pass": earlier_gradients + inputs + vision_pass + gathered.forward,
+        "forward end": earlier_gradients + inputs + half_copies + kept + attention + logits + gathered.forward,
+        "backward": max(gradients, earlier_gradients) + inputs + half_copies + kept + recompute + attention + logits
+        + gathered.backward,
         # torch's multi-tensor AdamW makes one temporary the size of all trained values; fused and 8-bit do not
         "optimizer step": gradients + (trained_bytes * n_trained if config.optimizer == "adamw" else 0),
     }
     peak_phase = max(phases.values())
     return MemoryEstimate(weights=weights, gradients=gradients, optimizer_states=states,
                           transient=max(peak_phase - gradients, 0),
-                          allocator_peak=weights + states + peak_phase, cuda_context=CUDA_CONTEXT_BYTES)
+                          allocator_peak=weights + states + buckets + peak_phase, cuda_context=CUDA_CONTEXT_BYTES,
+                          buckets=buckets)
