@@ -18,9 +18,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing
+from safetensors.torch import load_file
 
 from harness import mdsweep, short_temp_dir
 from orchestrator.cli.main import main
+from trainer.export import export_checkpoint
 from trainer.job import run_job
 from trainer.job_config import JobConfig
 from trainer.parallel.ranks import Ranks
@@ -35,30 +37,63 @@ def _flags(values: dict) -> list[str]:
     return [part for key, value in values.items() for part in (f"--{key.replace('_', '-')}", str(value))]
 
 
-def _worker(rank: int, world: int, init_file: str, values: dict, out: str) -> None:
+def _keeper(reports: list, out: Path):
+    """A job's on_report: the report kept, and its checkpoint copied to OUT/checkpoint-STEP (the folder keeps
+    only the latest), so a test can resume from an earlier one."""
+    def on_report(metrics: dict, checkpoint: Path) -> None:
+        reports.append(metrics)
+        shutil.copytree(checkpoint, out / f"checkpoint-{metrics['step']}")
+    return on_report
+
+
+def _worker(rank: int, world: int, init_file: str, values: dict, out: str, resume_from: Optional[str]) -> None:
     """One rank of the job, as a launcher starts it: a process group, then `run_job`; what it saw, pickled."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         steps, reports = [], []
-        result = run_job(JobConfig(**values), on_step=steps.append,
-                         on_report=lambda metrics, _checkpoint: reports.append(metrics),
-                         checkpoint_dir=Path(out) / "checkpoint")
+        result = run_job(JobConfig(**values), on_step=steps.append, on_report=_keeper(reports, Path(out)),
+                         checkpoint_dir=Path(out) / "checkpoint", resume_from=resume_from)
         (Path(out) / f"rank{rank}.pkl").write_bytes(pickle.dumps((steps, reports, result)))
     finally:
         dist.destroy_process_group()
 
 
+def _two_workers(values: dict, out: Path, resume_from: Optional[Path] = None) -> tuple[tuple, tuple]:
+    """The job on 2 spawned gloo workers writing to `out`: rank 0's and rank 1's (steps, reports, result)."""
+    started = time.perf_counter()
+    torch.multiprocessing.spawn(_worker, nprocs=2, args=(2, str(out / "init"), values, str(out),
+                                                         str(resume_from) if resume_from else None))
+    print(f"2 workers ({values.get('parallel', 'ddp')}, gloo, spawned): {time.perf_counter() - started:.1f} s")
+    main, other = [pickle.loads((out / f"rank{rank}.pkl").read_bytes()) for rank in range(2)]
+    return main, other
+
+
 @pytest.fixture(scope="module")
 def one_worker(captcha_parquet, tmp_path_factory):
-    """(steps, reports, result, checkpoint folder) of the job on one worker, in this process."""
+    """(steps, reports, result, checkpoint folder) of the job on one worker, in this process; its checkpoint of
+    step 5 is kept beside it (checkpoint-5)."""
     out = tmp_path_factory.mktemp("one-worker")
     steps, reports = [], []
     started = time.perf_counter()
     result = run_job(JobConfig(**FAIR, train_data=str(captcha_parquet)), on_step=steps.append,
-                     on_report=lambda metrics, _checkpoint: reports.append(metrics), checkpoint_dir=out / "checkpoint")
+                     on_report=_keeper(reports, out), checkpoint_dir=out / "checkpoint")
     print(f"1 worker: {time.perf_counter() - started:.1f} s")
     return steps, reports, result, out / "checkpoint"
+
+
+@pytest.fixture(scope="module")
+def ddp_workers(captcha_parquet, tmp_path_factory):
+    """(rank 0's, rank 1's) (steps, reports, result) of the job on 2 DDP workers, and its checkpoint folder."""
+    out = tmp_path_factory.mktemp("ddp-workers")
+    return _two_workers(dict(FAIR, train_data=str(captcha_parquet)), out), out / "checkpoint"
+
+
+@pytest.fixture(scope="module")
+def fsdp_workers(captcha_parquet, tmp_path_factory):
+    """(rank 0's, rank 1's) (steps, reports, result) of the job on 2 FSDP workers, and its checkpoint folder."""
+    out = tmp_path_factory.mktemp("fsdp-workers")
+    return _two_workers(dict(FAIR, train_data=str(captcha_parquet), parallel="fsdp"), out), out / "checkpoint"
 
 
 def _assert_same_training(one_steps: list[dict], two_steps: list[dict]) -> None:
@@ -75,14 +110,9 @@ def _assert_same_training(one_steps: list[dict], two_steps: list[dict]) -> None:
 
 
 @pytest.mark.slow
-def test_two_workers_train_on_the_samples_of_one_and_give_its_losses(one_worker, captcha_parquet, tmp_path):
+def test_two_workers_train_on_the_samples_of_one_and_give_its_losses(one_worker, ddp_workers):
     one_steps, one_reports, one, one_checkpoint = one_worker
-    started = time.perf_counter()
-    torch.multiprocessing.spawn(_worker, nprocs=2, args=(2, str(tmp_path / "init"),
-                                                         dict(FAIR, train_data=str(captcha_parquet)), str(tmp_path)))
-    print(f"2 workers (gloo, spawned): {time.perf_counter() - started:.1f} s")
-    (two_steps, two_reports, two), (other_steps, other_reports, other) = [
-        pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes()) for rank in range(2)]
+    ((two_steps, two_reports, two), (other_steps, other_reports, other)), two_checkpoint = ddp_workers
     assert one.outcome == two.outcome == other.outcome == "ok", (one.error, two.error, other.error)
     _assert_same_training(one_steps, two_steps)
     # the ranks' FLOPs add up to one worker's; in the last step the empty share's stand-in sample adds its own
@@ -96,7 +126,7 @@ def test_two_workers_train_on_the_samples_of_one_and_give_its_losses(one_worker,
     assert [dataclasses.astuple(p)[:3] for p in two.predictions] == [dataclasses.astuple(p)[:3]
                                                                     for p in one.predictions]
     weights_one = torch.load(one_checkpoint / "state.pt", weights_only=False)["model"]
-    weights_two = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)["model"]
+    weights_two = torch.load(two_checkpoint / "state.pt", weights_only=False)["model"]
     for key in weights_one:
         # Adam's update is lr·m/(√v+eps): in a near-zero gradient, summation-order rounding moves a weight by up
         # to about lr per step (seen: 2.4e-5 after 9 steps); ranks that kept their gradients to themselves would
@@ -125,6 +155,61 @@ def test_mdsweep_train_on_two_ray_train_workers_matches_one_and_leaves_nothing_r
     assert "Traceback" not in done.stderr and "(RayTrainWorker" not in done.stderr + done.stdout
 
 
+def _relative_difference(one_steps: list[dict], other_steps: list[dict]) -> float:
+    return max(abs(a["train_loss"] - b["train_loss"]) / abs(a["train_loss"]) for a, b in zip(one_steps, other_steps))
+
+
+@pytest.mark.slow
+def test_fsdp_workers_train_like_one_and_checkpoint_the_weights_of_ddp(one_worker, ddp_workers, fsdp_workers,
+                                                                      captcha_parquet, tmp_path):
+    one_steps, one_reports, one, _ = one_worker
+    ((steps, reports, fsdp), (other_steps, other_reports, other)), fsdp_checkpoint = fsdp_workers
+    assert fsdp.outcome == other.outcome == "ok", (fsdp.error, other.error)
+    # the same samples and losses, and the global gradient norm (gathered from the shards' DTensor norm)
+    _assert_same_training(one_steps, steps)
+    # rank 0 evaluates on the model gathered whole: one row per validation sample, one worker's predictions
+    assert [r["step"] for r in reports] == [5, 9] and other_steps == other_reports == [] and other.predictions == []
+    ids = [p.sample_id for p in fsdp.predictions]
+    assert len(ids) == len(set(ids)) == reports[-1]["val_n"] == 10
+    assert [(p.sample_id, p.prediction) for p in fsdp.predictions] == [(p.sample_id, p.prediction)
+                                                                       for p in one.predictions]
+    # the checkpoint is gathered whole: exported to the official layout, it is the DDP trial's model at step 9
+    config = JobConfig(**FAIR, train_data=str(captcha_parquet))
+    exported = [load_file(export_checkpoint(folder, config, tmp_path / name, card={}, final_step=9)
+                          / "model.safetensors") for name, folder in (("fsdp", fsdp_checkpoint),
+                                                                       ("ddp", ddp_workers[1]))]
+    assert exported[0].keys() == exported[1].keys()
+    worst = max(float((exported[0][key].float() - exported[1][key].float()).abs().max()) for key in exported[0])
+    print(f"exported weights, FSDP vs DDP at step 9: max absolute difference {worst:.1e}")
+    for key in exported[0]:
+        torch.testing.assert_close(exported[0][key], exported[1][key], atol=1e-4, rtol=1e-4)  # as 1 vs 2 workers
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_on_another_number_of_workers(one_worker, fsdp_workers, captcha_parquet, tmp_path):
+    """Checkpoints hold whole tensors: 2 FSDP workers' step 5 resumes on 1 worker, and 1 worker's step 5 on 2
+    FSDP workers (each cutting its shards); both go on as the 1-worker job did."""
+    one_steps, _, one, one_checkpoint = one_worker
+    values = dict(FAIR, train_data=str(captcha_parquet))
+    alone_steps, alone_reports = [], []
+    (tmp_path / "alone").mkdir()
+    alone = run_job(JobConfig(**values), on_step=alone_steps.append, on_report=_keeper(alone_reports, tmp_path / "alone"),
+                    checkpoint_dir=tmp_path / "alone" / "checkpoint",
+                    resume_from=fsdp_workers[1].parent / "checkpoint-5")
+    (tmp_path / "two").mkdir()
+    (two_steps, _, two), _ = _two_workers(dict(values, parallel="fsdp"), tmp_path / "two",
+                                          resume_from=one_checkpoint.parent / "checkpoint-5")
+    for resumed_steps, resumed in ((alone_steps, alone), (two_steps, two)):
+        assert resumed.outcome == "ok", resumed.error
+        assert [s["step"] for s in resumed_steps] == [6, 7, 8, 9]
+        difference = _relative_difference(one_steps[5:], resumed_steps)
+        print(f"steps 6-9 after a resume on {resumed.hardware['workers']} worker(s): max relative loss "
+              f"difference {difference:.2e}")
+        assert difference < 1e-5
+        assert [(p.sample_id, p.prediction) for p in resumed.predictions] == [(p.sample_id, p.prediction)
+                                                                              for p in one.predictions]
+
+
 def test_a_batch_size_the_workers_cannot_share_is_one_line_naming_the_flags(captcha_parquet, tmp_path, capsys):
     code = main(["train", "--train-data", str(captcha_parquet), "--out", str(tmp_path / "o"), "--batch-size", "3",
                  "--workers-per-trial", "2"])
@@ -135,12 +220,14 @@ def test_a_batch_size_the_workers_cannot_share_is_one_line_naming_the_flags(capt
     assert not (tmp_path / "o").exists()  # refused before Ray, or any file
 
 
-def test_fsdp_is_refused_in_one_line_until_it_is_built(captcha_parquet, tmp_path, capsys):
-    code = main(["train", "--train-data", str(captcha_parquet), "--out", str(tmp_path / "o"), "--parallel", "fsdp"])
+def test_fsdp_with_8_bit_adamw_is_refused_in_one_line(captcha_parquet, tmp_path, capsys):
+    code = main(["train", "--train-data", str(captcha_parquet), "--out", str(tmp_path / "o"), "--parallel", "fsdp",
+                 "--optimizer", "adamw8bit", "--workers-per-trial", "2"])
     assert code == 2
     assert capsys.readouterr().err.splitlines() == [
-        "mdsweep train: error: parallel=fsdp (parameters, gradients and optimizer states sharded over the workers) "
-        "is not built yet; use parallel=ddp"]
+        "mdsweep train: error: parallel=fsdp cannot shard optimizer=adamw8bit (bitsandbytes' 8-bit update takes no "
+        "sharded tensors); use optimizer=adamw, or parallel=ddp"]
+    assert not (tmp_path / "o").exists()
 
 
 def test_each_rank_takes_its_contiguous_share_and_together_they_take_all():

@@ -13,13 +13,16 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from trainer.files import atomic_path
 from trainer.job_config import JobConfig, Prediction
+
+if TYPE_CHECKING:
+    from trainer.parallel.replica import Replica
 
 STATE_FILE = "state.pt"
 
@@ -91,21 +94,25 @@ class TrainState:
     predictions: list[Prediction] = field(default_factory=list)  # that evaluation's, one per validation sample
 
     @classmethod
-    def capture(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    def capture(cls, model: torch.nn.Module, optimizer_state: dict[str, Any],
                 scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, *,
                 progress: Progress, config: JobConfig, final: dict[str, Any],
                 predictions: list[Prediction]) -> TrainState:
-        """A running job's state now, RNGs included, so that a job resumed from it draws what this one would."""
-        return cls(model=trainable_state(model), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+        """A running job's state now, RNGs included, so that a job resumed from it draws what this one would.
+        `model` and `optimizer_state` whole, as one worker has them (trainer.parallel gathers them
+        from FSDP's shards), so the file is the same whatever the number of workers that wrote it."""
+        return cls(model=trainable_state(model), optimizer=optimizer_state,
+                   scheduler=scheduler.state_dict(),
                    scaler=scaler.state_dict(), progress=progress, rng=rng_state(), config=config.to_dict(),
                    final=final, predictions=predictions)
 
-    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    def restore(self, replica: Replica, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler) -> None:
-        """Put this state into a job built afresh with the same settings, and into the RNGs. Not strict about the
-        model: its frozen tensors are not in the checkpoint, they were built from the model source."""
-        model.load_state_dict(self.model, strict=False)
-        optimizer.load_state_dict(self.optimizer)
+        """Put this state into a job built afresh with the same settings (on any number of workers: each takes
+        its shard of the whole tensors), and into the RNGs. Not strict about the model: its frozen tensors are
+        not in the checkpoint, they were built from the model source."""
+        replica.load_trained(self.model)
+        replica.load_optimizer_state(optimizer, self.optimizer)
         scheduler.load_state_dict(self.scheduler)
         scaler.load_state_dict(self.scaler)
         restore_rng(self.rng)

@@ -35,6 +35,7 @@ from trainer.memory.optimizers import build_optimizer, warmup_cosine
 from trainer.memory.precision import PrecisionPlan
 from trainer.parallel.ranks import current_ranks, sum_over_ranks, wait_for_main
 from trainer.parallel.replica import Replica
+from trainer.parallel.sharding import full_value
 
 Reporter = Callable[[dict[str, Any], Optional[Path]], None]
 StepCallback = Callable[[dict[str, Any]], None]
@@ -84,7 +85,8 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
 
     In a torch.distributed process group of k > 1 workers (trainer.parallel), every rank calls this: each trains
     on its share of every micro-batch, and rank 0 alone evaluates, writes checkpoints, tests, saves the model
-    and calls the callbacks; the other ranks return their outcome without metrics or predictions.
+    and calls the callbacks (under FSDP every rank takes part in gathering the model whole for them); the other
+    ranks return their outcome without metrics or predictions.
     """
     started = time.time()
     ranks = current_ranks()
@@ -108,7 +110,7 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
         return JobResult(outcome="oom", step=0, peak_memory_bytes=peak_bytes(device),
                          error=f"out of memory moving the model to {device}{cap_note(cap)}",
                          wall_time_s=time.time() - started)
-    replica = Replica(model, ranks, config.parallel, device)
+    replica = Replica(model, ranks, config.parallel, device, compute_dtype=autocast_dtype)
     hardware = {"device_name": device_name(device), "attention_kernel": decoder_attention_kernel(
         model, config.attention, device, autocast_dtype or TORCH_DTYPES[precision.trained]), "workers": ranks.world}
     data = prepare_data(config, loaded, opened)
@@ -131,7 +133,7 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     resumed = resume_from is not None
     if resumed:
         saved = TrainState.load(resume_from)
-        saved.restore(model, optimizer, scheduler, scaler)
+        saved.restore(replica, optimizer, scheduler, scaler)
         # a checkpoint taken at the last step leaves nothing to run: its evaluation is the result
         progress, final, predictions = saved.progress, saved.final, saved.predictions
         if on_resume and ranks.main:
@@ -193,19 +195,24 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
             if on_step and ranks.main:
                 on_step(metrics)
             if budget.should_evaluate(step, samples_before, progress.samples_seen):
-                if ranks.main:
-                    val_metrics, predictions = evaluate(
-                        model, data.val, loaded.tokenizer, config.attention, batch_size=config.batch_size,
-                        max_new_tokens=config.max_new_tokens, device=device, autocast_dtype=autocast_dtype)
-                    final = report_metrics(window, val_metrics, data.skipped_samples, time.time() - started, device)
-                    best = progress.best_metrics
-                    if not best or final["val_exact_match"] > best["val_exact_match"]:
-                        progress.best_metrics = dict(final)
-                    if checkpoint_dir is not None:
-                        TrainState.capture(model, optimizer, scheduler, scaler, progress=progress, config=config,
-                                           final=final, predictions=predictions).save(Path(checkpoint_dir))
-                    if on_report:
-                        on_report(dict(final), Path(checkpoint_dir) if checkpoint_dir is not None else None)
+                # every rank takes part: FSDP gathers the model and the optimizer state whole onto rank 0
+                with replica.whole() as whole:
+                    optimizer_state = replica.optimizer_state(optimizer) if checkpoint_dir is not None else {}
+                    if ranks.main:
+                        val_metrics, predictions = evaluate(
+                            whole, data.val, loaded.tokenizer, config.attention, batch_size=config.batch_size,
+                            max_new_tokens=config.max_new_tokens, device=device, autocast_dtype=autocast_dtype)
+                        final = report_metrics(window, val_metrics, data.skipped_samples, time.time() - started,
+                                               device)
+                        best = progress.best_metrics
+                        if not best or final["val_exact_match"] > best["val_exact_match"]:
+                            progress.best_metrics = dict(final)
+                        if checkpoint_dir is not None:
+                            TrainState.capture(whole, optimizer_state, scheduler, scaler, progress=progress,
+                                               config=config, final=final, predictions=predictions
+                                               ).save(Path(checkpoint_dir))
+                        if on_report:
+                            on_report(dict(final), Path(checkpoint_dir) if checkpoint_dir is not None else None)
                 window = []
                 wait_for_main(ranks)
     except torch.OutOfMemoryError as exc:
@@ -213,16 +220,19 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
         return result("oom", f"out of memory at step {progress.step + 1}{cap_note(cap)}: {message}")
     except Diverged as exc:
         return result("diverged", str(exc))
-    if not ranks.main:
+    if not (test_data or config.save_model):
         return result("ok")
-    tested = test_metrics(model, loaded, config, test_data, device=device,
-                          autocast_dtype=autocast_dtype) if test_data else {}
-    if config.save_model:
-        trained = trainable_state(model)
+    with replica.whole() as whole:  # every rank takes part, as at an evaluation
+        if not ranks.main:
+            return result("ok")
+        tested = test_metrics(whole, loaded, config, test_data, device=device,
+                              autocast_dtype=autocast_dtype) if test_data else {}
+        trained = trainable_state(whole) if config.save_model else None
+    if trained is not None:
         # the training copy, its gradients and optimizer states give their memory back first: at real size
         # they and the fp32 rebuild below do not fit in host memory together
         optimizer.state.clear()
-        model.to("meta")
+        replica.release()
         # rebuilt in fp32 with the trained tensors laid over it, as an export does: frozen parts kept in
         # half precision for training are not written rounded
         save_model(trained_model(config, trained, "this job"), Path(config.save_model))
@@ -272,7 +282,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
             scaler.update(scaler.get_scale() / 2)
         return float("nan"), 1
     scaler.unscale_(optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    # over FSDP's sharded gradients the norm is a DTensor: its full value is the global norm
+    grad_norm = float(full_value(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)))
     scale_before = scaler.get_scale() if scaler.is_enabled() else None
     scaler.step(optimizer)
     scaler.update()

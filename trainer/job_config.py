@@ -29,8 +29,7 @@ Outcome = Literal["ok", "oom", "diverged", "error"]
 # trainer.model.choices. Each is read with typing.get_args where it is listed (optimizers, data, search spaces, CLI).
 OptimizerName = Literal["adamw", "adamw-fused", "adamw8bit"]
 OnBadSample = Literal["error", "skip"]
-# How the workers of one job share it (trainer.parallel): ddp, a full replica per worker; fsdp is named so that it
-# can be given and refused in one line until it is built.
+# How the workers of one job share it (trainer.parallel): ddp, a full replica per worker; fsdp, every block sharded.
 ParallelStrategy = Literal["ddp", "fsdp"]
 
 
@@ -159,8 +158,10 @@ class JobConfig:
     device: Optional[str] = _field(None, "cuda, cuda:N or cpu; default cuda when available")
     parallel: ParallelStrategy = _field(
         "ddp", "how the workers of a job with --workers-per-trial N > 1 share it: ddp (each worker a full replica "
-               "training on its share of every micro-batch, gradients averaged); fsdp is not built yet. One worker "
-               "ignores it")
+               "training on its share of every micro-batch, gradients averaged), or fsdp (the same training, with "
+               "parameters, gradients and optimizer states sharded over the workers, each block gathered only while "
+               "it runs: for a model that fits no single device; not with optimizer=adamw8bit). One worker ignores "
+               "it")
     seed: int = _field(0, "seed of weights init, data order and dropout; sweep it for replicates")
     eval_every: Optional[int] = _field(None, "optimizer steps between evaluations (default: once per epoch)")
     eval_every_samples: Optional[int] = _field(None, "training samples between evaluations, so that every trial "
@@ -230,8 +231,10 @@ class JobConfig:
              str(precision_problem(self.precision, self.trained_dtype)))
         need(self.device is None or bool(DEVICE.match(str(self.device))),
              f"device must be cpu, cuda or cuda:N, got {self.device!r}")
-        need(self.parallel != "fsdp", "parallel=fsdp (parameters, gradients and optimizer states sharded over the "
-                                      "workers) is not built yet; use parallel=ddp")
+        # bitsandbytes' 8-bit update is a kernel of its own that takes no sharded (DTensor) state
+        need(not (self.parallel == "fsdp" and self.optimizer == "adamw8bit"),
+             "parallel=fsdp cannot shard optimizer=adamw8bit (bitsandbytes' 8-bit update takes no sharded tensors); "
+             "use optimizer=adamw, or parallel=ddp")
         checks = (
             ("", lambda: check_budget_fields(
                 batch_size=self.batch_size, grad_accum=self.grad_accum, epochs=self.epochs,
