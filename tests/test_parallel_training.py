@@ -1,16 +1,20 @@
 """Data-parallel training is fair: k workers train on the samples of one and give its losses (issue 31).
 
-The 1-worker job runs in this process without any process group, as today. The 2-worker job runs twice: in two
+The 1-worker job runs in this process without any process group, as today. The 2-worker job runs in two
 processes of a gloo process group started here, each calling `run_job` (the trainer alone, whoever launches it),
-and through `mdsweep train --workers-per-trial 2` (Ray Train on an embedded Ray). Adam's update barely depends
-on the gradient's scale, so the losses alone would not see a wrong average: the gradient norm does.
+under DDP and under FSDP, and through `mdsweep train --workers-per-trial 2 --parallel fsdp` (Ray Train on an
+embedded Ray; the sweep's DDP trials take that path in tests/test_parallel_sweep.py). Adam's update barely
+depends on the gradient's scale, so the losses alone would not see a wrong average: the gradient norm does.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
+import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import psutil
 import pyarrow.parquet as pq
@@ -23,9 +27,10 @@ from safetensors.torch import load_file
 from harness import mdsweep, short_temp_dir
 from orchestrator.cli.main import main
 from trainer.export import export_checkpoint
-from trainer.job import run_job
+from trainer.job import optimizer_step, run_job
 from trainer.job_config import JobConfig
 from trainer.parallel.ranks import Ranks
+from trainer.parallel.sharding import shard_model
 
 # 96 captchas less 25 for validation: 71 to train on, so the epoch's last micro-batch of 2 holds 1 sample and
 # one worker's share of it is empty; 9 steps of 4 micro-batches are exactly that epoch.
@@ -135,14 +140,15 @@ def test_two_workers_train_on_the_samples_of_one_and_give_its_losses(one_worker,
 
 
 @pytest.mark.slow
-def test_mdsweep_train_on_two_ray_train_workers_matches_one_and_leaves_nothing_running(one_worker, captcha_parquet,
-                                                                                       tmp_path):
+def test_mdsweep_train_on_two_fsdp_ray_train_workers_matches_one_and_leaves_nothing_running(one_worker,
+                                                                                            captcha_parquet, tmp_path):
     one_steps, one_reports, one, _ = one_worker
     with short_temp_dir("mdp") as temp:  # Ray's session lives under TMPDIR: its processes name it
         started = time.perf_counter()
-        done = mdsweep("train", *_flags(dict(FAIR, train_data=captcha_parquet)), "--workers-per-trial", "2",
-                       "--out", str(tmp_path / "two"), env={"TMPDIR": str(temp)}, timeout=400)
-        print(f"2 workers (mdsweep train, Ray Train): {time.perf_counter() - started:.1f} s")
+        done = mdsweep("train", *_flags(dict(FAIR, train_data=captcha_parquet, parallel="fsdp")),
+                       "--workers-per-trial", "2", "--out", str(tmp_path / "two"), env={"TMPDIR": str(temp)},
+                       timeout=400)
+        print(f"2 FSDP workers (mdsweep train, Ray Train): {time.perf_counter() - started:.1f} s")
         assert done.returncode == 0, done.stderr[-3000:]
         time.sleep(1)
         left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or ())]
@@ -208,6 +214,44 @@ def test_a_checkpoint_resumes_on_another_number_of_workers(one_worker, fsdp_work
         assert difference < 1e-5
         assert [(p.sample_id, p.prediction) for p in resumed.predictions] == [(p.sample_id, p.prediction)
                                                                               for p in one.predictions]
+
+
+def _scaled_steps_on_shards(rank: int, world: int, init_file: str, out: str) -> None:
+    """One of 2 gloo ranks: a small FSDP-sharded stack through the job's `optimizer_step` with loss scaling, once
+    as it comes, once with an overflow in rank 0's shard only; (grad norms, skips) and the unsharded norm, saved."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        stack = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 3))
+        inputs = torch.randn(4, 8)
+        grads = torch.autograd.grad(stack(inputs).square().sum(), list(stack.parameters()))
+        whole = torch.cat([grad.flatten() for grad in grads]).norm()
+        shard_model(stack, list(stack), world, torch.device("cpu"), None)
+        params = list(stack.parameters())
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+        seen = []
+        for overflow in (False, True):
+            scaler.scale(stack(inputs).square().sum()).backward()
+            if overflow and rank == 0:
+                params[0].grad.to_local()[0, 0] = float("inf")
+            seen.append(optimizer_step(optimizer, scaler, params, 1e9, finite_loss=True))
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps({"steps": seen, "whole": float(whole)}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_gives_the_global_grad_norm_and_a_scaler_skip_on_every_rank(tmp_path):
+    torch.multiprocessing.spawn(_scaled_steps_on_shards, nprocs=2, args=(2, str(tmp_path / "init"), str(tmp_path)))
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for seen in ranks:
+        (norm, skipped), (_, overflow_skipped) = seen["steps"]
+        # every rank computed the same input, so the averaged gradient is the unsharded one, whose norm is the
+        # global norm; the shards' own norms would each be smaller
+        assert norm == pytest.approx(seen["whole"], rel=1e-5) and skipped == 0
+        assert overflow_skipped == 1  # rank 1's shard was finite: it skips with rank 0, or the ranks would part
 
 
 def test_a_batch_size_the_workers_cannot_share_is_one_line_naming_the_flags(captcha_parquet, tmp_path, capsys):

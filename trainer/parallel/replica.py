@@ -24,7 +24,7 @@ from trainer.job_config import ParallelStrategy
 from trainer.model.choices import AttentionMode
 from trainer.model.network import MoondreamModel
 from trainer.parallel.ranks import Ranks
-from trainer.parallel.sharding import (full_value, shard_like, shard_model, sharded_optimizer_state,
+from trainer.parallel.sharding import (full_value, model_blocks, shard_like, shard_model, sharded_optimizer_state,
                                        whole_optimizer_state)
 
 
@@ -60,7 +60,7 @@ class Replica:
         if strategy == "fsdp":
             if ranks.main:
                 self.copy = copy.deepcopy(model).to("cpu")
-            self.fsdp = shard_model(AnswerLoss(model), model, ranks.world, device, compute_dtype)
+            self.fsdp = shard_model(AnswerLoss(model), model_blocks(model), ranks.world, device, compute_dtype)
         else:
             # the model's buffers are constants (rotary tables), equal on every rank: not broadcast each forward
             self.ddp = DistributedDataParallel(AnswerLoss(model), device_ids=[device] if device.type == "cuda" else None,
@@ -68,7 +68,7 @@ class Replica:
 
     def answer_loss(self, batch: Batch, mode: AttentionMode) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(summed loss, correct tokens, labelled tokens) of this rank's share, as `MoondreamModel.answer_loss`."""
-        wrapped = self.ddp or self.fsdp
+        wrapped = self.ddp if self.ddp is not None else self.fsdp
         if wrapped is None:
             return self.model.answer_loss(batch.crops, batch.tilings, batch.text_ids, batch.labels, mode)
         return wrapped(batch, mode)

@@ -22,16 +22,22 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from trainer.model.network import MoondreamModel
 
 
-def shard_model(root: torch.nn.Module, model: MoondreamModel, world: int, device: torch.device,
+def model_blocks(model: MoondreamModel) -> list[torch.nn.Module]:
+    """The units below the root: every vision block and every decoder block."""
+    return [*model.vision.encoder.layers, *model.text.model.layers]
+
+
+def shard_model(root: torch.nn.Module, blocks: list[torch.nn.Module], world: int, device: torch.device,
                 compute_dtype: Optional[torch.dtype]) -> FSDPModule:
-    """Shard `model`'s blocks, then `root` (the module whose forward computes the loss, holding `model`), over
-    `world` ranks. Under autocast (`compute_dtype`) a unit is gathered in the compute type, which autocast would
-    cast it to anyway, and its gradients reduced in the trained weights' type, as one worker keeps them."""
+    """Shard each of `blocks`, then `root` (the module whose forward computes the loss, holding them and the
+    rest), over `world` ranks. Under autocast (`compute_dtype`) a unit is gathered in the compute type, which
+    autocast would cast it to anyway, and its gradients reduced in the trained weights' type, as one worker
+    keeps them."""
     mesh = init_device_mesh(device.type, (world,))
-    trained = [p.dtype for p in model.parameters() if p.requires_grad]
+    trained = [p.dtype for p in root.parameters() if p.requires_grad]
     policy = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=trained[0] if trained else None)
               if compute_dtype is not None else MixedPrecisionPolicy())
-    for block in [*model.vision.encoder.layers, *model.text.model.layers]:
+    for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     return fully_shard(root, mesh=mesh, mp_policy=policy)
 
