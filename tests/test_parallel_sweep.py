@@ -3,21 +3,26 @@
 The same 2-trial sweep runs on one worker per trial and on two, on an embedded Ray of 3 logical CPUs: a 2-worker
 trial needs 2 x 1 CPU and 0.25 for its driver, so only one fits at a time, and the second trial's workers can
 start only once the first trial's have let go of their CPUs (Ray issue #54305). Each trial must train on the
-samples of one worker and give its losses, and its checkpoint, written by rank 0, must be the one Tune holds.
+samples of one worker and give its losses, and its checkpoint, written by rank 0, must be the one Tune holds. Then
+4 trials of 2 workers share 4 logical GPUs, two at a time, and one killed worker costs its trial a retry from its
+checkpoint, nothing more.
 """
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
-from harness import job_flags, mdsweep, short_temp_dir
+from harness import job_flags, mdsweep, running_driver, short_temp_dir, wait_until
+from orchestrator.cluster.train_workers import collective_backend, run_job_on_workers
 from orchestrator.results.store import read_partition
+from trainer.job_config import JobConfig
 
-pytestmark = pytest.mark.slow  # two sweeps on real Ray clusters
 
 SETTINGS = ["--space", "smoke", "--num-samples", "2", "--search-seed", "3", "--num-cpus", "3", "--cpus-per-trial",
             "1", "--progress-interval", "0", "--quiet"]
@@ -44,6 +49,7 @@ def _left(temp: Path) -> list[int]:
     return [p.pid for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or ())]
 
 
+@pytest.mark.slow  # two sweeps on real Ray clusters
 def test_a_sweep_on_two_workers_per_trial_matches_one_and_leaves_nothing_running(captcha_parquet, tmp_path):
     timings = {}
     with short_temp_dir("mdq") as temp:
@@ -77,3 +83,85 @@ def test_a_sweep_on_two_workers_per_trial_matches_one_and_leaves_nothing_running
     # one trial at a time: a trial's whole need (its workers and its driver) fits the cluster once
     first, second = sorted(two.values(), key=lambda r: r["start_time"])
     assert first["end_time"] <= second["start_time"], (first["end_time"], second["start_time"])
+
+
+def _session_processes(session: int) -> list[psutil.Process]:
+    """The processes still running in the process session `session` (a driver started by running_driver leads its
+    own): its embedded Ray's, which Ray renames (ray::RayTrainWorker...), so their command lines no longer name a
+    folder. A zombie has ended; only its parent's wait is missing (a container's PID 1 may never reap it)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == session and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+            continue
+    return found
+
+
+def _most_at_once(rows: list[dict]) -> int:
+    """The most trials that ran at the same moment, from their start and end times."""
+    events = sorted([(r["start_time"], 1) for r in rows] + [(r["end_time"], -1) for r in rows],
+                    key=lambda event: (event[0], event[1]))
+    running = most = 0
+    for _, change in events:
+        running += change
+        most = max(most, running)
+    return most
+
+
+@pytest.mark.slow  # a sweep of 8 Ray Train workers
+def test_four_trials_of_two_workers_share_four_logical_gpus_two_at_a_time_and_survive_a_killed_worker(
+        captcha_parquet, tmp_path):
+    """4 trials x 2 workers of 1 logical GPU each on an embedded Ray of 4 GPUs: two trials at a time (the GPUs
+    bound it; the 5 CPUs would allow 2 x 2.25). Once two trials have checkpointed, one Ray Train worker is killed
+    by its process id: its trial fails into Tune's retry, resumes from its checkpoint and ends ok, and every steps
+    and predictions row lands exactly once. The workers train on the CPU over gloo (the GPUs are logical)."""
+    name, sweeps, results = "gpus", tmp_path / "sweeps", tmp_path / "results"
+    argv = ["run", "--name", name, "--storage", str(sweeps), "--results", str(results), "--space", "smoke",
+            "--num-samples", "4", "--search-seed", "5", "--num-cpus", "5", "--num-gpus", "4", "--cpus-per-trial", "1",
+            "--gpus-per-trial", "1", "--workers-per-trial", "2", "--progress-interval", "0", "--quiet",
+            *job_flags(captcha_parquet, max_steps=12)]
+
+    def checkpointed() -> set[str]:
+        return {path.parent.parent.name for path in (sweeps / name).glob("*/checkpoint_*/mdsweep_report.json")}
+
+    with short_temp_dir("mdg") as temp:
+        with running_driver(argv, env={"TMPDIR": str(temp)}, log_path=tmp_path / "driver.log") as driver:
+            wait_until(lambda: len(checkpointed()) >= 2, "two trials checkpointed", 400, driver, interval_s=0.2)
+            workers = [p for p in _session_processes(driver.pid) if "RayTrainWorker" in " ".join(p.cmdline())]
+            assert workers, "no Ray Train worker found in the driver's session"
+            workers[0].kill()
+            assert driver.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+        time.sleep(1)
+        assert _session_processes(driver.pid) == []
+    trials = read_partition(results, "trials", name)
+    assert len(trials) == 4 and {r["outcome"] for r in trials} == {"ok"}, [(r["outcome"], r["error"]) for r in trials]
+    assert {r["workers"] for r in trials} == {2}
+    assert _most_at_once(trials) == 2
+    retried = [r for r in trials if r["num_failures"]]
+    assert len(retried) == 1 and retried[0]["num_failures"] == 1 and retried[0]["restored_from_step"] >= 2, \
+        [(r["num_failures"], r["restored_from_step"]) for r in trials]
+    for row in trials:
+        steps = [s["step"] for s in read_partition(results, "steps", name) if s["trial_id"] == row["trial_id"]]
+        assert sorted(steps) == [2, 4, 6, 8, 10, 12], (row["trial_id"], steps)
+        # the predictions of the trial's last evaluation, one row per validation sample
+        predicted = [p["sample_id"] for p in read_partition(results, "predictions", name)
+                     if p["trial_id"] == row["trial_id"]]
+        assert len(predicted) == len(set(predicted)) == 4, (row["trial_id"], sorted(predicted))
+
+
+def test_workers_given_logical_gpus_or_told_to_use_the_cpu_reduce_over_gloo():
+    """NCCL cannot reduce CPU tensors: workers that train on the CPU, logical GPUs or not, need gloo."""
+    assert collective_backend(JobConfig(device="cpu"), use_gpu=True) == "gloo"
+    assert collective_backend(JobConfig(), use_gpu=False) == "gloo"
+    if not Path("/dev/nvidiactl").exists():  # this machine's GPUs, if any, are logical: the job falls back to CPU
+        assert collective_backend(JobConfig(), use_gpu=True) == "gloo"
+
+
+def test_train_on_more_workers_than_the_machine_has_gpus_is_one_line_naming_the_flag(monkeypatch):
+    """On a machine with CUDA GPUs each worker of `mdsweep train` takes one; this machine has none, so its count
+    is set (the refusal comes before Ray starts)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"--workers-per-trial 2: this machine has 1 GPU\(s\)"):
+        run_job_on_workers(2, JobConfig())

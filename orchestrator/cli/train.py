@@ -54,10 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="held-out test set (same formats as --train-data): the final model is tested on it "
                              "once, when the job ends ok; it never steers training")
     parser.add_argument("--workers-per-trial", type=positive_int, default=1, metavar="N",
-                        help="train on N data-parallel workers (--parallel, on CPUs over gloo), started by Ray Train "
+                        help="train on N data-parallel workers (--set parallel=...), started by Ray Train "
                              "on an embedded Ray of this command's own; --batch-size stays the samples of one "
                              "micro-step summed over the workers, so the job trains on the samples of one worker "
-                             "and gives its losses. 1 (default): in this process, without Ray")
+                             "and gives its losses. Each worker takes one of this machine's GPUs (NCCL) where it "
+                             "has CUDA GPUs, else a CPU (gloo). 1 (default): in this process, without Ray")
     add_job_arguments(parser.add_argument_group("job settings"))
     parser.set_defaults(func=run_train)
 

@@ -64,18 +64,26 @@ def run_job_on_workers(workers: int, config: JobConfig, on_report: Optional[Call
                        on_step: Optional[Callable[..., None]] = None, test_data: Optional[str] = None,
                        on_resume: Optional[Callable[..., None]] = None, *,
                        ray_log_file: Optional[Path] = None) -> JobResult:
-    """`run_job(config, ...)` on `workers` CPU workers (DDP over gloo) of an embedded Ray of its own: the same
-    outcome, callbacks and errors, rank 0's. `ray_log_file` takes Ray's own log lines off the terminal. Ray ends
-    before this returns or raises."""
+    """`run_job(config, ...)` on `workers` workers of an embedded Ray of its own, each with a GPU of this machine
+    where it has CUDA GPUs (NCCL), else a CPU (gloo): the same outcome, callbacks and errors, rank 0's.
+    `ray_log_file` takes Ray's own log lines off the terminal. Ray ends before this returns or raises."""
+    import torch
+
     from trainer.job import run_job
 
+    # one GPU per worker where the job trains on CUDA: a worker given none would see no GPU (Ray hides them)
+    gpus = 0 if str(config.device or "").startswith("cpu") else torch.cuda.device_count()
+    if 0 < gpus < workers:
+        raise ValueError(f"--workers-per-trial {workers}: this machine has {gpus} GPU(s), one per worker; "
+                         f"use --workers-per-trial {gpus} or fewer, or train on CPUs with --set device=cpu")
     if ray_log_file is not None:
         route_ray_logs(ray_log_file)
     temp = Path(tempfile.mkdtemp(prefix="mdsw-"))  # short: Ray's socket paths live under it
-    handle = start_embedded(num_cpus=workers, temp_dir=temp / "ray")
+    handle = start_embedded(num_cpus=workers, num_gpus=gpus, temp_dir=temp / "ray")
     try:
         return run_on_workers(workers, config, on_report, checkpoint_dir, resume_from, on_step, test_data,
-                              on_resume, job=run_job, storage=temp / "train")
+                              on_resume, job=run_job, storage=temp / "train",
+                              resources={"CPU": 1, "GPU": 1} if gpus else None)
     finally:
         handle.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
@@ -94,6 +102,8 @@ def run_on_workers(workers: int, config: JobConfig, on_report: Optional[Callable
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
 
+    from trainer.parallel.ranks import lost_a_peer
+
     events, handled = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
     settings = {"events": events, "handled": handled, "job": job, "config": config.to_dict(), "test_data": test_data,
                 "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None,
@@ -103,7 +113,7 @@ def run_on_workers(workers: int, config: JobConfig, on_report: Optional[Callable
                            scaling_config=ScalingConfig(
                                num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
                                label_selector={NODE_ID_LABEL: node_id} if node_id else None),
-                           torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                           torch_config=TorchConfig(backend=collective_backend(config, use_gpu)),
                            # Ray Train's own records of the run; the job's files are where its callbacks put them
                            run_config=RunConfig(name="mdsweep-workers", storage_path=str(storage)))
     failure: list[BaseException] = []
@@ -121,12 +131,25 @@ def run_on_workers(workers: int, config: JobConfig, on_report: Optional[Callable
         if kind in ("result", "raised"):
             fitting.join()  # the workers end with rank 0 (Ray Train stops the others when it raises)
             if kind == "raised":
+                if lost_a_peer(payload):  # rank 0 saw another worker go: the trial can go on from a checkpoint
+                    raise WorkersFailed(f"a worker of the {workers} was lost: {str(payload).splitlines()[0]}") \
+                        from payload
                 raise payload
             return payload
         if callbacks[kind] is not None:
             callbacks[kind](*payload)
         if kind == "report":
             handled.put(True)
+
+
+def collective_backend(config: JobConfig, use_gpu: bool) -> str:
+    """NCCL where the workers train on NVIDIA GPUs, gloo where they train on CPUs: NCCL reduces only GPU tensors.
+
+    Workers given GPUs train on CPUs when the job says `device=cpu`, or when the GPUs are logical ones (`--num-gpus`
+    on a node without NVIDIA's driver, whose device file /dev/nvidiactl is then missing): the job falls back to
+    the CPU there (trainer.devices), so its process group must too. The workers run on this process's node."""
+    on_cuda = use_gpu and not str(config.device or "").startswith("cpu") and Path("/dev/nvidiactl").exists()
+    return "nccl" if on_cuda else "gloo"
 
 
 def _fit(trainer: Any, failure: list[BaseException]) -> None:

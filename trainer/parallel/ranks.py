@@ -56,3 +56,14 @@ def wait_for_main(ranks: Ranks) -> None:
     checkpoint that would resume it."""
     if ranks.parallel:
         dist.barrier()
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another worker went away (killed, out of memory), not
+    an error of this worker's own work: the job could go on from its checkpoint on a fresh set of workers.
+
+    NCCL raises DistBackendError and a lost TCP store DistNetworkError; gloo raises a plain RuntimeError whose
+    message names the gloo source file of its TCP transport ("Connection closed by peer", "Read error")."""
+    if isinstance(error, (dist.DistBackendError, dist.DistNetworkError)):
+        return True
+    return isinstance(error, RuntimeError) and "gloo/transport/" in str(error)
