@@ -9,19 +9,10 @@ import pytest
 
 from orchestrator.cli.main import main
 from orchestrator.sweep.memory_plan import plan_space
-from trainer.job_config import JobConfig
 from trainer.model.loading import preset_tokenizer
 from trainer.memory.estimate import Workload
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _fsdp_missing() -> bool:
-    try:
-        JobConfig(parallel="fsdp")
-    except ValueError:
-        return True
-    return False
 
 
 def test_plan_groups_configurations_by_memory_shape_not_learning_rate():
@@ -78,7 +69,6 @@ def test_plan_shows_that_ddp_ranks_need_more_than_one_worker(capsys):
         assert _gib(row[2]) > _gib(row[1]) and row[-1] == "none", row
 
 
-@pytest.mark.skipif(_fsdp_missing(), reason="parallel=fsdp is not built yet")
 def test_the_real_full_finetune_fits_24_gib_cards_on_two_fsdp_workers(capsys):
     """Issue 31: fp32 AdamW at batch 8 needs 27.8 GiB on one worker; sharded over two, each rank fits a 24 GiB card."""
     assert main(["plan", "--model", "moondream2", "--workers-per-trial", "2", "--set", "parallel=fsdp",
