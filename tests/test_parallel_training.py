@@ -96,9 +96,11 @@ def ddp_workers(captcha_parquet, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fsdp_workers(captcha_parquet, tmp_path_factory):
-    """(rank 0's, rank 1's) (steps, reports, result) of the job on 2 FSDP workers, and its checkpoint folder."""
+    """(rank 0's, rank 1's) (steps, reports, result) of the job on 2 FSDP workers, and its checkpoint folder; the
+    model it saved at its end is in the folder's sibling `model`."""
     out = tmp_path_factory.mktemp("fsdp-workers")
-    return _two_workers(dict(FAIR, train_data=str(captcha_parquet), parallel="fsdp"), out), out / "checkpoint"
+    values = dict(FAIR, train_data=str(captcha_parquet), parallel="fsdp", save_model=str(out / "model"))
+    return _two_workers(values, out), out / "checkpoint"
 
 
 def _assert_same_training(one_steps: list[dict], two_steps: list[dict]) -> None:
@@ -189,6 +191,9 @@ def test_fsdp_workers_train_like_one_and_checkpoint_the_weights_of_ddp(one_worke
     print(f"exported weights, FSDP vs DDP at step 9: max absolute difference {worst:.1e}")
     for key in exported[0]:
         torch.testing.assert_close(exported[0][key], exported[1][key], atol=1e-4, rtol=1e-4)  # as 1 vs 2 workers
+    # the model the job saved at its end (gathered by every rank) is that export
+    saved = load_file(fsdp_checkpoint.parent / "model" / "model.safetensors")
+    assert saved.keys() == exported[0].keys() and all(torch.equal(saved[key], exported[0][key]) for key in saved)
 
 
 @pytest.mark.slow
