@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from orchestrator.sweep.driver import resolve_resources
 from orchestrator.sweep.gpu_memory import MARGIN, AutoGpuResources, MemoryBook, book_for, register_book
 from orchestrator.cluster.resources import GPU_GRANULARITY, NodeInfo, ResourceError, plan_resources
+from orchestrator.sweep.memory_plan import workers_to_fit
+from orchestrator.sweep.settings import SweepError, SweepSettings
 from orchestrator.sweep.search import make_searcher
 from orchestrator.sweep.trainable import job_config_from
 from trainer.memory.estimate import CUDA_CONTEXT_BYTES, estimate_memory
@@ -102,3 +105,74 @@ def test_auto_needs_gpus_and_does_not_mix_with_a_fixed_share():
         plan_resources(gpu_node, gpu_memory_per_trial="auto", gpus_per_trial=0.5, node_gpu_memory="80GiB")
     with pytest.raises(ResourceError, match="no GPUs"):
         plan_resources([NodeInfo("n2", "10.0.0.2", cpus=8)], gpu_memory_per_trial="auto")
+
+
+# `--workers-per-trial auto` (issue 31): moondream2's full fine-tune, fp32 AdamW, batch 8 needs 27.8 GiB on one
+# worker and 14.2 GiB per rank on 2 FSDP workers (mdsweep plan); DDP keeps a whole replica on every rank
+FULL = {"model": "moondream2", "train_data": "x", "train_scope": "all", "optimizer": "adamw", "batch_size": 8}
+
+
+def test_auto_workers_is_the_fewest_count_whose_ranks_fit_and_whose_batch_splits():
+    need = MemoryBook().need
+    fsdp = job_config_from({**FULL, "parallel": "fsdp"}, {})
+    assert workers_to_fit([fsdp], 24 * GiB, need) == 2
+    assert workers_to_fit([fsdp], 80 * GiB, need) == 1
+    assert workers_to_fit([job_config_from({**FULL, "parallel": "ddp"}, {})], 24 * GiB, need) is None
+    # batch 1 splits over no count but 1, where it does not fit
+    assert workers_to_fit([job_config_from({**FULL, "parallel": "fsdp", "batch_size": 1}, {})], 24 * GiB, need) \
+        is None
+    # every configuration must fit at the count, not most: a needs 100/n bytes per rank, b 300/n
+    a, b = (job_config_from({**FIXED, "batch_size": 8, "lr": lr}, {}) for lr in (1e-5, 3e-5))
+    per_rank = {a.lr: 100, b.lr: 300}
+    assert workers_to_fit([a, b], 100, lambda c, n: per_rank[c.lr] // n) == 4
+    assert workers_to_fit([a, b], 30, lambda c, n: per_rank[c.lr] // n) is None  # 300 // 8 = 37 at most
+
+
+class _Cluster:
+    """What resolve_resources reads of a cluster handle: its nodes (logical GPUs: memory given by flag)."""
+
+    notes: list[str] = []
+
+    def __init__(self, gpus: int) -> None:
+        self.gpus = gpus
+
+    def nodes(self) -> list[NodeInfo]:
+        return [NodeInfo("n1", "10.0.0.1", cpus=16, gpus=self.gpus, memory=128 * GiB)]
+
+
+def _auto_sweep(tmp_path, **kw) -> SweepSettings:
+    values = dict(name="autoworkers", storage=str(tmp_path / "s"), results=str(tmp_path / "r"),
+                  fixed={**FULL, "parallel": "fsdp"}, workers_per_trial="auto", gpu_memory_per_trial="auto",
+                  node_gpu_memory="24GiB")
+    return SweepSettings(**{**values, **kw})
+
+
+def test_auto_workers_resolves_to_a_count_and_a_fixed_share_per_worker(tmp_path):
+    s = _auto_sweep(tmp_path)
+    req, notes = resolve_resources(s, _Cluster(gpus=4))
+    share = MemoryBook(workers=2).need(job_config_from(s.fixed, {}))
+    assert s.workers_per_trial == 2 == req.workers  # the saved settings resume at 2
+    assert req.gpu_memory_bytes == share and req.max_gpu_memory == str(share) and req.auto_gpu_bytes is None
+    assert req.gpus == pytest.approx(share / (24 * GiB), abs=1e-4) and req.capacity == 2
+    assert any(n.startswith("--workers-per-trial auto: 2 worker(s) per trial") for n in notes)
+    assert book_for("autoworkers").workers == 2  # the searcher rejects shapes by their per-rank need at 2
+
+    # on an 80 GiB card one worker fits: today's per-trial auto shares
+    s = _auto_sweep(tmp_path, node_gpu_memory="80GiB")
+    req, _ = resolve_resources(s, _Cluster(gpus=4))
+    assert s.workers_per_trial == 1 and req.auto_gpu_bytes == 80 * GiB and req.max_gpu_memory == "auto"
+
+
+def test_auto_workers_is_refused_in_one_line_without_gpus_or_auto_memory(tmp_path, captcha_parquet, capsys):
+    from orchestrator.cli.main import main
+
+    with pytest.raises(SweepError, match=r"^--workers-per-trial auto: the cluster has no GPUs"):
+        resolve_resources(_auto_sweep(tmp_path), _Cluster(gpus=0))
+    with pytest.raises(SweepError, match=r"^--workers-per-trial auto: at none of 1, 2, 4, 8 workers"):
+        resolve_resources(_auto_sweep(tmp_path, fixed={**FULL, "parallel": "ddp"}), _Cluster(gpus=4))
+    for memory in ([], ["--gpu-memory-per-trial", "16GiB"]):
+        assert main(["run", "--name", "x", "--train-data", str(captcha_parquet), "--storage", str(tmp_path / "s"),
+                     "--results", str(tmp_path / "r"), "--workers-per-trial", "auto", *memory, "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("mdsweep run: error: --workers-per-trial auto needs "
+                                                   "--gpu-memory-per-trial auto"), err

@@ -79,10 +79,11 @@ def test_default_modes():
     ({"metric": "mfu", "gpus_per_trial": 0}, r"--metric mfu: the trials train on CPU \(--gpus-per-trial 0\)"),
     ({"objectives": [("val_exact_match", "max"), ("mfu", "max")], "fixed": {"train_data": "x", "device": "cpu"}},
      r"--objective mfu: the trials train on CPU \(device=cpu\).*--set peak_tflops=N"),
-    # each worker takes an equal share of a micro-batch, and a worker's GPU share is a size it is told
+    # each worker takes an equal share of a micro-batch; auto workers follow the auto memory's predictions
     ({"workers_per_trial": 2, "fixed": {"train_data": "x", "batch_size": 3}},
      "--batch-size 3 is not divisible by --workers-per-trial 2"),
-    ({"workers_per_trial": 2, "gpu_memory_per_trial": "auto"}, "--gpu-memory-per-trial auto with --workers-per-trial"),
+    ({"workers_per_trial": "auto", "gpu_memory_per_trial": "16GiB"},
+     "--workers-per-trial auto needs --gpu-memory-per-trial auto"),
 ])
 def test_settings_are_checked_before_any_cluster(tmp_path, kw, match):
     with pytest.raises(SweepError, match=match):

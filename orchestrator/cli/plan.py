@@ -10,7 +10,7 @@ from orchestrator.cli.job_flags import add_job_arguments
 from orchestrator.cli.run import JOB_FLAG_FIELDS, add_settings_flags, fixed_settings
 from orchestrator.cluster.connect import ClusterError, connect
 from orchestrator.cluster.resources import format_size, parse_size, probe_gpu_memory
-from orchestrator.sweep.settings import positive_int, ray_address
+from orchestrator.sweep.settings import AUTO_WORKERS, positive_int, ray_address
 from trainer.budget import worker_split_problem
 from trainer.memory.estimate import PLANNING_CROPS_PER_IMAGE, PLANNING_TEXT_TOKENS, Workload
 
@@ -79,6 +79,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from orchestrator.sweep.memory_plan import plan_space, varying_fields
 
     try:
+        if args.workers_per_trial == AUTO_WORKERS:
+            raise ValueError("--workers-per-trial auto: chosen by `mdsweep run` for its cluster's GPUs; this plan's "
+                             "last table shows the fewest workers each shape needs per card")
         fixed = fixed_settings(args)
         fixed.setdefault("train_data", "unused-by-plan")
         cross = parse_cross(args.cross)

@@ -15,7 +15,7 @@ from orchestrator.cluster.resources import ResourceError, is_auto, parse_size
 from orchestrator.results.objectives import default_mode
 from orchestrator.results.schema import METRICS, validate_sweep_name
 from orchestrator.results.spaces import SpaceError, SpaceInfo, validate_space
-from orchestrator.sweep.settings import SweepError, SweepSettings
+from orchestrator.sweep.settings import AUTO_WORKERS, SweepError, SweepSettings
 from orchestrator.tracking.trackers import TrackerError, parse_trackers
 from trainer.budget import worker_split_problem
 from trainer.job_config import JobConfig
@@ -195,13 +195,15 @@ def check_fixed_settings(fixed: dict[str, Any]) -> JobConfig:
 
 def check_worker_split(s: SweepSettings, job: JobConfig, info: SpaceInfo) -> None:
     """With --workers-per-trial N > 1: every batch size a trial may get (fixed, or drawn by the space's probe) must
-    split evenly over the workers, and each trial's GPU share must be known before it starts (under `auto` it comes
-    from the trial's own placement, which a driver of workers does not hold)."""
+    split evenly over the workers. `auto` chooses only counts that split them, and needs `--gpu-memory-per-trial
+    auto`: the count follows the per-rank prediction, which a fixed size or share does not change."""
+    if s.workers_per_trial == AUTO_WORKERS:
+        if not is_auto(s.gpu_memory_per_trial):
+            raise SweepError("--workers-per-trial auto needs --gpu-memory-per-trial auto (it picks the fewest "
+                             "workers whose per-rank prediction fits the card); or give --workers-per-trial N")
+        return
     if s.workers_per_trial == 1:
         return
-    if is_auto(s.gpu_memory_per_trial):
-        raise SweepError("--gpu-memory-per-trial auto with --workers-per-trial: not built yet; give each worker's "
-                         "memory as a size (e.g. 16GiB) or --gpus-per-trial")
     searched = "batch_size" in info.searched
     sizes = sorted({int(sample["batch_size"]) for sample in info.samples} if searched else {job.batch_size})
     flag = f"batch_size (searched by --space {s.space})" if searched else "--batch-size"

@@ -9,6 +9,7 @@ rebuilds the same trainable.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from orchestrator.cluster import connect as cluster_mod
 from orchestrator.cluster.resources import (ResourceError, TrialResources, check_fit, concurrency_capacity, format_size,
@@ -36,8 +37,8 @@ from orchestrator.sweep.baselines import plan_baselines
 from orchestrator.sweep.checks import check_data, check_mfu_objective, check_settings, searched_columns
 from orchestrator.sweep.held_out import test_best_trials
 from orchestrator.sweep.lock import describe_stale, refusal, running_driver, sweep_lock
-from orchestrator.sweep.settings import (MANIFEST, SweepError, SweepSettings, manifest_exists, normalize_storage,
-                                         read_manifest, write_manifest)
+from orchestrator.sweep.settings import (AUTO_WORKERS, MANIFEST, SweepError, SweepSettings, manifest_exists,
+                                         normalize_storage, read_manifest, write_manifest)
 
 @dataclass
 class SweepOutcome:
@@ -58,17 +59,29 @@ class SweepOutcome:
 
 def resolve_resources(s: SweepSettings, handle: cluster_mod.ClusterHandle,
                       samples: Optional[list[dict[str, Any]]] = None) -> tuple[TrialResources, list[str]]:
-    """Per-trial resources against the cluster; `samples` (probed suggestions) size `auto` GPU shares."""
+    """Per-trial resources against the cluster; `samples` (probed suggestions) size `auto` GPU shares and choose the
+    count of `--workers-per-trial auto`, which then replaces `auto` in `s`: the saved settings resume at that count."""
     nodes = handle.nodes()
     if s.gpu_memory_per_trial and not s.node_gpu_memory:
         probe_gpu_memory(nodes)
+    if s.workers_per_trial == AUTO_WORKERS and not any(n.gpus > 0 for n in nodes):
+        raise SweepError("--workers-per-trial auto: the cluster has no GPUs, and auto sizes the workers to a GPU's "
+                         "memory; give --workers-per-trial N")
+    plan = functools.partial(plan_resources, nodes, cpus_per_trial=s.cpus_per_trial, gpus_per_trial=s.gpus_per_trial,
+                             memory_per_trial=s.memory_per_trial, node_gpu_memory=s.node_gpu_memory)
     notes: list[str] = []
+    samples = samples or [{}]
     try:
-        req = plan_resources(nodes, cpus_per_trial=s.cpus_per_trial, gpus_per_trial=s.gpus_per_trial,
-                             gpu_memory_per_trial=s.gpu_memory_per_trial, memory_per_trial=s.memory_per_trial,
-                             node_gpu_memory=s.node_gpu_memory, workers=s.workers_per_trial)
-        if req.auto_gpu_bytes:
-            notes.append(auto_shares(s, req, samples or [{}]))
+        req = plan(gpu_memory_per_trial=s.gpu_memory_per_trial,
+                   workers=1 if s.workers_per_trial == AUTO_WORKERS else s.workers_per_trial)
+        if req.auto_gpu_bytes and s.workers_per_trial == AUTO_WORKERS:
+            s.workers_per_trial, note = auto_workers(s, req.auto_gpu_bytes, samples)
+            notes.append(note)
+        if req.auto_gpu_bytes and s.workers_per_trial > 1:
+            req, note = worker_shares(s, plan, req.auto_gpu_bytes, samples)
+            notes.append(note)
+        elif req.auto_gpu_bytes:
+            notes.append(auto_shares(s, req, samples))
         if not s.skip_fit_check:
             check_fit(req, nodes)
     except ResourceError as e:
@@ -84,28 +97,75 @@ def resolve_resources(s: SweepSettings, handle: cluster_mod.ClusterHandle,
     return req, notes
 
 
-def auto_shares(s: SweepSettings, req: TrialResources, samples: list[dict[str, Any]]) -> str:
-    """With `auto`: the GPU shares the space's probed configurations would get, for the capacity estimate and the
-    user; fails when none fits a GPU."""
-    from orchestrator.sweep.gpu_memory import AutoGpuResources, MemoryBook, book_for, register_book
+def auto_workers(s: SweepSettings, gpu_bytes: int, samples: list[dict[str, Any]]) -> tuple[int, str]:
+    """`--workers-per-trial auto`: the fewest workers at which every probed configuration's per-rank prediction plus
+    margin (MemoryBook.need, as `--gpu-memory-per-trial auto` sizes one worker) fits a GPU of `gpu_bytes`; with a
+    line for the user."""
+    from orchestrator.sweep.gpu_memory import MemoryBook
+    from orchestrator.sweep.memory_plan import WORKER_CHOICES, workers_to_fit
     from orchestrator.sweep.trainable import job_config_from
 
-    # a fresh book: an earlier sweep of this name in this process must not size this one (a resumed sweep's
-    # searcher puts back the book it saved)
-    register_book(s.name, MemoryBook(gpu_bytes=req.auto_gpu_bytes))
-    resources = AutoGpuResources(s.name, s.fixed, req.cpus, int(req.auto_gpu_bytes))
-    needs = [book_for(s.name).need(job_config_from(s.fixed, sample)) for sample in samples]
-    fitting = [n for n in needs if n <= req.auto_gpu_bytes]
-    size = format_size(req.auto_gpu_bytes)
-    if not fitting:
+    configs = [job_config_from(s.fixed, sample) for sample in samples]
+    workers = workers_to_fit(configs, gpu_bytes, MemoryBook().need)  # predictions only: nothing is measured yet
+    size = format_size(gpu_bytes)
+    if workers is None:
+        raise ResourceError(f"--workers-per-trial auto: at none of {', '.join(map(str, WORKER_CHOICES))} workers "
+                            f"does every probed configuration of --space {s.space} fit a {size} GPU per rank (or "
+                            "split its batch evenly); see `mdsweep plan`, or give --workers-per-trial N to run "
+                            "the configurations that fit at N")
+    return workers, (f"--workers-per-trial auto: {workers} worker(s) per trial, the fewest at which every probed "
+                     f"configuration's per-rank prediction plus margin fits a {size} GPU")
+
+
+def _probed_needs(s: SweepSettings, gpu_bytes: int, workers: int, samples: list[dict[str, Any]]) -> list[int]:
+    """With `auto` GPU memory: a fresh book for the sweep (an earlier sweep of this name in this process must not
+    size this one; a resumed sweep's searcher puts back the book it saved), and one rank's need of every probed
+    configuration; fails when none fits a GPU."""
+    from orchestrator.sweep.gpu_memory import MemoryBook, register_book
+    from orchestrator.sweep.trainable import job_config_from
+
+    book = MemoryBook(gpu_bytes=gpu_bytes, workers=workers)
+    register_book(s.name, book)
+    needs = [book.need(job_config_from(s.fixed, sample)) for sample in samples]
+    if min(needs) > gpu_bytes:
+        on = f" on {workers} workers" if workers > 1 else ""
         raise ResourceError(f"--gpu-memory-per-trial auto: no configuration of --space {s.space} is predicted to "
-                            f"fit a {size} GPU (smallest need {format_size(min(needs))}); see `mdsweep plan`")
+                            f"fit a {format_size(gpu_bytes)} GPU{on} (smallest need {format_size(min(needs))}); "
+                            "see `mdsweep plan`")
+    return needs
+
+
+def _left_out(needs: list[int], fitting: list[int]) -> str:
+    return (f"; {len(needs) - len(fitting)} of {len(needs)} probed configurations fit no GPU and will not run"
+            if len(fitting) < len(needs) else "")
+
+
+def auto_shares(s: SweepSettings, req: TrialResources, samples: list[dict[str, Any]]) -> str:
+    """With `auto` on one worker: the GPU shares the space's probed configurations would get, for the capacity
+    estimate and the user; fails when none fits a GPU."""
+    from orchestrator.sweep.gpu_memory import AutoGpuResources
+
+    resources = AutoGpuResources(s.name, s.fixed, req.cpus, int(req.auto_gpu_bytes))
+    needs = _probed_needs(s, int(req.auto_gpu_bytes), 1, samples)
+    fitting = [n for n in needs if n <= req.auto_gpu_bytes]
     req.gpus = resources.fraction_of(min(fitting))
     return (f"--gpu-memory-per-trial auto: each trial gets its predicted memory plus a margin, "
-            f"{format_size(min(fitting))} to {format_size(max(fitting))} of a {size} GPU "
-            f"({req.gpus:g} to {resources.fraction_of(max(fitting)):g} of it)"
-            + (f"; {len(needs) - len(fitting)} of {len(needs)} probed configurations fit no GPU and will not run"
-               if len(fitting) < len(needs) else ""))
+            f"{format_size(min(fitting))} to {format_size(max(fitting))} of a {format_size(req.auto_gpu_bytes)} GPU "
+            f"({req.gpus:g} to {resources.fraction_of(max(fitting)):g} of it)" + _left_out(needs, fitting))
+
+
+def worker_shares(s: SweepSettings, plan: Callable[..., TrialResources], gpu_bytes: int,
+                  samples: list[dict[str, Any]]) -> tuple[TrialResources, str]:
+    """With `auto` GPU memory on N > 1 workers: one fixed share for every worker of every trial, the largest
+    per-rank need among the probed configurations that fit, planned as if given as a size. A trial's workers ask
+    Ray Train for their resources when the trial starts, not Tune's per-trial resource function (which sizes only
+    the trial itself, here a driver without a GPU), so their share cannot follow each trial's own prediction."""
+    needs = _probed_needs(s, gpu_bytes, s.workers_per_trial, samples)
+    fitting = [n for n in needs if n <= gpu_bytes]
+    req = plan(gpu_memory_per_trial=str(max(fitting)), workers=s.workers_per_trial)
+    return req, (f"--gpu-memory-per-trial auto on {s.workers_per_trial} workers per trial: each worker gets "
+                 f"{format_size(max(fitting))} of a {format_size(gpu_bytes)} GPU ({req.gpus:g} of it), the largest "
+                 f"per-rank prediction plus margin of the probed configurations" + _left_out(needs, fitting))
 
 
 # ---------------------------------------------------------------- building the Tuner pieces

@@ -30,6 +30,7 @@ class MemoryBook:
     """What a sweep has learnt about memory, by shape. Saved with the searcher, so a resumed sweep keeps it."""
 
     gpu_bytes: Optional[int] = None  # the smallest GPU trials may land on, when known
+    workers: int = 1  # the sweep's workers per trial: needs and peaks are one rank's at this count
     measured: dict[tuple, int] = field(default_factory=dict)  # shape -> largest peak measured
     predicted: dict[tuple, int] = field(default_factory=dict)  # shape -> allocator peak predicted
     out_of_memory: set[tuple] = field(default_factory=set)  # shapes that ended oom
@@ -41,16 +42,25 @@ class MemoryBook:
         ratios = [self.measured[k] / self.predicted[k] for k in self.measured if self.predicted.get(k)]
         return max(ratios) if ratios else 1.0
 
-    def need(self, config: JobConfig) -> int:
-        """Bytes of GPU this configuration should be given, context included."""
-        key = memory_shape(config)
-        predicted = self.predicted.setdefault(key, estimate_memory(config).allocator_peak)
+    def need(self, config: JobConfig, workers: Optional[int] = None) -> int:
+        """Bytes of GPU one rank of this configuration should be given on `workers` workers (default: the
+        sweep's), context included."""
+        workers = workers or self.workers
+        key = self._key(config, workers)
+        predicted = self.predicted.setdefault(key, estimate_memory(config, workers=workers).allocator_peak)
         allocator = max(predicted * self.calibration(), self.measured.get(key, 0))
         return int(allocator * MARGIN) + CUDA_CONTEXT_BYTES
 
+    @staticmethod
+    def _key(config: JobConfig, workers: int) -> tuple:
+        """A shape at a worker count: one rank's memory differs by count (a 1-worker key is the bare shape, as in
+        books saved before the count was part of it)."""
+        shape = memory_shape(config)
+        return shape if workers == 1 else (*shape, ("workers", workers))
+
     def observe(self, config: JobConfig, outcome: str, peak_bytes: Optional[int]) -> None:
-        key = memory_shape(config)
-        self.predicted.setdefault(key, estimate_memory(config).allocator_peak)
+        key = self._key(config, self.workers)
+        self.predicted.setdefault(key, estimate_memory(config, workers=self.workers).allocator_peak)
         if outcome == "oom":
             self.out_of_memory.add(key)
         elif peak_bytes:
@@ -58,7 +68,7 @@ class MemoryBook:
 
     def cannot_fit(self, config: JobConfig) -> Optional[str]:
         """Why this configuration is not worth running, or None."""
-        if memory_shape(config) in self.out_of_memory:
+        if self._key(config, self.workers) in self.out_of_memory:
             return "a trial of the same memory shape ran out of memory"
         if self.gpu_bytes and self.need(config) > self.gpu_bytes:
             return f"predicted to need more than a whole {self.gpu_bytes / 2**30:.0f} GiB GPU"

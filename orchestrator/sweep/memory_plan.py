@@ -9,7 +9,7 @@ its batch splits over, so a plan says how many workers (GPUs) a trial needs on a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from orchestrator.results.groups import build_expansions
 from orchestrator.results.spaces import validate_space
@@ -32,6 +32,15 @@ def per_rank_estimates(config: JobConfig, workload: Workload = Workload()) -> di
 def fewest_workers(needs: dict[int, int], gpu_bytes: int) -> Optional[int]:
     """The smallest worker count whose per-rank need (bytes, by count) fits a GPU of `gpu_bytes`, or None."""
     return next((n for n in sorted(needs) if needs[n] <= gpu_bytes), None)
+
+
+def workers_to_fit(configs: Sequence[JobConfig], gpu_bytes: int,
+                   need: Callable[[JobConfig, int], int]) -> Optional[int]:
+    """`--workers-per-trial auto`: the fewest of WORKER_CHOICES over which every configuration's batch splits and at
+    which every configuration's per-rank `need(config, workers)` fits a GPU of `gpu_bytes`, or None. Every one, not
+    most: a sweep's trials all run at one count, and a configuration left out would never be tried."""
+    counts = [n for n in WORKER_CHOICES if not any(worker_split_problem(c.batch_size, n) for c in configs)]
+    return fewest_workers({n: max(need(c, n) for c in configs) for n in counts}, gpu_bytes)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,14 @@ def positive_int(text: str) -> int:
     return v
 
 
+AUTO_WORKERS = "auto"  # --workers-per-trial auto: the fewest workers whose ranks fit the card (driver.py)
+
+
+def workers_count(text: str) -> int | str:
+    """--workers-per-trial: a count >= 1, or `auto` (resolved to a count once the cluster's GPUs are known)."""
+    return AUTO_WORKERS if text.strip().lower() == AUTO_WORKERS else positive_int(text)
+
+
 def nonneg_int(text: str) -> int:
     v = int(text)
     if v < 0:
@@ -117,13 +125,17 @@ class SweepSettings:
                           type=positive_int)
     max_failures: int = _flag(2, "output", "retries of a trial lost to a worker or node failure, from its last "
                               "checkpoint (default 2); oom, diverged and error outcomes are never retried", type=int)
-    workers_per_trial: int = _flag(
-        1, "resources", "run each trial's job on N data-parallel Ray Train workers (--set parallel=ddp; "
+    workers_per_trial: int | str = _flag(
+        1, "resources", "run each trial's job on N data-parallel Ray Train workers (--set parallel=ddp|fsdp; "
         "--batch-size stays the samples of one micro-step summed over them, so a trial trains on the samples and "
         "gives the losses of one worker), all on one node: --cpus-per-trial, --gpus-per-trial, "
         "--gpu-memory-per-trial and --memory-per-trial are then each worker's, and the trial's driver, which starts "
         f"the workers and reports for them, takes {DRIVER_CPUS:g} CPU more; as many trials run at once as the "
-        "cluster holds whole. 1 (default): the job runs in the trial itself", type=positive_int, metavar="N")
+        "cluster holds whole. 1 (default): the job runs in the trial itself. auto (with --gpu-memory-per-trial "
+        "auto): the fewest of 1, 2, 4, 8 at which every probed configuration's per-rank prediction (mdsweep plan) "
+        "plus margin fits the cluster's smallest GPU. With --gpu-memory-per-trial auto and N > 1 (given or chosen) "
+        "every worker gets the same share: the largest per-rank prediction plus margin among the probed "
+        "configurations that fit", type=workers_count, metavar="N|auto")
     cpus_per_trial: Optional[float] = _flag(None, "resources", "CPUs per trial (default 1)", type=positive_float)
     gpus_per_trial: Optional[float] = _flag(
         None, "resources", "GPUs per trial; a fraction packs trials on one GPU (0.25: four per GPU) and caps each "
