@@ -1,6 +1,6 @@
 """The GPU check: real-size Moondream2 (fresh weights) training steps, measured peak memory against the memory
 model's prediction, per batch size, attention mode, backend, optimizer, scope and precision; then four capped
-jobs sharing one GPU.
+jobs sharing one GPU; then, where the machine has 2 GPUs, the full fine-tune on 1 and 2 workers (DDP, FSDP).
 
 Each case runs in its own process (clean CUDA context and peak statistics) through the trainer's own
 `run_job`: three optimizer steps and an evaluation on a few synthetic captchas. Each row also says how well the
@@ -17,6 +17,7 @@ Copy the printed table into bench/RESULTS.md with the device and the date.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -47,7 +48,9 @@ CASES: list[tuple[str, dict[str, Any]]] = [
 ]
 # the dry run checks the script, not memory: one case per code path, no flex (no backward on CPU)
 DRY_RUN_CASES = ("lean b8 prefix", "lean b8 prefix eager-4d", "fp16 weights + 8-bit b8", "lora b8")
-SHARED = 4  # jobs sharing one GPU in the last check
+SHARED = 4  # jobs sharing one GPU in the check after the cases
+# the multi-GPU section's job: the full fine-tune no 24 GiB card holds alone (docs/memory.md), on 1 and 2 workers
+MULTI_GPU_CASE = dict(train_scope="all", optimizer="adamw", batch_size=8)
 TOLERANCE = 1.3  # measured / predicted peak beyond this (either way) fails the check
 MARGIN = 1.15  # cap = prediction x this, for the shared jobs
 
@@ -60,13 +63,16 @@ def job_config(case: dict[str, Any], data: Path, dry_run: bool, **extra: Any) ->
     return JobConfig(**{**base, **case, **extra})
 
 
-def run_one(config: dict[str, Any]) -> None:
-    """Child process: one job, one JSON line."""
+def run_one(config: dict[str, Any], workers: int = 1) -> None:
+    """Child process: one job, on `workers` Ray Train workers when more than one (mdsweep train's path), one JSON
+    line. The peak is rank 0's."""
+    from orchestrator.cluster.train_workers import run_job_on_workers
     from trainer.job import run_job
 
     steps: list[dict[str, Any]] = []
     started = time.time()
-    result = run_job(JobConfig(**config), on_step=steps.append)
+    job = run_job if workers == 1 else functools.partial(run_job_on_workers, workers)
+    result = job(JobConfig(**config), on_step=steps.append)
     last = steps[-1] if steps else {}
     print(json.dumps({"outcome": result.outcome, "error": result.error, "peak": result.peak_memory_bytes,
                       **{k: last.get(k) for k in ("samples_per_s", "achieved_tflops", "mfu")},
@@ -74,9 +80,9 @@ def run_one(config: dict[str, Any]) -> None:
                           "attention_kernel"), "seconds": time.time() - started}))
 
 
-def launch(config: JobConfig) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, "--one", json.dumps(config.to_dict())],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def launch(config: JobConfig, workers: int = 1) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, "--one", json.dumps(config.to_dict()), "--workers",
+                             str(workers)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def collect(process: subprocess.Popen, timeout_s: float) -> dict[str, Any]:
@@ -99,6 +105,34 @@ def gib(value: Any) -> str:
     return f"{value / GIB:.2f}" if isinstance(value, (int, float)) and value else "-"
 
 
+def multi_gpu_section(data: Path, dry_run: bool, timeout_s: float) -> int:
+    """The full fine-tune of MULTI_GPU_CASE on 1 worker, then on 2 with each strategy: throughput, and rank 0's
+    peak against the per-rank prediction (FSDP's is the one that must fall). Needs 2 GPUs; the dry run uses 2 CPU
+    workers over gloo. Returns the failures: a job not ok, or a peak off its prediction beyond TOLERANCE."""
+    import torch
+
+    if not dry_run and torch.cuda.device_count() < 2:
+        print(f"\nmulti-GPU section skipped: it needs 2 GPUs, this machine has {torch.cuda.device_count()}",
+              flush=True)
+        return 0
+    print(f"\n{'workers (full fine-tune, fp32 AdamW)':<40} {'predicted GiB':>13} {'rank 0 GiB':>10} "
+          f"{'samples/s':>9} {'speed-up':>8} {'outcome':>8}", flush=True)
+    failures, alone = 0, None
+    for workers, parallel in ((1, "ddp"), (2, "ddp"), (2, "fsdp")):
+        config = job_config(dict(MULTI_GPU_CASE, parallel=parallel), data, dry_run)
+        predicted = estimate_memory(config, workers=workers).allocator_peak  # one rank's
+        row = collect(launch(config, workers), timeout_s * 2)
+        speed, peak = row.get("samples_per_s"), row.get("peak")
+        alone = speed if workers == 1 else alone
+        off = bool(peak) and not dry_run and not 1 / TOLERANCE <= peak / predicted <= TOLERANCE
+        failures += row["outcome"] != "ok" or off
+        label = "1 worker" if workers == 1 else f"{workers} workers, {parallel}"
+        print(f"{label:<40} {gib(predicted):>13} {gib(peak) + ('!' if off else ''):>10} {number(speed, 1):>9} "
+              f"{number(speed / alone if speed and alone else None, 2):>8} {row['outcome']:>8}"
+              + (f"   {row.get('error')}" if row["outcome"] != "ok" else ""), flush=True)
+    return failures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny model on CPU: check the script, not a GPU")
@@ -106,9 +140,10 @@ def main() -> int:
     parser.add_argument("--official", metavar="DIR", help="also run bench/versus_official.py at real size on the "
                         "GPU against this checkout of the official repository (see that script)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        run_one(json.loads(args.one))
+        run_one(json.loads(args.one), args.workers)
         return 0
 
     from trainer.data.synth import synthesize
@@ -145,6 +180,7 @@ def main() -> int:
     failures += sum(o != "ok" for o in outcomes)
     print(f"\n{len(shared)} lean b8 jobs sharing the GPU, each capped at {gib(cap)} GiB: outcomes {outcomes}, "
           f"peaks {[gib(r.get('peak')) for r in rows]} GiB", flush=True)
+    failures += multi_gpu_section(data, args.dry_run, args.timeout)
     if args.official:
         print("\nAgainst the official fine-tune (bench/versus_official.py):", flush=True)
         failures += subprocess.run([sys.executable, str(Path(__file__).with_name("versus_official.py")),
