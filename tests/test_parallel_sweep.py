@@ -65,6 +65,11 @@ def test_a_sweep_on_two_workers_per_trial_matches_one_and_leaves_nothing_running
     # the job itself counted its workers; both share it as DDP (the default `parallel`)
     assert [r["workers"] for r in one.values()] == [1, 1] and [r["workers"] for r in two.values()] == [2, 2]
     assert {r["parallel"] for r in two.values()} == {"ddp"}
+    # each rank's peak (process RSS here), gathered by the job: rank 0's is the trial's peak_memory_bytes
+    assert [r["rank_peak_memory_bytes"] for r in one.values()] == [[r["peak_memory_bytes"]] for r in one.values()]
+    for row in two.values():
+        peaks = row["rank_peak_memory_bytes"]
+        assert len(peaks) == 2 and min(peaks) > 0 and peaks[0] == row["peak_memory_bytes"], peaks
     for key, row in two.items():
         assert row["outcome"] == "ok", row["error"]
         ones, twos = one[key]["steps"], row["steps"]

@@ -173,6 +173,9 @@ def test_fsdp_workers_train_like_one_and_checkpoint_the_weights_of_ddp(one_worke
     one_steps, one_reports, one, _ = one_worker
     ((steps, reports, fsdp), (other_steps, other_reports, other)), fsdp_checkpoint = fsdp_workers
     assert fsdp.outcome == other.outcome == "ok", (fsdp.error, other.error)
+    # every rank's peak, gathered before rank 0 saves the model; each rank's own entry is its peak to its end
+    assert fsdp.rank_peak_memory_bytes[0] == fsdp.peak_memory_bytes and min(fsdp.rank_peak_memory_bytes) > 0
+    assert other.rank_peak_memory_bytes[1] == other.peak_memory_bytes and len(other.rank_peak_memory_bytes) == 2
     # the same samples and losses, and the global gradient norm (gathered from the shards' DTensor norm)
     _assert_same_training(one_steps, steps)
     # rank 0 evaluates on the model gathered whole: one row per validation sample, one worker's predictions

@@ -33,7 +33,7 @@ from trainer.memory.sizes import apply_gpu_cap, peak_bytes, reset_peak
 from trainer.model.network import MoondreamModel
 from trainer.memory.optimizers import build_optimizer, warmup_cosine
 from trainer.memory.precision import PrecisionPlan
-from trainer.parallel.ranks import current_ranks, sum_over_ranks, wait_for_main
+from trainer.parallel.ranks import current_ranks, gather_over_ranks, sum_over_ranks, wait_for_main
 from trainer.parallel.replica import Replica
 from trainer.parallel.sharding import full_value
 
@@ -143,11 +143,18 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
     stream = micro_batches(data.train, config.batch_size, config.seed, progress.micro_batches, pad_id, ranks)
     window: list[dict[str, float]] = []
 
+    # every rank's peak, gathered where all ranks end training together (the loop's end, a divergence, which the
+    # summed loss makes every rank's); not after an out-of-memory error, which may be one rank's alone
+    rank_peaks: list[Optional[int]] = [None] * ranks.world
+
     def result(outcome: str, error: Optional[str] = None, tested: Optional[dict[str, Any]] = None) -> JobResult:
+        peak = peak_bytes(device)  # this rank's own, to the end: rank 0 alone tests and saves the model
+        peaks = [peak if r == ranks.rank else p for r, p in enumerate(rank_peaks)]
         return JobResult(outcome=outcome, step=progress.step, final_metrics=final,
-                         best_metrics=progress.best_metrics, peak_memory_bytes=peak_bytes(device), error=error,
+                         best_metrics=progress.best_metrics, peak_memory_bytes=peak, error=error,
                          predictions=predictions, wall_time_s=time.time() - started, test_metrics=tested or {},
-                         tokenizer=loaded.tokenizer_choice.as_record(), hardware=hardware)
+                         tokenizer=loaded.tokenizer_choice.as_record(), hardware=hardware,
+                         rank_peak_memory_bytes=[] if None in peaks else peaks)
 
     try:
         while progress.step < total_steps:
@@ -219,7 +226,9 @@ def run_job(config: JobConfig, on_report: Optional[Reporter] = None, checkpoint_
         message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
         return result("oom", f"out of memory at step {progress.step + 1}{cap_note(cap)}: {message}")
     except Diverged as exc:
+        rank_peaks[:] = gather_over_ranks(ranks, peak_bytes(device), device)
         return result("diverged", str(exc))
+    rank_peaks[:] = gather_over_ranks(ranks, peak_bytes(device), device)
     if not (test_data or config.save_model):
         return result("ok")
     with replica.whole() as whole:  # every rank takes part, as at an evaluation

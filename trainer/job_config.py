@@ -334,6 +334,8 @@ class JobResult:
     test_metrics: dict[str, Any] = field(default_factory=dict)  # run_job(test_data=...): the final model's test_*
     tokenizer: dict[str, Any] = field(default_factory=dict)  # the tokenizer the job used (TokenizerChoice.as_record)
     hardware: dict[str, Any] = field(default_factory=dict)  # where it ran and how (HARDWARE_COLUMNS)
+    # each rank's peak memory (as peak_memory_bytes, rank 0's), by rank; empty where the ranks did not end together
+    rank_peak_memory_bytes: list[int] = field(default_factory=list)
 
 
 # What a job records of the hardware it ran on, beside its metrics: the trials table's columns of these names.

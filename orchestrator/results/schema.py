@@ -127,7 +127,11 @@ def trials_schema() -> pa.Schema:
         pa.field("steps_completed", pa.int64()),
         pa.field("n_reports", pa.int64()),
         pa.field("peak_memory_bytes", pa.int64()),
-        pa.field("predicted_peak_bytes", pa.int64()),  # the memory model's GPU peak (trainer/memory/estimate.py)
+        # each rank's peak by rank, rank 0's first (= peak_memory_bytes), as the trial's last attempt gathered them;
+        # null where the ranks did not end together (out of memory) and in files written before it was a column
+        pa.field("rank_peak_memory_bytes", pa.list_(pa.int64())),
+        # the memory model's GPU peak (trainer/memory/estimate.py), one rank's at the trial's worker count
+        pa.field("predicted_peak_bytes", pa.int64()),
         pa.field("job_wall_time_s", pa.float64()),
         pa.field("wall_time_s", pa.float64()),
         pa.field("node_id", pa.string()),
@@ -226,7 +230,7 @@ def coerce_value(value: Any, dtype: pa.DataType) -> Any:
                 return value
             return json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
         if pa.types.is_list(dtype):
-            return [str(v) for v in value]
+            return [coerce_value(v, dtype.value_type) for v in value]
     except (TypeError, ValueError, OverflowError):
         return None
     return value

@@ -110,6 +110,8 @@ def record_final(row: dict[str, Any], result: dict[str, Any], metric: str, final
     row["objective"] = float(value) if is_finite_number(value) and row["outcome"] == "ok" else None
     if result.get("peak_memory_bytes") is not None:
         row["peak_memory_bytes"] = max(int(result["peak_memory_bytes"]), int(row.get("peak_memory_bytes") or 0))
+    # the ending attempt's, as its job gathered them: none where its ranks did not end together
+    row["rank_peak_memory_bytes"] = list(result.get("rank_peak_memory_bytes") or []) or None
     row["job_wall_time_s"] = result.get("job_wall_time_s")
     row.update({k: result[k] for k in (*TOKENIZER_COLUMNS, *HARDWARE_COLUMNS) if result.get(k) is not None})
 

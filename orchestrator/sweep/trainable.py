@@ -86,10 +86,11 @@ def assigned_gpu_share() -> Optional[str]:
     return f"{share:g}" if share and share < 1 else None
 
 
-def predicted_peak(job_config: Any) -> Optional[int]:
-    """The memory model's GPU peak for this trial, reported next to the measured one."""
+def predicted_peak(job_config: Any, workers: int = 1) -> Optional[int]:
+    """The memory model's GPU peak for this trial, one rank's on `workers` workers, reported next to the measured
+    one (rank 0's, and every rank's in rank_peak_memory_bytes)."""
     try:
-        return estimate_memory(job_config).allocator_peak
+        return estimate_memory(job_config, workers=workers).allocator_peak
     except Exception:  # a model whose sizes cannot be read without loading it: nothing to predict
         return None
 
@@ -142,8 +143,10 @@ def run_trial(spec: TrialSpec, config: dict[str, Any]) -> None:
     started = time.time()
     job_config = build_job_config(spec, config)
     where = placement()
-    # a GPU peak is predicted only for a trial holding a GPU: on CPU the measured peak is the process's RSS
-    where.update(predicted_peak_bytes=predicted_peak(job_config) if where.get("gpu_ids") else None,
+    # a GPU peak is predicted only for a trial holding a GPU (its workers, with several): on CPU the measured peak
+    # is the process's RSS
+    on_gpus = spec.worker_resources.get("GPU") if spec.workers > 1 else where.get("gpu_ids")
+    where.update(predicted_peak_bytes=predicted_peak(job_config, spec.workers) if on_gpus else None,
                  max_gpu_memory=job_config.max_gpu_memory)
     where[JOB_CONFIG_KEY] = job_config.to_dict()
     job_fn = load_callable(spec.job_fn)  # imports torch for the real job
@@ -221,6 +224,7 @@ def run_trial(spec: TrialSpec, config: dict[str, Any]) -> None:
         report["job_wall_time_s"] = float(result.wall_time_s or 0.0)
         report.update(result.tokenizer)
         report.update(result.hardware)
+        report["rank_peak_memory_bytes"] = result.rank_peak_memory_bytes or None
         if result.predictions:
             report[PREDICTIONS_KEY] = predictions_columns(result.predictions)
     else:

@@ -51,6 +51,13 @@ def sum_over_ranks(ranks: Ranks, values: list[float], device: torch.device) -> l
     return summed.tolist()
 
 
+def gather_over_ranks(ranks: Ranks, value: int, device: torch.device) -> list[int]:
+    """Every rank's `value`, in rank order, on every rank: each adds its own into its place of a zero vector
+    (sum_over_ranks, exact in float64 below 2**53); a lone worker's is [value]."""
+    return [int(v) for v in sum_over_ranks(ranks, [value if r == ranks.rank else 0 for r in range(ranks.world)],
+                                           device)]
+
+
 def wait_for_main(ranks: Ranks) -> None:
     """Every rank waits here until rank 0 has evaluated, saved and reported, so no rank runs ahead of the
     checkpoint that would resume it."""
