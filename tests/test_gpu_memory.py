@@ -82,13 +82,31 @@ def test_the_searcher_does_not_propose_a_shape_that_ran_out_of_memory(tmp_path):
     later = [searcher.suggest(f"t{i}") for i in range(1, 8)]
     for i in range(1, 8):
         searcher.on_trial_complete(f"t{i}", {"outcome": "ok", "val_exact_match": 0.5, "gpu_ids": "0",
-                                             "peak_memory_bytes": 10 * GiB})
+                                             "device_name": "NVIDIA H100 80GB HBM3", "peak_memory_bytes": 10 * GiB})
     assert all(c["batch_size"] != first["batch_size"] for c in later)
     assert book_for("oomy").rejected >= 1
 
     restored = make_searcher(f"{space}:space", "val_exact_match", "max", 0, [{}], None, sweep="oomy2", fixed=FIXED)
     restored.set_state(searcher.get_state())
     assert book_for("oomy").out_of_memory == restored.book.out_of_memory
+
+
+def test_the_book_learns_the_largest_ranks_peak_of_a_trial_on_gpu_workers_and_never_a_cpu_peak(tmp_path):
+    """A trial on GPU workers: its driver holds no GPU (no gpu_ids), its job's ranks each peaked on their own card;
+    the book keeps the largest. A job that trained on the CPU (logical GPUs, device=cpu) teaches it nothing."""
+    space = tmp_path / "space.py"
+    space.write_text("def space(trial):\n    return {'lr': trial.suggest_float('lr', 1e-6, 1e-4, log=True)}\n")
+    searcher = make_searcher(f"{space}:space", "val_exact_match", "max", 0, [{}], None, sweep="ranks",
+                             fixed=FIXED)
+    searcher.suggest("t0")
+    searcher.on_trial_complete("t0", {"outcome": "ok", "val_exact_match": 0.5, "gpu_ids": "", "workers": 2,
+                                      "device_name": "NVIDIA H100 80GB HBM3", "peak_memory_bytes": 3 * GiB,
+                                      "rank_peak_memory_bytes": [3 * GiB, 5 * GiB]})
+    assert list(book_for("ranks").measured.values()) == [5 * GiB]
+    searcher.suggest("t1")
+    searcher.on_trial_complete("t1", {"outcome": "ok", "val_exact_match": 0.5, "gpu_ids": "0", "device_name": "cpu",
+                                      "peak_memory_bytes": 9 * GiB})
+    assert list(book_for("ranks").measured.values()) == [5 * GiB]
 
 
 def test_a_shape_predicted_to_fit_no_gpu_is_not_run():
@@ -128,16 +146,9 @@ def test_auto_workers_is_the_fewest_count_whose_ranks_fit_and_whose_batch_splits
     assert workers_to_fit([a, b], 30, lambda c, n: per_rank[c.lr] // n) is None  # 300 // 8 = 37 at most
 
 
-class _Cluster:
-    """What resolve_resources reads of a cluster handle: its nodes (logical GPUs: memory given by flag)."""
-
-    notes: list[str] = []
-
-    def __init__(self, gpus: int) -> None:
-        self.gpus = gpus
-
-    def nodes(self) -> list[NodeInfo]:
-        return [NodeInfo("n1", "10.0.0.1", cpus=16, gpus=self.gpus, memory=128 * GiB)]
+def _node(gpus: int) -> list[NodeInfo]:
+    """One node as the cluster reports it, with logical GPUs: their memory is given by --node-gpu-memory."""
+    return [NodeInfo("n1", "10.0.0.1", cpus=16, gpus=gpus, memory=128 * GiB)]
 
 
 def _auto_sweep(tmp_path, **kw) -> SweepSettings:
@@ -149,7 +160,7 @@ def _auto_sweep(tmp_path, **kw) -> SweepSettings:
 
 def test_auto_workers_resolves_to_a_count_and_a_fixed_share_per_worker(tmp_path):
     s = _auto_sweep(tmp_path)
-    req, notes = resolve_resources(s, _Cluster(gpus=4))
+    req, notes = resolve_resources(s, _node(4), [])
     share = MemoryBook(workers=2).need(job_config_from(s.fixed, {}))
     assert s.workers_per_trial == 2 == req.workers  # the saved settings resume at 2
     assert req.gpu_memory_bytes == share and req.max_gpu_memory == str(share) and req.auto_gpu_bytes is None
@@ -159,7 +170,7 @@ def test_auto_workers_resolves_to_a_count_and_a_fixed_share_per_worker(tmp_path)
 
     # on an 80 GiB card one worker fits: today's per-trial auto shares
     s = _auto_sweep(tmp_path, node_gpu_memory="80GiB")
-    req, _ = resolve_resources(s, _Cluster(gpus=4))
+    req, _ = resolve_resources(s, _node(4), [])
     assert s.workers_per_trial == 1 and req.auto_gpu_bytes == 80 * GiB and req.max_gpu_memory == "auto"
 
 
@@ -167,9 +178,9 @@ def test_auto_workers_is_refused_in_one_line_without_gpus_or_auto_memory(tmp_pat
     from orchestrator.cli.main import main
 
     with pytest.raises(SweepError, match=r"^--workers-per-trial auto: the cluster has no GPUs"):
-        resolve_resources(_auto_sweep(tmp_path), _Cluster(gpus=0))
+        resolve_resources(_auto_sweep(tmp_path), _node(0), [])
     with pytest.raises(SweepError, match=r"^--workers-per-trial auto: at none of 1, 2, 4, 8 workers"):
-        resolve_resources(_auto_sweep(tmp_path, fixed={**FULL, "parallel": "ddp"}), _Cluster(gpus=4))
+        resolve_resources(_auto_sweep(tmp_path, fixed={**FULL, "parallel": "ddp"}), _node(4), [])
     for memory in ([], ["--gpu-memory-per-trial", "16GiB"]):
         assert main(["run", "--name", "x", "--train-data", str(captcha_parquet), "--storage", str(tmp_path / "s"),
                      "--results", str(tmp_path / "r"), "--workers-per-trial", "auto", *memory, "--dry-run"]) == 2

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from orchestrator.cluster import connect as cluster_mod
-from orchestrator.cluster.resources import (ResourceError, TrialResources, check_fit, concurrency_capacity, format_size,
-                                            plan_resources, probe_gpu_memory)
+from orchestrator.cluster.resources import (NodeInfo, ResourceError, TrialResources, check_fit, concurrency_capacity,
+                                            format_size, plan_resources, probe_gpu_memory)
 from orchestrator.cluster.signals import sigterm_as_interrupt
 from orchestrator.cluster.tune_internals import replace_restored_callbacks, set_tune_environment, trial_dirname
 from orchestrator.cluster.tune_state import (StateBackup, StateLost, drop_repair_copies, repair_checkpoints,
@@ -57,11 +57,11 @@ class SweepOutcome:
     report: str = ""  # where the HTML report is and how to remake it, or why it was not written
 
 
-def resolve_resources(s: SweepSettings, handle: cluster_mod.ClusterHandle,
+def resolve_resources(s: SweepSettings, nodes: list[NodeInfo], cluster_notes: list[str],
                       samples: Optional[list[dict[str, Any]]] = None) -> tuple[TrialResources, list[str]]:
-    """Per-trial resources against the cluster; `samples` (probed suggestions) size `auto` GPU shares and choose the
-    count of `--workers-per-trial auto`, which then replaces `auto` in `s`: the saved settings resume at that count."""
-    nodes = handle.nodes()
+    """Per-trial resources against the cluster's `nodes`; `samples` (probed suggestions) size `auto` GPU shares and
+    choose the count of `--workers-per-trial auto`, which then replaces `auto` in `s`: the saved settings resume at
+    that count. `cluster_notes`: what attaching to the cluster had to say, shown with the resources' notes."""
     if s.gpu_memory_per_trial and not s.node_gpu_memory:
         probe_gpu_memory(nodes)
     if s.workers_per_trial == AUTO_WORKERS and not any(n.gpus > 0 for n in nodes):
@@ -88,7 +88,7 @@ def resolve_resources(s: SweepSettings, handle: cluster_mod.ClusterHandle,
         raise SweepError(str(e)) from None
     if req.gpus == 0:
         check_mfu_objective(s, "the cluster has no GPUs")
-    notes = list(req.notes) + notes + cluster_mod.storage_notes(s.storage, nodes) + list(handle.notes)
+    notes = list(req.notes) + notes + cluster_mod.storage_notes(s.storage, nodes) + list(cluster_notes)
     cap = concurrency_capacity(req, nodes)
     if cap == 0 and not s.skip_fit_check:
         raise SweepError(f"no trial of {req.describe()} fits the cluster")
@@ -332,7 +332,7 @@ def run_sweep(s: SweepSettings, quiet: bool = False, dry_run: bool = False) -> S
     handle = cluster_mod.connect(s.address, num_cpus=s.num_cpus, num_gpus=s.num_gpus, log_to_driver=s.worker_logs,
                                  ray_log_file=s.ray_log_file())
     try:
-        req, notes = resolve_resources(s, handle, info.samples)
+        req, notes = resolve_resources(s, handle.nodes(), handle.notes, info.samples)
         for n in [data_note, *notes] if data_note else notes:
             _say(n, quiet)
         _say(f"space {s.space}: searches {', '.join(searched)}; {s.num_samples} suggestion(s) x "
@@ -473,7 +473,7 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
         handle = cluster_mod.connect(address, num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=s.worker_logs,
                                      ray_log_file=s.ray_log_file())
         try:
-            req, notes = resolve_resources(s, handle, info.samples)
+            req, notes = resolve_resources(s, handle.nodes(), handle.notes, info.samples)
             for n in notes:
                 _say(n, quiet)
             _prepare_env(s, req)

@@ -171,14 +171,17 @@ class SweepSearcher(Searcher):
         return True
 
     def _observe(self, inner_id: str, member: int, result: Optional[dict]) -> None:
-        """Record a finished run's measured GPU peak (when it ran on a GPU) or its out-of-memory outcome."""
+        """Record a finished run's measured GPU peak (when its job trained on a GPU) or its out-of-memory outcome.
+        On several workers the peak is the largest rank's: each worker's GPU must hold it (the trial's driver holds
+        no GPU, so its `gpu_ids` say nothing of where the job ran)."""
         if self.book is None or not result:
             return
         outcome = result.get("outcome")
-        if outcome != "oom" and not result.get("gpu_ids"):
+        if outcome != "oom" and result.get("device_name") in (None, "cpu"):
             return  # a CPU run's peak is host memory, not a GPU reading
         config = self._configs(self.groups[inner_id]["params"])[member]
-        self.book.observe(config, outcome, result.get("peak_memory_bytes"))
+        peaks = [p for p in result.get("rank_peak_memory_bytes") or [result.get("peak_memory_bytes")] if p]
+        self.book.observe(config, outcome, max(peaks, default=None))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         where = self.trial_member.get(trial_id)
