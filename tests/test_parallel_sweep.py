@@ -5,12 +5,14 @@ trial needs 2 x 1 CPU and 0.25 for its driver, so only one fits at a time, and t
 start only once the first trial's have let go of their CPUs (Ray issue #54305). Each trial must train on the
 samples of one worker and give its losses, and its checkpoint, written by rank 0, must be the one Tune holds. Then
 4 trials of 2 workers share 4 logical GPUs, two at a time, and one killed worker costs its trial a retry from its
-checkpoint, nothing more.
+checkpoint, nothing more. SIGTERM to a driver of 2-worker trials leaves no worker running, and `resume` goes on
+from the trial's checkpoint.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -170,3 +172,44 @@ def test_train_on_more_workers_than_the_machine_has_gpus_is_one_line_naming_the_
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match=r"--workers-per-trial 2: this machine has 1 GPU\(s\)"):
         run_job_on_workers(2, JobConfig())
+
+
+@pytest.mark.slow  # a sweep of 2 Ray Train workers, interrupted and resumed
+def test_sigterm_to_a_sweep_of_two_workers_per_trial_leaves_nothing_running_and_resume_goes_on_from_its_checkpoint(
+        captcha_parquet, tmp_path):
+    """SIGTERM to the driver alone (a batch scheduler's `kill PID`) once its 2-worker trial has checkpointed: exit
+    143, the line saying how to resume, and no process of the driver's session left, its Ray Train workers
+    included; `mdsweep resume` then continues the trial from that checkpoint, and each steps row lands once."""
+    name, sweeps, results = "termed", tmp_path / "sweeps", tmp_path / "results"
+    argv = ["run", "--name", name, "--storage", str(sweeps), "--results", str(results), "--space", "smoke",
+            "--num-samples", "1", "--num-cpus", "3", "--cpus-per-trial", "1", "--workers-per-trial", "2",
+            "--progress-interval", "0", "--quiet", *job_flags(captcha_parquet, max_steps=8)]
+
+    def checkpointed() -> int:
+        reports = (sweeps / name).glob("*/checkpoint_*/mdsweep_report.json")
+        return max((json.loads(path.read_text())["last"]["step"] for path in reports), default=0)
+
+    started = time.perf_counter()
+    with short_temp_dir("mdt") as temp:
+        with running_driver(argv, env={"TMPDIR": str(temp)}, log_path=tmp_path / "driver.log") as driver:
+            step = wait_until(checkpointed, "a checkpoint", 300, driver, interval_s=0.2)
+            driver.send_signal(signal.SIGTERM)
+            code = driver.wait(timeout=120)
+            time.sleep(1)
+            left = _session_processes(driver.pid)
+            named = [(p.pid, p.name()) for p in left]
+            for process in left:  # a failing test leaves none running either
+                process.kill()
+        output = (tmp_path / "driver.log").read_text()
+        assert code == 143, output[-3000:]
+        assert f"sweep {name} is interrupted: continue it with `mdsweep resume {name} --storage {sweeps}`" in output
+        assert named == [], named
+        resumed = mdsweep("resume", name, "--storage", str(sweeps), "--num-cpus", "3", "--quiet",
+                          env={"TMPDIR": str(temp)}, timeout=400)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (trial,) = read_partition(results, "trials", name)
+    print(f"SIGTERM at checkpointed step {step}, resumed from step {trial['restored_from_step']}: "
+          f"{time.perf_counter() - started:.1f} s")
+    assert trial["outcome"] == "ok" and trial["workers"] == 2, trial["error"]
+    assert trial["restored_from_step"] >= step, (trial["restored_from_step"], step)
+    assert sorted(s["step"] for s in read_partition(results, "steps", name)) == [2, 4, 6, 8]
