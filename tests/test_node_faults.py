@@ -110,7 +110,8 @@ def test_a_node_dying_mid_trial_is_survived_with_every_row_once(two_nodes, tmp_p
         out, err = driver.communicate(timeout=400)
     assert driver.returncode == 0, err[-3000:]
     trials = {t["trial_id"]: t for t in read_partition(results, "trials", "nodefault")}
-    assert len(trials) == 2 and all(t["outcome"] == "ok" for t in trials.values())
+    assert len(trials) == 2 and all(t["outcome"] == "ok" for t in trials.values()), \
+        [(t["outcome"], t["num_failures"], t["error"]) for t in trials.values()]
     assert trials[trial]["num_failures"] >= 1 and trials[trial]["restored_from_step"] >= 2  # from its checkpoint
     assert trials[trial]["node_id"] != node_id  # finished on the node that survived
     steps = [(s["trial_id"], s["step"]) for s in read_partition(results, "steps", "nodefault")]
