@@ -160,10 +160,11 @@ def test_four_trials_of_two_workers_share_four_logical_gpus_two_at_a_time_and_su
 
 def test_workers_given_logical_gpus_or_told_to_use_the_cpu_reduce_over_gloo():
     """NCCL cannot reduce CPU tensors: workers that train on the CPU, logical GPUs or not, need gloo."""
-    assert collective_backend(JobConfig(device="cpu"), use_gpu=True) == "gloo"
-    assert collective_backend(JobConfig(), use_gpu=False) == "gloo"
-    if not Path("/dev/nvidiactl").exists():  # this machine's GPUs, if any, are logical: the job falls back to CPU
-        assert collective_backend(JobConfig(), use_gpu=True) == "gloo"
+    assert collective_backend(JobConfig(device="cpu"), use_gpu=True, nvidia=True) == "gloo"
+    assert collective_backend(JobConfig(), use_gpu=False, nvidia=True) == "gloo"
+    assert collective_backend(JobConfig(), use_gpu=True, nvidia=False) == "gloo"  # logical GPUs: the job uses the CPU
+    assert collective_backend(JobConfig(), use_gpu=True, nvidia=True) == "nccl"
+    assert collective_backend(JobConfig(device="cuda:1"), use_gpu=True, nvidia=True) == "nccl"
 
 
 def test_train_on_more_workers_than_the_machine_has_gpus_is_one_line_naming_the_flag(monkeypatch):

@@ -72,7 +72,7 @@ def run_job_on_workers(workers: int, config: JobConfig, on_report: Optional[Call
     from trainer.job import run_job
 
     # one GPU per worker where the job trains on CUDA: a worker given none would see no GPU (Ray hides them)
-    gpus = 0 if str(config.device or "").startswith("cpu") else torch.cuda.device_count()
+    gpus = 0 if config.device == "cpu" else torch.cuda.device_count()
     if 0 < gpus < workers:
         raise ValueError(f"--workers-per-trial {workers}: this machine has {gpus} GPU(s), one per worker; "
                          f"use --workers-per-trial {gpus} or fewer, or train on CPUs with --set device=cpu")
@@ -142,14 +142,16 @@ def run_on_workers(workers: int, config: JobConfig, on_report: Optional[Callable
             handled.put(True)
 
 
-def collective_backend(config: JobConfig, use_gpu: bool) -> str:
+def collective_backend(config: JobConfig, use_gpu: bool, nvidia: Optional[bool] = None) -> str:
     """NCCL where the workers train on NVIDIA GPUs, gloo where they train on CPUs: NCCL reduces only GPU tensors.
 
     Workers given GPUs train on CPUs when the job says `device=cpu`, or when the GPUs are logical ones (`--num-gpus`
-    on a node without NVIDIA's driver, whose device file /dev/nvidiactl is then missing): the job falls back to
-    the CPU there (trainer.devices), so its process group must too. The workers run on this process's node."""
-    on_cuda = use_gpu and not str(config.device or "").startswith("cpu") and Path("/dev/nvidiactl").exists()
-    return "nccl" if on_cuda else "gloo"
+    on a node without NVIDIA's driver): the job falls back to the CPU there (trainer.devices), so its process group
+    must too. `nvidia`: whether the node has NVIDIA's driver; by default whether its device file /dev/nvidiactl is
+    on this process's node, where the workers run."""
+    if nvidia is None:
+        nvidia = Path("/dev/nvidiactl").exists()
+    return "nccl" if use_gpu and nvidia and config.device != "cpu" else "gloo"
 
 
 def _fit(trainer: Any, failure: list[BaseException]) -> None:
