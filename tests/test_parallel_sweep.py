@@ -4,7 +4,7 @@ The same 2-trial sweep runs on one worker per trial and on two, on an embedded R
 trial needs 2 x 1 CPU and 0.25 for its driver, so only one fits at a time, and the second trial's workers can
 start only once the first trial's have let go of their CPUs (Ray issue #54305). Each trial must train on the
 samples of one worker and give its losses, and its checkpoint, written by rank 0, must be the one Tune holds. Then
-4 trials of 2 workers share 4 logical GPUs, two at a time, and one killed worker costs its trial a retry from its
+3 trials of 2 workers share 4 logical GPUs, two at a time, and one killed worker costs its trial a retry from its
 checkpoint, nothing more. SIGTERM to a driver of 2-worker trials leaves no worker running, and `resume` goes on
 from the trial's checkpoint.
 """
@@ -118,17 +118,17 @@ def _most_at_once(rows: list[dict]) -> int:
 
 
 @pytest.mark.slow  # a sweep of 8 Ray Train workers
-def test_four_trials_of_two_workers_share_four_logical_gpus_two_at_a_time_and_survive_a_killed_worker(
+def test_three_trials_of_two_workers_share_four_logical_gpus_two_at_a_time_and_survive_a_killed_worker(
         captcha_parquet, tmp_path):
-    """4 trials x 2 workers of 1 logical GPU each on an embedded Ray of 4 GPUs: two trials at a time (the GPUs
-    bound it; the 5 CPUs would allow 2 x 2.25). Once two trials have checkpointed, one Ray Train worker is killed
+    """3 trials x 2 workers of 1 logical GPU each on an embedded Ray of 4 GPUs: two trials at a time, the third
+    queued (the GPUs bound it; the 5 CPUs would allow 2 x 2.25). Once two trials have checkpointed, one Ray Train worker is killed
     by its process id: its trial fails into Tune's retry, resumes from its checkpoint and ends ok, and every steps
     and predictions row lands exactly once. The workers train on the CPU over gloo (the GPUs are logical)."""
     name, sweeps, results = "gpus", tmp_path / "sweeps", tmp_path / "results"
     argv = ["run", "--name", name, "--storage", str(sweeps), "--results", str(results), "--space", "smoke",
-            "--num-samples", "4", "--search-seed", "5", "--num-cpus", "5", "--num-gpus", "4", "--cpus-per-trial", "1",
+            "--num-samples", "3", "--search-seed", "5", "--num-cpus", "5", "--num-gpus", "4", "--cpus-per-trial", "1",
             "--gpus-per-trial", "1", "--workers-per-trial", "2", "--progress-interval", "0", "--quiet",
-            *job_flags(captcha_parquet, max_steps=12)]
+            *job_flags(captcha_parquet, max_steps=8)]
 
     def checkpointed() -> set[str]:
         return {path.parent.parent.name for path in (sweeps / name).glob("*/checkpoint_*/mdsweep_report.json")}
@@ -143,7 +143,7 @@ def test_four_trials_of_two_workers_share_four_logical_gpus_two_at_a_time_and_su
         time.sleep(1)
         assert _session_processes(driver.pid) == []
     trials = read_partition(results, "trials", name)
-    assert len(trials) == 4 and {r["outcome"] for r in trials} == {"ok"}, [(r["outcome"], r["error"]) for r in trials]
+    assert len(trials) == 3 and {r["outcome"] for r in trials} == {"ok"}, [(r["outcome"], r["error"]) for r in trials]
     assert {r["workers"] for r in trials} == {2}
     assert _most_at_once(trials) == 2
     retried = [r for r in trials if r["num_failures"]]
@@ -151,7 +151,7 @@ def test_four_trials_of_two_workers_share_four_logical_gpus_two_at_a_time_and_su
         [(r["num_failures"], r["restored_from_step"]) for r in trials]
     for row in trials:
         steps = [s["step"] for s in read_partition(results, "steps", name) if s["trial_id"] == row["trial_id"]]
-        assert sorted(steps) == [2, 4, 6, 8, 10, 12], (row["trial_id"], steps)
+        assert sorted(steps) == [2, 4, 6, 8], (row["trial_id"], steps)
         # the predictions of the trial's last evaluation, one row per validation sample
         predicted = [p["sample_id"] for p in read_partition(results, "predictions", name)
                      if p["trial_id"] == row["trial_id"]]
@@ -186,14 +186,18 @@ def test_sigterm_to_a_sweep_of_two_workers_per_trial_leaves_nothing_running_and_
             "--num-samples", "1", "--num-cpus", "3", "--cpus-per-trial", "1", "--workers-per-trial", "2",
             "--progress-interval", "0", "--quiet", *job_flags(captcha_parquet, max_steps=8)]
 
-    def checkpointed() -> int:
-        reports = (sweeps / name).glob("*/checkpoint_*/mdsweep_report.json")
-        return max((json.loads(path.read_text())["last"]["step"] for path in reports), default=0)
+    def registered() -> int:
+        """The step of a checkpoint Tune holds (one a resume restores), not only one on disk: a checkpoint's files
+        exist before Tune's save round trip registers them, and Tune asks the trial for its next result only
+        once that save is processed, so when the driver has written the step-4 row, step 2's checkpoint is
+        registered (seen: SIGTERM right after step 2's files appeared resumed from step 0 on a loaded machine)."""
+        step = max((s["step"] for s in read_partition(results, "steps", name)), default=0)
+        return step - 2 if step >= 4 else 0
 
     started = time.perf_counter()
     with short_temp_dir("mdt") as temp:
         with running_driver(argv, env={"TMPDIR": str(temp)}, log_path=tmp_path / "driver.log") as driver:
-            step = wait_until(checkpointed, "a checkpoint", 300, driver, interval_s=0.2)
+            step = wait_until(registered, "a registered checkpoint", 300, driver, interval_s=0.2)
             driver.send_signal(signal.SIGTERM)
             code = driver.wait(timeout=120)
             time.sleep(1)
@@ -209,7 +213,7 @@ def test_sigterm_to_a_sweep_of_two_workers_per_trial_leaves_nothing_running_and_
                           env={"TMPDIR": str(temp)}, timeout=400)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
     (trial,) = read_partition(results, "trials", name)
-    print(f"SIGTERM at checkpointed step {step}, resumed from step {trial['restored_from_step']}: "
+    print(f"SIGTERM with step {step}'s checkpoint registered, resumed from step {trial['restored_from_step']}: "
           f"{time.perf_counter() - started:.1f} s")
     assert trial["outcome"] == "ok" and trial["workers"] == 2, trial["error"]
     assert trial["restored_from_step"] >= step, (trial["restored_from_step"], step)
