@@ -48,6 +48,9 @@ CASES: list[tuple[str, dict[str, Any]]] = [
 ]
 # the dry run checks the script, not memory: one case per code path, no flex (no backward on CPU)
 DRY_RUN_CASES = ("lean b8 prefix", "lean b8 prefix eager-4d", "fp16 weights + 8-bit b8", "lora b8")
+MULTI_GPU_ROWS = ((1, "ddp"), (2, "ddp"), (2, "fsdp"))  # (workers, parallel)
+# likewise one 2-worker row: DDP against FSDP on gloo is tests/test_parallel_training.py's
+DRY_RUN_MULTI_GPU_ROWS = ((1, "ddp"), (2, "fsdp"))
 SHARED = 4  # jobs sharing one GPU in the check after the cases
 # the multi-GPU section's job: the full fine-tune no 24 GiB card holds alone (docs/memory.md), on 1 and 2 workers
 MULTI_GPU_CASE = dict(train_scope="all", optimizer="adamw", batch_size=8)
@@ -118,9 +121,7 @@ def multi_gpu_section(data: Path, dry_run: bool, timeout_s: float) -> int:
     print(f"\n{'workers (full fine-tune, fp32 AdamW)':<40} {'predicted GiB':>13} {'rank 0 GiB':>10} "
           f"{'samples/s':>9} {'speed-up':>8} {'outcome':>8}", flush=True)
     failures, alone = 0, None
-    # the dry run checks the section, not the strategies (tests/test_parallel_training.py does): one 2-worker row
-    rows = ((1, "ddp"), (2, "fsdp")) if dry_run else ((1, "ddp"), (2, "ddp"), (2, "fsdp"))
-    for workers, parallel in rows:
+    for workers, parallel in DRY_RUN_MULTI_GPU_ROWS if dry_run else MULTI_GPU_ROWS:
         config = job_config(dict(MULTI_GPU_CASE, parallel=parallel), data, dry_run)
         predicted = estimate_memory(config, workers=workers).allocator_peak  # one rank's
         row = collect(launch(config, workers), timeout_s * 2)

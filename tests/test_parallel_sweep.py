@@ -121,9 +121,9 @@ def _most_at_once(rows: list[dict]) -> int:
 def test_three_trials_of_two_workers_share_four_logical_gpus_two_at_a_time_and_survive_a_killed_worker(
         captcha_parquet, tmp_path):
     """3 trials x 2 workers of 1 logical GPU each on an embedded Ray of 4 GPUs: two trials at a time, the third
-    queued (the GPUs bound it; the 5 CPUs would allow 2 x 2.25). Once two trials have checkpointed, one Ray Train worker is killed
-    by its process id: its trial fails into Tune's retry, resumes from its checkpoint and ends ok, and every steps
-    and predictions row lands exactly once. The workers train on the CPU over gloo (the GPUs are logical)."""
+    queued (the GPUs bound it; the 5 CPUs would allow 2 x 2.25). Once two trials have checkpointed, one Ray Train
+    worker is killed by its process id: its trial fails into Tune's retry, resumes from its checkpoint and ends ok,
+    and every steps and predictions row lands exactly once. The workers train on the CPU over gloo (the GPUs are logical)."""
     name, sweeps, results = "gpus", tmp_path / "sweeps", tmp_path / "results"
     argv = ["run", "--name", name, "--storage", str(sweeps), "--results", str(results), "--space", "smoke",
             "--num-samples", "3", "--search-seed", "5", "--num-cpus", "5", "--num-gpus", "4", "--cpus-per-trial", "1",
