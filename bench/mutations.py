@@ -96,7 +96,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_export_guards.py",)),
     Mutation(
         "M7", "checkpoint layouts: every 2024 name is renamed (one rule dropped)",
-        "trainer/model/weights.py",
+        "trainer/model/layouts.py",
         '    (r"^model\\.text\\.post_ln\\.", "text_model.lm_head.ln."),\n',
         "",
         ("tests/test_checkpoint_layouts.py::test_the_shipped_base_in_every_layout_loads_to_identical_weights_and_"

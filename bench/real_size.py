@@ -51,7 +51,9 @@ def fabricate_checkpoint(directory: Path, seed: int = 0) -> int:
 
     from trainer.model.config import PRESETS
     from trainer.model.synth_tokenizer import write_bpe_tokenizer
-    from trainer.model.weights import WEIGHTS_FILE, key_mappings, write_safetensors
+    from trainer.model.config import WEIGHTS_FILE
+    from trainer.model.layouts import key_mappings
+    from trainer.model.weights import write_safetensors
 
     generator = torch.Generator().manual_seed(seed)
 

@@ -48,7 +48,8 @@ def write_bpe_model(directory: Path, seed: int = 0, vocab_size: int = 320) -> Pa
 
     from trainer.model.config import PRESETS
     from trainer.model.network import MoondreamModel
-    from trainer.model.weights import WEIGHTS_FILE, save_official_weights
+    from trainer.model.config import WEIGHTS_FILE
+    from trainer.model.weights import save_official_weights
 
     tiny = PRESETS["tiny"]
     config = dataclasses.replace(tiny, tokenizer="bpe", text=dataclasses.replace(tiny.text, vocab_size=vocab_size))

@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import REFERENCE_DIR
 from harness import mdsweep, mdsweep_here
-from trainer.model.config import SHIPPED_MODELS_DIR
+from trainer.model.config import SHIPPED_MODELS_DIR, WEIGHTS_FILE
+from trainer.model.layouts import LAYOUTS, CheckpointError
 from trainer.model.loading import load_model
 from trainer.model.reference_check import REFERENCE_NAME, check
-from trainer.model.weights import LAYOUTS, WEIGHTS_FILE, CheckpointError
 
 TINY_READER = SHIPPED_MODELS_DIR / "tiny-reader"
 LAYOUT_NAMES = [layout.name for layout in LAYOUTS]

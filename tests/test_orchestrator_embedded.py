@@ -835,7 +835,7 @@ def test_export_refuses_to_replace_the_model_it_reads(tmp_path):
     then skipped copying it (source == destination), and overwrote the weights it was built from."""
     from trainer.export import export_checkpoint
     from trainer.job_config import JobConfig
-    from trainer.model.weights import CheckpointError
+    from trainer.model.layouts import CheckpointError
 
     previous, checkpoint = _previous_export(tmp_path)
     before = {f.name: f.read_bytes() for f in previous.iterdir()}

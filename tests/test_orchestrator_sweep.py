@@ -375,6 +375,60 @@ def test_the_model_check_passes_the_shipped_bases_and_a_good_checkpoint(tmp_path
         check_model(JobConfig(train_data=str(captcha_parquet), model=spec))
 
 
+def test_the_model_check_loads_neither_torch_nor_the_network(tmp_path, captcha_parquet):
+    """Every `mdsweep run` checks its model before Ray starts. Through the network's module that loaded torch and
+    transformers, seconds of every sweep's start (a dry run: 16 s, of which the imports were 6). A fresh
+    interpreter, as a user's `mdsweep run` is, checks a checkpoint on disk and a shipped base."""
+    import subprocess
+    import sys
+
+    from harness import ROOT, mdsweep_env
+
+    model, _ = _model_case(tmp_path, "good")
+    code = ("import sys\n"
+            "from orchestrator.sweep.checks import check_model\n"
+            "from trainer.job_config import JobConfig\n"
+            f"for spec in ('tiny-reader-v2', {str(model)!r}):\n"
+            f"    check_model(JobConfig(train_data={str(captcha_parquet)!r}, model=spec))\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'safetensors', 'trainer.model.network') "
+            "if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=mdsweep_env(),
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_a_header_whose_offsets_run_past_the_data_is_one_line_naming_the_file(tmp_path):
+    """The header is read without safetensors now, so its own checks stand in for the library's."""
+    import json
+    import struct
+
+    from trainer.model.layouts import CheckpointError, read_header
+
+    def write(name: str, entries: dict, data: bytes) -> Path:
+        header = json.dumps(entries).encode()
+        path = tmp_path / name
+        path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+        return path
+
+    entry = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    header = read_header(write("good.safetensors", entry, bytes(8)))
+    assert header.tensors == entry and header.data_start == 8 + len(json.dumps(entry))
+    for name, entries, data, why in [
+        ("past.safetensors", {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(4), "'w' has a "
+         "malformed header entry"),
+        ("span.safetensors", {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), "8 bytes for "
+         "a F32 tensor of shape \\(3,\\)"),
+        ("list.safetensors", [1, 2], b"", "not a JSON object"),
+    ]:
+        path = write(name, entries, data)
+        with pytest.raises(CheckpointError, match=f"^{path}: not a readable safetensors file \\(.*{why}"):
+            read_header(path)
+    (tmp_path / "short.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(CheckpointError, match="short.safetensors: not a readable safetensors file \\(2 bytes"):
+        read_header(tmp_path / "short.safetensors")
+
+
 @pytest.mark.parametrize("quiet", [False, True])
 def test_an_interrupted_sweep_says_how_to_resume_even_when_quiet(tmp_path, capsys, quiet):
     """Ctrl-C on `mdsweep run --quiet` printed "nothing to recommend" and never how to resume."""

@@ -17,7 +17,7 @@ from conftest import fake_hub_cache, write_bpe_model
 from trainer.model.loading import load_model, model_text, save_model
 from trainer.model.synth_tokenizer import write_bpe_tokenizer
 from trainer.model.tokenizer_source import REVISION_RULES, rule_for
-from trainer.model.weights import CheckpointError
+from trainer.model.layouts import CheckpointError
 
 
 @pytest.fixture

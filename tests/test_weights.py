@@ -6,9 +6,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REFERENCE_DIR
-from trainer.model.config import PRESETS
+from trainer.model.config import PRESETS, WEIGHTS_FILE
 from trainer.model.loading import load_model, save_model
-from trainer.model.weights import WEIGHTS_FILE, CheckpointError, key_mappings, load_official_weights, official_to_ours
+from trainer.model.layouts import CheckpointError, key_mappings
+from trainer.model.weights import load_official_weights, official_to_ours
 
 REFERENCE_WEIGHTS = REFERENCE_DIR / "moondream2_tiny_ref.safetensors"
 

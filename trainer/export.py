@@ -18,7 +18,7 @@ from trainer.job_config import JobConfig
 from trainer.job_model import trained_model
 from trainer.model.loading import LoadedModel, save_model
 from trainer.model.tokenizer_source import TOKENIZER_FILE
-from trainer.model.weights import CheckpointError
+from trainer.model.layouts import CheckpointError
 
 MODEL_CARD = "model_card.json"
 # what an export writes, and all that `replace` removes

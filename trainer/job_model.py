@@ -15,7 +15,7 @@ import torch
 from trainer.job_config import JobConfig
 from trainer.model.loading import LoadedModel, load_model
 from trainer.model.lora import add_lora, merge_lora
-from trainer.model.weights import CheckpointError
+from trainer.model.layouts import CheckpointError
 
 
 def seed_everything(seed: int) -> None:

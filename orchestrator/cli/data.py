@@ -19,6 +19,8 @@ from orchestrator.cluster.resources import format_size
 from trainer.data.synth import synthesize
 from trainer.job_config import JobConfig
 from trainer.model.config import model_config_of
+from trainer.model.layouts import CheckpointError
+from trainer.model.loading import model_text
 from trainer.model.tokenizer import get_template
 
 
@@ -152,7 +154,6 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from trainer.data.dataset import DataError, load_samples
-    from trainer.model.weights import CheckpointError
 
     try:
         loaded = load_samples(
@@ -197,7 +198,6 @@ def labels_the_model_cannot_write(samples: list, args: argparse.Namespace) -> li
     """(sample id, why) for every label the model's tokenizer cannot encode, or that does not fit the context
     left after BOS, the image tokens and the prompt: the labels a trial would refuse, found here first."""
     from trainer.job_data import answer_ids, answer_room
-    from trainer.model.loading import model_text
 
     text = model_text(args.model, revision=args.revision, tokenizer=args.tokenizer)
     template = get_template(args.prompt_template or text.choice.template)

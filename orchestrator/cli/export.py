@@ -14,6 +14,7 @@ from pathlib import Path
 from orchestrator.cluster.trial_checkpoint import job_config_of, local_checkpoint
 from orchestrator.results.ranking import TrialPickError, describe_trial, find_trial
 from orchestrator.sweep.settings import SweepError
+from trainer.model.layouts import CheckpointError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,7 +48,6 @@ def run_export(args: argparse.Namespace) -> int:
     except (TrialPickError, ResultsError) as e:
         return fail(str(e))
     from trainer.export import export_checkpoint
-    from trainer.model.weights import CheckpointError
     from orchestrator.results.schema import METRICS
 
     experiment_path = sweep_rows[0].get("experiment_path") if sweep_rows else None

@@ -14,6 +14,8 @@ import typing
 from pathlib import Path
 
 from trainer.model.choices import AttentionMode
+from trainer.model.layouts import CheckpointError
+from trainer.model.loading import load_model
 from trainer.model.tokenizer import PROMPT_TEMPLATES
 
 DEFAULT_SHOW = 20
@@ -60,9 +62,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from trainer.data.dataset import DataError, load_samples, load_unlabelled_images
     from trainer.export import read_model_card
-    from trainer.model.loading import load_model
     from trainer.predict import PredictSettings, predict
-    from trainer.model.weights import CheckpointError
 
     def fail(message: str) -> int:
         print(f"mdsweep predict: error: {message}", file=sys.stderr)

@@ -33,6 +33,7 @@ from orchestrator.tracking.trackers import LOG_TO_HELP, TRAIN_GROUP, TrackerErro
 from trainer.budget import worker_split_problem
 from trainer.files import atomic_path
 from trainer.job_config import JobConfig
+from trainer.model.layouts import CheckpointError
 
 EXIT_FAILED_OUTCOME = 3
 
@@ -92,7 +93,6 @@ def run_train(args: argparse.Namespace) -> int:
     from trainer.checkpoint import TrainState
     from trainer.data.dataset import DataError
     from trainer.job import run_job
-    from trainer.model.weights import CheckpointError
 
     overrides = job_overrides(args)
     if not overrides.get("train_data"):

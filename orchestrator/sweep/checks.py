@@ -20,6 +20,7 @@ from orchestrator.tracking.trackers import TrackerError, parse_trackers
 from trainer.budget import worker_split_problem
 from trainer.job_config import JobConfig
 from trainer.model.config import PRESETS
+from trainer.model.loading import local_model_directory, model_text
 from trainer.model.tokenizer_source import check_revision
 
 def check_settings(s: SweepSettings) -> SpaceInfo:
@@ -172,8 +173,6 @@ def check_model(job: JobConfig) -> None:
     config, tokenizer with its ids against the vocabulary, and the checkpoint's names, shapes and dtypes from the
     header; no tensor is read), so that a model no trial could load fails before Ray starts instead of in every
     trial. A hub id is fetched by the trials, not downloaded here; its revision is still checked."""
-    from trainer.model.loading import local_model_directory, model_text
-
     try:
         if job.model not in PRESETS and local_model_directory(job.model) is None:
             check_revision(job.revision)

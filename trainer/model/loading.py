@@ -1,21 +1,28 @@
-"""Resolve a model spec (preset name, local directory, hub id) to a model and its tokenizer."""
+"""Resolve a model spec (preset name, local directory, hub id) to a model and its tokenizer.
+
+`model_text` checks everything a user can get wrong from files alone and loads neither torch nor the network, so
+that a sweep's driver checks a model in well under a second before Ray starts; `load_model` builds the network."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from trainer.model.choices import AttentionBackend
-from trainer.model.config import CONFIG_FILE, PRESETS, SHIPPED_MODELS_DIR, MoondreamConfig, read_saved_config, \
-    shipped_models
-from trainer.model.network import MoondreamModel
+from trainer.model.config import CONFIG_FILE, PRESETS, SHIPPED_MODELS_DIR, WEIGHTS_FILE, MoondreamConfig, \
+    read_saved_config, shipped_models
+from trainer.model.layouts import CheckpointError, checkpoint_keys
 from trainer.model.tokenizer import CharTokenizer, PromptTemplate, Tokenizer, get_template
 from trainer.model.tokenizer_source import TOKENIZER_FILE, TokenizerChoice, check_revision, resolve_tokenizer
-from trainer.model.weights import HUB_ID, WEIGHTS_FILE, CheckpointError, checkpoint_keys, fetch_from_hub, \
-    load_official_weights, save_official_weights
+
+if TYPE_CHECKING:
+    from trainer.model.network import MoondreamModel
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
@@ -125,6 +132,9 @@ def load_model(spec: str, *, revision: Optional[str] = None, tokenizer: Optional
     hub id loads weights, in any layout the official loader accepts. `tokenizer` overrides the checkpoint's
     own (a directory, hub id or id@revision); `revision` is the hub revision, which also decides the tokenizer
     of a 2025 checkpoint that has none of its own."""
+    from trainer.model.network import MoondreamModel
+    from trainer.model.weights import load_official_weights
+
     text = model_text(spec, revision=revision, tokenizer=tokenizer, check_weights=True)
     model = MoondreamModel(text.config, bos_id=text.tokenizer.bos_id, attention_backend=attention_backend)
     if text.directory is None:
@@ -136,6 +146,20 @@ def load_model(spec: str, *, revision: Optional[str] = None, tokenizer: Optional
 def model_directory(spec: str, revision: Optional[str]) -> Path:
     """The local directory of a shipped model, a path, or a hub id (fetched)."""
     return local_model_directory(spec) or fetch_from_hub(spec, revision)
+
+
+def fetch_from_hub(repo_id: str, revision: Optional[str]) -> Path:
+    """Download a checkpoint's weights, tokenizer and config; a clear error when offline."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision,
+                                      allow_patterns=[WEIGHTS_FILE, TOKENIZER_FILE, "*.json"]))
+    except Exception as exc:  # network, auth and missing-revision errors all end here
+        raise CheckpointError(
+            f"could not fetch {repo_id}@{revision or 'main'} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
+            "Without network access, download the repository elsewhere and pass its local directory as the model."
+        ) from exc
 
 
 def local_model_directory(spec: str) -> Optional[Path]:
@@ -174,6 +198,8 @@ def preset_tokenizer(name: str) -> Tokenizer:
 def save_model(loaded: LoadedModel, directory: Path) -> None:
     """Write weights in the official 2025 layout, plus the config and the tokenizer (its `tokenizer.json`, and
     the choice in the config) needed to load them here with nothing else at hand."""
+    from trainer.model.weights import save_official_weights
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_official_weights(loaded.model, directory / WEIGHTS_FILE)
