@@ -107,6 +107,8 @@ def test_clean_trial_has_steps_predictions_and_placement(sweep):
     assert t["final_val_n"] == 4 and t["objective"] == t["final_val_exact_match"]
     assert t["node_id"] and t["hostname"] and t["start_time"] < t["end_time"]
     assert t["train_data"].endswith("train.parquet") and t["max_steps"] == 4 and t["searched"] == ["fault", "lr"]
+    # one worker, as the job counted it: its peak is the only rank's (2-worker rows: test_parallel_sweep.py)
+    assert t["workers"] == 1 and t["rank_peak_memory_bytes"] == [t["peak_memory_bytes"]] > [0]
     preds = pq.read_table(tmp / "results" / "predictions", filters=[("trial_id", "=", t["trial_id"])]).to_pylist()
     assert len(preds) == 4 and len({p["sample_id"] for p in preds}) == 4
 
