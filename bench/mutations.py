@@ -80,8 +80,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "orchestrator/sweep/repair.py",
         "    if not steps <= written:\n",
         "    if not steps <= written | steps:\n",
-        ("tests/test_results_sink.py::test_the_resumes_repair_puts_back_missing_step_rows_and_leaves_unfinished_"
-         "trials_to_tune",)),
+        ("tests/test_results_sink.py::test_the_resumes_repair_puts_back_missing_step_rows_finished_or_not",)),
     Mutation(
         "M5", "sweep lock: the results partition is locked, not only the experiment folder",
         "orchestrator/sweep/lock.py",
@@ -124,8 +123,15 @@ MUTATIONS: tuple[Mutation, ...] = (
         "orchestrator/sweep/repair.py",
         '    return reports if any(r.get(KIND_KEY) == "final" for r in reports) else None\n',
         "    return reports\n",
-        ("tests/test_results_sink.py::test_the_resumes_repair_puts_back_missing_step_rows_and_leaves_unfinished_"
-         "trials_to_tune",)),
+        ("tests/test_results_sink.py::test_the_resumes_repair_puts_back_missing_step_rows_finished_or_not",)),
+    Mutation(
+        "R2", "repair: an interrupted trial's evaluations before its checkpoint that the disk refused are put back",
+        "orchestrator/sweep/sink.py",
+        '        missing = {int(r["step"]): r for r in evals if int(r["step"]) not in steps}\n',
+        "        missing = {}\n",
+        ("tests/test_results_sink.py::test_the_resumes_repair_puts_back_missing_step_rows_finished_or_not",
+         "tests/test_orchestrator_embedded.py::test_ctrl_c_after_the_results_disks_failed_saves_the_sweep_and_"
+         "resume_puts_back_every_row")),
     Mutation(
         "K1", "sink keys: steps rows are keyed by (trial, step), so a retried report replaces its row",
         "orchestrator/sweep/sink.py",
@@ -224,7 +230,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "            if step not in self._logged[trial_id]:\n",
         "            if True:\n",
         ("tests/test_trackers.py::test_a_resumed_tensorboard_run_logs_each_evaluation_once",
-         "tests/test_orchestrator_embedded.py::test_ctrl_c_ends_a_sweep_saved_with_exit_3_and_resume_completes_it")),
+         "tests/test_orchestrator_embedded.py::test_ctrl_c_after_the_results_disks_failed_saves_the_sweep_and_"
+         "resume_puts_back_every_row")),
     Mutation(
         "T2", "trackers: a tracker that fails mid-sweep is a warning, never an exception in Tune's loop",
         "orchestrator/tracking/trial_mirror.py",
@@ -236,7 +243,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "orchestrator/tracking/wandb_runs.py",
         "            id=run_id(self.sweep, trial_id), resume=\"allow\",",
         "            id=f\"{run_id(self.sweep, trial_id)}{os.getpid()}\", resume=\"allow\",",
-        ("tests/test_orchestrator_embedded.py::test_ctrl_c_ends_a_sweep_saved_with_exit_3_and_resume_completes_it",)),
+        ("tests/test_orchestrator_embedded.py::test_ctrl_c_after_the_results_disks_failed_saves_the_sweep_and_"
+         "resume_puts_back_every_row",)),
     Mutation(
         "T4", "trackers: a relative SQLite store is made absolute, so resume from another folder finds it",
         "orchestrator/tracking/trackers.py",

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from harness import ROOT, job_flags, mdsweep, running_driver, short_temp_dir, signal_driver_when, wait_until
+from harness import ROOT, job_flags, mdsweep, running_driver, short_temp_dir, wait_until
 
 FAULT_SPACE = """
 FAULTS = {1: "oom@2", 2: "crash@3", 3: "nan@1"}
@@ -493,45 +493,6 @@ def test_a_multi_objective_sweep_prints_its_pareto_front(tmp_path, captcha_parqu
     assert sweep_row["objectives_json"] == '[["val_exact_match", "max"], ["elapsed_s", "min"]]'
 
 
-@pytest.mark.slow
-def test_ctrl_c_ends_a_sweep_saved_with_exit_3_and_resume_completes_it(tmp_path, captcha_parquet):
-    """Ctrl-C in the terminal (SIGINT to the driver's whole process group, the embedded cluster's processes
-    included) must save the state, say how to resume, exit 3, and resume must finish with each row once. SIGTERM,
-    which reaches the driver alone, is tested on the same path in test_object_storage.py (exit 143). The sweep
-    also logs to a real MLflow store, to W&B offline and to TensorBoard: one run for the trial across both
-    drivers in each, each evaluation once."""
-    from orchestrator.results.store import read_partition
-
-    results, storage = tmp_path / "results", tmp_path / "sweeps"
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    offline = {"WANDB_MODE": "offline", "WANDB_PROJECT": "tests"}
-    code = signal_driver_when(
-        ["run", "--name", "termed", "--space", "smoke", "--num-samples", "1", "--num-cpus", "2", "--storage",
-         str(storage), "--results", str(results), "--progress-interval", "1", "--log-to", f"mlflow={tracking}",
-         "--log-to", f"wandb={tmp_path / 'wandb'}", "--log-to", f"tensorboard={tmp_path / 'tb'}",
-         *job_flags(captcha_parquet, 16)],
-        lambda: any((s["step"] or 0) >= 4 for s in read_partition(results, "steps", "termed")),
-        tmp_path / "driver.log", how="ctrl-c", deadline_s=240, env=offline)
-    output = (tmp_path / "driver.log").read_text()
-    assert code == 3, output[-3000:]
-    assert "Traceback" not in output
-    assert f"sweep termed is interrupted: continue it with `mdsweep resume termed --storage {storage}`" in output
-    assert read_partition(results, "sweeps", "termed")[0]["status"] == "interrupted"
-
-    resumed = mdsweep("resume", "termed", "--storage", str(storage), "--quiet", env=offline)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert resumed.stdout == ""  # quiet, although the run it resumes printed its progress table
-    assert "warning" not in resumed.stderr, resumed.stderr[-3000:]  # no tracker failed
-    steps = [(s["trial_id"], s["step"]) for s in read_partition(results, "steps", "termed")]
-    trials = read_partition(results, "trials", "termed")
-    assert len(trials) == 1 and trials[0]["outcome"] == "ok" and trials[0]["restored_from_step"] >= 2
-    assert sorted(steps) == [(trials[0]["trial_id"], s) for s in range(2, 17, 2)]
-    step_rows = read_partition(results, "steps", "termed")
-    _one_mlflow_run_per_trial(tracking, "termed", trials, step_rows)
-    _one_wandb_run_per_trial(tmp_path / "wandb" / "termed", "termed", trials, step_rows)
-    _one_tensorboard_run_per_trial(tmp_path / "tb" / "termed", trials, step_rows)
-
-
 def _evaluations(steps: list[dict], trial_id: str) -> list[tuple[int, float]]:
     """(samples_seen, val_exact_match) of a trial's evaluations, as the Parquet steps table has them."""
     return sorted((s["samples_seen"], s["val_exact_match"]) for s in steps
@@ -648,30 +609,58 @@ def test_export_names_a_results_file_that_is_not_parquet(sweep, tmp_path, table,
     assert not (tmp_path / "m").exists()
 
 
-TALKING_JOB = """
+GATED_JOB = """
+import os
+import time
+from pathlib import Path
+
 from trainer.job import run_job
 
-def job(config, **kwargs):
+def job(config, on_step=None, **kwargs):
     print("the trial speaks", flush=True)
-    return run_job(config, **kwargs)
+    gate = Path(os.environ["MDSWEEP_TEST_GATE"])
+
+    def step(metrics):
+        if on_step is not None:
+            on_step(metrics)
+        if metrics["step"] == 7:  # the report of step 6 has been taken: its checkpoint is registered
+            (gate.parent / "at-the-gate").touch()
+            while not gate.exists():
+                time.sleep(0.1)
+
+    return run_job(config, on_step=step, **kwargs)
 """
 
 
 @pytest.mark.slow
-def test_a_full_and_a_read_only_results_disk_mid_sweep_lose_no_row_once_resumed(tmp_path, captcha_parquet):
-    """Mid-sweep, the steps table's disk fills up and the trials and predictions tables' disks turn read-only: the
-    trials go on in Tune, the rows not written are warned about, exit 3; once space is freed and the disks are
-    writable again, `mdsweep resume` rebuilds the rows from Tune's records, each once. Linux refuses to make a
-    mount read-only while a file on it is open for writing, and the sweep's lock stays open in the `sweeps` table
-    for its whole life, so each of the other tables gets a tmpfs of its own.
+def test_ctrl_c_after_the_results_disks_failed_saves_the_sweep_and_resume_puts_back_every_row(tmp_path,
+                                                                                              captcha_parquet):
+    """After its first rows, the steps table's disk fills up and the trials and predictions tables' disks turn
+    read-only: the trial goes on in Tune and the rows not written are warned about. Then Ctrl-C in the terminal
+    (SIGINT to the driver's whole process group, the embedded cluster's processes included), while the trial
+    waits after step 7 (its job holds it there, so the moment is the same on a fast or a loaded machine): the state
+    is saved, the line says how to resume, exit 3. Once space is freed and the disks are writable again, `mdsweep
+    resume` goes on from the step-6 checkpoint, and every row is there once, the rows of steps 4 and 6 that the
+    full disk refused included. SIGTERM, which reaches the driver alone, is tested on the same path in
+    test_object_storage.py (exit 143).
 
-    The same sweep runs with `--ray-logs` and `--worker-logs` (the default, Ray's lines in the log file and no
-    trial's output, is tested on the module's sweep): Ray's lines and a trial's own print reach the terminal, and
-    no log file is written."""
+    Linux refuses to make a mount read-only while a file on it is open for writing, and the sweep's lock stays open
+    in the `sweeps` table for its whole life, so each of the other tables gets a tmpfs of its own. The sweep runs
+    with `--ray-logs` and `--worker-logs` (the default is tested on the module's sweep): Ray's lines and the
+    trial's own print reach the terminal, and no log file is written. It also logs to a real MLflow store, to W&B
+    offline and to TensorBoard: one run for the trial across both drivers in each, each evaluation once."""
     from orchestrator.results.store import read_partition
 
     results, storage = tmp_path / "results", tmp_path / "sweeps"
     full, read_only = results / "steps", [results / "trials", results / "predictions"]
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "gated_job.py").write_text(GATED_JOB)
+    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}", "MDSWEEP_TEST_GATE": str(tmp_path / "gate"),
+           "WANDB_MODE": "offline", "WANDB_PROJECT": "tests"}
+    argv = ["run", "--name", "disks", "--space", "smoke", "--num-samples", "1", "--num-cpus", "2", "--storage",
+            str(storage), "--results", str(results), "--progress-interval", "1", "--ray-logs", "--worker-logs",
+            "--job-fn", "gated_job:job", "--log-to", f"mlflow={tracking}", "--log-to", f"wandb={tmp_path / 'wandb'}",
+            "--log-to", f"tensorboard={tmp_path / 'tb'}", *job_flags(captcha_parquet, 12)]
     mounted: list[Path] = []
     try:
         for folder in (full, *read_only):
@@ -679,12 +668,7 @@ def test_a_full_and_a_read_only_results_disk_mid_sweep_lose_no_row_once_resumed(
             if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)]).returncode != 0:
                 pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
             mounted.append(folder)
-        (tmp_path / "talking_job.py").write_text(TALKING_JOB)
-        env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
-        argv = ["run", "--name", "disks", "--space", "smoke", "--num-samples", "2", "--max-concurrent", "1",
-                "--num-cpus", "2", "--storage", str(storage), "--results", str(results), "--ray-logs",
-                "--worker-logs", "--job-fn", "talking_job:job", *job_flags(captcha_parquet, 8)]
-        with running_driver(argv, env=env) as driver:
+        with running_driver(argv, env=env, log_path=tmp_path / "driver.log") as driver:
             wait_until(lambda: read_partition(results, "steps", "disks"), "a trial's first steps", 240, driver)
             with open(full / "filler", "wb") as filler:  # the steps disk is full from here on
                 with contextlib.suppress(OSError):
@@ -694,32 +678,42 @@ def test_a_full_and_a_read_only_results_disk_mid_sweep_lose_no_row_once_resumed(
             for folder in read_only:  # busy for the instant a row is being written: try again
                 wait_until(lambda: subprocess.run(["mount", "-o", "remount,ro", str(folder)]).returncode == 0,
                            f"{folder} remounted read-only", 60, interval_s=0.05)
-            out, err = driver.communicate(timeout=300)
-        terminal = out + err
-        assert driver.returncode == 3, terminal[-3000:]
-        # the first three failed writes are warned about, whichever disk they met
-        assert terminal.count("mdsweep: warning: could not write ") == 3
-        assert "No space left on device" in terminal or "Read-only file system" in terminal
+            wait_until(lambda: (tmp_path / "at-the-gate").exists(), "the trial at step 7", 240, driver)
+            os.killpg(driver.pid, signal.SIGINT)
+            code = driver.wait(timeout=120)
+        terminal = (tmp_path / "driver.log").read_text()
+        assert code == 3, terminal[-3000:]
         assert "Traceback" not in terminal
-        lost = read_partition(results, "trials", "disks")
-        assert len(lost) < 2 or any(t["outcome"] == "running" for t in lost)  # the disks did lose rows
+        assert f"sweep disks is interrupted: continue it with `mdsweep resume disks --storage {storage}`" in terminal
+        assert read_partition(results, "sweeps", "disks")[0]["status"] == "interrupted"
+        # the first three failed writes are warned about, whichever disk they met: steps 4 and 6 at least
+        assert terminal.count("mdsweep: warning: could not write ") == 3, terminal[-3000:]
+        assert "could not write steps" in terminal and "No space left on device" in terminal
+        assert [s["step"] for s in read_partition(results, "steps", "disks")] == [2]  # the full disk lost rows
         assert "Started a local Ray instance" in terminal and not (results / "logs").exists()  # --ray-logs
         assert "the trial speaks" in terminal  # --worker-logs
 
         (full / "filler").unlink()
         for folder in read_only:
             subprocess.run(["mount", "-o", "remount,rw", str(folder)], check=True)
-        resumed = mdsweep("resume", "disks", "--storage", str(storage), env=env)
+        (tmp_path / "gate").touch()
+        resumed = mdsweep("resume", "disks", "--storage", str(storage), "--quiet", env=env)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert "put back the rows of" in resumed.stderr
-        trials = read_partition(results, "trials", "disks")
-        assert len(trials) == 2 and all(t["outcome"] == "ok" and t["status"] == "terminated" for t in trials)
-        assert all(t["attempts"] >= 1 for t in trials)  # a row rebuilt from Tune's record counts its starts
-        steps = [(s["trial_id"], s["step"]) for s in read_partition(results, "steps", "disks")]
-        assert sorted(steps) == sorted((t["trial_id"], s) for t in trials for s in (2, 4, 6, 8))
+        # quiet, although the run it resumes printed its progress table; its --worker-logs carry over
+        assert [line for line in resumed.stdout.splitlines() if "the trial speaks" not in line] == []
+        assert "the trial speaks" in resumed.stdout
+        assert "warning" not in resumed.stderr, resumed.stderr[-3000:]  # no write and no tracker failed
+        (trial,) = read_partition(results, "trials", "disks")
+        assert trial["outcome"] == "ok" and trial["status"] == "terminated" and trial["restored_from_step"] == 6
+        assert trial["attempts"] >= 1
+        steps = read_partition(results, "steps", "disks")
+        assert sorted((s["trial_id"], s["step"]) for s in steps) == [(trial["trial_id"], s) for s in range(2, 13, 2)]
         keys = [(p["trial_id"], p["sample_id"]) for p in read_partition(results, "predictions", "disks")]
-        assert len(keys) == len(set(keys)) == 2 * 4
+        assert len(keys) == len(set(keys)) == 4
         assert read_partition(results, "sweeps", "disks")[0]["status"] == "finished"
+        _one_mlflow_run_per_trial(tracking, "disks", [trial], steps)
+        _one_wandb_run_per_trial(tmp_path / "wandb" / "disks", "disks", [trial], steps)
+        _one_tensorboard_run_per_trial(tmp_path / "tb" / "disks", [trial], steps)
     finally:
         for folder in mounted:
             subprocess.run(["umount", "-l", str(folder)])

@@ -543,29 +543,34 @@ def test_the_resumes_repair_writes_every_row_it_puts_back(tmp_path, monkeypatch)
     assert rows == {"a": ("terminated", "ok"), "b": ("terminated", "ok")}
 
 
-def test_the_resumes_repair_puts_back_missing_step_rows_and_leaves_unfinished_trials_to_tune(tmp_path):
+def test_the_resumes_repair_puts_back_missing_step_rows_finished_or_not(tmp_path):
     """A finished trial whose trials row and predictions landed but whose step-2 row did not (a full disk) is
     replayed: the repair looks at every table, not only the trials row. A trial Tune has not finished (no final
-    report in its record) is not recorded as ended: Tune runs it again and the sink writes it then."""
+    report in its record) is not recorded as ended: Tune runs it again from its checkpoint and the sink writes its
+    later rows then. But the rows of its evaluations before that checkpoint are never reported again: its step-4
+    row, which the disk refused before the sweep was interrupted, is put back from Tune's record (it was lost)."""
     from orchestrator.results.schema import rows_to_table
-    from orchestrator.sweep.repair import repair_missing_rows
+    from orchestrator.sweep.repair import repair_interrupted_steps, repair_missing_rows
 
     sink, done, unfinished = _sink(tmp_path), _trial("done"), _trial("half", lr=2e-4)
     _run_one(sink, done)
     _tune_record(tmp_path / "exp", done, [_eval(2, 0.25), _eval(4, 0.5), _final(4, 0.5)])
     sink.on_trial_start(0, [], unfinished)
     sink.on_trial_result(0, [], unfinished, _eval(2, 0.25))
-    _tune_record(tmp_path / "exp", unfinished, [_eval(2, 0.25)])
+    _tune_record(tmp_path / "exp", unfinished, [_eval(2, 0.25), _eval(4, 0.375)])  # step 4's row never landed
     steps_file = tmp_path / "results" / "steps" / "sweep=demo" / "done.parquet"
     kept = [r for r in read_partition(tmp_path / "results", "steps", "demo") if r["trial_id"] == "done"][1:]
     write_atomic(rows_to_table(kept, schema_for("steps")), steps_file)  # the step-2 row never landed
 
     assert repair_missing_rows(_sink(tmp_path), str(tmp_path / "exp")) == ["done"]
-    steps = sorted((r["trial_id"], r["step"]) for r in read_partition(tmp_path / "results", "steps", "demo"))
-    assert steps == [("done", 2), ("done", 4), ("half", 2)]
+    assert repair_interrupted_steps(_sink(tmp_path), str(tmp_path / "exp")) == {"half": 1}
+    steps = {(r["trial_id"], r["step"]): r for r in read_partition(tmp_path / "results", "steps", "demo")}
+    assert sorted(steps) == [("done", 2), ("done", 4), ("half", 2), ("half", 4)]
+    assert steps[("half", 4)]["val_exact_match"] == 0.375
     rows = {r["trial_id"]: (r["status"], r["outcome"]) for r in read_partition(tmp_path / "results", "trials", "demo")}
     assert rows == {"done": ("terminated", "ok"), "half": ("running", "running")}
     assert repair_missing_rows(_sink(tmp_path), str(tmp_path / "exp")) == []  # nothing missing any more
+    assert repair_interrupted_steps(_sink(tmp_path), str(tmp_path / "exp")) == {}
 
 
 def test_rows_the_repair_rebuilds_carry_the_trials_starts(tmp_path):

@@ -480,7 +480,7 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
             from ray import tune
 
             from orchestrator.results.store import write_sweep_row
-            from orchestrator.sweep.repair import repair_missing_rows
+            from orchestrator.sweep.repair import repair_interrupted_steps, repair_missing_rows
 
             path = s.experiment_path()
             try:
@@ -500,6 +500,10 @@ def resume_sweep(name: str, storage: str, address: Optional[str] = None, num_cpu
             if rebuilt:
                 _say(f"put back the rows of {len(rebuilt)} finished trial(s) the results had missed, from Ray Tune's "
                      f"records: {', '.join(rebuilt)}", quiet)
+            interrupted = repair_interrupted_steps(_sink(s, req, searched), path)
+            if interrupted:
+                _say(f"put back {sum(interrupted.values())} evaluation row(s) of the interrupted trial(s) "
+                     f"{', '.join(interrupted)} the results had missed, from Ray Tune's records", quiet)
             repaired = repair_checkpoints(path)
             if repaired:
                 _say(f"recreated the checkpoint the saved state points at for {', '.join(repaired)}", quiet)

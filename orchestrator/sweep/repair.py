@@ -1,7 +1,9 @@
-"""`mdsweep resume` puts back the rows of finished trials that never reached the results.
+"""`mdsweep resume` puts back the rows of trials that never reached the results.
 
 When the results disk fills up (or goes read-only) mid-sweep, the trials go on and finish in Ray Tune, but
-the sink cannot write their rows; Tune will never report those trials again. What Tune kept of each trial is
+the sink cannot write their rows; Tune will never report those trials again. A trial the sweep's interruption cut
+is resumed from its last checkpoint and reports only what comes after it, so the rows of its earlier evaluations
+that the disk refused would be lost too; they are put back from the same record. What Tune kept of each trial is
 enough to rebuild them: `result.json` in the trial's folder holds every report it made (the evaluations and
 the final outcome), `params.json` its suggestion, and its last checkpoint the final evaluation's predictions.
 Each finished trial the tables (orchestrator.results.store) miss anything of is replayed through the sink
@@ -26,18 +28,28 @@ from orchestrator.results.store import read_partition, read_trial_rows, trial_fi
 from orchestrator.sweep.trainable import KIND_KEY, predictions_columns
 
 
-def finished_reports(trial_dir: Path) -> Optional[list[dict[str, Any]]]:
-    """The trial's reports, in order, if it finished (its final report is among them); else None."""
+def trial_reports(trial_dir: Path) -> list[dict[str, Any]]:
+    """Every report the trial made, in order, as Tune recorded them."""
     path = trial_dir / RESULT_FILE
     if not path.is_file():
-        return None
+        return []
     reports = []
     for line in path.read_text().splitlines():
         try:
             reports.append(json.loads(line))
         except ValueError:
             continue  # a line cut by a kill: the rest is still good
+    return reports
+
+
+def finished_reports(trial_dir: Path) -> Optional[list[dict[str, Any]]]:
+    """The trial's reports, in order, if it finished (its final report is among them); else None."""
+    reports = trial_reports(trial_dir)
     return reports if any(r.get(KIND_KEY) == "final" for r in reports) else None
+
+
+def evaluations(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in reports if r.get(KIND_KEY, "eval") == "eval" and r.get("step") is not None]
 
 
 def starts(reports: list[dict[str, Any]]) -> int:
@@ -91,6 +103,8 @@ class RowReplayer(Protocol):
     def replay(self, trial: Any, results: list[dict[str, Any]], predictions: Optional[dict[str, list]],
                started: Optional[dt.datetime], ended: Optional[dt.datetime], attempts: int) -> None: ...
 
+    def put_back_steps(self, trial_id: str, evals: list[dict[str, Any]]) -> int: ...
+
     def flush(self) -> bool: ...
 
 
@@ -107,7 +121,7 @@ def repair_missing_rows(sink: RowReplayer, experiment_path: str) -> list[str]:
             continue  # unfinished: Tune runs it again, and the sink writes its rows then
         trial_id = trial_id_of_dir(trial_dir.name)
         final = next(r for r in reversed(reports) if r.get(KIND_KEY) == "final")
-        evals = [r for r in reports if r.get(KIND_KEY, "eval") == "eval" and r.get("step") is not None]
+        evals = evaluations(reports)
         predicted = final.get("outcome") == "ok"
         if not misses(sink.results_dir, sink.sweep, trial_id, rows.get(trial_id), {int(r["step"]) for r in evals},
                       predicted):
@@ -122,3 +136,20 @@ def repair_missing_rows(sink: RowReplayer, experiment_path: str) -> list[str]:
         sink.replay(trial, reports, predictions, started_at(reports[0]), ended, starts(reports))
         repaired.append(trial_id)
     return repaired if sink.flush() else []  # rows left unwritten are not put back: the next resume tries again
+
+
+def repair_interrupted_steps(sink: RowReplayer, experiment_path: str) -> dict[str, int]:
+    """Put back the steps rows of every unfinished trial's evaluations that the tables miss; returns how many, by
+    trial id. Tune runs the trial again from its checkpoint and the sink writes its later rows then; a row this
+    puts back for a step after that checkpoint is replaced when the step reports again."""
+    if is_remote_storage(experiment_path):
+        return {}
+    put_back = {}
+    for trial_dir in sorted(Path(experiment_path).glob(f"{TRIAL_DIR_PREFIX}*")):
+        reports = trial_reports(trial_dir)
+        if any(r.get(KIND_KEY) == "final" for r in reports):
+            continue  # finished: repair_missing_rows replays it whole
+        count = sink.put_back_steps(trial_id_of_dir(trial_dir.name), evaluations(reports))
+        if count:
+            put_back[trial_id_of_dir(trial_dir.name)] = count
+    return put_back

@@ -221,6 +221,18 @@ class ParquetSink(tune_callback_base()):
         row["end_time"] = utc_now()
         self._update(trial, "error", now=True)  # no final report either (see on_trial_complete)
 
+    def put_back_steps(self, trial_id: str, evals: list[dict[str, Any]]) -> int:
+        """The steps rows of an unfinished trial's evaluations (`evals`, its reports as Tune kept them) that its
+        steps file lacks, written; returns how many, or 0 when none was missing or the write failed (the next
+        resume tries again). Its trials row is left to Tune, which runs the trial again."""
+        steps = self._steps_of(trial_id)
+        missing = {int(r["step"]): r for r in evals if int(r["step"]) not in steps}
+        for step, result in missing.items():
+            steps[step] = steps_row(trial_id, result)
+        if missing and not self._writer.write_trial("steps", trial_id, [steps[s] for s in sorted(steps)]):
+            return 0
+        return len(missing)
+
     def replay(self, trial: Any, results: list[dict[str, Any]], predictions: Optional[dict[str, list]],
                started: Optional[dt.datetime], ended: Optional[dt.datetime], attempts: int) -> None:
         """Rebuild a finished trial's rows from what Tune kept of it: its reports in order, the predictions of its
