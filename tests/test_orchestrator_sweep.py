@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -398,35 +399,53 @@ def test_the_model_check_loads_neither_torch_nor_the_network(tmp_path, captcha_p
     assert proc.stdout.strip() == "[]"
 
 
-def test_a_header_whose_offsets_run_past_the_data_is_one_line_naming_the_file(tmp_path):
-    """The header is read without safetensors now, so its own checks stand in for the library's."""
-    import json
-    import struct
+def _safetensors(entries: object, data: bytes, *, encode=lambda text: text.encode()) -> bytes:
+    header = encode(json.dumps(entries))
+    return struct.pack("<Q", len(header)) + header + data
 
+
+F32_PAIR = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}
+
+
+@pytest.mark.parametrize("content, why", [
+    (_safetensors(F32_PAIR, bytes(12)), None),
+    (_safetensors({**F32_PAIR, "__metadata__": {"format": "pt"}}, bytes(12)), None),
+    (b"\x01\x02", "2 bytes, shorter than"),
+    (_safetensors(F32_PAIR, bytes(8)), "the tensors' data is 12 bytes, the file holds 8 after its header \\(the file is cut"),
+    (_safetensors(F32_PAIR, bytes(16)), "the file holds 16"),
+    (_safetensors({**F32_PAIR, "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8)),
+     "'b' starts at byte 4 of the data, where the tensor before it ends at byte 8: overlapping"),
+    (_safetensors({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8)), "uncovered bytes"),
+    (_safetensors({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)),
+     "'a': 8 bytes for a F32 tensor of shape \\(3,\\)"),
+    (_safetensors({"a": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, bytes(8)),
+     "shape \\[True, 2\\] is not a list of whole numbers"),
+    (_safetensors({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, bytes(8)), "is not \\[start, end\\]"),
+    (_safetensors({"a": {"dtype": "XYZ", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)), "unknown dtype 'XYZ'"),
+    (_safetensors({"a": {"dtype": "F32", "shape": [2]}}, bytes(8)), "needs a dtype, a shape and data_offsets"),
+    (_safetensors({**F32_PAIR, "__metadata__": [1]}, bytes(12)), "__metadata__ is not a map of strings"),
+    (_safetensors([1, 2], b""), "not a JSON object"),
+    (_safetensors(F32_PAIR, bytes(12), encode=lambda text: b"\xef\xbb\xbf" + text.encode()), "BOM"),
+    (_safetensors(F32_PAIR, bytes(12), encode=lambda text: text.encode("utf-16")), "codec can't decode"),
+    (struct.pack("<Q", 10**6) + b"[" * 10**6, "its header nests too deep"),
+    (struct.pack("<Q", 2 * 10**8) + b"{}", "its header length 200000000 is over the format's limit"),
+], ids=["valid", "metadata", "short", "cut", "trailing", "overlap", "uncovered", "span", "bool-size",
+        "offsets", "dtype", "fields", "metadata-list", "list", "bom", "utf-16", "deep", "huge"])
+def test_a_header_that_does_not_hold_together_is_one_line_naming_the_file(tmp_path, content, why):
+    """The header is read without the safetensors library now, so its own checks stand in for the library's,
+    each case a file the library refuses (found by a probe of the first version, which accepted overlapping and
+    uncovered bytes, sizes of `true`, and raised on a deep nesting or a 4 GiB length)."""
     from trainer.model.layouts import CheckpointError, read_header
 
-    def write(name: str, entries: dict, data: bytes) -> Path:
-        header = json.dumps(entries).encode()
-        path = tmp_path / name
-        path.write_bytes(struct.pack("<Q", len(header)) + header + data)
-        return path
-
-    entry = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
-    header = read_header(write("good.safetensors", entry, bytes(8)))
-    assert header.tensors == entry and header.data_start == 8 + len(json.dumps(entry))
-    for name, entries, data, why in [
-        ("past.safetensors", {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(4), "'w' has a "
-         "malformed header entry"),
-        ("span.safetensors", {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), "8 bytes for "
-         "a F32 tensor of shape \\(3,\\)"),
-        ("list.safetensors", [1, 2], b"", "not a JSON object"),
-    ]:
-        path = write(name, entries, data)
-        with pytest.raises(CheckpointError, match=f"^{path}: not a readable safetensors file \\(.*{why}"):
-            read_header(path)
-    (tmp_path / "short.safetensors").write_bytes(b"\x01\x02")
-    with pytest.raises(CheckpointError, match="short.safetensors: not a readable safetensors file \\(2 bytes"):
-        read_header(tmp_path / "short.safetensors")
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    if why is None:
+        header = read_header(path)
+        assert header.tensors == F32_PAIR and header.data_start == len(content) - 12
+        return
+    with pytest.raises(CheckpointError, match=f"^{path}: not a readable safetensors file \\(.*{why}"):
+        read_header(path)
 
 
 @pytest.mark.parametrize("quiet", [False, True])

@@ -23,9 +23,14 @@ from typing import Any, Callable
 
 from trainer.model.config import MoondreamConfig
 
-# The safetensors dtypes model weights are read in: each one's name in a file's header, and torch's name for it.
+
+# The safetensors format's dtypes and their widths in bytes, by their names in a file's header.
+FORMAT_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                      "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+# Those model weights are read in, with torch's name for each.
 WEIGHT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-_ITEM_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+# The largest header the safetensors library reads: a larger one is a corrupt length, not a checkpoint.
+MAX_HEADER_BYTES = 100_000_000
 
 
 class CheckpointError(ValueError):
@@ -198,8 +203,9 @@ class SafetensorsHeader:
 
 def read_header(path: Path) -> SafetensorsHeader:
     """A safetensors file's tensor entries, read with plain reads: the format is an 8-byte length, a JSON header
-    and the data. Anything that does not hold together (a short file, a header that is no JSON object, offsets
-    outside the data) is one CheckpointError naming the file."""
+    (UTF-8) and the data, which the tensors' byte ranges tile exactly. Whatever breaks that (a short or cut file,
+    a header too long or no JSON object, a malformed entry, overlapping or uncovered bytes) is one CheckpointError
+    naming the file and what is wrong, as the safetensors library's own checks would refuse it."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -207,34 +213,59 @@ def read_header(path: Path) -> SafetensorsHeader:
             if len(prefix) < 8:
                 raise ValueError(f"{size} bytes, shorter than the format's 8-byte header length")
             (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES:
+                raise ValueError(f"its header length {length} is over the format's limit of {MAX_HEADER_BYTES} bytes")
             if length > size - 8:
                 raise ValueError(f"its header length {length} runs past the end of the file ({size} bytes)")
-            header = json.loads(f.read(length))
-        if not isinstance(header, dict):
-            raise ValueError("its header is not a JSON object")
-        header.pop("__metadata__", None)
-        for name, entry in header.items():
-            _check_entry(name, entry, size - 8 - length)
+            header = json.loads(f.read(length).decode("utf-8"))
+        tensors = _tensor_entries(header, size - 8 - length)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:  # json's and UnicodeDecodeError are ValueErrors
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    return SafetensorsHeader(header, 8 + length)
+    except (OSError, ValueError, RecursionError) as exc:  # json's and UnicodeDecodeError are ValueErrors
+        reason = "its header nests too deep" if isinstance(exc, RecursionError) else str(exc)
+        raise CheckpointError(f"{path}: not a readable safetensors file ({reason})") from None
+    return SafetensorsHeader(tensors, 8 + length)
 
 
-def _check_entry(name: str, entry: Any, data_bytes: int) -> None:
-    """One header entry holds together: a dtype, a shape of sizes, and offsets inside the data whose span fits
-    the shape (for the dtypes whose width is known here)."""
-    try:
-        dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        valid = (isinstance(dtype, str) and all(isinstance(n, int) and n >= 0 for n in shape)
-                 and isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_bytes)
-    except (TypeError, KeyError, ValueError):
-        valid = False
-    if not valid:
-        raise ValueError(f"tensor {name!r} has a malformed header entry")
-    if dtype in _ITEM_BYTES and end - start != math.prod(shape) * _ITEM_BYTES[dtype]:
-        raise ValueError(f"tensor {name!r}: {end - start} bytes for a {dtype} tensor of shape {tuple(shape)}")
+def _tensor_entries(header: Any, data_bytes: int) -> dict[str, dict[str, Any]]:
+    """The header's tensor entries, each checked, and their byte ranges tiling the `data_bytes` after it."""
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise ValueError("its __metadata__ is not a map of strings")
+    for name, entry in header.items():
+        _check_entry(name, entry)
+    at = 0
+    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+        start, end = entry["data_offsets"]
+        if start != at:
+            raise ValueError(f"tensor {name!r} starts at byte {start} of the data, where the tensor before it ends "
+                             f"at byte {at}: {'overlapping' if start < at else 'uncovered'} bytes")
+        at = end
+    if at != data_bytes:
+        raise ValueError(f"the tensors' data is {at} bytes, the file holds {data_bytes} after its header"
+                         + (" (the file is cut short)" if at > data_bytes else ""))
+    return header
+
+
+def _check_entry(name: str, entry: Any) -> None:
+    """One header entry: a dtype of the format, a shape of whole numbers, and [start, end] offsets whose span is
+    the shape's size in that dtype."""
+    if not (isinstance(entry, dict) and {"dtype", "shape", "data_offsets"} <= set(entry)):
+        raise ValueError(f"tensor {name!r}: its header entry needs a dtype, a shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not (isinstance(dtype, str) and dtype in FORMAT_DTYPE_BYTES):
+        raise ValueError(f"tensor {name!r}: unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+        raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of whole numbers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"tensor {name!r}: data_offsets {offsets!r} is not [start, end] with 0 <= start <= end")
+    if offsets[1] - offsets[0] != math.prod(shape) * FORMAT_DTYPE_BYTES[dtype]:
+        raise ValueError(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for a {dtype} tensor of shape "
+                         f"{tuple(shape)}")
 
 
 def checkpoint_keys(path: Path, config: MoondreamConfig) -> CheckpointKeys:
