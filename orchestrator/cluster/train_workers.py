@@ -12,6 +12,7 @@ this process has handled it: the checkpoint it names must not change under a `tu
 """
 from __future__ import annotations
 
+import importlib
 import shutil
 import tempfile
 import threading
@@ -27,12 +28,19 @@ from trainer.job_config import JobConfig, JobResult
 POLL_S = 0.5
 
 
+def load_callable(path: str) -> Callable:
+    """The function a "module:function" string names, its module imported here."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 class WorkersFailed(RuntimeError):
     """The workers ended without rank 0's result: a worker died, or raised where rank 0 did not."""
 
 
 def train_loop(settings: dict[str, Any]) -> None:
-    """One worker: the job (`settings["job"]`, run_job or a stand-in) in the process group Ray Train made, rank 0's
+    """One worker: the job (`settings["job"]`, "module:function" of run_job or a stand-in) in the process group Ray
+    Train made, rank 0's
     callbacks, result and error relayed through the queue `settings["events"]` as (kind, payload); after a report,
     rank 0 waits for the driver's word on `settings["handled"]`."""
     import ray.train
@@ -48,9 +56,10 @@ def train_loop(settings: dict[str, Any]) -> None:
         handled.get()
 
     try:
-        result = settings["job"](JobConfig.from_dict(settings["config"]), on_report=report, on_step=relay("step"),
-                                 on_resume=relay("resume"), checkpoint_dir=settings["checkpoint_dir"],
-                                 resume_from=settings["resume_from"], test_data=settings["test_data"])
+        job = load_callable(settings["job"])
+        result = job(JobConfig.from_dict(settings["config"]), on_report=report, on_step=relay("step"),
+                     on_resume=relay("resume"), checkpoint_dir=settings["checkpoint_dir"],
+                     resume_from=settings["resume_from"], test_data=settings["test_data"])
     except Exception as exc:
         if main:
             events.put(("raised", exc))
@@ -69,8 +78,6 @@ def run_job_on_workers(workers: int, config: JobConfig, on_report: Optional[Call
     `ray_log_file` takes Ray's own log lines off the terminal. Ray ends before this returns or raises."""
     import torch
 
-    from trainer.job import run_job
-
     # one GPU per worker where the job trains on CUDA: a worker given none would see no GPU (Ray hides them)
     gpus = 0 if config.device == "cpu" else torch.cuda.device_count()
     if 0 < gpus < workers:
@@ -82,7 +89,7 @@ def run_job_on_workers(workers: int, config: JobConfig, on_report: Optional[Call
     handle = start_embedded(num_cpus=workers, num_gpus=gpus, temp_dir=temp / "ray")
     try:
         return run_on_workers(workers, config, on_report, checkpoint_dir, resume_from, on_step, test_data,
-                              on_resume, job=run_job, storage=temp / "train",
+                              on_resume, job="trainer.job:run_job", storage=temp / "train",
                               resources={"CPU": 1, "GPU": 1} if gpus else None)
     finally:
         handle.shutdown()
@@ -92,12 +99,16 @@ def run_job_on_workers(workers: int, config: JobConfig, on_report: Optional[Call
 def run_on_workers(workers: int, config: JobConfig, on_report: Optional[Callable[..., None]] = None,
                    checkpoint_dir: Optional[Path] = None, resume_from: Optional[Path] = None,
                    on_step: Optional[Callable[..., None]] = None, test_data: Optional[str] = None,
-                   on_resume: Optional[Callable[..., None]] = None, *, job: Callable[..., JobResult], storage: Path,
+                   on_resume: Optional[Callable[..., None]] = None, *, job: str, storage: Path,
                    resources: Optional[dict[str, float]] = None, node_id: Optional[str] = None) -> JobResult:
     """`job(config, ...)` on `workers` workers of the Ray this process is attached to, each asking for `resources`
     (Ray Train's default, 1 CPU, when None), all on the node `node_id` when given: the node whose files
     `checkpoint_dir` and `resume_from` name. `storage`: where Ray Train keeps its own records of the run. Returns
-    when rank 0 has its result and the workers have ended; raises rank 0's error, or WorkersFailed."""
+    when rank 0 has its result and the workers have ended; raises rank 0's error, or WorkersFailed.
+
+    `job` is "module:function", imported by the workers alone: the trial that starts them and Ray Train's
+    controller never load the trainer (torch's models and transformers), seconds each on the way to the start of
+    every multi-worker trial."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue

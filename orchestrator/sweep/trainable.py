@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import json
 import math
 import socket
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from orchestrator.cluster.scratch import trial_scratch
-from orchestrator.cluster.train_workers import WorkersFailed, run_on_workers
+from orchestrator.cluster.train_workers import WorkersFailed, load_callable, run_on_workers
 from orchestrator.results.job_values import normalize_value
 from orchestrator.results.schema import METRICS
 from orchestrator.results.spaces import split_suggestion
@@ -55,11 +54,6 @@ class TrialSpec:
     job_fn: str  # "module:function", SweepSettings.job_fn
     workers: int = 1  # Ray Train workers of the job; with more than one, `cpus` is each worker's
     worker_resources: dict[str, float] = field(default_factory=dict)  # each worker's request (TrialResources)
-
-
-def load_callable(path: str) -> Callable:
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def job_config_from(fixed: dict[str, Any], config: dict[str, Any]):
@@ -149,10 +143,11 @@ def run_trial(spec: TrialSpec, config: dict[str, Any]) -> None:
     where.update(predicted_peak_bytes=predicted_peak(job_config, spec.workers) if on_gpus else None,
                  max_gpu_memory=job_config.max_gpu_memory)
     where[JOB_CONFIG_KEY] = job_config.to_dict()
-    job_fn = load_callable(spec.job_fn)  # imports torch for the real job
-    if spec.cpus >= 1 and "torch" in sys.modules:
-        with contextlib.suppress(Exception):
-            sys.modules["torch"].set_num_threads(int(spec.cpus))
+    if spec.workers == 1:
+        job = load_callable(spec.job_fn)  # imports torch for the real job
+        if spec.cpus >= 1 and "torch" in sys.modules:
+            with contextlib.suppress(Exception):
+                sys.modules["torch"].set_num_threads(int(spec.cpus))
     state: dict[str, Any] = {"last": None, "restored_from_step": 0}
     checkpoint = tune.get_checkpoint()
 
@@ -179,9 +174,10 @@ def run_trial(spec: TrialSpec, config: dict[str, Any]) -> None:
     # worker is killed, when the next trial on this node starts
     with trial_scratch() as work:
         checkpoint_dir = work / "checkpoint"
-        job = job_fn if spec.workers == 1 else functools.partial(
-            run_on_workers, spec.workers, job=job_fn, storage=work / "workers", resources=spec.worker_resources,
-            node_id=where.get("node_id"))  # on this node, whose folder `checkpoint_dir` is
+        if spec.workers > 1:  # the workers import the job; this process only starts them
+            job = functools.partial(run_on_workers, spec.workers, job=spec.job_fn, storage=work / "workers",
+                                    resources=spec.worker_resources,
+                                    node_id=where.get("node_id"))  # on this node, whose folder `checkpoint_dir` is
         try:
             with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:
                 if resume_dir is not None:
