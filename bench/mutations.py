@@ -213,19 +213,19 @@ MUTATIONS: tuple[Mutation, ...] = (
         '        raise QueryError(f"{flag}: unsupported expression {ast.unparse(node)!r}; use comparisons "\n',
         ("tests/test_results_query.py::test_where_rejects_anything_but_the_small_language",)),
     Mutation(
-        "W1", "warm start: the carried trials reach the study before the first proposal",
+        "WS1", "warm start: the carried trials reach the study before the first proposal",
         "orchestrator/sweep/search.py",
         "            self.study.add_trials(self.pending_warm_start)\n",
         "            pass\n",
         ("tests/test_warm_start.py::test_the_first_proposal_after_a_warm_start_comes_from_tpe",)),
     Mutation(
-        "W2", "warm start: a source run under another budget is skipped whole",
+        "WS2", "warm start: a source run under another budget is skipped whole",
         "orchestrator/results/study.py",
         "        wrong = [k for k, v in ours.items() if theirs_ran[k] != v]\n",
         "        wrong = []\n",
         ("tests/test_warm_start.py::test_a_source_run_under_other_meaning_settings_is_skipped_whole",)),
     Mutation(
-        "T1", "trackers: a resumed trial's repeated evaluations are not logged twice",
+        "TR1", "trackers: a resumed trial's repeated evaluations are not logged twice",
         "orchestrator/tracking/trial_mirror.py",
         "            if step not in self._logged[trial_id]:\n",
         "            if True:\n",
@@ -233,26 +233,26 @@ MUTATIONS: tuple[Mutation, ...] = (
          "tests/test_orchestrator_embedded.py::test_ctrl_c_after_the_results_disks_failed_saves_the_sweep_and_"
          "resume_puts_back_every_row")),
     Mutation(
-        "T2", "trackers: a tracker that fails mid-sweep is a warning, never an exception in Tune's loop",
+        "TR2", "trackers: a tracker that fails mid-sweep is a warning, never an exception in Tune's loop",
         "orchestrator/tracking/trial_mirror.py",
         "        except Exception as e:  # noqa: BLE001 - any tracker error: the sweep goes on without the copy\n",
         "        except ZeroDivisionError as e:\n",
         ("tests/test_trackers.py::test_a_tracker_that_breaks_mid_sweep_is_one_warning_and_nothing_is_raised",)),
     Mutation(
-        "T3", "W&B: a resumed trial goes on in its run (one run id per trial, whichever driver runs it)",
+        "TR3", "W&B: a resumed trial goes on in its run (one run id per trial, whichever driver runs it)",
         "orchestrator/tracking/wandb_runs.py",
         "            id=run_id(self.sweep, trial_id), resume=\"allow\",",
         "            id=f\"{run_id(self.sweep, trial_id)}{os.getpid()}\", resume=\"allow\",",
         ("tests/test_orchestrator_embedded.py::test_ctrl_c_after_the_results_disks_failed_saves_the_sweep_and_"
          "resume_puts_back_every_row",)),
     Mutation(
-        "T4", "trackers: a relative SQLite store is made absolute, so resume from another folder finds it",
+        "TR4", "trackers: a relative SQLite store is made absolute, so resume from another folder finds it",
         "orchestrator/tracking/trackers.py",
         "        return f\"{kind}=sqlite:///{Path(where.removeprefix('sqlite:///')).expanduser().resolve()}\"\n",
         "        return value\n",
         ("tests/test_trackers.py::test_a_place_on_this_machine_is_made_absolute_so_resume_finds_it_from_anywhere",)),
     Mutation(
-        "E1", "efficiency: the report ranks by MFU, not by achieved TFLOP/s, when trials have one",
+        "EF1", "efficiency: the report ranks by MFU, not by achieved TFLOP/s, when trials have one",
         "orchestrator/results/report_data.py",
         '    key = "final_mfu" if by_mfu else "final_achieved_tflops"\n',
         '    key = "final_achieved_tflops"\n',
@@ -345,6 +345,9 @@ def main() -> int:
             print(f"{m.name:3} {m.promise}\n    {m.file}; tests: {' '.join(m.tests)}")
         return 0
     by_name = {m.name: m for m in MUTATIONS}
+    if len(by_name) < len(MUTATIONS):  # --only would pick one of two entries of a name, and a table mix them
+        twice = sorted({m.name for m in MUTATIONS if sum(o.name == m.name for o in MUTATIONS) > 1})
+        raise SystemExit(f"mutations.py: entry names used twice: {', '.join(twice)}")
     unknown = [name for name in args.only or () if name not in by_name]
     if unknown:
         parser.error(f"--only: no entry {', '.join(unknown)}; entries: {', '.join(by_name)}")
