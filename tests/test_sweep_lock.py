@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from harness import ROOT, mdsweep, running_driver, wait_until
+from orchestrator.results.store import read_partition
 from orchestrator.sweep.lock import LOCK_FILE, SweepLock, describe_stale, sweep_lock
 from orchestrator.sweep.settings import SweepError
 
@@ -61,6 +62,10 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_runs(tmp_path,
     lock = tmp_path / "sweeps" / "twice" / LOCK_FILE
     with running_driver(argv) as first:  # a trial far longer than the test: the first runs throughout
         wait_until(lambda: lock.is_file() and lock.read_text(), "the first driver's lock", 120, first, 0.05)
+        # its trial under way (seen: a second refused within seconds let the Ctrl-C land before the first had
+        # started any trial, and then no trials row existed for the check below)
+        wait_until(lambda: read_partition(tmp_path / "results", "trials", "twice"), "the first driver's trial", 240,
+                   first)
         second = mdsweep(*argv, timeout=120)
         assert first.poll() is None  # undisturbed by the second
         os.killpg(first.pid, signal.SIGINT)  # then ended as a user would, with Ctrl-C
