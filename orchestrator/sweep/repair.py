@@ -45,7 +45,12 @@ def trial_reports(trial_dir: Path) -> list[dict[str, Any]]:
 def finished_reports(trial_dir: Path) -> Optional[list[dict[str, Any]]]:
     """The trial's reports, in order, if it finished (its final report is among them); else None."""
     reports = trial_reports(trial_dir)
-    return reports if any(r.get(KIND_KEY) == "final" for r in reports) else None
+    return reports if finished(reports) else None
+
+
+def finished(reports: list[dict[str, Any]]) -> bool:
+    """Whether the trial's final report is among its reports."""
+    return any(r.get(KIND_KEY) == "final" for r in reports)
 
 
 def evaluations(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -147,9 +152,10 @@ def repair_interrupted_steps(sink: RowReplayer, experiment_path: str) -> dict[st
     put_back = {}
     for trial_dir in sorted(Path(experiment_path).glob(f"{TRIAL_DIR_PREFIX}*")):
         reports = trial_reports(trial_dir)
-        if any(r.get(KIND_KEY) == "final" for r in reports):
-            continue  # finished: repair_missing_rows replays it whole
-        count = sink.put_back_steps(trial_id_of_dir(trial_dir.name), evaluations(reports))
+        if finished(reports):
+            continue  # repair_missing_rows replays it whole
+        trial_id = trial_id_of_dir(trial_dir.name)
+        count = sink.put_back_steps(trial_id, evaluations(reports))
         if count:
-            put_back[trial_id_of_dir(trial_dir.name)] = count
+            put_back[trial_id] = count
     return put_back

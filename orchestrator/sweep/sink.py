@@ -79,9 +79,9 @@ class ParquetSink(tune_callback_base()):
             steps = self._steps[trial_id] = {int(r["step"]): r for r in rows if r.get("step") is not None}
         return steps
 
-    def _write_steps(self, trial_id: str) -> None:
+    def _write_steps(self, trial_id: str) -> bool:
         steps = self._steps_of(trial_id)
-        self._writer.write_trial("steps", trial_id, [steps[s] for s in sorted(steps)])
+        return self._writer.write_trial("steps", trial_id, [steps[s] for s in sorted(steps)])
 
     # --- rows --------------------------------------------------------------
     def _trial_row(self, trial: Any) -> dict[str, Any]:
@@ -229,7 +229,7 @@ class ParquetSink(tune_callback_base()):
         missing = {int(r["step"]): r for r in evals if int(r["step"]) not in steps}
         for step, result in missing.items():
             steps[step] = steps_row(trial_id, result)
-        if missing and not self._writer.write_trial("steps", trial_id, [steps[s] for s in sorted(steps)]):
+        if missing and not self._write_steps(trial_id):
             return 0
         return len(missing)
 
